@@ -47,3 +47,11 @@ def shared_data_dir() -> Path | None:
         if base.exists():
             return base
     return None
+
+
+def asset_path(name: str) -> Path:
+    """A file shipped in ``molal/assets`` (e.g. ``trec_recorded.npz``, ``trec.jsonl``)."""
+    p = Path(__file__).resolve().parent / "assets" / name
+    if not p.exists():
+        raise FileNotFoundError(f"bundled asset missing: {p}")
+    return p
