@@ -1,0 +1,136 @@
+"""Flask app factory: Label Studio's ML-backend protocol over :class:`molal.service.pipeline.Service`.
+
+Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``,
+``GET /versions``, ``GET /jobs/<id>``, ``GET /jobs?project=N``, ``GET /projects/<id>``.
+Environment (see molal.config.Settings): ``MODEL_DIR``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` (when set, every endpoint but ``/health`` needs them),
+``REDIS_URL`` (jobs go to RQ workers, ``molal worker``), ``MOLAL_PREDICT_BUDGET_S``, ``MOLAL_TRAIN_EVERY``...
+Malformed input answers 4xx with ``{"error": "..."}``; an unexpected failure answers 500 without details.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from molal import __version__
+from molal.config import Settings, get_settings
+from molal.logging import register_secret, scrub, setup_logging
+from molal.service.errors import BadRequest, ServiceError
+
+log = logging.getLogger("molal.backend")
+
+
+def _json_body() -> object:
+    if not request.data:
+        raise BadRequest("empty request body; expected JSON")
+    try:
+        return request.get_json(force=True, silent=False)
+    except Exception:
+        raise BadRequest("the request body is not valid JSON") from None
+
+
+def create_app(settings: Settings | None = None, start_worker: bool = True):
+    """Build the app. ``start_worker``: run the in-process job worker thread (ignored with REDIS_URL)."""
+    from molal.resources import offline_env
+    from molal.service.pipeline import Service
+
+    offline_env()
+    settings = settings or get_settings()
+    setup_logging(settings.log_level.upper())
+    if settings.label_studio_api_key is not None:
+        register_secret(settings.label_studio_api_key.get_secret_value())
+    if settings.basic_auth_pass is not None:
+        register_secret(settings.basic_auth_pass.get_secret_value())
+    svc = Service(settings)
+    if start_worker:
+        svc.start_worker()
+    app = Flask("molal-backend")
+    app.config["MOLAL_SERVICE"] = svc
+    app.json.sort_keys = False
+
+    user = settings.basic_auth_user
+    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass is not None else None
+
+    @app.before_request
+    def _auth():
+        if not user or request.path == "/health":
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and hmac.compare_digest((auth.username or "").encode(), user.encode())
+            and hmac.compare_digest((auth.password or "").encode(), (password or "").encode())
+        )
+        if not ok:
+            return Response(
+                '{"error": "authentication required (basic auth)"}', 401,
+                {"WWW-Authenticate": 'Basic realm="molal"', "Content-Type": "application/json"},
+            )
+        return None
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError):
+        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, scrub(str(exc)))
+        return jsonify({"error": str(exc)}), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return jsonify({"error": exc.description or exc.name}), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.error("%s %s failed: %s", request.method, request.path, scrub(f"{type(exc).__name__}: {exc}"),
+                  exc_info=exc)
+        return jsonify({"error": f"internal error ({type(exc).__name__}); see the backend log"}), 500
+
+    @app.get("/health")
+    @app.get("/")
+    def health():
+        return jsonify({"status": "UP", "model_class": "molal", "version": __version__, "pid": os.getpid()})
+
+    @app.post("/setup")
+    def setup():
+        return jsonify(svc.setup(_json_body()))
+
+    @app.post("/predict")
+    def predict():
+        return jsonify(svc.predict(_json_body()))
+
+    @app.post("/webhook")
+    def webhook():
+        out = svc.webhook(_json_body())
+        return jsonify(out), 201 if out.get("status") == "queued" else 200
+
+    @app.get("/metrics")
+    def metrics():
+        return jsonify(svc.metrics())
+
+    @app.get("/versions")
+    def versions():
+        return jsonify(svc.versions(request.args.get("project")))
+
+    @app.get("/jobs/<job_id>")
+    def job(job_id: str):
+        return jsonify(svc.job(job_id))
+
+    @app.get("/jobs")
+    def jobs():
+        project = request.args.get("project")
+        pid = svc.project(project).id if project else None
+        try:
+            limit = min(max(int(request.args.get("limit", 50)), 1), 1000)
+        except ValueError:
+            raise BadRequest("limit must be an integer") from None
+        return jsonify({"jobs": svc.jobs.list(project=pid, limit=limit)})
+
+    @app.get("/projects/<project>")
+    def project_info(project: str):
+        return jsonify(svc.project_info(project))
+
+    return app

@@ -1,0 +1,26 @@
+"""Errors the backend maps to HTTP answers (never a 5xx for malformed input)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A request the service cannot serve; ``status`` is the HTTP status the backend answers."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unprocessable(ServiceError):
+    status = 422
+
+
+class NotFound(ServiceError):
+    status = 404

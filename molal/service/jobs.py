@@ -1,0 +1,316 @@
+"""Background jobs (train / sync / query / annotate) with a SQLite job table shared by all processes.
+
+* :class:`JobQueue` — the table in ``MODEL_DIR/jobs.db``: enqueue (coalescing), atomic claim, progress,
+  heartbeat, finish. At most one job per project runs at a time, across processes (the claim is one
+  ``BEGIN IMMEDIATE`` transaction that skips projects with a running job). A job request while an
+  identical one is queued is *coalesced* into it (``coalesced`` counts the merged requests).
+* In-process mode (default): :class:`JobWorker` is a daemon thread per server process that claims queued
+  jobs and runs them. With ``REDIS_URL`` set, :func:`submit` also pushes the job id to the RQ queue
+  ``molal`` and ``molal worker`` (an RQ worker) runs :func:`run_job_by_id` — the same library function.
+* A job found ``running`` whose heartbeat is older than ``STALE_S`` (or whose pid is gone, same host) is
+  marked failed (:meth:`JobQueue.reap_stale`). A failed or killed job never touches the serving model:
+  publishing is the last step of a training job (see molal.service.store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from molal.logging import scrub
+from molal.service.store import SQLiteDB, parse_project_id
+
+log = logging.getLogger("molal.jobs")
+
+KINDS = ("train", "sync", "query", "annotate")
+STALE_S = 60.0
+HEARTBEAT_S = 5.0
+RQ_QUEUE = "molal"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, project INTEGER NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL DEFAULT '{}',
+    result TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL,
+    pid INTEGER, host TEXT, coalesced INTEGER NOT NULL DEFAULT 0, source TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
+CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, status);
+"""
+
+
+class JobError(RuntimeError):
+    """A job cannot be run (unknown kind, bad payload); the job is marked failed with this message."""
+
+
+def _row(r: Any) -> dict | None:
+    if r is None:
+        return None
+    d = dict(r)
+    d["payload"] = json.loads(d.get("payload") or "{}")
+    d["result"] = json.loads(d["result"]) if d.get("result") else None
+    return d
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobQueue:
+    """The job table. Safe to use from several threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.db = SQLiteDB(self.path, _SCHEMA)
+
+    # -- writing -------------------------------------------------------------------------------------
+    def enqueue(self, project: int, kind: str, payload: dict | None = None, source: str = "",
+                coalesce: bool = True) -> tuple[dict, bool]:
+        """Queue a job; returns ``(job, created)``. With ``coalesce`` an already *queued* job of the same
+        project and kind absorbs this request (``created`` is False); a running one does not (the new
+        request needs a fresh run that sees the new data)."""
+        project = parse_project_id(project)
+        if kind not in KINDS:
+            raise JobError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
+        payload = payload or {}
+        with self.db.transaction() as c:
+            if coalesce:
+                r = c.execute(
+                    "SELECT * FROM jobs WHERE project=? AND kind=? AND status='queued' ORDER BY created LIMIT 1",
+                    (project, kind),
+                ).fetchone()
+                if r is not None:
+                    c.execute("UPDATE jobs SET coalesced=coalesced+1 WHERE id=?", (r["id"],))
+                    if payload and kind == "annotate":  # merge texts to annotate
+                        old = json.loads(r["payload"] or "{}")
+                        merged = list(dict.fromkeys(list(old.get("texts", [])) + list(payload.get("texts", []))))
+                        old["texts"] = merged
+                        c.execute("UPDATE jobs SET payload=? WHERE id=?", (json.dumps(old), r["id"]))
+                    return _row(c.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone()), False
+            jid = uuid.uuid4().hex[:16]
+            c.execute(
+                "INSERT INTO jobs(id, project, kind, status, payload, created, source, message) "
+                "VALUES(?, ?, ?, 'queued', ?, ?, ?, 'queued')",
+                (jid, project, kind, json.dumps(payload), time.time(), source),
+            )
+            return _row(c.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()), True
+
+    def claim(self, job_id: str | None = None) -> dict | None:
+        """Atomically take the oldest queued job (or ``job_id``) whose project has no running job."""
+        now = time.time()
+        with self.db.transaction() as c:
+            sql = (
+                "SELECT id FROM jobs j WHERE status='queued' AND NOT EXISTS "
+                "(SELECT 1 FROM jobs r WHERE r.project=j.project AND r.status='running')"
+            )
+            params: tuple = ()
+            if job_id is not None:
+                sql += " AND id=?"
+                params = (job_id,)
+            r = c.execute(sql + " ORDER BY created LIMIT 1", params).fetchone()
+            if r is None:
+                return None
+            c.execute(
+                "UPDATE jobs SET status='running', started=?, heartbeat=?, pid=?, host=?, message='started' "
+                "WHERE id=? AND status='queued'",
+                (now, now, os.getpid(), socket.gethostname(), r["id"]),
+            )
+            return _row(c.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone())
+
+    def progress(self, job_id: str, fraction: float | None = None, message: str | None = None) -> None:
+        sets, params = ["heartbeat=?"], [time.time()]
+        if fraction is not None:
+            sets.append("progress=?")
+            params.append(float(min(max(fraction, 0.0), 1.0)))
+        if message is not None:
+            sets.append("message=?")
+            params.append(scrub(message)[:500])
+        self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND status='running'", (*params, job_id))
+
+    def finish(self, job_id: str, ok: bool, result: dict | None = None, error: str | None = None) -> None:
+        status = "succeeded" if ok else "failed"
+        msg = "done" if ok else scrub(error or "failed")[:500]
+        self.db.execute(
+            "UPDATE jobs SET status=?, finished=?, progress=CASE WHEN ? THEN 1 ELSE progress END, message=?, "
+            "result=?, error=? WHERE id=? AND status='running'",
+            (status, time.time(), ok, msg, json.dumps(result) if result is not None else None,
+             scrub(error)[:4000] if error else None, job_id),
+        )
+
+    def reap_stale(self, stale_s: float = STALE_S) -> int:
+        """Mark running jobs with a dead heartbeat (or a dead pid on this host) as failed."""
+        now, host = time.time(), socket.gethostname()
+        n = 0
+        with self.db.transaction() as c:
+            for r in c.execute("SELECT id, heartbeat, pid, host FROM jobs WHERE status='running'").fetchall():
+                dead_pid = r["host"] == host and not _pid_alive(r["pid"])
+                stale = (r["heartbeat"] or 0) < now - stale_s
+                if dead_pid or stale:
+                    why = "its process is gone" if dead_pid else f"no heartbeat for {now - (r['heartbeat'] or 0):.0f} s"
+                    c.execute(
+                        "UPDATE jobs SET status='failed', finished=?, message=?, error=? WHERE id=?",
+                        (now, f"worker died ({why}); the previous model keeps serving", why, r["id"]),
+                    )
+                    n += 1
+        if n:
+            log.warning("marked %d stale job(s) as failed", n)
+        return n
+
+    # -- reading -------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict | None:
+        return _row(self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def list(self, project: int | None = None, limit: int = 50, status: str | None = None) -> list[dict]:
+        sql, params = "SELECT * FROM jobs", []
+        cond = []
+        if project is not None:
+            cond.append("project=?")
+            params.append(int(project))
+        if status is not None:
+            cond.append("status=?")
+            params.append(status)
+        if cond:
+            sql += " WHERE " + " AND ".join(cond)
+        sql += " ORDER BY created DESC LIMIT ?"
+        params.append(int(limit))
+        return [_row(r) for r in self.db.execute(sql, params).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self.db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
+
+
+class JobContext:
+    """Handed to job functions: progress reporting (also a heartbeat) and cancellation of nothing else."""
+
+    def __init__(self, queue: JobQueue, job: dict) -> None:
+        self.queue = queue
+        self.job = job
+        self.id = job["id"]
+        self.log = logging.getLogger(f"molal.jobs.{job['kind']}")
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        if message:
+            self.log.info("job %s (project %s): %s", self.id, self.job["project"], message)
+        self.queue.progress(self.id, fraction, message)
+
+
+JobFn = Callable[[JobContext], dict]
+
+
+def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) -> dict:
+    """Run a claimed job with a heartbeat thread; record success or failure. Returns the final row."""
+    ctx = JobContext(queue, job)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                queue.progress(job["id"])
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    t = threading.Thread(target=beat, name=f"molal-heartbeat-{job['id']}", daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        result = runner(ctx) or {}
+        result.setdefault("seconds", round(time.monotonic() - t0, 3))
+        queue.finish(job["id"], True, result=result)
+        log.info("job %s (%s, project %s) succeeded in %.1f s", job["id"], job["kind"], job["project"],
+                 time.monotonic() - t0)
+    except BaseException as exc:  # noqa: BLE001 - any failure (even KeyboardInterrupt) fails the job only
+        msg = f"{type(exc).__name__}: {exc}"
+        queue.finish(job["id"], False, error=msg + "\n" + traceback.format_exc(limit=8))
+        log.error("job %s (%s, project %s) failed: %s", job["id"], job["kind"], job["project"], scrub(msg))
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        stop.set()
+    return queue.get(job["id"]) or job
+
+
+class JobWorker(threading.Thread):
+    """In-process worker thread: claims queued jobs (any project) and runs them one at a time."""
+
+    def __init__(self, queue: JobQueue, runner: Callable[[JobContext], dict], poll_s: float = 1.0) -> None:
+        super().__init__(name="molal-job-worker", daemon=True)
+        self.queue = queue
+        self.runner = runner
+        self.poll_s = poll_s
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.pid = os.getpid()
+
+    def run(self) -> None:
+        log.info("in-process job worker started (pid %d)", os.getpid())
+        last_reap = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() - last_reap > HEARTBEAT_S:
+                    self.queue.reap_stale()
+                    last_reap = time.monotonic()
+                job = self.queue.claim()
+                if job is not None:
+                    execute(self.queue, job, self.runner)
+                    continue
+            except Exception:  # pragma: no cover - keep the worker alive
+                log.exception("job worker loop error")
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+
+def rq_queue(redis_url: str):
+    """The RQ queue named ``molal`` on ``redis_url``."""
+    from redis import Redis
+    from rq import Queue
+
+    return Queue(RQ_QUEUE, connection=Redis.from_url(redis_url))
+
+
+def submit_rq(redis_url: str, job: dict, model_dir: str) -> None:
+    """Hand a queued job to the RQ workers (``molal worker``)."""
+    q = rq_queue(redis_url)
+    q.enqueue("molal.service.jobs.run_job_by_id", job["id"], str(model_dir), job_timeout=24 * 3600,
+              job_id=f"molal-{job['id']}", description=f"molal {job['kind']} project {job['project']}")
+
+
+def run_job_by_id(job_id: str, model_dir: str, wait_s: float = 24 * 3600) -> dict | None:
+    """Entry point of RQ workers: claim job ``job_id`` (waiting while its project has another job
+    running) and run it with :func:`molal.service.pipeline.run_job`."""
+    from molal.config import get_settings
+    from molal.service.pipeline import Service
+
+    settings = get_settings(model_dir=model_dir)
+    svc = Service(settings)
+    deadline = time.monotonic() + wait_s
+    while True:
+        job = svc.jobs.claim(job_id)
+        if job is not None:
+            return execute(svc.jobs, job, svc.run_job)
+        row = svc.jobs.get(job_id)
+        if row is None or row["status"] != "queued":
+            return row  # already run elsewhere, coalesced or failed
+        if time.monotonic() > deadline:
+            return row
+        svc.jobs.reap_stale()
+        time.sleep(1.0)

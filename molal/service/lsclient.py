@@ -1,0 +1,128 @@
+"""A thin wrapper over the Label Studio SDK 2.x client for what the jobs need.
+
+Credentials: ``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY`` (a legacy token or a personal access token /
+JWT refresh token — the SDK handles both), else what Label Studio sent in ``/setup`` (``hostname`` +
+``access_token``, stored 0600 in the project's state.db). Never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from molal.logging import register_secret
+
+log = logging.getLogger("molal.lsclient")
+
+VIEW_TITLE = "molal: next to label"
+AUTO_FLAG = "molal_auto_label"
+
+
+class LSConnectionError(RuntimeError):
+    """No Label Studio URL/API key is known, or Label Studio could not be reached."""
+
+
+def _plain(obj: Any) -> Any:
+    """SDK pydantic objects → plain dicts/lists."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "dict"):
+        return obj.dict()
+    return obj
+
+
+class LSClient:
+    """What molal does to a Label Studio project through the SDK."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0, threads: int = 8) -> None:
+        if not url or not api_key:
+            raise LSConnectionError(
+                "Label Studio is not configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or connect the "
+                "backend from Label Studio, which sends its hostname and token in /setup)"
+            )
+        from label_studio_sdk.client import LabelStudio
+
+        register_secret(api_key)
+        self.url = url.rstrip("/")
+        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        self.threads = threads
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def label_config(self, project: int) -> str:
+        p = self.client.projects.get(id=project)
+        return p.label_config
+
+    def tasks(self, project: int, page_size: int = 500, on_page: Callable[[int], None] | None = None) -> list[dict]:
+        """All tasks of ``project`` as dicts with ``id``, ``data`` and ``annotations`` (full)."""
+        out: list[dict] = []
+        for t in self.client.tasks.list(project=project, fields="all", page_size=page_size):
+            d = _plain(t)
+            out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or []})
+            if on_page is not None and len(out) % page_size == 0:
+                on_page(len(out))
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def import_predictions(self, project: int, predictions: list[dict], chunk: int = 500,
+                           on_chunk: Callable[[int], None] | None = None) -> int:
+        """Bulk-create predictions (``POST /api/projects/<id>/import/predictions``), ``chunk`` per call."""
+        n = 0
+        for i in range(0, len(predictions), chunk):
+            part = predictions[i : i + chunk]
+            self.client.projects.import_predictions(id=project, request=part)
+            n += len(part)
+            if on_chunk is not None:
+                on_chunk(n)
+        return n
+
+    def update_task_data(self, updates: Iterable[tuple[int, dict]]) -> int:
+        """``tasks.update(id, data=...)`` for each (task id, full new data), on a thread pool."""
+        updates = list(updates)
+        if not updates:
+            return 0
+
+        def one(item: tuple[int, dict]) -> None:
+            self.client.tasks.update(id=str(item[0]), data=item[1])
+
+        with ThreadPoolExecutor(max_workers=self.threads) as ex:
+            list(ex.map(one, updates))
+        return len(updates)
+
+    def ensure_view(self, project: int, field: str, title: str = VIEW_TITLE) -> int:
+        """Create or update the Data Manager tab ordered by ``-tasks:data.<field>`` (numeric)."""
+        column = f"tasks:data.{field}"
+        data = {
+            "title": title,
+            "ordering": [f"-{column}"],
+            "type": "list",
+            "target": "tasks",
+            "columnsDisplayType": {column: "Number"},
+            "filters": {"conjunction": "and", "items": []},
+        }
+        for v in self.client.views.list(project=project):
+            vd = _plain(v)
+            if (vd.get("data") or {}).get("title") == title:
+                self.client.views.update(id=str(vd["id"]), data=data, project=project)
+                return int(vd["id"])
+        v = self.client.views.create(project=project, data=data)
+        return int(_plain(v)["id"])
+
+    def set_model_version(self, project: int, version: str) -> bool:
+        """Set the project's model_version (so ``predictions_score`` and Uncertainty sampling use it).
+        Label Studio answers 400 until one prediction of that version exists: then False."""
+        try:
+            self.client.projects.update(id=project, model_version=version)
+            return True
+        except Exception as exc:  # the SDK raises ApiError subclasses
+            log.warning("could not set project %s model_version to %s: %s", project, version, type(exc).__name__)
+            return False
+
+    def set_uncertainty_sampling(self, project: int) -> None:
+        self.client.projects.update(id=project, sampling="Uncertainty sampling")
+
+
+def dumps_safe(obj: Any) -> str:
+    return json.dumps(obj, default=str)[:2000]

@@ -1,0 +1,383 @@
+"""The Label Studio integration logic: :class:`Service` (one per process) used by ``backend/`` and the CLI.
+
+* ``setup`` / ``predict`` — what Label Studio's ``/setup`` and ``/predict`` call (see molal.service.predict).
+* ``webhook`` — counts annotations and queues training (``START_TRAINING``, every ``train_every``).
+* ``run_job`` — runs one job: ``train`` (the full round), ``sync``, ``query``, ``annotate``.
+
+Models load once per process and are cached by version; the ``current.json`` pointer is re-checked with a
+cheap ``stat`` per request, so a new version published by any process is picked up at the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from molal.config import Settings, get_settings
+from molal.io import ArtifactError
+from molal.service.errors import BadRequest, NotFound, Unprocessable
+from molal.service.jobs import JobContext, JobQueue, JobWorker, submit_rq
+from molal.service.labelconfig import LabelConfigError, LabelSpec, parse_label_config
+from molal.service.store import ProjectIdError, ProjectSettings, ProjectState, ServiceStore, parse_project_id
+
+log = logging.getLogger("molal.service")
+
+#: actions Label Studio sends to webhooks (webhooks.models.WebhookAction + START_TRAINING in 1.23)
+LS_ACTIONS = {
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED",
+    "REVIEWS_DELETED", "START_TRAINING",
+}
+ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
+
+
+@dataclass
+class LoadedModel:
+    """A published model loaded in this process."""
+
+    pointer: dict
+    manifest: dict
+    molam: Any
+    student: Any = None
+    student_loaded: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _short(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:8]
+
+
+class Service:
+    """Per-process service state: settings, MODEL_DIR store, job queue, loaded mixtures and models."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.store = ServiceStore(self.settings.model_dir)
+        self.jobs = JobQueue(self.store.jobs_path)
+        self._cache = None
+        self._mixtures: dict[tuple, Any] = {}
+        self._models: dict[tuple[int, str], LoadedModel] = {}
+        self._lock = threading.RLock()
+        self.worker: JobWorker | None = None
+        self.started = time.time()
+        self.counters: dict[str, float] = {
+            "predict_requests": 0, "predict_tasks": 0, "predict_pending": 0, "predict_seconds": 0.0,
+            "setup_requests": 0, "webhook_requests": 0, "model_loads": 0, "model_load_seconds": 0.0,
+        }
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        if self._cache is None:
+            from molal.cache import AnnotationCache
+
+            with self._lock:
+                if self._cache is None:
+                    self._cache = AnnotationCache(self.store.cache_path)
+        return self._cache
+
+    def start_worker(self) -> JobWorker | None:
+        """Start the in-process job worker thread (not with REDIS_URL: RQ workers run the jobs)."""
+        if self.settings.redis_url is not None:
+            return None
+        with self._lock:
+            if self.worker is None or not self.worker.is_alive():
+                self.jobs.reap_stale()
+                self.worker = JobWorker(self.jobs, self.run_job)
+                self.worker.start()
+        return self.worker
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def submit(self, project: int, kind: str, payload: dict | None = None, source: str = "") -> tuple[dict, bool]:
+        """Queue a job (coalesced with a queued one of the same kind); hand it to RQ or wake the worker."""
+        job, created = self.jobs.enqueue(project, kind, payload, source=source)
+        if created:
+            log.info("queued %s job %s for project %s (%s)", kind, job["id"], project, source or "api")
+            if self.settings.redis_url is not None:
+                submit_rq(self.settings.redis_url.get_secret_value(), job, str(self.store.root))
+        if self.worker is not None:
+            self.worker.wake.set()
+        return job, created
+
+    def project(self, project: object) -> ProjectState:
+        try:
+            return self.store.project(project)
+        except ProjectIdError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def project_settings(self, state: ProjectState) -> ProjectSettings:
+        return state.settings(self.settings)
+
+    def spec_for(self, state: ProjectState, label_config: str | None = None) -> LabelSpec:
+        ps = self.project_settings(state)
+        config = label_config or state.get("label_config")
+        if not config:
+            raise Unprocessable(
+                f"project {state.id}: no label config known; Label Studio sends it in /setup and /predict "
+                "(field 'schema' or 'label_config')"
+            )
+        try:
+            return parse_label_config(config, ps.from_name)
+        except LabelConfigError as exc:
+            raise Unprocessable(str(exc)) from None
+
+    # -- mixture ---------------------------------------------------------------------------------------
+    def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None):
+        """The project's mixture (loaded once per process). ``MOLAL_MIXTURE`` / the project's ``mixture``
+        setting names a config file; otherwise ``Mixture.default`` decides once per project from a probe
+        of the project's texts (stored, so every process and every later batch gets the same mixture).
+        Returns None when the default is still undecided and no texts are given."""
+        from molal.annotators import Mixture
+
+        ps = self.project_settings(state)
+        if ps.mixture:
+            p = Path(ps.mixture).expanduser()
+            try:
+                mtime = p.stat().st_mtime_ns
+            except OSError:
+                raise Unprocessable(f"project {state.id}: mixture config {p} not found") from None
+            key: tuple = ("file", str(p), mtime)
+            with self._lock:
+                if key not in self._mixtures:
+                    self._mixtures[key] = Mixture.from_config(p)
+                return self._mixtures[key]
+        probe = state.get("default_mixture_probe")
+        if probe is None:
+            good = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
+            if not good:
+                return None
+            probe = good[:32]
+            state.put("default_mixture_probe", probe)
+        key = ("default", _short(json.dumps(probe)), tuple(classes))
+        with self._lock:
+            if key not in self._mixtures:
+                self._mixtures[key] = Mixture.default(texts=probe, class_names=list(classes))
+                log.info("project %s: default mixture %r", state.id, self._mixtures[key])
+            return self._mixtures[key]
+
+    @staticmethod
+    def mixture_version(mixture, classes) -> str:
+        return f"mixture-mean-{_short(mixture.fingerprint() + json.dumps(list(classes)))}"
+
+    # -- models ----------------------------------------------------------------------------------------
+    def loaded_model(self, state: ProjectState) -> LoadedModel | None:
+        """The project's current published model (None before the first training), cached per version."""
+        ptr = state.current()
+        if not ptr:
+            return None
+        key = (state.id, ptr["dir"])
+        m = self._models.get(key)
+        if m is not None:
+            return m
+        with self._lock:
+            m = self._models.get(key)
+            if m is not None:
+                return m
+            t0 = time.perf_counter()
+            from molal.molam import MoLAM
+
+            manifest = state.read_manifest(ptr["dir"], verify=True)
+            molam = MoLAM.load(state.model_dir(ptr["dir"]) / "molam")
+            m = LoadedModel(pointer=ptr, manifest=manifest, molam=molam)
+            for k in [k for k in self._models if k[0] == state.id]:
+                del self._models[k]  # drop older versions of this project
+            self._models[key] = m
+            dt = time.perf_counter() - t0
+            self.counters["model_loads"] += 1
+            self.counters["model_load_seconds"] += dt
+            log.info("project %s: loaded model %s in %.2f s", state.id, ptr["molam"], dt)
+            return m
+
+    def student_of(self, state: ProjectState, m: LoadedModel):
+        if not m.pointer.get("student"):
+            return None
+        with m.lock:
+            if not m.student_loaded:
+                from molal.student import Student
+
+                t0 = time.perf_counter()
+                m.student = Student.load(state.model_dir(m.pointer["dir"]) / "student", device=self.settings.device)
+                m.student_loaded = True
+                self.counters["model_loads"] += 1
+                self.counters["model_load_seconds"] += time.perf_counter() - t0
+        return m.student
+
+    def serving(self, state: ProjectState, spec: LabelSpec, texts: list[str] | None = None) -> dict:
+        """What serves this project now: ``{"kind": molam|student|mixture-mean, "version", "model", "mixture"}``."""
+        ps = self.project_settings(state)
+        mixture = self.mixture_for(state, spec.classes, texts)
+        try:
+            m = self.loaded_model(state)
+        except ArtifactError as exc:
+            log.error("project %s: current model unusable (%s); serving the mixture mean", state.id, exc)
+            m = None
+        if m is not None and list(m.manifest.get("info", {}).get("classes", [])) != list(spec.classes):
+            log.warning("project %s: the label config's classes changed since training; serving the mixture mean",
+                        state.id)
+            m = None
+        if m is not None:
+            if ps.serve_model == "student" and m.pointer.get("student"):
+                return {"kind": "student", "version": m.pointer["student"], "model": m, "mixture": mixture}
+            fp = m.manifest.get("info", {}).get("mixture_fingerprint")
+            if mixture is not None and fp == mixture.fingerprint():
+                return {"kind": "molam", "version": m.pointer["molam"], "model": m, "mixture": mixture}
+            if mixture is not None:
+                log.warning("project %s: the mixture changed since MoLAM was trained; serving the mixture mean",
+                            state.id)
+        if mixture is None:
+            return {"kind": "mixture-mean", "version": "mixture-mean-undecided", "model": None, "mixture": None}
+        return {"kind": "mixture-mean", "version": self.mixture_version(mixture, spec.classes), "model": None,
+                "mixture": mixture}
+
+    # -- /setup ----------------------------------------------------------------------------------------
+    def setup(self, payload: Any) -> dict:
+        if not isinstance(payload, dict):
+            raise BadRequest("expected a JSON object with 'project' and 'schema'")
+        self.counters["setup_requests"] += 1
+        state = self.project(payload.get("project"))
+        schema = payload.get("schema") or payload.get("label_config")
+        spec = self.spec_for(state, schema)
+        if schema and schema != state.get("label_config"):
+            state.put("label_config", schema)
+        host, token = payload.get("hostname"), payload.get("access_token")
+        if isinstance(host, str) and isinstance(token, str) and host and token:
+            state.save_connection(host, token)
+        srv = self.serving(state, spec)
+        return {"model_version": srv["version"]}
+
+    # -- /predict --------------------------------------------------------------------------------------
+    def predict(self, payload: Any, budget_s: float | None = None) -> dict:
+        from molal.service.predict import predict_tasks
+
+        if not isinstance(payload, dict):
+            raise BadRequest("expected a JSON object with 'tasks' and 'project'")
+        tasks = payload.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("field 'tasks' must be a list of Label Studio tasks")
+        state = self.project(payload.get("project"))
+        spec = self.spec_for(state, payload.get("label_config"))
+        if payload.get("label_config") and payload["label_config"] != state.get("label_config"):
+            state.put("label_config", payload["label_config"])
+        budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
+        t0 = time.perf_counter()
+        out = predict_tasks(self, state, spec, tasks, deadline=time.monotonic() + budget)
+        self.counters["predict_requests"] += 1
+        self.counters["predict_tasks"] += len(tasks)
+        self.counters["predict_pending"] += out.get("pending", 0)
+        self.counters["predict_seconds"] += time.perf_counter() - t0
+        return out
+
+    # -- /webhook --------------------------------------------------------------------------------------
+    def webhook(self, payload: Any) -> dict:
+        if not isinstance(payload, dict):
+            raise BadRequest("expected a JSON object with 'action'")
+        action = payload.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequest("field 'action' is missing")
+        if action not in LS_ACTIONS:
+            raise BadRequest(f"unknown action {action[:60]!r}; Label Studio actions are: {', '.join(sorted(LS_ACTIONS))}")
+        self.counters["webhook_requests"] += 1
+        if action == "START_TRAINING":
+            pid = self._project_from(payload)
+            job, created = self.submit(pid, "train", source="START_TRAINING")
+            return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+        if action in ANNOTATION_ACTIONS:
+            ann = payload.get("annotation")
+            if isinstance(ann, dict):
+                anns = [ann]
+            elif isinstance(ann, list) and ann and all(isinstance(a, dict) for a in ann):
+                anns = ann
+            else:
+                raise BadRequest(f"{action}: field 'annotation' must be an annotation object")
+            pid = self._project_from(payload, anns[0])
+            state = self.project(pid)
+            counted = [a for a in anns if not a.get("was_cancelled")]
+            n = state.incr("new_annotations", len(counted)) if counted else state.get("new_annotations", 0)
+            every = self.project_settings(state).train_every
+            if every > 0 and n >= every:
+                state.put("new_annotations", 0)
+                job, created = self.submit(pid, "train", source=f"{n} new annotations")
+                return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid,
+                        "new_annotations": n}
+            return {"status": "counted", "project": pid, "new_annotations": n, "train_every": every}
+        return {"status": "ignored", "action": action}
+
+    @staticmethod
+    def _project_from(payload: dict, annotation: dict | None = None) -> int:
+        proj = payload.get("project")
+        cand = proj.get("id") if isinstance(proj, dict) else proj
+        if cand is None and annotation is not None:
+            cand = annotation.get("project")
+        if cand is None:
+            raise BadRequest(f"{payload.get('action')}: the project id is missing (expected 'project': {{'id': N}})")
+        try:
+            return parse_project_id(cand)
+        except ProjectIdError as exc:
+            raise BadRequest(str(exc)) from None
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def run_job(self, ctx: JobContext) -> dict:
+        from molal.service import train as tr
+
+        kind = ctx.job["kind"]
+        state = self.store.project(ctx.job["project"])
+        if kind == "train":
+            return tr.train_project(self, state, ctx)
+        if kind == "sync":
+            return tr.sync_project(self, state, ctx)
+        if kind == "query":
+            return tr.query_project(self, state, ctx, strategy=ctx.job["payload"].get("strategy"))
+        if kind == "annotate":
+            return tr.annotate_texts(self, state, ctx, ctx.job["payload"])
+        raise NotFound(f"unknown job kind {kind!r}")
+
+    def job(self, job_id: str) -> dict:
+        if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 32:
+            raise BadRequest("bad job id")
+        row = self.jobs.get(job_id)
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row
+
+    # -- info ------------------------------------------------------------------------------------------
+    def versions(self, project: object | None) -> dict:
+        if project is None:
+            return {"versions": [], "projects": self.store.project_ids()}
+        state = self.project(project)
+        cur = state.current()
+        out = []
+        for v in state.versions():
+            out.append(f"molam-{v['version']}")
+            if v["info"].get("student"):
+                out.append(f"student-{v['version']}")
+        return {"versions": out, "current": cur}
+
+    def metrics(self) -> dict:
+        c = dict(self.counters)
+        if c["predict_requests"]:
+            c["predict_mean_ms"] = round(1000 * c["predict_seconds"] / c["predict_requests"], 2)
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "jobs": self.jobs.counts(),
+            "worker": "rq" if self.settings.redis_url is not None else ("thread" if self.worker else "none"),
+            "projects": len(self.store.project_ids()),
+            "loaded_models": len(self._models),
+            "loaded_mixtures": len(self._mixtures),
+            **c,
+        }
+
+    def project_info(self, project: object) -> dict:
+        state = self.project(project)
+        d = state.summary(self.settings)
+        d["settings"] = asdict(self.project_settings(state))
+        return d

@@ -1,0 +1,133 @@
+"""``/predict``: Label Studio tasks → one prediction entry per task, in order.
+
+Each entry is a list: the serving model's prediction (MoLAM, the student, or — before MoLAM is trained —
+the mixture's mean probabilities, version ``mixture-mean-<hash>``) and, when the project's
+``per_llm_predictions`` is on, one prediction per LLM (``model_version = "llm:<name>"``).
+
+Time budget: the mixture annotates under ``deadline`` (``MOLAL_PREDICT_BUDGET_S``, well under Label
+Studio's 100 s predict timeout). Everything annotated is cached, so a retried batch costs nothing. Tasks
+not annotated by the deadline get an **empty list** as their entry: Label Studio then stores *no*
+prediction for them (its loop over a task's predictions runs zero times), so they are not marked as
+holding the current model_version and a later "Retrieve predictions" asks for them again. Meanwhile an
+``annotate`` job annotates them in the background, and the later retrieval is served from the cache.
+Tasks whose text is missing (``data[<Text value>]`` absent or blank) also get an empty list and are listed
+in the extra ``errors`` field of the answer; if *no* task has a text the request is rejected (422).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from molal.service.errors import BadRequest, Unprocessable
+from molal.service.labelconfig import LabelSpec
+
+if TYPE_CHECKING:
+    from molal.service.pipeline import Service
+    from molal.service.store import ProjectState
+
+log = logging.getLogger("molal.predict")
+
+
+def task_texts(tasks: list, spec: LabelSpec) -> tuple[list[str | None], dict[int, str]]:
+    """The text of each task (None when missing) and position -> reason for the bad ones."""
+    texts: list[str | None] = []
+    errors: dict[int, str] = {}
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict):
+            raise BadRequest(f"tasks[{i}] is not an object")
+        data = t.get("data")
+        if not isinstance(data, dict):
+            texts.append(None)
+            errors[i] = "task has no 'data' object"
+            continue
+        v = data.get(spec.value_key)
+        if not isinstance(v, str) or not v.strip():
+            texts.append(None)
+            errors[i] = f"task data has no text in field {spec.value_key!r}" if v is None else (
+                f"task data field {spec.value_key!r} is {'blank' if isinstance(v, str) else type(v).__name__}")
+            continue
+        texts.append(v)
+    return texts, errors
+
+
+def entry(spec: LabelSpec, probs: np.ndarray, version: str) -> dict:
+    k = int(np.argmax(probs))
+    score = float(probs[k])
+    return {"result": [spec.result(spec.classes[k], score)], "score": score, "model_version": version}
+
+
+def llm_entries(spec: LabelSpec, outputs, row: int) -> list[dict]:
+    """One prediction per LLM for row ``row`` of ``outputs``."""
+    p = outputs.normalized_probs()[row]  # (L, K)
+    return [entry(spec, p[j], f"llm:{name}") for j, name in enumerate(outputs.llm_names)]
+
+
+def mean_probs(outputs) -> np.ndarray:
+    """The mixture's mean probability over LLMs (what serves before MoLAM is trained)."""
+    return outputs.normalized_probs().mean(axis=1)
+
+
+def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: list, deadline: float) -> dict[str, Any]:
+    ps = svc.project_settings(state)
+    texts, errors = task_texts(tasks, spec)
+    if not tasks:
+        srv = svc.serving(state, spec)
+        return {"results": [], "model_version": srv["version"], "pending": 0}
+    good = [i for i, t in enumerate(texts) if t is not None]
+    if not good:
+        reasons = sorted(set(errors.values()))
+        raise Unprocessable(
+            f"no task has a text to annotate: {'; '.join(reasons)[:300]} (the label config's <Text> tag reads "
+            f"${spec.value_key})"
+        )
+    good_texts = [texts[i] for i in good]
+    srv = svc.serving(state, spec, good_texts)
+    mixture = srv["mixture"]
+    results: list[Any] = [[] for _ in tasks]
+    pending: list[int] = []
+    main_probs: dict[int, np.ndarray] = {}
+    per_llm: dict[int, list[dict]] = {}
+
+    if srv["kind"] == "student":
+        student = svc.student_of(state, srv["model"])
+        P = student.predict_proba(good_texts)
+        for j, i in enumerate(good):
+            main_probs[i] = P[j]
+        if ps.per_llm_predictions and mixture is not None:
+            # cache only (no LLM call): a deadline already passed returns what is cached
+            res = mixture.annotate(good_texts, list(spec.classes), cache=svc.cache, deadline=time.monotonic())
+            for r, jj in enumerate(res.done_idx.tolist()):
+                per_llm[good[jj]] = llm_entries(spec, res.outputs, r)
+    else:
+        res = mixture.annotate(good_texts, list(spec.classes), cache=svc.cache, deadline=deadline)
+        done = res.done_idx.tolist()
+        if done:
+            if srv["kind"] == "molam":
+                P = srv["model"].molam.predict_proba(res.outputs)
+            else:
+                P = mean_probs(res.outputs)
+            for r, jj in enumerate(done):
+                main_probs[good[jj]] = np.asarray(P[r], dtype=np.float64)
+                if ps.per_llm_predictions:
+                    per_llm[good[jj]] = llm_entries(spec, res.outputs, r)
+        for jj, why in res.failed.items():
+            errors[good[jj]] = f"annotation failed: {why}"
+        pending = [good[jj] for jj in res.pending_idx.tolist()]
+
+    for i, p in main_probs.items():
+        results[i] = [entry(spec, p, srv["version"]), *per_llm.get(i, [])]
+    out: dict[str, Any] = {"results": results, "model_version": srv["version"], "pending": len(pending)}
+    if pending:
+        ptexts = list(dict.fromkeys(texts[i] for i in pending))
+        job, _ = svc.submit(state.id, "annotate", {"texts": ptexts, "classes": list(spec.classes)},
+                            source="predict deadline")
+        out["background_job"] = job["id"]
+        log.info("project %s: %d task(s) not annotated within the budget; background job %s annotates them "
+                 "(retrieve predictions again later)", state.id, len(pending), job["id"])
+    if errors:
+        out["errors"] = {str(tasks[i].get("id", i)): why for i, why in sorted(errors.items())}
+    return out

@@ -1,0 +1,431 @@
+"""Per-project state under ``MODEL_DIR`` (SQLite metadata + versioned model directories).
+
+Layout::
+
+    MODEL_DIR/
+      cache.db                       shared annotation cache (molal.cache.AnnotationCache)
+      jobs.db                        job table for all projects (molal.service.jobs)
+      projects/<id>/                 0700, one per Label Studio project (id validated as an int)
+        state.db                     0600 SQLite (WAL): settings, kv, versions, connection, labels
+        models/<version>/            one published model (MoLAM + student + manifest.json)
+        models/current.json          pointer to the serving version (atomically replaced)
+
+Publishing a model writes every file of ``models/<version>/`` first (atomically), then a manifest with
+the sha256 of every file, then swaps ``current.json``. A job killed at any point leaves the previous
+pointer (and so the previous model) serving; :func:`read_manifest` refuses a model whose files do not
+match their checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
+
+_PROJECT_RE = re.compile(r"^\s*(\d{1,12})(?:\.\d+(?:\.\d+)?)?\s*$")
+
+
+class ProjectIdError(ValueError):
+    """The project id sent by Label Studio (or given on the command line) is not a positive integer."""
+
+
+def parse_project_id(value: object) -> int:
+    """Label Studio sends ``"<id>.<created-timestamp>"``; accept that, an int, or ``{"id": N}``.
+
+    Anything else raises :class:`ProjectIdError` — the id is validated before it touches any path."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        raise ProjectIdError(f"project id must be a positive integer, got {value!r}")
+    if isinstance(value, int):
+        pid = value
+    elif isinstance(value, str):
+        m = _PROJECT_RE.match(value)
+        if not m:
+            raise ProjectIdError(f"project must look like '<id>' or '<id>.<timestamp>', got {value[:40]!r}")
+        pid = int(m.group(1))
+    else:
+        raise ProjectIdError(f"project id missing or of type {type(value).__name__}; expected '<id>.<timestamp>'")
+    if pid <= 0:
+        raise ProjectIdError(f"project id must be a positive integer, got {pid}")
+    return pid
+
+
+def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
+    """A WAL-mode SQLite connection with a busy timeout, created owner-only."""
+    ensure_dir(path.parent)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        os.close(fd)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        try:
+            if side.exists():
+                os.chmod(side, FILE_MODE)
+        except OSError:
+            pass
+    return conn
+
+
+class SQLiteDB:
+    """One connection per (process, thread); schema applied on first connect."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self._local = threading.local()
+
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is not None and getattr(self._local, "pid", None) == os.getpid():
+            return c
+        c = connect_sqlite(self.path)
+        c.executescript(self.schema)
+        self._local.conn, self._local.pid = c, os.getpid()
+        return c
+
+    def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
+        return self.conn().execute(sql, params)
+
+    def transaction(self) -> _Tx:
+        return _Tx(self.conn())
+
+
+class _Tx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+_PROJECT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS connection (id INTEGER PRIMARY KEY CHECK (id = 1), hostname TEXT, access_token TEXT,
+    updated REAL);
+CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, n INTEGER NOT NULL, created REAL NOT NULL,
+    job_id TEXT, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS auto_labels (task_id INTEGER PRIMARY KEY, label INTEGER NOT NULL, weight REAL NOT NULL,
+    negatives TEXT NOT NULL, round INTEGER NOT NULL, created REAL NOT NULL);
+"""
+
+
+@dataclass
+class ProjectSettings:
+    """Per-project settings (stored in state.db; unset keys fall back to the environment's Settings)."""
+
+    loop_mode: str = "review"  # review | human_free
+    strategy: str = "entropy"
+    query_batch: int = 50
+    serve_model: str = "molam"  # molam | student
+    mixture: str | None = None  # mixture config path (None = Mixture.default())
+    priority_field: str = "priority"
+    per_llm_predictions: bool = True
+    train_every: int = 0  # train after N new annotations (0 = only on START_TRAINING)
+    from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
+    uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
+    student: bool = True  # train the student in each training job
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student")}
+_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def coerce_setting(key: str, value: Any) -> Any:
+    """Validate one project setting (from the CLI or the API); raise ValueError with a clear message."""
+    if key not in ProjectSettings.keys():
+        raise ValueError(f"unknown project setting {key!r}; known: {', '.join(ProjectSettings.keys())}")
+    default = getattr(ProjectSettings(), key)
+    kind = type(default) if default is not None else str
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if key in ("mixture", "from_name"):
+            return None
+        raise ValueError(f"{key} cannot be empty")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} must be true/false, got {value!r}")
+    if kind is int:
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be an integer, got {value!r}") from None
+        if v < 0 or (key == "query_batch" and v < 1):
+            raise ValueError(f"{key} must be {'>= 1' if key == 'query_batch' else '>= 0'}, got {v}")
+        return v
+    v = str(value)
+    if key in _CHOICES and v not in _CHOICES[key]:
+        raise ValueError(f"{key} must be one of {list(_CHOICES[key])}, got {v!r}")
+    if key == "priority_field" and not _FIELD_RE.match(v):
+        raise ValueError(f"priority_field must be an identifier (letters, digits, _), got {v!r}")
+    if key == "strategy":
+        try:
+            from molal.query import STRATEGIES
+        except ImportError:  # the query module is not installed yet: accept any name
+            STRATEGIES = None
+        if STRATEGIES is not None and v not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {v!r}")
+    return v
+
+
+def env_defaults(settings: Any) -> ProjectSettings:
+    """Project defaults from the environment (molal.config.Settings)."""
+    return ProjectSettings(
+        loop_mode=settings.loop_mode,
+        strategy=settings.strategy,
+        query_batch=settings.query_batch,
+        serve_model=settings.serve_model,
+        mixture=str(settings.mixture) if settings.mixture else None,
+        priority_field=settings.priority_field,
+        per_llm_predictions=settings.per_llm_predictions,
+        train_every=settings.train_every,
+    )
+
+
+class ProjectState:
+    """State of one Label Studio project in ``MODEL_DIR/projects/<id>/``."""
+
+    def __init__(self, model_dir: Path, project_id: int) -> None:
+        self.id = parse_project_id(project_id)
+        self.dir = ensure_dir(Path(model_dir) / "projects" / str(self.id))
+        os.chmod(self.dir, 0o700)
+        self.models_dir = ensure_dir(self.dir / "models")
+        self.db = SQLiteDB(self.dir / "state.db", _PROJECT_SCHEMA)
+        self._pointer_stat: tuple[int, int] | None = None
+        self._pointer: dict | None = None
+
+    # -- settings ----------------------------------------------------------------------------------
+    def settings(self, env: Any) -> ProjectSettings:
+        ps = env_defaults(env)
+        for row in self.db.execute("SELECT key, value FROM settings"):
+            if row["key"] in ProjectSettings.keys():
+                setattr(ps, row["key"], json.loads(row["value"]))
+        return ps
+
+    def set_setting(self, key: str, value: Any) -> Any:
+        v = coerce_setting(key, value)
+        self.db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES(?, ?)", (key, json.dumps(v)))
+        return v
+
+    def unset_setting(self, key: str) -> None:
+        if key not in ProjectSettings.keys():
+            raise ValueError(f"unknown project setting {key!r}; known: {', '.join(ProjectSettings.keys())}")
+        self.db.execute("DELETE FROM settings WHERE key=?", (key,))
+
+    def stored_settings(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT key, value FROM settings")}
+
+    # -- key/value ---------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else default
+
+    def put(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", (key, json.dumps(value)))
+
+    def incr(self, key: str, by: int = 1) -> int:
+        with self.db.transaction() as c:
+            row = c.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+            v = (json.loads(row["value"]) if row else 0) + by
+            c.execute("INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", (key, json.dumps(v)))
+        return v
+
+    # -- Label Studio connection (from /setup) -------------------------------------------------------
+    def save_connection(self, hostname: str | None, access_token: str | None) -> None:
+        """Remember what LS sent in /setup (fallback when LABEL_STUDIO_URL/API_KEY are unset). 0600 file."""
+        if not hostname and not access_token:
+            return
+        from molal.logging import register_secret
+
+        register_secret(access_token)
+        row = self.connection()
+        if row == (hostname, access_token):
+            return
+        self.db.execute(
+            "INSERT OR REPLACE INTO connection(id, hostname, access_token, updated) VALUES(1, ?, ?, ?)",
+            (hostname, access_token, time.time()),
+        )
+
+    def connection(self) -> tuple[str | None, str | None]:
+        row = self.db.execute("SELECT hostname, access_token FROM connection WHERE id=1").fetchone()
+        if not row:
+            return (None, None)
+        from molal.logging import register_secret
+
+        register_secret(row["access_token"])
+        return (row["hostname"], row["access_token"])
+
+    # -- model versions ------------------------------------------------------------------------------
+    def next_version_number(self) -> int:
+        row = self.db.execute("SELECT MAX(n) AS m FROM versions").fetchone()
+        return int(row["m"] or 0) + 1
+
+    def staging_dir(self, job_id: str) -> Path:
+        """A fresh private directory to write a model into before :meth:`publish` (same filesystem)."""
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", job_id):
+            raise ArtifactError(f"bad job id {job_id!r}")
+        d = self.models_dir / f".staging-{job_id}"
+        if d.exists():
+            shutil.rmtree(d)
+        return ensure_dir(d)
+
+    def model_dir(self, name: str) -> Path:
+        if not re.match(r"^[0-9]{1,9}-[0-9a-f]{8}$", str(name)):
+            raise ArtifactError(f"bad model directory name {name!r}")
+        return self.models_dir / name
+
+    def publish(self, staging: Path, n: int, info: dict, job_id: str | None = None,
+                has_student: bool = False, extra: dict | None = None) -> dict:
+        """Checksum every file of ``staging`` into a manifest, rename it to ``models/<n>-<hash>`` and
+        atomically swap ``current.json`` to it. Returns the new pointer."""
+        files = {}
+        for p in sorted(staging.rglob("*")):
+            if p.is_file() and p.name != "manifest.json":
+                files[str(p.relative_to(staging))] = sha256_file(p)
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{n}-{digest}"
+        pointer = {
+            "dir": name,
+            "n": n,
+            "molam": f"molam-{name}",
+            "student": f"student-{name}" if has_student else None,
+            "published": time.time(),
+            **(extra or {}),
+        }
+        manifest = {"format": 1, **pointer, "files": files, "info": info, "job_id": job_id}
+        atomic_write_json(staging / "manifest.json", manifest)
+        final = self.model_dir(name)
+        if final.exists():  # identical content published before: keep the old copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+        self.db.execute(
+            "INSERT OR REPLACE INTO versions(version, n, created, job_id, info) VALUES(?, ?, ?, ?, ?)",
+            (name, n, pointer["published"], job_id, json.dumps(info)),
+        )
+        atomic_write_json(self.models_dir / "current.json", pointer)
+        return pointer
+
+    def current(self) -> dict | None:
+        """The ``current.json`` pointer (cached; re-read only when the file's mtime/size/inode changes)."""
+        p = self.models_dir / "current.json"
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            self._pointer_stat, self._pointer = None, None
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key != self._pointer_stat:
+            try:
+                self._pointer = json.loads(p.read_text())
+            except (OSError, ValueError) as exc:
+                raise ArtifactError(f"{p}: unreadable model pointer ({exc})") from exc
+            self._pointer_stat = key
+        return self._pointer
+
+    def read_manifest(self, name: str, verify: bool = True) -> dict:
+        """The manifest of ``models/<name>``; with ``verify`` every file must match its sha256."""
+        vdir = self.model_dir(name)
+        try:
+            manifest = json.loads((vdir / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"model {name}: manifest missing or unreadable ({exc})") from exc
+        if verify:
+            for rel, digest in manifest.get("files", {}).items():
+                f = vdir / rel
+                if not f.exists() or sha256_file(f) != digest:
+                    raise ArtifactError(f"model {name}: file {rel} is missing or does not match its checksum")
+        return manifest
+
+    def versions(self) -> list[dict]:
+        rows = self.db.execute("SELECT version, n, created, job_id, info FROM versions ORDER BY n").fetchall()
+        return [{**dict(r), "info": json.loads(r["info"])} for r in rows]
+
+    # -- human-free mode: MoLAM-labelled tasks added by AL rounds --------------------------------------
+    def auto_labels(self) -> dict[int, dict]:
+        rows = self.db.execute("SELECT task_id, label, weight, negatives, round FROM auto_labels").fetchall()
+        return {
+            int(r["task_id"]): {"label": int(r["label"]), "weight": float(r["weight"]),
+                                "negatives": json.loads(r["negatives"]), "round": int(r["round"])}
+            for r in rows
+        }
+
+    def add_auto_labels(self, rows: list[tuple[int, int, float, list[int], int]]) -> None:
+        with self.db.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO auto_labels(task_id, label, weight, negatives, round, created) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                [(t, lab, w, json.dumps(neg), r, time.time()) for t, lab, w, neg, r in rows],
+            )
+
+    def summary(self, env: Any) -> dict:
+        cur = self.current()
+        return {
+            "project": self.id,
+            "current": cur,
+            "settings": asdict(self.settings(env)),
+            "versions": len(self.versions()),
+            "auto_labels": len(self.auto_labels()),
+            "new_annotations": self.get("new_annotations", 0),
+        }
+
+
+class ServiceStore:
+    """The root of ``MODEL_DIR``: project states (cached per process), the shared cache path."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        self.root = ensure_dir(Path(model_dir).expanduser().resolve())
+        os.chmod(self.root, 0o700)
+        self._projects: dict[int, ProjectState] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cache_path(self) -> Path:
+        return self.root / "cache.db"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.root / "jobs.db"
+
+    def project(self, project_id: object) -> ProjectState:
+        pid = parse_project_id(project_id)
+        with self._lock:
+            st = self._projects.get(pid)
+            if st is None:
+                st = self._projects[pid] = ProjectState(self.root, pid)
+            return st
+
+    def project_ids(self) -> list[int]:
+        d = self.root / "projects"
+        if not d.exists():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
