@@ -11,6 +11,7 @@ Malformed input answers 4xx with ``{"error": "..."}``; an unexpected failure ans
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 
@@ -26,11 +27,12 @@ log = logging.getLogger("molal.backend")
 
 
 def _json_body() -> object:
-    if not request.data:
+    raw = request.get_data(cache=True)
+    if not raw or not raw.strip():
         raise BadRequest("empty request body; expected JSON")
     try:
-        return request.get_json(force=True, silent=False)
-    except Exception:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
 
 

@@ -1,9 +1,236 @@
-"""CLI commands for this area (being written)."""
+"""``molal serve | sync | train | query | jobs | worker | project`` — the Label Studio backend and its jobs.
+
+Environment (molal.config.Settings): ``MODEL_DIR``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``, ``REDIS_URL``, ``MOLAL_*``. ``sync``/``train``/``query`` run the job
+in this process by default (recorded in the job table like server jobs; one job per project at a time);
+``--queue`` only queues it for the server's worker thread or the RQ workers.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
 import typer
+
+_MODEL_DIR = typer.Option(None, "--model-dir", envvar="MODEL_DIR", help="State directory (MODEL_DIR).")
+
+
+def _service(model_dir: Path | None):
+    from molal.config import get_settings
+    from molal.service.pipeline import Service
+
+    return Service(get_settings(model_dir=model_dir))
+
+
+def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, payload: dict | None = None,
+             wait_s: float = 3600.0) -> None:
+    from rich.console import Console
+
+    from molal.service.jobs import execute
+
+    console = Console(stderr=True)
+    svc = _service(model_dir)
+    try:
+        svc.project(project)
+    except Exception as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    job, created = svc.submit(project, kind, payload, source="cli")
+    if queue:
+        console.print(f"{'queued' if created else 'coalesced into'} {kind} job {job['id']} for project {project}")
+        typer.echo(json.dumps({"job": job["id"], "created": created}))
+        return
+    deadline = time.monotonic() + wait_s
+    shown = False
+    while True:
+        svc.jobs.reap_stale()
+        claimed = svc.jobs.claim(job["id"])
+        if claimed is not None:
+            break
+        row = svc.jobs.get(job["id"])
+        if row is None or row["status"] != "queued":
+            console.print(f"job {job['id']} is {row['status'] if row else 'gone'} (run elsewhere)")
+            typer.echo(json.dumps(row, default=str))
+            return
+        if not shown:
+            console.print(f"waiting: project {project} has another job running (see `molal jobs`)")
+            shown = True
+        if time.monotonic() > deadline:
+            console.print("[red]gave up waiting[/red]; the job stays queued")
+            raise typer.Exit(1)
+        time.sleep(1.0)
+    console.print(f"running {kind} job {job['id']} for project {project} (progress in the log / `molal jobs`)")
+    import logging
+
+    from molal.logging import setup_logging
+
+    if logging.getLogger().level > logging.INFO:
+        setup_logging("INFO")
+    row = execute(svc.jobs, claimed, svc.run_job)
+    typer.echo(json.dumps({k: row.get(k) for k in ("id", "status", "message", "result", "error")}, default=str,
+                          indent=1))
+    if row["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+
+    @app.command()
+    def serve(
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address."),
+        port: int = typer.Option(9090, "--port", help="Port."),
+        workers: int = typer.Option(2, "--workers", help="gunicorn worker processes."),
+        threads: int = typer.Option(4, "--threads", help="Threads per worker."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Run the Label Studio ML backend under gunicorn (backend.wsgi:app).
+
+        In Label Studio: project Settings → Model → Connect Model, URL http://HOST:PORT (with basic auth
+        if BASIC_AUTH_USER/BASIC_AUTH_PASS are set)."""
+        import backend
+
+        # (an editable install may map ``backend`` as a namespace package: use __path__, not __file__)
+        backend_dir = Path(next(iter(backend.__path__))).resolve()
+        conf = backend_dir / "gunicorn.conf.py"
+        env = dict(os.environ)
+        if model_dir is not None:
+            env["MODEL_DIR"] = str(model_dir)
+        repo_root = str(backend_dir.parent)
+        env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"{host}:{port}",
+                "--workers", str(workers), "--threads", str(threads), "backend.wsgi:app"]
+        typer.echo(f"molal backend on http://{host}:{port} ({workers} workers x {threads} threads)", err=True)
+        os.execvpe(argv[0], argv, env)
+
+    @app.command()
+    def sync(
+        project: int = typer.Option(..., "--project", help="Label Studio project id."),
+        queue: bool = typer.Option(False, "--queue", help="Only queue the job for the server / RQ workers."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Pull the project's tasks, annotate them all (cached), push the serving model's predictions."""
+        _run_job("sync", project, model_dir, queue)
+
+    @app.command()
+    def train(
+        project: int = typer.Option(..., "--project", help="Label Studio project id."),
+        queue: bool = typer.Option(False, "--queue", help="Only queue the job for the server / RQ workers."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """One training round: MoLAM on the human labels, the student, publish, push predictions, query."""
+        _run_job("train", project, model_dir, queue)
+
+    @app.command()
+    def query(
+        project: int = typer.Option(..., "--project", help="Label Studio project id."),
+        strategy: str | None = typer.Option(None, "--strategy", help="coreset|entropy|bemps|noise_stability|random|..."),
+        queue: bool = typer.Option(False, "--queue", help="Only queue the job for the server / RQ workers."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Rank unlabeled tasks with the student and write data.<priority field> + the tab "molal: next to label".
+
+        Annotators open that tab and press "Label Tasks As Displayed" (plain "Label All Tasks" ignores tabs)."""
+        if strategy is not None:
+            from molal.service.store import coerce_setting
+
+            try:
+                coerce_setting("strategy", strategy)
+            except ValueError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        _run_job("query", project, model_dir, queue, payload={"strategy": strategy} if strategy else None)
+
+    @app.command()
+    def jobs(
+        project: int | None = typer.Option(None, "--project", help="Only this project."),
+        job_id: str | None = typer.Argument(None, help="Show one job in full."),
+        limit: int = typer.Option(20, "--limit"),
+        as_json: bool = typer.Option(False, "--json", help="JSON output."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """List jobs (status, progress, message) or show one."""
+        svc = _service(model_dir)
+        svc.jobs.reap_stale()
+        if job_id:
+            row = svc.jobs.get(job_id)
+            if row is None:
+                typer.echo(f"error: no job {job_id}", err=True)
+                raise typer.Exit(1)
+            typer.echo(json.dumps(row, indent=1, default=str))
+            return
+        rows = svc.jobs.list(project=project, limit=limit)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=1, default=str))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("id", "project", "kind", "status", "progress", "created", "message")
+        for r in rows:
+            t.add_row(r["id"], str(r["project"]), r["kind"], r["status"], f"{100 * r['progress']:.0f}%",
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), (r["message"] or "")[:80])
+        Console().print(t)
+
+    @app.command()
+    def worker(
+        model_dir: Path | None = _MODEL_DIR,
+        burst: bool = typer.Option(False, "--burst", help="Exit when the queue is empty."),
+    ) -> None:
+        """Run an RQ worker for the queue 'molal' (needs REDIS_URL); the server then only queues jobs."""
+        from molal.config import get_settings
+
+        s = get_settings(model_dir=model_dir)
+        if s.redis_url is None:
+            typer.echo("error: REDIS_URL is not set (without it the server runs jobs in-process)", err=True)
+            raise typer.Exit(2)
+        if model_dir is not None:
+            os.environ["MODEL_DIR"] = str(model_dir)
+        from redis import Redis
+        from rq import Worker
+
+        from molal.service.jobs import RQ_QUEUE
+
+        conn = Redis.from_url(s.redis_url.get_secret_value())
+        typer.echo(f"RQ worker on queue {RQ_QUEUE!r} (MODEL_DIR={s.model_dir})", err=True)
+        Worker([RQ_QUEUE], connection=conn).work(burst=burst)
+
+    project_app = typer.Typer(help="Per-project settings (stored in MODEL_DIR/projects/<id>/state.db).",
+                              no_args_is_help=True)
+    app.add_typer(project_app, name="project")
+
+    @project_app.command("show")
+    def project_show(project: int = typer.Option(..., "--project"), model_dir: Path | None = _MODEL_DIR) -> None:
+        """Settings (env defaults + stored), current model, versions."""
+        svc = _service(model_dir)
+        typer.echo(json.dumps(svc.project_info(project), indent=1, default=str))
+
+    @project_app.command("set")
+    def project_set(
+        project: int = typer.Option(..., "--project"),
+        pairs: list[str] = typer.Argument(..., help="KEY=VALUE ... (loop_mode, strategy, query_batch, serve_model, "
+                                                    "mixture, priority_field, per_llm_predictions, train_every, "
+                                                    "from_name, uncertainty_sampling, student); VALUE 'default' unsets"),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Change project settings, e.g. `molal project set --project 3 loop_mode=human_free strategy=coreset`."""
+        svc = _service(model_dir)
+        state = svc.project(project)
+        for p in pairs:
+            if "=" not in p:
+                typer.echo(f"error: expected KEY=VALUE, got {p!r}", err=True)
+                raise typer.Exit(2)
+            k, v = p.split("=", 1)
+            try:
+                if v == "default":
+                    state.unset_setting(k)
+                else:
+                    state.set_setting(k, v)
+            except ValueError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        typer.echo(json.dumps(svc.project_info(project)["settings"], indent=1))

@@ -145,7 +145,7 @@ class JobQueue:
 
     def finish(self, job_id: str, ok: bool, result: dict | None = None, error: str | None = None) -> None:
         status = "succeeded" if ok else "failed"
-        msg = "done" if ok else scrub(error or "failed")[:500]
+        msg = "done" if ok else scrub((error or "failed").splitlines()[0])[:500]
         self.db.execute(
             "UPDATE jobs SET status=?, finished=?, progress=CASE WHEN ? THEN 1 ELSE progress END, message=?, "
             "result=?, error=? WHERE id=? AND status='running'",

@@ -60,7 +60,10 @@ class LSClient:
         out: list[dict] = []
         for t in self.client.tasks.list(project=project, fields="all", page_size=page_size):
             d = _plain(t)
-            out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or []})
+            preds = d.get("predictions") or []
+            versions = sorted({p.get("model_version") for p in preds if isinstance(p, dict) and p.get("model_version")})
+            out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or [],
+                        "prediction_versions": versions})
             if on_page is not None and len(out) % page_size == 0:
                 on_page(len(out))
         return out

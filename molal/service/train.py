@@ -1,0 +1,462 @@
+"""The jobs: ``train`` (one round of the loop), ``sync``, ``query`` and ``annotate``.
+
+A training job, step by step (each step reports progress to the job table and the log):
+
+1. pull every task of the project through the SDK; a task's human label is its latest non-cancelled
+   annotation's choice in the served ``<Choices>`` block;
+2. ensure LLM outputs for the whole pool (the annotation cache makes this free after the first time);
+3. fit MoLAM on the human labels;
+4. train the student with the noise-robust loss on
+   * review mode: the human labels + MoLAM's labels for every other task (discrepancy weights against the
+     previous student, negatives from :func:`molal.molam.negative_labels`);
+   * human-free mode (the paper's loop, one AL round per job): the human labels + the MoLAM-labelled tasks
+     of earlier rounds; then query ``query_batch`` tasks with the project's strategy, label them with
+     MoLAM (with negatives and discrepancy weights) and add them to the training set for the next round —
+     they are marked in Label Studio (a prediction + ``data.molal_auto_label``) for audit, and a human
+     annotation on such a task always overrides MoLAM's label;
+5. publish a new model version atomically (files → manifest with checksums → ``current.json``);
+6. push fresh predictions for unlabeled tasks (bulk import), set the project's model_version, and write
+   the query priorities (``data.<priority_field>`` + the Data Manager tab "molal: next to label").
+
+A job that fails before step 5 changes nothing that serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from molal.service.labelconfig import LabelSpec
+from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
+from molal.service.predict import entry, llm_entries, mean_probs
+
+if TYPE_CHECKING:
+    from molal.service.jobs import JobContext
+    from molal.service.pipeline import Service
+    from molal.service.store import ProjectState
+
+log = logging.getLogger("molal.train")
+
+
+class TrainingError(RuntimeError):
+    """A training round cannot run (too few labels, no texts...); the previous model keeps serving."""
+
+
+# -- Label Studio tasks → a pool --------------------------------------------------------------------------
+@dataclass
+class Pool:
+    """The project's tasks that have a text: ids, texts, data, human labels (row -> class index)."""
+
+    task_ids: list[int]
+    texts: list[str]
+    data: list[dict]
+    human: dict[int, int] = field(default_factory=dict)
+    prediction_versions: list[list[str]] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def human_label(annotations: list, spec: LabelSpec) -> int | None:
+    """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none)."""
+    best, best_key = None, None
+    for a in annotations or []:
+        if not isinstance(a, dict) or a.get("was_cancelled"):
+            continue
+        label = None
+        for r in a.get("result") or []:
+            if isinstance(r, dict) and r.get("from_name") == spec.from_name and r.get("type", "choices") == "choices":
+                ch = (r.get("value") or {}).get("choices") or []
+                if len(ch) == 1 and ch[0] in spec.classes:
+                    label = spec.classes.index(ch[0])
+        if label is None:
+            continue
+        key = (str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0))
+        if best_key is None or key > best_key:
+            best, best_key = label, key
+    return best
+
+
+def pool_from_tasks(tasks: list[dict], spec: LabelSpec) -> Pool:
+    pool = Pool([], [], [])
+    for t in tasks:
+        data = t.get("data") or {}
+        text = data.get(spec.value_key)
+        if not isinstance(text, str) or not text.strip():
+            pool.skipped += 1
+            continue
+        row = len(pool.texts)
+        pool.task_ids.append(int(t["id"]))
+        pool.texts.append(text)
+        pool.data.append(dict(data))
+        pool.prediction_versions.append(list(t.get("prediction_versions") or []))
+        lab = human_label(t.get("annotations") or [], spec)
+        if lab is not None:
+            pool.human[row] = lab
+    return pool
+
+
+def client_for(svc: Service, state: ProjectState) -> LSClient:
+    """SDK client from LABEL_STUDIO_URL/API_KEY, else from what Label Studio sent in /setup."""
+    s = svc.settings
+    url = s.label_studio_url
+    key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key is not None else None
+    if not url or not key:
+        host, token = state.connection()
+        url, key = url or host, key or token
+    if not url or not key:
+        raise LSConnectionError(
+            f"project {state.id}: no Label Studio URL/API key (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
+            "or connect the backend in Label Studio so /setup sends them)"
+        )
+    return LSClient(url, key)
+
+
+# -- annotation ---------------------------------------------------------------------------------------------
+def annotate_pool(svc: Service, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
+                  lo: float = 0.0, hi: float = 0.4):
+    """Mixture outputs for ``texts`` (cached). Returns the MixtureResult."""
+    mixture = svc.mixture_for(state, spec.classes, texts)
+    if mixture is None:
+        raise TrainingError(f"project {state.id}: no texts to annotate")
+    last = [0.0]
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if ctx is not None and (now - last[0] > 2.0 or done == total):
+            last[0] = now
+            frac = done / total if total else 1.0
+            ctx.progress(lo + (hi - lo) * frac, f"annotating: {done}/{total} (annotator, text) pairs")
+
+    if ctx is not None:
+        ctx.progress(lo, f"annotating {len(texts)} texts with {mixture!r}")
+    res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
+    st = res.stats
+    if ctx is not None:
+        ctx.progress(hi, f"annotated {len(res.done_idx)}/{len(texts)} texts (cache hits {st.get('cache_hits')}, "
+                         f"misses {st.get('cache_misses')}, failed {len(res.failed)}) in {st.get('seconds', 0):.1f} s")
+    return mixture, res
+
+
+def annotate_texts(svc: Service, state: ProjectState, ctx: JobContext, payload: dict) -> dict:
+    """The ``annotate`` job (rows /predict could not finish within its budget)."""
+    texts = payload.get("texts")
+    classes = payload.get("classes")
+    if not isinstance(texts, list) or not isinstance(classes, list) or not classes:
+        raise TrainingError("annotate job payload needs 'texts' and 'classes' lists")
+    spec = LabelSpec(from_name="", to_name="", value_key="", classes=tuple(str(c) for c in classes))
+    _, res = annotate_pool(svc, state, spec, [str(t) for t in texts], ctx, 0.0, 1.0)
+    return {"texts": len(texts), "done": int(len(res.done_idx)), "failed": len(res.failed)}
+
+
+# -- one training round (no Label Studio I/O: testable on its own) -------------------------------------------
+@dataclass
+class RoundResult:
+    pointer: dict
+    version: str  # the serving version after this round
+    rows: np.ndarray  # pool rows with mixture outputs
+    probs: np.ndarray  # (len(rows), K) serving model's probabilities on those rows
+    llm_outputs: Any  # LLMOutputs over ``rows``
+    new_auto: list[int] = field(default_factory=list)  # pool rows MoLAM-labelled in this round (human-free)
+    student: Any = None
+    info: dict = field(default_factory=dict)
+
+
+def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ctx: JobContext | None,
+              job_id: str = "manual") -> RoundResult:
+    """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it."""
+    from molal.loss import discrepancy_weights
+    from molal.molam import MoLAM, negative_labels
+
+    ps = svc.project_settings(state)
+    s = svc.settings
+    if len(pool) == 0:
+        raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx)
+    rows = res.done_idx.astype(np.int64)
+    outputs = res.outputs
+    if len(rows) == 0:
+        raise TrainingError(f"project {state.id}: the mixture annotated none of the {len(pool)} texts")
+    pos = {int(r): i for i, r in enumerate(rows.tolist())}
+    human_rows = [r for r in pool.human if r in pos]
+    if len(human_rows) < 2 or len({pool.human[r] for r in human_rows}) < 2:
+        raise TrainingError(
+            f"project {state.id}: MoLAM needs human labels of at least 2 classes; have {len(human_rows)} labelled "
+            "task(s). Label some tasks in Label Studio (about 50 is the recipe) and train again"
+        )
+    K = len(spec.classes)
+
+    # -- MoLAM -------------------------------------------------------------------------------------------
+    if ctx is not None:
+        ctx.progress(0.45, f"fitting MoLAM on {len(human_rows)} human labels")
+    labeled_idx = np.array([pos[r] for r in human_rows], dtype=np.int64)
+    labels = np.array([pool.human[r] for r in human_rows], dtype=np.int64)
+    molam = MoLAM().fit(outputs, labeled_idx, labels)
+    P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
+    y_molam = P.argmax(axis=1)
+    neg = np.asarray(negative_labels(outputs, predicted=y_molam), dtype=bool)
+
+    # -- previous student (discrepancy weights) ------------------------------------------------------------
+    prev = None
+    try:
+        old = svc.loaded_model(state)
+        if old is not None and list(old.manifest.get("info", {}).get("classes", [])) == list(spec.classes):
+            prev_student = svc.student_of(state, old)
+            if prev_student is not None:
+                prev = prev_student
+    except Exception as exc:  # an unusable old model only costs the discrepancy weights
+        log.warning("project %s: previous student unavailable (%s)", state.id, exc)
+
+    round_t = int(state.get("round", 0))
+    auto = state.auto_labels()
+    row_of_task = {t: i for i, t in enumerate(pool.task_ids)}
+    new_auto: list[int] = []
+    student = None
+    staging = state.staging_dir(job_id)
+    molam.save(staging / "molam")
+    info: dict[str, Any] = {
+        "classes": list(spec.classes), "from_name": spec.from_name, "mixture": repr(mixture),
+        "mixture_fingerprint": mixture.fingerprint(), "llm_names": list(outputs.llm_names),
+        "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
+        "round": round_t, "job_id": job_id, "student": False,
+    }
+    if hasattr(molam, "metadata") and isinstance(getattr(molam, "metadata", None), dict):
+        info["molam"] = {k: v for k, v in molam.metadata.items() if isinstance(v, (int, float, str, bool))}
+
+    if ps.student:
+        from molal.student import Student
+
+        # training set: human rows (weight 1, no negatives) + MoLAM rows
+        if ps.loop_mode == "review":
+            mol_rows = [r for r in rows.tolist() if r not in pool.human]
+        else:
+            mol_rows = [row_of_task[t] for t in auto if t in row_of_task and row_of_task[t] not in pool.human
+                        and row_of_task[t] in pos]
+        tr_rows = human_rows + mol_rows
+        y = np.array([pool.human[r] for r in human_rows] + [int(y_molam[pos[r]]) for r in mol_rows], dtype=np.int64)
+        negatives = np.zeros((len(tr_rows), K), dtype=bool)
+        for i, r in enumerate(mol_rows):
+            negatives[len(human_rows) + i] = neg[pos[r]]
+        is_human = np.array([True] * len(human_rows) + [False] * len(mol_rows))
+        if ps.loop_mode == "human_free":
+            w_stored = np.array([1.0] * len(human_rows) + [auto[pool.task_ids[r]]["weight"] for r in mol_rows])
+            weights = w_stored.astype(np.float32)
+        else:
+            prev_pred = None
+            if prev is not None and mol_rows:
+                prev_pred = np.full(len(tr_rows), -1, dtype=np.int64)
+                prev_pred[len(human_rows):] = prev.predict([pool.texts[r] for r in mol_rows])
+            weights = discrepancy_weights(prev_pred, y, is_human=is_human)
+        if ctx is not None:
+            ctx.progress(0.5, f"training the student on {len(human_rows)} human + {len(mol_rows)} MoLAM labels "
+                              f"(round {round_t}, {s.student_epochs} epochs)")
+        student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
+                          epochs=s.student_epochs, device=s.device)
+        student.fit([pool.texts[r] for r in tr_rows], y, weights=weights, negatives=negatives, round_t=round_t,
+                    val_texts=[pool.texts[r] for r in human_rows], val_labels=labels, progress=False)
+        student.save(staging / "student")
+        info["student"] = True
+        info["student_train"] = {"human": len(human_rows), "molam": len(mol_rows)}
+
+        if ps.loop_mode == "human_free":
+            # one AL round: query b tasks among the rows neither human- nor MoLAM-labelled yet
+            if ctx is not None:
+                ctx.progress(0.8, f"querying {ps.query_batch} tasks with {ps.strategy}")
+            taken = set(human_rows) | set(mol_rows)
+            cand = [r for r in rows.tolist() if r not in taken]
+            order = rank_rows(student, [pool.texts[r] for r in cand], ps.strategy, budget=ps.query_batch,
+                              seed=round_t, labeled_texts=[pool.texts[r] for r in tr_rows])
+            new_auto = [cand[i] for i in order[: ps.query_batch]]
+            sp = student.predict([pool.texts[r] for r in new_auto]) if new_auto else np.zeros(0, dtype=np.int64)
+            yq = np.array([int(y_molam[pos[r]]) for r in new_auto], dtype=np.int64)
+            wq = discrepancy_weights(sp, yq) if new_auto else np.zeros(0)
+            state.add_auto_labels([
+                (pool.task_ids[r], int(yq[i]), float(wq[i]), np.flatnonzero(neg[pos[r]]).tolist(), round_t)
+                for i, r in enumerate(new_auto)
+            ])
+            info["queried"] = len(new_auto)
+    state.put("round", round_t + 1)
+
+    n = state.next_version_number()
+    pointer = state.publish(staging, n, info, job_id=job_id, has_student=student is not None)
+    if ctx is not None:
+        ctx.progress(0.85, f"published {pointer['molam']}" + (f" and {pointer['student']}" if student else ""))
+    serve_student = ps.serve_model == "student" and student is not None
+    if serve_student:
+        probs = student.predict_proba([pool.texts[r] for r in rows.tolist()])
+    else:
+        probs = P
+    return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
+                       rows=rows, probs=np.asarray(probs), llm_outputs=outputs, new_auto=new_auto,
+                       student=student, info=info)
+
+
+# -- query ----------------------------------------------------------------------------------------------------
+def rank_rows(student, texts: list[str], strategy: str, budget: int | None = None, seed: int = 0,
+              labeled_texts: list[str] | None = None) -> np.ndarray:
+    """Order ``texts`` most useful first with the query strategy (molal.query) over the student."""
+    from molal.query import QueryPool, get_strategy
+
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    pool = QueryPool.from_student(student, texts, labeled_texts=labeled_texts)
+    b = len(texts) if budget is None else min(int(budget), len(texts))
+    order = np.asarray(get_strategy(strategy).select(pool, b, np.random.default_rng(seed)), dtype=np.int64)
+    if len(order) < len(texts):  # the rest after the queried batch, in pool order
+        seen = set(order.tolist())
+        order = np.concatenate([order, np.array([i for i in range(len(texts)) if i not in seen], dtype=np.int64)])
+    return order
+
+
+def priorities(order: np.ndarray) -> np.ndarray:
+    """Priority per row from a ranking: the first gets ``n``, the last 1 (higher = label sooner)."""
+    n = len(order)
+    pr = np.zeros(n, dtype=np.int64)
+    pr[order] = np.arange(n, 0, -1)
+    return pr
+
+
+def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
+                     field: str, ctx: JobContext | None = None) -> dict:
+    """Write ``data.<field>`` for the given rows (only where it changed) and ensure the ordered tab; rows
+    no longer unlabeled lose their priority (set to 0)."""
+    updates: list[tuple[int, dict]] = []
+    new = {r: int(p) for r, p in zip(rows, prio.tolist(), strict=True)}
+    for r in range(len(pool)):
+        old = pool.data[r].get(field)
+        want = new.get(r, 0 if old not in (None, 0) else None)
+        if want is None or old == want:
+            continue
+        d = dict(pool.data[r])
+        d[field] = want
+        updates.append((pool.task_ids[r], d))
+    if ctx is not None:
+        ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})")
+    n = client.update_task_data(updates)
+    view = client.ensure_view(project, field)
+    return {"priorities_written": n, "view": view}
+
+
+def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: str | None = None,
+                  client: LSClient | None = None, pool: Pool | None = None, spec: LabelSpec | None = None) -> dict:
+    """The ``query`` job: rank every unlabeled task with the current student and write the priorities."""
+    ps = svc.project_settings(state)
+    strategy = strategy or ps.strategy
+    client = client or client_for(svc, state)
+    if spec is None:
+        spec = svc.spec_for(state, client.label_config(state.id))
+    if pool is None:
+        ctx.progress(0.05, "pulling tasks from Label Studio")
+        pool = pool_from_tasks(client.tasks(state.id), spec)
+    m = svc.loaded_model(state)
+    student = svc.student_of(state, m) if m is not None else None
+    if student is None:
+        raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
+    auto = state.auto_labels()
+    unl = [r for r in range(len(pool)) if r not in pool.human and pool.task_ids[r] not in auto]
+    labeled = [pool.texts[r] for r in pool.human]
+    ctx.progress(0.3, f"ranking {len(unl)} unlabeled tasks with {strategy}")
+    order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled)
+    out = write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx)
+    out.update({"strategy": strategy, "ranked": len(unl)})
+    return out
+
+
+# -- pushing predictions ---------------------------------------------------------------------------------------
+def push_predictions(svc: Service, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
+                     rows: list[int], probs: np.ndarray, version: str, outputs=None,
+                     ctx: JobContext | None = None) -> int:
+    """Bulk-import the serving model's prediction (and per-LLM ones not yet there) for unlabeled rows."""
+    ps = svc.project_settings(state)
+    preds: list[dict] = []
+    for i, r in enumerate(rows):
+        if r in pool.human:
+            continue
+        have = set(pool.prediction_versions[r]) if r < len(pool.prediction_versions) else set()
+        if version not in have:
+            preds.append({"task": pool.task_ids[r], **entry(spec, probs[i], version)})
+        if ps.per_llm_predictions and outputs is not None:
+            for e in llm_entries(spec, outputs, i):
+                if e["model_version"] not in have:
+                    preds.append({"task": pool.task_ids[r], **e})
+    if ctx is not None:
+        ctx.progress(None, f"importing {len(preds)} predictions into Label Studio")
+    n = client.import_predictions(state.id, preds)
+    if client.set_model_version(state.id, version) and ps.uncertainty_sampling:
+        client.set_uncertainty_sampling(state.id)
+    return n
+
+
+def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
+    client = client_for(svc, state)
+    ctx.progress(0.01, f"pulling project {state.id} from Label Studio")
+    config = client.label_config(state.id)
+    if config != state.get("label_config"):
+        state.put("label_config", config)
+    spec = svc.spec_for(state, config)
+    tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
+    pool = pool_from_tasks(tasks, spec)
+    ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
+                       f"{pool.skipped} without text")
+    return client, spec, pool
+
+
+def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
+    """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``)."""
+    client, spec, pool = _pull(svc, state, ctx)
+    rr = fit_round(svc, state, spec, pool, ctx, job_id=ctx.id)
+    ps = svc.project_settings(state)
+    rows = rr.rows.tolist()
+    n_pred = push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version, rr.llm_outputs, ctx)
+    flagged = 0
+    if rr.new_auto:
+        labels = {r: spec.classes[int(np.argmax(rr.probs[rows.index(r)]))] for r in rr.new_auto}
+        upd = []
+        for r in rr.new_auto:
+            d = dict(pool.data[r])
+            d[AUTO_FLAG] = labels[r]
+            upd.append((pool.task_ids[r], d))
+            pool.data[r] = d
+        flagged = client.update_task_data(upd)
+    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool)}
+    if rr.student is not None:
+        ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
+        auto = state.auto_labels()
+        unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
+        order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
+                          labeled_texts=[pool.texts[r] for r in pool.human])
+        out.update(write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx))
+    state.put("new_annotations", 0)
+    ctx.progress(1.0, f"done: serving {rr.version}")
+    return out
+
+
+def sync_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
+    """The ``sync`` job: pull tasks, annotate the pool (cache), push the serving model's predictions."""
+    from molal.service.predict import mean_probs as _mean
+
+    client, spec, pool = _pull(svc, state, ctx)
+    if len(pool) == 0:
+        return {"n_tasks": 0}
+    _, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.8)
+    srv = svc.serving(state, spec, pool.texts)
+    rows = res.done_idx.tolist()
+    if srv["kind"] == "molam":
+        probs = srv["model"].molam.predict_proba(res.outputs)
+    elif srv["kind"] == "student":
+        probs = svc.student_of(state, srv["model"]).predict_proba([pool.texts[r] for r in rows])
+    else:
+        probs = _mean(res.outputs)
+    n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv["version"], res.outputs, ctx)
+    ctx.progress(1.0, f"pushed {n} predictions ({srv['version']})")
+    return {"version": srv["version"], "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
+            "n_human": len(pool.human)}
+
+
+__all__ = ["Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "rank_rows"]
