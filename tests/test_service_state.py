@@ -1,0 +1,221 @@
+"""molal.service: project ids, per-project state, model publication, the job table and its workers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from molal.io import ArtifactError
+from molal.service.jobs import JobError, JobQueue, execute
+from molal.service.labelconfig import LabelConfigError, parse_label_config
+from molal.service.store import ProjectIdError, ServiceStore, coerce_setting, parse_project_id
+
+
+# -- project ids ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, want", [("3.1700000000", 3), ("12", 12), (5, 5), ({"id": 9}, 9), (" 4.1.2 ", 4)])
+def test_parse_project_id_ok(value, want):
+    assert parse_project_id(value) == want
+
+
+@pytest.mark.parametrize("value", ["", "abc", "../1", "1/2", "-1", "0", "0.5", 0, -2, True, None, 1.5, "1e3", "3.x",
+                                   {"id": "../x"}, "9" * 13])
+def test_parse_project_id_rejects(value):
+    with pytest.raises(ProjectIdError):
+        parse_project_id(value)
+
+
+# -- label config --------------------------------------------------------------------------------------------
+def test_label_config_picks_first_choices_with_text_target_or_named():
+    cfg = ('<View><Image name="img" value="$image"/><Text name="body" value="$body"/>'
+           '<Choices name="img_cls" toName="img"><Choice value="X"/><Choice value="Y"/></Choices>'
+           '<Choices name="topic" toName="body"><Choice value="a"/><Choice value="b"/><Choice value="c"/></Choices>'
+           '<Choices name="tone" toName="body"><Choice value="pos"/><Choice value="neg"/></Choices></View>')
+    spec = parse_label_config(cfg)
+    assert (spec.from_name, spec.to_name, spec.value_key, spec.classes) == ("topic", "body", "body", ("a", "b", "c"))
+    assert parse_label_config(cfg, from_name="tone").classes == ("pos", "neg")
+    with pytest.raises(LabelConfigError, match="no <Choices name='nope'>"):
+        parse_label_config(cfg, from_name="nope")
+    with pytest.raises(LabelConfigError, match="not a <Text> tag"):
+        parse_label_config(cfg, from_name="img_cls")
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+def test_project_settings_validate_and_fall_back_to_env(tmp_path):
+    from molal.config import get_settings
+
+    env = get_settings(model_dir=tmp_path, strategy="margin", train_every=5)
+    st = ServiceStore(tmp_path).project(3)
+    assert st.settings(env).strategy == "margin" and st.settings(env).train_every == 5
+    st.set_setting("loop_mode", "human_free")
+    st.set_setting("train_every", "10")
+    st.set_setting("per_llm_predictions", "off")
+    ps = st.settings(env)
+    assert ps.loop_mode == "human_free" and ps.train_every == 10 and ps.per_llm_predictions is False
+    st.unset_setting("train_every")
+    assert st.settings(env).train_every == 5
+    for key, value, words in [("loop_mode", "auto", "one of"), ("train_every", "-1", ">= 0"),
+                              ("query_batch", "0", ">= 1"), ("priority_field", "a.b", "identifier"),
+                              ("nope", "1", "unknown project setting"), ("per_llm_predictions", "maybe", "true/false")]:
+        with pytest.raises(ValueError, match=words):
+            coerce_setting(key, value)
+
+
+# -- model publication ---------------------------------------------------------------------------------------
+def _stage(st, job, content):
+    d = st.staging_dir(job)
+    (d / "molam").write_bytes(content)
+    return d
+
+
+def test_publish_swaps_pointer_and_verifies_checksums(tmp_path):
+    st = ServiceStore(tmp_path).project(2)
+    assert st.current() is None
+    p1 = st.publish(_stage(st, "job1", b"model one"), st.next_version_number(), {"classes": ["a", "b"]}, "job1")
+    assert p1["molam"] == f"molam-{p1['dir']}" and p1["dir"].startswith("1-") and p1["student"] is None
+    assert st.current() == p1
+    assert st.read_manifest(p1["dir"])["files"]["molam"]
+    # a job killed after staging (before publish) leaves the pointer alone
+    _stage(st, "job2", b"half written")
+    assert st.current() == p1
+    p2 = st.publish(_stage(st, "job3", b"model two"), st.next_version_number(), {}, "job3", has_student=True)
+    assert p2["dir"].startswith("2-") and p2["student"] == f"student-{p2['dir']}"
+    assert ServiceStore(tmp_path).project(2).current()["dir"] == p2["dir"]  # another process sees it
+    # corruption is refused
+    (st.model_dir(p2["dir"]) / "molam").write_bytes(b"corrupted")
+    with pytest.raises(ArtifactError, match="checksum"):
+        st.read_manifest(p2["dir"])
+    assert [v["version"] for v in st.versions()] == [p1["dir"], p2["dir"]]
+    with pytest.raises(ArtifactError):
+        st.model_dir("../../x")
+
+
+# -- jobs ----------------------------------------------------------------------------------------------------
+def test_enqueue_coalesces_only_queued_jobs(tmp_path):
+    q = JobQueue(tmp_path / "jobs.db")
+    a, created = q.enqueue(1, "train")
+    assert created
+    b, created = q.enqueue(1, "train")
+    assert not created and b["id"] == a["id"] and b["coalesced"] == 1
+    c, created = q.enqueue(2, "train")
+    assert created and c["id"] != a["id"]
+    claimed = q.claim()
+    assert claimed["id"] == a["id"] and claimed["status"] == "running"
+    # while it runs, a new request queues a follow-up (it must see the new data) ...
+    d, created = q.enqueue(1, "train")
+    assert created
+    # ... which cannot start while project 1 has a running job; project 2's job can
+    nxt = q.claim()
+    assert nxt["id"] == c["id"]
+    assert q.claim() is None
+    q.finish(a["id"], True, {"ok": 1})
+    assert q.claim()["id"] == d["id"]
+    with pytest.raises(JobError):
+        q.enqueue(1, "dance")
+
+
+def _claimer(path, out, n):
+    q = JobQueue(path)
+    got = []
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        j = q.claim()
+        if j is None:
+            if not q.list(status="queued") and not q.list(status="running"):
+                break
+            time.sleep(0.002)
+            continue
+        running = q.list(project=j["project"], status="running")
+        assert len(running) == 1, running
+        got.append(j["id"])
+        q.finish(j["id"], True)
+    out.put(got)
+
+
+def test_claim_is_atomic_across_processes(tmp_path):
+    path = tmp_path / "jobs.db"
+    q = JobQueue(path)
+    ids = set()
+    for p in range(1, 5):
+        for _ in range(5):
+            j, _ = q.enqueue(p, "sync", coalesce=False)
+            ids.add(j["id"])
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(path, out, 20)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    flat = [i for g in got for i in g]
+    assert sorted(flat) == sorted(ids)  # every job ran exactly once
+    assert q.counts() == {"succeeded": 20}
+
+
+def test_failed_job_records_error_without_secrets(tmp_path, monkeypatch):
+    from molal.logging import register_secret
+
+    register_secret("sk-very-secret-1234")
+    q = JobQueue(tmp_path / "jobs.db")
+    j, _ = q.enqueue(1, "train")
+
+    def boom(ctx):
+        ctx.progress(0.3, "working")
+        raise RuntimeError("cannot reach http://ls with token sk-very-secret-1234")
+
+    row = execute(q, q.claim(), boom)
+    assert row["status"] == "failed" and row["progress"] == pytest.approx(0.3)
+    assert "RuntimeError" in row["message"] and "sk-very-secret-1234" not in row["message"]
+    assert "sk-very-secret-1234" not in (row["error"] or "")
+    assert "\n" not in row["message"]
+
+
+_KILLED_JOB = r"""
+import sys, time
+from molal.service.jobs import JobQueue, execute
+q = JobQueue(sys.argv[1])
+job = q.claim()
+def slow(ctx):
+    ctx.progress(0.1, "started")
+    print("running", flush=True)
+    time.sleep(60)
+execute(q, job, slow)
+"""
+
+
+def test_killed_job_is_marked_failed_and_previous_model_keeps_serving(tmp_path):
+    store = ServiceStore(tmp_path)
+    st = store.project(4)
+    before = st.publish(_stage(st, "old", b"old model"), 1, {}, "old")
+    q = JobQueue(store.jobs_path)
+    j, _ = q.enqueue(4, "train")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB, str(store.jobs_path)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "running"
+    assert q.get(j["id"])["status"] == "running"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert q.reap_stale() == 1
+    row = q.get(j["id"])
+    assert row["status"] == "failed" and "worker died" in row["message"]
+    assert st.current() == before
+    # the project is free again
+    j2, created = q.enqueue(4, "train")
+    assert created and q.claim()["id"] == j2["id"]
+
+
+def test_stale_heartbeat_is_reaped(tmp_path):
+    q = JobQueue(tmp_path / "jobs.db")
+    j, _ = q.enqueue(1, "sync")
+    q.claim()
+    q.db.execute("UPDATE jobs SET heartbeat=?, host='elsewhere' WHERE id=?", (time.time() - 3600, j["id"]))
+    assert q.reap_stale(stale_s=60) == 1
+    assert json.loads(json.dumps(q.get(j["id"])))["status"] == "failed"
