@@ -333,7 +333,32 @@ class ProjectState:
             (name, n, pointer["published"], job_id, json.dumps(info)),
         )
         atomic_write_json(self.models_dir / "current.json", pointer)
+        self.prune(keep=self.keep_versions)
         return pointer
+
+    keep_versions = 3
+
+    def prune(self, keep: int = 3) -> list[str]:
+        """Delete all but the ``keep`` newest model directories (never the current one) and stale staging
+        directories older than a day. Returns the deleted names."""
+        cur = (self.current() or {}).get("dir")
+        dirs = []
+        for d in self.models_dir.iterdir():
+            if d.is_dir() and re.match(r"^[0-9]{1,9}-[0-9a-f]{8}$", d.name):
+                dirs.append((int(d.name.split("-")[0]), d))
+        dirs.sort(reverse=True)
+        gone = []
+        for _, d in dirs[max(keep, 1):]:
+            if d.name != cur:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d.name)
+        for d in self.models_dir.glob(".staging-*"):
+            try:
+                if time.time() - d.stat().st_mtime > 86400:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
+        return gone
 
     def current(self) -> dict | None:
         """The ``current.json`` pointer (cached; re-read only when the file's mtime/size/inode changes)."""
