@@ -1,9 +1,157 @@
-"""CLI commands for this area (being written)."""
+"""``molal annotate``: run a mixture of LLMs over a pool of texts, cached, and save the LLMOutputs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def _agreement(outputs) -> tuple:  # (pairwise (L,L), with-majority (L,))
+    import numpy as np
+
+    pred = outputs.normalized_probs().argmax(axis=2)  # (n, L)
+    n, n_llm = pred.shape
+    pair = np.ones((n_llm, n_llm))
+    for a in range(n_llm):
+        for b in range(n_llm):
+            pair[a, b] = float((pred[:, a] == pred[:, b]).mean()) if n else float("nan")
+    maj = np.zeros(n_llm)
+    if n:
+        k = outputs.n_classes
+        votes = np.zeros((n, k))
+        for j in range(n_llm):
+            votes[np.arange(n), pred[:, j]] += 1
+        majority = votes.argmax(axis=1)
+        maj = (pred == majority[:, None]).mean(axis=0)
+    return pair, maj
+
+
+def annotate_command(
+    data: Path = typer.Option(..., "--data", help="JSONL pool: one object per line with a text field (and optionally a label)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the LLMOutputs (.npz)."),
+    config: Path | None = typer.Option(None, "--config", help="Mixture config (TOML/YAML). Default: the offline default mixture."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Annotation cache (SQLite). Default: $MODEL_DIR/annotation_cache.sqlite."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the annotation cache."),
+    labels: str | None = typer.Option(None, "--labels", help="Comma-separated class names, in order (default: labels in the data, sorted)."),
+    text_field: str = typer.Option("text", "--text-field", help="Name of the text field."),
+    label_field: str = typer.Option("label", "--label-field", help="Name of the (optional) gold label field."),
+    time_budget: float | None = typer.Option(None, "--time-budget", help="Stop calling models after this many seconds."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Annotate a pool with a mixture of LLMs (cache first) and save their probabilities/consistency."""
+    import time
+
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from molal.annotators import ConfigError, Mixture
+    from molal.annotators.base import AnnotatorError
+    from molal.cache import AnnotationCache, CacheError
+    from molal.config import get_settings
+    from molal.data import DataError, load_dataset
+    from molal.io import atomic_write_json
+
+    console = Console(stderr=True)
+    class_names = [c.strip() for c in labels.split(",") if c.strip()] if labels else None
+    if labels is not None and not class_names:
+        console.print("[red]error:[/] --labels is empty")
+        raise typer.Exit(2)
+    try:
+        ds = load_dataset(data, class_names=class_names, text_field=text_field, label_field=label_field)
+    except DataError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        mixture = Mixture.from_config(config) if config else Mixture.default(ds.texts, ds.class_names)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2) from None
+    cache_obj = None
+    if not no_cache:
+        cache_path = cache or (get_settings().model_dir / "annotation_cache.sqlite")
+        try:
+            cache_obj = AnnotationCache(cache_path)
+        except CacheError as exc:
+            console.print(f"[red]cache error:[/] {exc}")
+            raise typer.Exit(2) from None
+    console.print(
+        f"[bold]{len(ds)}[/] texts, {len(ds.class_names)} classes {ds.class_names}, mixture: {mixture}"
+        + (f", cache: {cache_obj.path}" if cache_obj else ", no cache")
+    )
+    deadline = time.monotonic() + time_budget if time_budget else None
+    try:
+        res = mixture.annotate(ds.texts, ds.class_names, cache=cache_obj, progress=progress, deadline=deadline)
+    except (ValueError, AnnotatorError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        mixture.close()
+        if cache_obj is not None:
+            cache_obj.close()
+    st = res.stats
+    outputs = res.outputs
+    outputs.save(out)
+    stats_path = out.with_name(out.name + ".stats.json")
+    atomic_write_json(
+        stats_path,
+        {**st, "done_idx": res.done_idx.tolist(), "failed": {str(k): v for k, v in res.failed.items()}, "data": str(data)},
+        mode=0o644,
+    )
+
+    gold = ds.labels[res.done_idx] if ds.labels is not None else None
+    pair, maj = _agreement(outputs)
+    pred = outputs.normalized_probs().argmax(axis=2) if len(outputs) else np.zeros((0, outputs.n_llms), int)
+    n_gold = int((gold >= 0).sum()) if gold is not None else 0
+    table = Table(title="annotators" + (f" (accuracy on {n_gold} labeled rows)" if n_gold else ""))
+    for col in ("LLM", "hits", "misses", "new", "failed", "sec", "texts/s", "tok/s", "maj.agr"):
+        table.add_column(col, justify="right" if col != "LLM" else "left")
+    if gold is not None:
+        table.add_column("acc", justify="right")
+    for j, name in enumerate(outputs.llm_names):
+        s = st["per_annotator"][name]
+        tps = s["annotated"] / s["seconds"] if s["seconds"] > 0 and s["annotated"] else None
+        toks = s["tokens"] / s["seconds"] if s["tokens"] and s["seconds"] > 0 else None
+        row = [
+            name, str(s["cache_hits"]), str(s["cache_misses"]), str(s["annotated"]), str(s["failed"]),
+            f"{s['seconds']:.2f}", f"{tps:.1f}" if tps else "-", f"{toks:.0f}" if toks else "-",
+            f"{maj[j]:.3f}" if len(outputs) else "-",
+        ]
+        if gold is not None:
+            m = gold >= 0
+            row.append(f"{(pred[m, j] == gold[m]).mean():.3f}" if m.any() else "-")
+        table.add_row(*row)
+    console.print(table)
+    if outputs.n_llms > 1 and len(outputs):
+        pt = Table(title="pairwise agreement (argmax)")
+        pt.add_column("")
+        for name in outputs.llm_names:
+            pt.add_column(name, justify="right")
+        for a, name in enumerate(outputs.llm_names):
+            pt.add_row(name, *[f"{pair[a, b]:.3f}" for b in range(outputs.n_llms)])
+        console.print(pt)
+    console.print(
+        f"cache: {st['cache_hits']} hits / {st['cache_misses']} misses (annotator x text); "
+        f"{st['done']} done, {len(res.failed)} failed, {st['pending']} pending; "
+        f"{st['seconds']:.2f}s, {st['texts_per_s']:.1f} texts/s"
+        + (f", {st['tokens_per_s']:.0f} tokens/s" if st.get("tokens_per_s") else "")
+    )
+    console.print(f"wrote {out} ({len(outputs)} rows) and {stats_path}")
+    if res.failed:
+        for i, reason in list(sorted(res.failed.items()))[:10]:
+            console.print(f"[yellow]row {i + 1}[/] failed: {reason}")
+        if len(res.failed) > 10:
+            console.print(f"... and {len(res.failed) - 10} more (see {stats_path})")
+        console.print(f"[yellow]{len(res.failed)} rows failed and are not in {out}; rerun to retry them (done rows are cached).[/]")
+        raise typer.Exit(1)
+    if st["pending"]:
+        console.print(f"[yellow]time budget reached: {st['pending']} rows pending; rerun to continue.[/]")
+        raise typer.Exit(3)
+
+
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app."""
+    """Add ``molal annotate`` to the root app."""
+    app.command("annotate")(annotate_command)

@@ -1,0 +1,452 @@
+"""A mixture of annotators: config loading, the offline default, and cached, deadline-bounded annotation.
+
+Config (TOML or YAML)::
+
+    [mixture]                       # optional
+    descriptions = { human = "a person or group" }   # default label descriptions
+
+    [[annotator]]
+    type = "openai"                 # openai | vllm | hf | embedding | replay
+    name = "qwen"
+    base_url = "http://localhost:8000/v1"
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    api_key_env = "OPENAI_API_KEY"
+    samples = 10
+
+YAML: ``annotators: [{type: ..., name: ...}, ...]`` (``annotator`` is accepted too).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from molal.annotators.base import (
+    Annotator,
+    AnnotatorError,
+    AnnotatorUnavailable,
+    ConfigError,
+    stable_hash,
+    validate_classes,
+    validate_texts,
+)
+
+if TYPE_CHECKING:
+    from molal.cache import AnnotationCache
+    from molal.data import LLMOutputs
+
+TREC_CLASSES = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
+
+
+def _annotator_class(type_: str) -> type[Annotator]:
+    if type_ == "embedding":
+        from molal.annotators.embedding import EmbeddingAnnotator
+
+        return EmbeddingAnnotator
+    if type_ == "replay":
+        from molal.annotators.replay import ReplayAnnotator
+
+        return ReplayAnnotator
+    if type_ == "hf":
+        from molal.annotators.hf import HFAnnotator
+
+        return HFAnnotator
+    if type_ in ("openai", "openai_compat"):
+        from molal.annotators.openai_compat import OpenAIAnnotator
+
+        return OpenAIAnnotator
+    if type_ == "vllm":
+        from molal.annotators.vllm import VLLMAnnotator
+
+        return VLLMAnnotator
+    raise KeyError(type_)
+
+
+ANNOTATOR_TYPES = ("openai", "vllm", "hf", "embedding", "replay")
+
+
+def build_annotator(spec: Mapping[str, Any], where: str = "annotator") -> Annotator:
+    """One annotator from its spec (a dict with ``type``, ``name`` and the type's fields).
+
+    Errors are :class:`ConfigError` naming ``where`` and the field."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a table of fields, got {type(spec).__name__}")
+    spec = dict(spec)
+    type_ = spec.pop("type", None)
+    if type_ is None:
+        raise ConfigError(f"{where}: missing field 'type' (one of {', '.join(ANNOTATOR_TYPES)})")
+    try:
+        cls = _annotator_class(str(type_))
+    except KeyError:
+        raise ConfigError(f"{where}: field 'type' = {type_!r} is not one of {', '.join(ANNOTATOR_TYPES)}") from None
+    if "name" not in spec:
+        raise ConfigError(f"{where}: missing field 'name'")
+    where = f"{where} ({spec['name']!r})"
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_KEYWORD,)]
+    unknown = [k for k in spec if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} for type {type_!r}; allowed fields: {', '.join(allowed)}")
+    missing = [p for p in allowed if params[p].default is inspect.Parameter.empty and p not in spec]
+    if missing:
+        raise ConfigError(f"{where}: missing field {missing[0]!r}")
+    try:
+        return cls(**spec)
+    except (ValueError, TypeError, AnnotatorError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: mixture config not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table at top level")
+    return data
+
+
+@dataclass
+class MixtureResult:
+    """outputs: LLMOutputs over the rows ``done_idx`` (in that order); failed: row -> reason; stats:
+    cache_hits / cache_misses ((annotator, text) pairs), annotated, seconds, texts_per_s, tokens,
+    tokens_per_s, per_annotator, deadline_reached. Rows neither done nor failed were cut by the deadline."""
+
+    outputs: LLMOutputs
+    done_idx: np.ndarray
+    failed: dict[int, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending_idx(self) -> np.ndarray:
+        """Rows neither done nor failed (cut by the deadline)."""
+        n = int(self.stats.get("n_texts", 0))
+        done = set(self.done_idx.tolist()) | set(self.failed)
+        return np.array([i for i in range(n) if i not in done], dtype=np.int64)
+
+
+class Mixture:
+    """An ordered list of annotators with unique names (the LLMOutputs ``llm_names``)."""
+
+    def __init__(self, annotators: Sequence[Annotator], descriptions: Mapping[str, str] | None = None) -> None:
+        annotators = list(annotators)
+        if not annotators:
+            raise ValueError("a mixture needs at least one annotator")
+        names = [a.name for a in annotators]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"annotator names must be unique; duplicated: {dup}")
+        self.annotators = annotators
+        self.descriptions = dict(descriptions or {})
+
+    @property
+    def llm_names(self) -> list[str]:
+        return [a.name for a in self.annotators]
+
+    def __len__(self) -> int:
+        return len(self.annotators)
+
+    def __repr__(self) -> str:
+        return f"Mixture({', '.join(f'{a.type}:{a.name}' for a in self.annotators)})"
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_specs(cls, specs: Sequence[Mapping[str, Any]], where: str = "mixture", descriptions=None) -> Mixture:
+        if not isinstance(specs, Sequence) or isinstance(specs, (str, bytes)) or not specs:
+            raise ConfigError(f"{where}: no annotators (add at least one [[annotator]] table)")
+        anns = [build_annotator(s, f"{where}: annotator #{i + 1}") for i, s in enumerate(specs)]
+        try:
+            return cls(anns, descriptions=descriptions)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> Mixture:
+        """Load a TOML (``[[annotator]]`` tables) or YAML (``annotators:`` list) mixture config."""
+        p = Path(path)
+        data = _read_config(p)
+        unknown = [k for k in data if k not in ("annotator", "annotators", "mixture")]
+        if unknown:
+            raise ConfigError(f"{p}: unknown top-level field {unknown[0]!r} (expected 'annotator' tables and optional 'mixture')")
+        specs = data.get("annotator", data.get("annotators"))
+        if specs is None:
+            raise ConfigError(f"{p}: no annotators (add at least one [[annotator]] table)")
+        if isinstance(specs, Mapping):
+            specs = [specs]
+        mix = data.get("mixture", {}) or {}
+        if not isinstance(mix, Mapping):
+            raise ConfigError(f"{p}: field 'mixture' must be a table")
+        bad = [k for k in mix if k != "descriptions"]
+        if bad:
+            raise ConfigError(f"{p}: unknown field 'mixture.{bad[0]}' (allowed: descriptions)")
+        desc = mix.get("descriptions") or {}
+        if not isinstance(desc, Mapping) or not all(isinstance(v, str) for v in desc.values()):
+            raise ConfigError(f"{p}: field 'mixture.descriptions' must be a table class name -> text")
+        return cls.from_specs(specs, where=str(p), descriptions=desc)
+
+    @classmethod
+    def default(
+        cls,
+        texts: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        descriptions: Mapping[str, str] | None = None,
+    ) -> Mixture:
+        """Offline default: the 5 recorded TREC LLMs (replay) when the bundled recording covers every text
+        (and the classes are TREC's), else embedding zero-shot scorers with varied prompt templates."""
+        from molal.annotators.embedding import DEFAULT_VARIANTS, EmbeddingAnnotator
+
+        texts = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
+        classes_ok = class_names is None or sorted(class_names) == sorted(TREC_CLASSES)
+        if texts and classes_ok:
+            from molal.annotators.replay import ReplayAnnotator
+
+            replay = [ReplayAnnotator(name=m, source="bundled:trec") for m in TREC_LLMS]
+            if replay[0].covers(texts) == 1.0:
+                return cls(replay)
+        variants = [v for v in DEFAULT_VARIANTS if v[0] != "emb-desc" or descriptions]
+        return cls([EmbeddingAnnotator(name=n, templates=t) for n, t in variants], descriptions=descriptions)
+
+    # -- annotation ------------------------------------------------------------------------------------
+    def cache_identity(self, annotator: Annotator, class_names: Sequence[str], descriptions: Mapping[str, str]) -> dict:
+        """What keys an annotator's answers in the cache: its identity + the class list + descriptions."""
+        return {
+            "annotator": annotator.identity(),
+            "class_names": list(class_names),
+            "descriptions": {c: descriptions[c] for c in class_names if c in descriptions},
+        }
+
+    def annotate(
+        self,
+        texts: Sequence[str],
+        class_names: Sequence[str],
+        *,
+        cache: AnnotationCache | None = None,
+        descriptions: Mapping[str, str] | None = None,
+        progress: bool = False,
+        deadline: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> MixtureResult:
+        """Annotate ``texts`` with every annotator; cache first, only misses go to the models.
+
+        ``deadline`` (a ``time.monotonic()`` value): no model call starts after it; rows not complete
+        then are neither in ``done_idx`` nor in ``failed``. Failed rows are never cached.
+        ``on_progress(done_steps, total_steps)`` is called as (annotator, text) pairs complete."""
+        from molal.data import LLMOutputs
+
+        names = validate_classes(class_names, descriptions)
+        desc = dict(self.descriptions)
+        desc.update(descriptions or {})
+        desc = {c: d for c, d in desc.items() if c in names}
+        texts = list(texts)
+        n, k, n_llm = len(texts), len(names), len(self.annotators)
+        t0 = time.perf_counter()
+        failed: dict[int, str] = dict(validate_texts(texts))
+        uniq: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            if i not in failed:
+                uniq.setdefault(t, []).append(i)
+        u_texts = list(uniq)
+        nu = len(u_texts)
+        probs = np.full((nu, n_llm, k), np.nan)
+        cons = np.full((nu, n_llm, k), np.nan)
+        has_cons = [False] * n_llm
+        u_failed: dict[int, list[str]] = {}
+        per: dict[str, dict[str, Any]] = {}
+        idents = [self.cache_identity(a, names, desc) for a in self.annotators]
+        todo: list[list[int]] = []
+        for j, a in enumerate(self.annotators):
+            st = per[a.name] = {"cache_hits": 0, "cache_misses": 0, "annotated": 0, "failed": 0, "seconds": 0.0, "tokens": None}
+            miss = list(range(nu))
+            if cache is not None and nu:
+                got = cache.get_many(idents[j], u_texts, n_classes=k)
+                miss = []
+                for u, g in enumerate(got):
+                    if g is None:
+                        miss.append(u)
+                        continue
+                    probs[u, j] = g[0]
+                    if g[1] is not None:
+                        cons[u, j] = g[1]
+                        has_cons[j] = True
+                st["cache_hits"] = nu - len(miss)
+            st["cache_misses"] = len(miss)
+            todo.append(miss)
+            has_cons[j] = has_cons[j] or a.samples > 0
+
+        total_steps = nu * n_llm
+        steps = sum(per[a.name]["cache_hits"] for a in self.annotators)
+        deadline_hit = False
+        bar = None
+        if progress and total_steps:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            bar = Progress(
+                TextColumn("[bold]annotate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+            )
+            bar.start()
+            task = bar.add_task("", total=total_steps, completed=steps)
+
+        def report(name: str) -> None:
+            if bar is not None:
+                bar.update(task, completed=steps, description=name)
+            if on_progress is not None:
+                on_progress(steps, total_steps)
+
+        # work plan: chunk-major (complete rows early, good under a deadline) unless an annotator needs the
+        # accelerator to itself (vLLM in-process), then annotator-major so each model is loaded once.
+        exclusive = any(getattr(a, "exclusive", False) for a in self.annotators)
+        chunk = min(256, max(a.batch_size for a in self.annotators))
+        plan: list[tuple[int, list[int]]] = []
+        if exclusive:
+            for j, miss in enumerate(todo):
+                plan += [(j, miss[s : s + self.annotators[j].batch_size]) for s in range(0, len(miss), self.annotators[j].batch_size)]
+        else:
+            pos = [0] * n_llm
+            for start in range(0, nu, chunk):
+                for j, miss in enumerate(todo):
+                    part = []
+                    while pos[j] < len(miss) and miss[pos[j]] < start + chunk:
+                        part.append(miss[pos[j]])
+                        pos[j] += 1
+                    bs = self.annotators[j].batch_size
+                    plan += [(j, part[s : s + bs]) for s in range(0, len(part), bs)]
+        dead: dict[int, str] = {}
+        try:
+            report("")
+            for step_i, (j, us) in enumerate(plan):
+                a = self.annotators[j]
+                if deadline is not None and time.monotonic() >= deadline:
+                    deadline_hit = True
+                    break
+                st = per[a.name]
+                if j in dead:
+                    for u in us:
+                        u_failed.setdefault(u, []).append(f"{a.name}: {dead[j]}")
+                    st["failed"] += len(us)
+                    steps += len(us)
+                    report(a.name)
+                    continue
+                ta = time.perf_counter()
+                try:
+                    res = a.annotate([u_texts[u] for u in us], names, desc)
+                except AnnotatorUnavailable as exc:
+                    dead[j] = str(exc)
+                    res = None
+                except AnnotatorError as exc:
+                    res = None
+                    for u in us:
+                        u_failed.setdefault(u, []).append(f"{a.name}: {exc}")
+                    st["failed"] += len(us)
+                st["seconds"] += time.perf_counter() - ta
+                if res is None and j in dead:
+                    for u in us:
+                        u_failed.setdefault(u, []).append(f"{a.name}: {dead[j]}")
+                    st["failed"] += len(us)
+                if res is not None:
+                    ok = [m for m in range(len(us)) if m not in res.failed]
+                    for m, reason in res.failed.items():
+                        u_failed.setdefault(us[m], []).append(f"{a.name}: {reason}")
+                    st["failed"] += len(res.failed)
+                    st["annotated"] += len(ok)
+                    if res.tokens is not None:
+                        st["tokens"] = (st["tokens"] or 0) + res.tokens
+                    if ok:
+                        rows = [us[m] for m in ok]
+                        probs[rows, j] = res.probs[ok]
+                        if res.consistency is not None:
+                            cons[rows, j] = res.consistency[ok]
+                        if cache is not None:
+                            cache.put_many(
+                                idents[j], [u_texts[u] for u in rows], res.probs[ok],
+                                None if res.consistency is None else res.consistency[ok],
+                            )
+                steps += len(us)
+                report(a.name)
+                if exclusive and (step_i + 1 == len(plan) or plan[step_i + 1][0] != j):
+                    a.close()  # free the accelerator before the next model
+        finally:
+            if bar is not None:
+                bar.stop()
+
+        # assemble
+        u_done = [u for u in range(nu) if u not in u_failed and np.isfinite(probs[u]).all()]
+        for u, reasons in u_failed.items():
+            for i in uniq[u_texts[u]]:
+                failed[i] = "; ".join(reasons)
+        row_u = {i: u for u, t in enumerate(u_texts) for i in uniq[t]}
+        done_set = set(u_done)
+        done_idx = np.array([i for i in range(n) if i in row_u and row_u[i] in done_set], dtype=np.int64)
+        sel = [row_u[i] for i in done_idx]
+        p = probs[sel] if sel else np.zeros((0, n_llm, k))
+        c = None
+        if any(has_cons):
+            c = cons[sel] if sel else np.zeros((0, n_llm, k))
+            for j in range(n_llm):  # annotators without sampling: argmax one-hot (as LLMOutputs.concat_llms)
+                col = c[:, j]
+                if not np.isfinite(col).all():
+                    oh = np.zeros_like(col)
+                    if len(col):
+                        oh[np.arange(len(col)), p[:, j].argmax(axis=1)] = 1.0
+                    c[:, j] = oh
+        outputs = LLMOutputs(p, c, class_names=names, llm_names=self.llm_names, texts=[texts[i] for i in done_idx])
+        secs = time.perf_counter() - t0
+        model_secs = sum(s["seconds"] for s in per.values())
+        tokens = [s["tokens"] for s in per.values() if s["tokens"] is not None]
+        stats = {
+            "n_texts": n,
+            "n_unique": nu,
+            "done": int(len(done_idx)),
+            "failed": len(failed),
+            "pending": n - len(done_idx) - len(failed),
+            "cache_hits": sum(s["cache_hits"] for s in per.values()),
+            "cache_misses": sum(s["cache_misses"] for s in per.values()),
+            "annotated": sum(s["annotated"] for s in per.values()),
+            "seconds": secs,
+            "model_seconds": model_secs,
+            "texts_per_s": len(done_idx) / secs if secs > 0 else float("inf"),
+            "tokens": sum(tokens) if tokens else None,
+            "tokens_per_s": (sum(tokens) / model_secs) if tokens and model_secs > 0 else None,
+            "deadline_reached": deadline_hit,
+            "per_annotator": per,
+        }
+        return MixtureResult(outputs=outputs, done_idx=done_idx, failed=failed, stats=stats)
+
+    def identity(self) -> list[dict[str, Any]]:
+        return [a.identity() for a in self.annotators]
+
+    def fingerprint(self) -> str:
+        """sha256 of the annotators' identities (changes when any annotator would answer differently)."""
+        return stable_hash(self.identity())
+
+    def close(self) -> None:
+        for a in self.annotators:
+            a.close()

@@ -1,0 +1,126 @@
+"""Prompt building shared by the LLM annotators (HF, OpenAI-compatible, vLLM).
+
+A :class:`Prompt` renders one classification prompt for a text, either as plain text (completion models;
+it ends with ``answer_prefix`` and the class verbalizer follows after one space) or as chat messages (the
+assistant's reply should be the verbalizer alone). Its :meth:`Prompt.identity` goes into the cache key.
+
+Template placeholders: ``{text}``, ``{labels}`` (comma-separated verbalizers), ``{descriptions}`` (one
+"- label: description" line per described class, or empty), ``{examples}`` (few-shot block or empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_TEMPLATE = (
+    "Classify the text into exactly one of these categories: {labels}.\n"
+    "{descriptions}{examples}"
+    "Text: {text}\n"
+    "Answer with the category name only."
+)
+DEFAULT_SYSTEM = "You are a careful annotator for text classification."
+DEFAULT_ANSWER_PREFIX = "Category:"
+_FIELDS = ("text", "labels", "descriptions", "examples")
+
+
+@dataclass
+class Prompt:
+    """A prompt template plus label verbalizers and optional few-shot examples.
+
+    template: the user message / prompt body (placeholders above).
+    system: system message for chat models ("" for none).
+    answer_prefix: appended (on a new line) to plain prompts; the answer follows after one space.
+    verbalizers: class name -> the words the model should answer (default: the class name itself).
+    examples: few-shot examples, each ``{"text": ..., "label": <class name>}``.
+    """
+
+    template: str = DEFAULT_TEMPLATE
+    system: str = DEFAULT_SYSTEM
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX
+    verbalizers: dict[str, str] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str) or "{text}" not in self.template:
+            raise ValueError("prompt template must be a string containing the placeholder {text}")
+        try:
+            self.template.format(**{f: "" for f in _FIELDS})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"prompt template has an unknown or malformed placeholder ({exc}); allowed: {', '.join('{' + f + '}' for f in _FIELDS)}"
+            ) from None
+        if not isinstance(self.verbalizers, Mapping):
+            raise ValueError("verbalizers must be a table class name -> answer words")
+        for k, v in self.verbalizers.items():
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"verbalizers[{k!r}] must be a non-empty string")
+        self.verbalizers = dict(self.verbalizers)
+        ex = []
+        for i, e in enumerate(self.examples or []):
+            if not isinstance(e, Mapping) or not isinstance(e.get("text"), str) or not isinstance(e.get("label"), str):
+                raise ValueError(f"examples[{i}] must be a table with string fields 'text' and 'label'")
+            ex.append({"text": e["text"], "label": e["label"]})
+        self.examples = ex
+
+    def check_classes(self, class_names: Sequence[str]) -> None:
+        """Verbalizers and few-shot labels must name classes of the project."""
+        unknown = [k for k in self.verbalizers if k not in class_names]
+        if unknown:
+            raise ValueError(f"verbalizers name unknown classes {unknown}; classes are {list(class_names)}")
+        for i, e in enumerate(self.examples):
+            if e["label"] not in class_names:
+                raise ValueError(f"examples[{i}] has label {e['label']!r}, not one of the classes {list(class_names)}")
+        verbs = self.label_words(class_names)
+        if len({v.strip().lower() for v in verbs}) != len(verbs):
+            raise ValueError(f"two classes have the same verbalizer: {verbs}")
+
+    def label_words(self, class_names: Sequence[str]) -> list[str]:
+        return [self.verbalizers.get(c, c) for c in class_names]
+
+    def _body(self, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None) -> str:
+        words = self.label_words(class_names)
+        desc = ""
+        if descriptions:
+            lines = [f"- {w}: {descriptions[c]}" for c, w in zip(class_names, words, strict=True) if descriptions.get(c)]
+            desc = "Categories:\n" + "\n".join(lines) + "\n" if lines else ""
+        exs = ""
+        if self.examples:
+            verb = dict(zip(class_names, words, strict=True))
+            exs = "Examples:\n" + "".join(f"Text: {e['text']}\nCategory: {verb[e['label']]}\n" for e in self.examples)
+        return self.template.format(text=text, labels=", ".join(words), descriptions=desc, examples=exs)
+
+    def plain(self, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+        """Plain completion prompt; the answer is ``" " + verbalizer`` right after it."""
+        body = self._body(text, class_names, descriptions)
+        return f"{body}\n{self.answer_prefix}" if self.answer_prefix else body
+
+    def messages(
+        self, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None = None
+    ) -> list[dict[str, str]]:
+        """Chat messages; the assistant's answer is the verbalizer alone."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs.append({"role": "user", "content": self._body(text, class_names, descriptions)})
+        return msgs
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "system": self.system,
+            "answer_prefix": self.answer_prefix,
+            "verbalizers": dict(sorted(self.verbalizers.items())),
+            "examples": self.examples,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Prompt:
+        """Build from annotator spec fields ``prompt``/``template``, ``system``, ``answer_prefix``,
+        ``verbalizers``, ``examples`` (missing ones take the defaults)."""
+        kw: dict[str, Any] = {}
+        if "template" in spec:
+            kw["template"] = spec["template"]
+        for key in ("system", "answer_prefix", "verbalizers", "examples"):
+            if key in spec:
+                kw[key] = spec[key]
+        return cls(**kw)
