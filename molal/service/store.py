@@ -140,6 +140,7 @@ class ProjectSettings:
     serve_model: str = "molam"  # molam | student
     mixture: str | None = None  # mixture config path (None = Mixture.default())
     priority_field: str = "priority"
+    priority_top: int = 0  # write priorities for the top N unlabeled tasks only, 0 elsewhere (0 = all tasks)
     per_llm_predictions: bool = True
     train_every: int = 0  # train after N new annotations (0 = only on START_TRAINING)
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
