@@ -321,17 +321,15 @@ def priorities(order: np.ndarray) -> np.ndarray:
     return pr
 
 
-def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
-                     field: str, ctx: JobContext | None = None, top: int = 0) -> dict:
-    """Write ``data.<field>`` for the given rows (only where it changed: one PATCH per task, Label Studio has
-    no bulk data update) and ensure the ordered tab. Rows not given (labelled since) lose their priority
-    (0). With ``top`` > 0 only the ``top`` highest rows keep a priority, the rest get 0 — fewer writes on
-    big projects, the same order for the next ``top`` tasks."""
-    updates: list[tuple[int, dict]] = []
-    new = {r: int(p) for r, p in zip(rows, prio.tolist(), strict=True)}
+def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0) -> list[tuple[int, dict]]:
+    """(task id, full new data) for every task whose ``data.<field>`` must change. ``rows`` (unlabeled
+    pool rows) get ``prio``; any other row (labelled since) gets 0. With ``top`` > 0 only the ``top``
+    highest rows keep their priority, the rest get 0. A missing value counts as 0."""
+    new = {r: int(p) for r, p in zip(rows, np.asarray(prio).tolist(), strict=True)}
     if top and len(new) > top:
         cut = sorted(new.values(), reverse=True)[top - 1]
         new = {r: (p if p >= cut else 0) for r, p in new.items()}
+    updates: list[tuple[int, dict]] = []
     for r in range(len(pool)):
         old = pool.data[r].get(field)
         want = new.get(r, 0)
@@ -340,6 +338,14 @@ def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int]
         d = dict(pool.data[r])
         d[field] = want
         updates.append((pool.task_ids[r], d))
+    return updates
+
+
+def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
+                     field: str, ctx: JobContext | None = None, top: int = 0) -> dict:
+    """Write the changed priorities (:func:`priority_updates`; one PATCH per task, Label Studio has no bulk
+    update of task data) and create/update the tab "molal: next to label" ordered by them."""
+    updates = priority_updates(pool, rows, prio, field, top)
     if ctx is not None:
         ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})")
     n = client.update_task_data(updates)
