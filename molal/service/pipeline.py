@@ -64,15 +64,22 @@ class Service:
         self._cache = None
         self._mixtures: dict[tuple, Any] = {}
         self._models: dict[tuple[int, str], LoadedModel] = {}
+        self._bad_models: dict[tuple[int, str], str] = {}
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
         self.started = time.time()
+        self._counter_lock = threading.Lock()
         self.counters: dict[str, float] = {
             "predict_requests": 0, "predict_tasks": 0, "predict_pending": 0, "predict_seconds": 0.0,
             "setup_requests": 0, "webhook_requests": 0, "model_loads": 0, "model_load_seconds": 0.0,
         }
 
     # -- plumbing --------------------------------------------------------------------------------------
+    def count(self, **inc: float) -> None:
+        with self._counter_lock:
+            for k, v in inc.items():
+                self.counters[k] = self.counters.get(k, 0) + v
+
     @property
     def cache(self):
         if self._cache is None:
@@ -179,6 +186,9 @@ class Service:
         m = self._models.get(key)
         if m is not None:
             return m
+        bad = self._bad_models.get(key)
+        if bad is not None:  # refused before: do not re-hash it on every request
+            raise ArtifactError(bad)
         with self._lock:
             m = self._models.get(key)
             if m is not None:
@@ -186,15 +196,18 @@ class Service:
             t0 = time.perf_counter()
             from molal.molam import MoLAM
 
-            manifest = state.read_manifest(ptr["dir"], verify=True)
-            molam = MoLAM.load(state.model_dir(ptr["dir"]) / "molam")
+            try:
+                manifest = state.read_manifest(ptr["dir"], verify=True)
+                molam = MoLAM.load(state.model_dir(ptr["dir"]) / "molam")
+            except Exception as exc:
+                self._bad_models[key] = f"model {ptr.get('molam')}: {type(exc).__name__}: {exc}"
+                raise ArtifactError(self._bad_models[key]) from exc
             m = LoadedModel(pointer=ptr, manifest=manifest, molam=molam)
             for k in [k for k in self._models if k[0] == state.id]:
                 del self._models[k]  # drop older versions of this project
             self._models[key] = m
             dt = time.perf_counter() - t0
-            self.counters["model_loads"] += 1
-            self.counters["model_load_seconds"] += dt
+            self.count(model_loads=1, model_load_seconds=dt)
             log.info("project %s: loaded model %s in %.2f s", state.id, ptr["molam"], dt)
             return m
 
@@ -208,8 +221,7 @@ class Service:
                 t0 = time.perf_counter()
                 m.student = Student.load(state.model_dir(m.pointer["dir"]) / "student", device=self.settings.device)
                 m.student_loaded = True
-                self.counters["model_loads"] += 1
-                self.counters["model_load_seconds"] += time.perf_counter() - t0
+                self.count(model_loads=1, model_load_seconds=time.perf_counter() - t0)
         return m.student
 
     def serving(self, state: ProjectState, spec: LabelSpec, texts: list[str] | None = None) -> dict:
@@ -243,7 +255,7 @@ class Service:
     def setup(self, payload: Any) -> dict:
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'project' and 'schema'")
-        self.counters["setup_requests"] += 1
+        self.count(setup_requests=1)
         state = self.project(payload.get("project"))
         schema = payload.get("schema") or payload.get("label_config")
         spec = self.spec_for(state, schema)
@@ -271,10 +283,8 @@ class Service:
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
         out = predict_tasks(self, state, spec, tasks, deadline=time.monotonic() + budget)
-        self.counters["predict_requests"] += 1
-        self.counters["predict_tasks"] += len(tasks)
-        self.counters["predict_pending"] += out.get("pending", 0)
-        self.counters["predict_seconds"] += time.perf_counter() - t0
+        self.count(predict_requests=1, predict_tasks=len(tasks), predict_pending=out.get("pending", 0),
+                   predict_seconds=time.perf_counter() - t0)
         return out
 
     # -- /webhook --------------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ class Service:
             raise BadRequest("field 'action' is missing")
         if action not in LS_ACTIONS:
             raise BadRequest(f"unknown action {action[:60]!r}; Label Studio actions are: {', '.join(sorted(LS_ACTIONS))}")
-        self.counters["webhook_requests"] += 1
+        self.count(webhook_requests=1)
         if action == "START_TRAINING":
             pid = self._project_from(payload)
             job, created = self.submit(pid, "train", source="START_TRAINING")
