@@ -1,6 +1,7 @@
 """Flask app factory: Label Studio's ML-backend protocol over :class:`molal.service.pipeline.Service`.
 
-Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``,
+Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``POST /train`` (the
+older Label Studio training call, same as START_TRAINING), ``GET /metrics``,
 ``GET /versions``, ``GET /jobs/<id>``, ``GET /jobs?project=N``, ``GET /projects/<id>``.
 Environment (see molal.config.Settings): ``MODEL_DIR``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
 ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` (when set, every endpoint but ``/health`` needs them),
@@ -107,6 +108,11 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     @app.post("/webhook")
     def webhook():
         out = svc.webhook(_json_body())
+        return jsonify(out), 201 if out.get("status") == "queued" else 200
+
+    @app.post("/train")
+    def train():
+        out = svc.train_request(_json_body())
         return jsonify(out), 201 if out.get("status") == "queued" else 200
 
     @app.get("/metrics")

@@ -316,3 +316,12 @@ def test_basic_auth(tmp_path, trec_rows):
     good = base64.b64encode(b"ls:pa55word").decode()
     r = c.post("/setup", json={"project": PROJECT, "schema": CONFIG}, headers={"Authorization": f"Basic {good}"})
     assert r.status_code == 200
+
+
+def test_train_endpoint_of_older_label_studio_flow_queues_training(client):
+    r = client.post("/train", json={"annotations": [], "project": "7.1700000000", "label_config": CONFIG})
+    assert r.status_code == 201 and r.json["status"] == "queued"
+    r2 = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert r2.json["status"] == "coalesced" and r2.json["job"] == r.json["job"]
+    assert client.post("/train", json={"annotations": []}).status_code == 400
+    assert client.post("/train", json={"project": "x.y"}).status_code == 400

@@ -322,6 +322,16 @@ class Service:
             return {"status": "counted", "project": pid, "new_annotations": n, "train_every": every}
         return {"status": "ignored", "action": action}
 
+    def train_request(self, payload: Any) -> dict:
+        """``POST /train`` (older Label Studio flow, feature flag off): queue a train job like START_TRAINING;
+        the job pulls the labelled tasks itself, so the annotations in the payload are not needed."""
+        if not isinstance(payload, dict):
+            raise BadRequest("expected a JSON object with 'project'")
+        pid = self._project_from({"action": "train", **payload})
+        self.count(webhook_requests=1)
+        job, created = self.submit(pid, "train", source="/train")
+        return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+
     @staticmethod
     def _project_from(payload: dict, annotation: dict | None = None) -> int:
         proj = payload.get("project")
