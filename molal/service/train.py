@@ -427,7 +427,8 @@ def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
     n_pred = push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version, rr.llm_outputs, ctx)
     flagged = 0
     if rr.new_auto:
-        labels = {r: spec.classes[int(np.argmax(rr.probs[rows.index(r)]))] for r in rr.new_auto}
+        auto = state.auto_labels()
+        labels = {r: spec.classes[auto[pool.task_ids[r]]["label"]] for r in rr.new_auto}
         upd = []
         for r in rr.new_auto:
             d = dict(pool.data[r])
