@@ -16,6 +16,9 @@ timeout = int(os.environ.get("MOLAL_WORKER_TIMEOUT", "120"))
 graceful_timeout = 30
 keepalive = 5
 preload_app = False
+# gunicorn >= 24 opens a control socket at one fixed path per user: several servers on one machine (tests,
+# the demo) would fight over it, and molal does not use it.
+control_socket_disable = True
 accesslog = os.environ.get("MOLAL_ACCESS_LOG", None)
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
