@@ -1,0 +1,280 @@
+"""HF transformers causal-LM annotator (CPU or GPU), loaded from a local folder (never the hub).
+
+Prompting: the tokenizer's chat template when it has one (``chat="auto"``), else a plain prompt ending with
+the answer prefix (``Category:``); the answer continuation is the class verbalizer (after one space for
+plain prompts). The continuation is tokenized on its own (``add_special_tokens=False``).
+
+Class scores (``scoring``):
+  * ``"first_token"`` — one forward pass per (left-padded) batch; the next-token log-probabilities of each
+    class's first continuation token, softmaxed over the classes. Only valid when those first tokens are
+    distinct across classes.
+  * ``"full"`` — log P(whole label continuation | prompt) = the sum of the log-probabilities of all its
+    tokens (teacher forcing), then a softmax over the classes. Correct for multi-token names.
+  * ``"auto"`` (default) — ``first_token`` when the first tokens are distinct *and* every label is a single
+    token (then both are exactly equal), else ``full``.
+
+Self-consistency (``samples = T > 0``): T answers sampled with ``generate`` (temperature, top_p,
+``max_new_tokens``, seeded), each matched to a class with :func:`molal.annotators.base.match_answer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from molal.annotators.base import (
+    Annotator,
+    AnnotatorError,
+    AnnotatorResult,
+    check_float,
+    check_name,
+    check_positive_int,
+    consistency_from_answers,
+    softmax,
+)
+from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
+
+SCORINGS = ("auto", "first_token", "full")
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, position_ids) tensors for left-padded sequences."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+class HFAnnotator(Annotator):
+    """A local causal LM via transformers. See the module docstring for prompting and scoring."""
+
+    type = "hf"
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        template: str = DEFAULT_TEMPLATE,
+        system: str = DEFAULT_SYSTEM,
+        answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+        verbalizers: dict[str, str] | None = None,
+        examples: list[dict[str, str]] | None = None,
+        chat: str | bool = "auto",
+        scoring: str = "auto",
+        samples: int = 0,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        max_new_tokens: int = 8,
+        seed: int = 0,
+        batch_size: int = 8,
+        max_length: int = 2048,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        self.name = check_name(name)
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a local model folder")
+        self.model = model
+        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
+        if chat not in ("auto", True, False):
+            raise ValueError(f"chat must be 'auto', true or false, got {chat!r}")
+        self.chat = chat
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.scoring = scoring
+        self.samples = check_positive_int(samples, "samples", 0)
+        self.temperature = check_float(temperature, "temperature", 0.0, 10.0, lo_open=True)
+        self.top_p = check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
+        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+        self.seed = int(seed)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.max_length = check_positive_int(max_length, "max_length", 16)
+        self.device = device
+        if dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+        self.dtype = dtype
+        self._tok: Any = None
+        self._lm: Any = None
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def _load(self) -> tuple[Any, Any]:
+        if self._lm is not None:
+            return self._tok, self._lm
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from molal.resources import offline_env
+
+        offline_env()
+        dev = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            self.dtype, torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        )
+        try:
+            tok = AutoTokenizer.from_pretrained(self.model, local_files_only=True)
+            lm = AutoModelForCausalLM.from_pretrained(self.model, local_files_only=True, dtype=dt).to(dev).eval()
+        except (OSError, ValueError) as exc:
+            raise AnnotatorError(f"annotator {self.name!r}: cannot load the model from {self.model!r}: {exc}") from exc
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        self._tok, self._lm, self._dev = tok, lm, dev
+        return tok, lm
+
+    def close(self) -> None:
+        if self._lm is not None:
+            self._lm = None
+            self._tok = None
+            import gc
+
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:  # pragma: no cover
+                pass
+
+    def _identity(self) -> dict[str, Any]:
+        from pathlib import Path
+
+        p = Path(self.model)
+        weights = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.glob("*.safetensors")) if p.is_dir() else []
+        return {
+            "model": self.model,
+            "weights": weights,
+            "prompt": self.prompt.identity(),
+            "chat": self.chat,
+            "scoring": self.scoring,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "dtype": self.dtype,
+        }
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def uses_chat(self) -> bool:
+        tok, _ = self._load()
+        if self.chat == "auto":
+            return bool(getattr(tok, "chat_template", None))
+        return bool(self.chat)
+
+    def prompt_ids(self, text: str, class_names: list[str], descriptions: dict[str, str]) -> list[int]:
+        tok, _ = self._load()
+        if self.uses_chat():
+            s = tok.apply_chat_template(self.prompt.messages(text, class_names, descriptions), add_generation_prompt=True, tokenize=False)
+            ids = tok(s, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(self.prompt.plain(text, class_names, descriptions), add_special_tokens=True)["input_ids"]
+        return list(ids)[-self.max_length :]
+
+    def label_ids(self, class_names: list[str]) -> list[list[int]]:
+        tok, _ = self._load()
+        sep = "" if self.uses_chat() else " "
+        out = [list(tok(sep + w, add_special_tokens=False)["input_ids"]) for w in self.prompt.label_words(class_names)]
+        for c, ids in zip(class_names, out, strict=True):
+            if not ids:
+                raise ValueError(f"class {c!r} tokenizes to nothing")
+        return out
+
+    def scoring_mode(self, label_ids: list[list[int]]) -> str:
+        if self.scoring != "auto":
+            if self.scoring == "first_token" and len({ids[0] for ids in label_ids}) != len(label_ids):
+                raise ValueError("scoring='first_token' needs distinct first tokens for the classes; use 'full'")
+            return self.scoring
+        distinct = len({ids[0] for ids in label_ids}) == len(label_ids)
+        return "first_token" if distinct and all(len(ids) == 1 for ids in label_ids) else "full"
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def _annotate(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
+        import torch
+
+        self.prompt.check_classes(class_names)
+        tok, lm = self._load()
+        prompts = [self.prompt_ids(t, class_names, descriptions) for t in texts]
+        labels = self.label_ids(class_names)
+        mode = self.scoring_mode(labels)
+        n_tokens = 0
+        with torch.inference_mode():
+            if mode == "first_token":
+                scores, n_tokens = self._first_token(prompts, labels)
+            else:
+                scores, n_tokens = self._full(prompts, labels)
+        probs = softmax(scores, axis=1)
+        cons = None
+        if self.samples > 0:
+            cons, gen_tokens = self._sample(prompts, class_names)
+            n_tokens += gen_tokens
+        return AnnotatorResult(probs=probs, consistency=cons, tokens=n_tokens)
+
+    def _forward_logprobs(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        ids, mask, pos = _left_pad(seqs, self._tok.pad_token_id)
+        dev = self._dev
+        logits = self._lm(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits
+        return torch.log_softmax(logits.float(), dim=-1), mask
+
+    def _first_token(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
+        first = [ids[0] for ids in labels]
+        out, n_tok = [], 0
+        for s in range(0, len(prompts), self.batch_size):
+            lp, mask = self._forward_logprobs(prompts[s : s + self.batch_size])
+            out.append(lp[:, -1, first].cpu().numpy())
+            n_tok += int(mask.sum())
+        return np.concatenate(out).astype(np.float64), n_tok
+
+    def _full(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
+        """Sum of label-token log-probs given the prompt, for every (text, class) pair, batched."""
+        k = len(labels)
+        pairs = [(i, c) for i in range(len(prompts)) for c in range(k)]
+        scores = np.zeros((len(prompts), k))
+        n_tok = 0
+        step = max(1, self.batch_size)
+        for s in range(0, len(pairs), step):
+            part = pairs[s : s + step]
+            seqs = [prompts[i] + labels[c] for i, c in part]
+            lp, mask = self._forward_logprobs(seqs)
+            n_tok += int(mask.sum())
+            width = lp.shape[1]
+            for r, (i, c) in enumerate(part):
+                lab = labels[c]
+                start = width - len(lab)  # label tokens occupy the last len(lab) positions
+                pos = list(range(start - 1, width - 1))  # predicted from the previous position
+                scores[i, c] = float(lp[r, pos, lab].sum())
+        return scores, n_tok
+
+    def _sample(self, prompts: list[list[int]], class_names: list[str]) -> tuple[np.ndarray, int]:
+        import torch
+
+        tok, lm = self._tok, self._lm
+        verbs = self.prompt.label_words(class_names)
+        cons = np.zeros((len(prompts), len(class_names)))
+        n_tok = 0
+        torch.manual_seed(self.seed)
+        per = max(1, self.batch_size // max(1, self.samples)) or 1
+        for s in range(0, len(prompts), per):
+            chunk = prompts[s : s + per]
+            ids, mask, _ = _left_pad(chunk, tok.pad_token_id)
+            with torch.inference_mode():
+                gen = lm.generate(
+                    input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev), do_sample=True,
+                    temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=self.samples, pad_token_id=tok.pad_token_id,
+                )
+            new = gen[:, ids.shape[1] :]
+            answers = tok.batch_decode(new, skip_special_tokens=True)
+            n_tok += int((new != tok.pad_token_id).sum())
+            for r in range(len(chunk)):
+                cons[s + r] = consistency_from_answers(answers[r * self.samples : (r + 1) * self.samples], class_names, verbs)
+        return cons, n_tok
