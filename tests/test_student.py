@@ -1,0 +1,170 @@
+"""Student: training, determinism, per-round re-initialisation, persistence, extra outputs for queries.
+
+Uses a tiny random BERT (built on the fly with the bundled MiniLM tokenizer) to stay fast on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from molal.student import Student, StudentError
+
+torch.set_num_threads(1)
+
+CLASSES = ["fruit", "vehicle", "animal"]
+WORDS = {
+    0: ["apple", "banana", "cherry", "grape", "lemon", "mango"],
+    1: ["car", "truck", "bus", "train", "bicycle", "plane"],
+    2: ["dog", "cat", "horse", "cow", "sheep", "lion"],
+}
+
+
+def make_tiny_encoder(path: Path) -> Path:
+    """A tiny random BERT (hidden 32, 2 layers) saved with the MiniLM tokenizer files, for fast tests."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from molal.resources import minilm_path
+
+    if (path / "config.json").exists():
+        return path
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def toy_data(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    texts = []
+    for c in y:
+        w = rng.choice(WORDS[int(c)], size=rng.integers(1, 4))
+        filler = rng.choice(["i saw a", "there is the", "look at this", "my"], size=1)[0]
+        texts.append(f"{filler} {' '.join(w)}")
+    return texts, y
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny-bert")))
+
+
+def _student(enc, **kw):
+    args = dict(encoder=enc, max_length=32, epochs=8, batch_size=8, lr=3e-3, device="cpu", seed=0)
+    args.update(kw)
+    return Student(CLASSES, **args)
+
+
+def test_fit_learns_a_separable_task(tiny_encoder):
+    texts, y = toy_data(60)
+    st = _student(tiny_encoder).fit(texts, y, progress=False)
+    te, ye = toy_data(60, seed=1)
+    acc = (st.predict(te) == ye).mean()
+    assert acc >= 0.8, acc
+    p = st.predict_proba(te)
+    assert p.shape == (60, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert st.metadata["n_train"] == 60 and st.metadata["best_epoch"] == 8
+
+
+def test_deterministic_and_reinitialised_each_round(tiny_encoder):
+    a_texts, a_y = toy_data(24, seed=2)
+    b_texts, b_y = toy_data(24, seed=3)
+    probe, _ = toy_data(10, seed=4)
+    s1 = _student(tiny_encoder, epochs=2).fit(a_texts, a_y, progress=False)
+    s2 = _student(tiny_encoder, epochs=2).fit(a_texts, a_y, progress=False)
+    np.testing.assert_allclose(s1.predict_proba(probe), s2.predict_proba(probe), atol=1e-6)
+    # fitting again starts from the start weights: same as a fresh student trained on that data only
+    s1.fit(b_texts, b_y, progress=False)
+    fresh = _student(tiny_encoder, epochs=2).fit(b_texts, b_y, progress=False)
+    np.testing.assert_allclose(s1.predict_proba(probe), fresh.predict_proba(probe), atol=1e-6)
+    other_seed = _student(tiny_encoder, epochs=2, seed=1).fit(b_texts, b_y, progress=False)
+    assert not np.allclose(other_seed.predict_proba(probe), fresh.predict_proba(probe), atol=1e-4)
+
+
+def test_best_epoch_is_chosen_on_validation_items(tiny_encoder):
+    texts, y = toy_data(30, seed=5)
+    st = _student(tiny_encoder, epochs=3).fit(texts, y, val_texts=texts[:10], val_labels=y[:10], progress=False)
+    hist = st.metadata["history"]
+    assert len(hist) == 3 and all("val_acc" in h for h in hist)
+    best = max(hist, key=lambda h: (h["val_acc"], -h["val_ce"]))
+    assert st.metadata["best_epoch"] == best["epoch"]
+    # the kept model is the one of the best epoch: its val accuracy is the recorded one
+    assert (st.predict(texts[:10]) == y[:10]).mean() == pytest.approx(best["val_acc"])
+
+
+def test_order_preserved_and_extra_outputs(tiny_encoder):
+    texts, y = toy_data(20, seed=6)
+    texts[3] = "a much longer sentence about an apple and a banana and a cherry and a grape in a bowl"
+    st = _student(tiny_encoder, epochs=1).fit(texts, y, progress=False)
+    p = st.predict_proba(texts)
+    np.testing.assert_allclose(st.predict_proba(texts[::-1]), p[::-1], atol=1e-5)
+    probs, emb = st.infer(texts)
+    np.testing.assert_allclose(probs, p, atol=1e-6)
+    assert emb.shape == (20, 32)
+    np.testing.assert_allclose(st.embed(texts), emb, atol=1e-6)
+    mc = st.mc_dropout_probs(texts, n=4)
+    assert mc.shape == (4, 20, 3) and not np.allclose(mc[0], mc[1])
+    pert = st.perturbed_probs(texts, n=3, scale=1e-3)
+    assert pert.shape == (3, 20, 3)
+    assert not np.allclose(pert[0], p, atol=0, rtol=0) and np.abs(pert - p).max() < 0.05
+    np.testing.assert_allclose(st.predict_proba(texts), p, atol=1e-6)  # weights restored after perturbing
+
+
+def test_embed_works_before_fit(tiny_encoder):
+    st = _student(tiny_encoder)
+    assert st.embed(["hello world", "a car"]).shape == (2, 32)
+    with pytest.raises(StudentError, match="not fitted"):
+        st.predict_proba(["x"])
+
+
+def test_save_load_roundtrip_atomic(tiny_encoder, tmp_path):
+    texts, y = toy_data(16, seed=7)
+    st = _student(tiny_encoder, epochs=1).fit(texts, y, progress=False)
+    out = tmp_path / "student"
+    st.save(out)
+    st.save(out)  # overwriting an existing save works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temp leftovers
+    loaded = Student.load(out)
+    np.testing.assert_allclose(loaded.predict_proba(texts), st.predict_proba(texts), atol=1e-6)
+    assert loaded.class_names == CLASSES and loaded.metadata["n_train"] == 16
+    import json
+
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["format"] == "molal.Student" and meta["format_version"] == 1 and "molal_version" in meta
+    with pytest.raises(StudentError, match="not a saved student"):
+        Student.load(tmp_path)
+
+
+def test_frozen_encoder_preset(tiny_encoder):
+    texts, y = toy_data(60)
+    st = _student(tiny_encoder, freeze_encoder=True, epochs=30, lr=1e-2).fit(texts, y, progress=False)
+    start = _student(tiny_encoder)
+    np.testing.assert_allclose(st.embed(texts[:5]), start.embed(texts[:5]), atol=1e-5)  # encoder untouched
+    te, ye = toy_data(60, seed=1)
+    assert (st.predict(te) == ye).mean() > 0.5  # the head alone learns something on random features
+    assert st.mc_dropout_probs(te, n=2).shape == (2, 60, 3)
+
+
+def test_bad_input(tiny_encoder):
+    st = _student(tiny_encoder, epochs=1)
+    with pytest.raises(StudentError, match="class indices"):
+        st.fit(["a", "b"], [0, 5], progress=False)
+    with pytest.raises(StudentError, match="shape"):
+        st.fit(["a", "b"], [0], progress=False)
+    with pytest.raises(StudentError, match="negatives"):
+        st.fit(["a", "b"], [0, 1], negatives=np.zeros((2, 2), bool), progress=False)
+    with pytest.raises(StudentError, match="single string"):
+        st.fit("abc", [0], progress=False)
+    with pytest.raises(StudentError, match="at least 2 classes"):
+        Student(["only"])
+    with pytest.raises(StudentError, match="cannot load encoder"):
+        Student(CLASSES, encoder="/nonexistent/model").fit(["a", "b"], [0, 1], progress=False)
