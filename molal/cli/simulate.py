@@ -1,9 +1,140 @@
-"""CLI commands for this area (being written)."""
+"""``molal simulate``: the human-free AL loop on recorded LLM outputs; ``molal simulate plot`` overlays runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+MODES_HELP = "molam (paper) | oracle (gold) | best_llm | majority | hybrid (k least-confident MoLAM labels → gold)"
+
+
+def _round_table_row(rec: dict) -> list[str]:
+    acc = rec["batch_label_acc"]
+    return [
+        str(rec["round"]),
+        str(rec["train_size"]),
+        "-" if acc is None else f"{acc:.3f}",
+        f"{rec['train_label_acc']:.3f}",
+        f"{rec['micro_f1']:.4f}",
+        f"{rec['macro_f1']:.4f}",
+        f"{rec['seconds_total']:.1f}",
+    ]
+
+
+COLUMNS = ["round", "train size", "batch label acc", "all labels acc", "micro-F1", "macro-F1", "time (s)"]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app."""
+    """Add ``simulate`` (with its ``plot`` subcommand) to the root app."""
+    sim = typer.Typer(
+        help="Simulate the human-free active-learning loop on recorded LLM outputs (no annotator needed).",
+        invoke_without_command=True,
+        no_args_is_help=False,
+    )
+
+    @sim.callback()
+    def simulate(
+        ctx: typer.Context,
+        dataset: str = typer.Option("trec", help="dataset name under shared/data (test split, class order)"),
+        annotations: str | None = typer.Option(
+            None, help="recorded outputs: .npz LLMOutputs, a folder of recorded *.jsonl, or comma-separated files "
+            "(default: shared/data/llm-outputs/<dataset>, else the bundled TREC recordings)"
+        ),
+        pool_labels: str | None = typer.Option(None, help="JSONL with the pool's gold labels (for an .npz pool)"),
+        test: str | None = typer.Option(None, help="JSONL test split (default: shared/data/<dataset>/test.jsonl)"),
+        strategy: str = typer.Option("random", help="query strategy (see molal.query.STRATEGIES)"),
+        mode: str = typer.Option("molam", help=MODES_HELP),
+        rounds: int = typer.Option(10, help="AL rounds after the cold start"),
+        budget: int = typer.Option(50, help="items queried per round"),
+        initial: int = typer.Option(50, help="random seed items with gold labels (cold start)"),
+        human_per_round: int = typer.Option(10, help="hybrid mode: gold labels per round"),
+        seed: int = typer.Option(0, help="random seed (seeds, queries, student init)"),
+        encoder: str = typer.Option("minilm", help="student encoder: 'minilm' (bundled) or a local HF model folder"),
+        max_length: int = typer.Option(64, help="student max tokens (TREC: <= 41 tokens, so 64 is lossless)"),
+        epochs: int = typer.Option(3, help="student epochs per round"),
+        batch_size: int = typer.Option(16, help="student batch size"),
+        lr: float = typer.Option(5e-5, help="student AdamW learning rate"),
+        freeze_encoder: bool = typer.Option(False, help="fast preset: train only the head on frozen embeddings"),
+        loss: str = typer.Option("robust", help="robust (the paper's loss) or ce (plain cross-entropy)"),
+        candidates: int | None = typer.Option(None, help="score only N random unlabelled candidates per round"),
+        pool_limit: int | None = typer.Option(None, help="use a fixed random subset of N pool rows"),
+        test_limit: int | None = typer.Option(None, help="use only the first N test rows"),
+        device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        threads: int | None = typer.Option(None, help="torch CPU threads"),
+        out: Path = typer.Option(Path("simulate-result.json"), "--out", "-o", help="result JSON path"),
+        plot: Path | None = typer.Option(None, help="learning-curve PNG (default: <out>.png)"),
+        overlay: list[Path] = typer.Option([], help="other result JSONs to overlay in the PNG (repeatable)"),
+        progress: bool = typer.Option(True, help="show progress bars"),
+    ) -> None:
+        if ctx.invoked_subcommand is not None:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        from molal.data import DataError
+        from molal.query import QueryError
+        from molal.simulate import SimulationConfig, SimulationResult, plot_learning_curves, run_simulation
+        from molal.student import StudentError
+
+        console = Console()
+        cfg = SimulationConfig(
+            dataset=dataset, annotations=annotations, pool_labels=pool_labels, test=test, strategy=strategy,
+            mode=mode,  # type: ignore[arg-type]
+            rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
+            encoder=encoder, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
+            freeze_encoder=freeze_encoder, loss=loss,  # type: ignore[arg-type]
+            candidates=candidates, pool_limit=pool_limit, test_limit=test_limit, device=device, threads=threads,
+            progress=progress,
+        )
+        try:
+            others = [SimulationResult.load(p) for p in overlay]
+            cfg.validate()
+        except (ValueError, QueryError, DataError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        console.print(f"[bold]molal simulate[/] {dataset}: mode={mode} strategy={strategy} rounds={rounds} "
+                      f"budget={budget} seed={seed}")
+        console.print("  " + " | ".join(COLUMNS))
+
+        def on_round(rec: dict) -> None:
+            console.print("  " + " | ".join(_round_table_row(rec)))
+
+        try:
+            result = run_simulation(cfg, console=on_round)
+        except (DataError, StudentError, QueryError, ValueError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        for note in result.notes:
+            console.print(f"[dim]note: {note}[/]")
+        table = Table(title=f"{result.label} — {dataset}")
+        for c in COLUMNS:
+            table.add_column(c, justify="right")
+        for rec in result.records:
+            table.add_row(*_round_table_row(rec))
+        console.print(table)
+        result.save(out)
+        png = plot or out.with_suffix(".png")
+        plot_learning_curves([result, *others], png)
+        console.print(f"wrote {out} and {png}")
+
+    @sim.command("plot")
+    def plot_cmd(
+        results: list[Path] = typer.Argument(..., help="result JSONs written by molal simulate"),
+        out: Path = typer.Option(Path("learning-curves.png"), "--out", "-o", help="PNG path"),
+        metric: str = typer.Option("micro_f1", help="micro_f1 | macro_f1 | batch_label_acc | train_label_acc"),
+        title: str | None = typer.Option(None, help="plot title"),
+    ) -> None:
+        """Overlay several runs' learning curves in one PNG (same mode/strategy over seeds: mean ± std)."""
+        from molal.data import DataError
+        from molal.simulate import SimulationResult, plot_learning_curves
+
+        try:
+            runs = [SimulationResult.load(p) for p in results]
+        except DataError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        if metric not in runs[0].records[0]:
+            raise typer.BadParameter(f"unknown metric {metric!r}")
+        plot_learning_curves(runs, out, metric=metric, title=title)
+        typer.echo(f"wrote {out}")
+
+    app.add_typer(sim, name="simulate")

@@ -1,0 +1,472 @@
+"""The human-free active-learning loop on recorded LLM outputs (``molal simulate``), usable as a library.
+
+Cold start: ``n_initial`` random items of the pool get their gold labels (the seeds) → the labeller (MoLAM,
+or a baseline) is trained on them once → round 0 trains the student on the seeds → each round t = 1..R:
+the query strategy picks ``budget`` unlabelled items with the current student, the labeller labels them
+(no gold), the student is re-trained from its start weights on everything labelled so far with the paper's
+noise-robust loss (λ_t, discrepancy weights against the previous round's student, negative labels of the
+LLM-labelled items), and is evaluated on the test split.
+
+Label modes (``mode``):
+
+* ``molam``    — MoLAM labels (the paper);
+* ``oracle``   — gold labels (ORACLE; every item counts as human-labelled, so the loss is plain CE);
+* ``best_llm`` — the single LLM most accurate on the seeds (``molal.molam.BestSingleLLM``);
+* ``majority`` — majority vote of the LLMs (``molal.molam.MajorityVote``);
+* ``hybrid``   — MoLAM labels, but the ``human_per_round`` least-confident MoLAM labels of each batch are
+  replaced by the gold labels (a human budget); those items count as human-labelled.
+
+Data: by default the pool is the recorded outputs of the real LLMs on TREC train (5,452 rows, gold labels
+from the same files) and the test split is ``shared/data/trec/test.jsonl`` (500 rows). If the shared data is
+missing, the bundled ``molal/assets/trec_recorded.npz`` + ``trec.jsonl`` are the pool; if no test split is
+found, a fixed 10% of the pool (seeded independently of the run seed) is held out for testing, and the
+result's ``notes`` say so.
+
+The best student epoch is chosen on the seed/human-labelled items only (never on test or gold labels of
+LLM-labelled items).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from molal.data import DataError, LLMOutputs, load_dataset
+
+RESULT_FORMAT = "molal.SimulationResult"
+RESULT_FORMAT_VERSION = 1
+MODES = ("molam", "oracle", "best_llm", "majority", "hybrid")
+HOLDOUT_SEED = 20260123
+
+
+@dataclass
+class SimulationConfig:
+    """Everything that defines one simulated AL run (all saved into the result JSON)."""
+
+    dataset: str = "trec"
+    annotations: str | None = None  # .npz LLMOutputs, a folder of recorded *.jsonl, or comma-separated .jsonl
+    pool_labels: str | None = None  # JSONL with the gold labels of the pool rows (same order)
+    test: str | None = None  # JSONL test split (default: the dataset's test.jsonl)
+    strategy: str = "random"
+    mode: Literal["molam", "oracle", "best_llm", "majority", "hybrid"] = "molam"
+    rounds: int = 10
+    budget: int = 50
+    n_initial: int = 50
+    human_per_round: int = 10  # hybrid mode: gold labels per round
+    seed: int = 0
+    # student
+    encoder: str = "minilm"
+    max_length: int = 64  # TREC questions are <= 41 MiniLM tokens: 64 is lossless there
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 5e-5
+    warmup: float = 0.1
+    freeze_encoder: bool = False
+    device: str = "auto"
+    # loss
+    loss: Literal["robust", "ce"] = "robust"
+    alpha: float = 0.5
+    neg_threshold: float = 1e-3
+    lambda_base: float = 0.4
+    lambda_step: float = 0.06
+    # cost controls
+    candidates: int | None = None  # random unlabelled candidates scored per round (None = the whole pool)
+    pool_limit: int | None = None  # use a random subset of the pool (tests, quick runs)
+    test_limit: int | None = None  # use the first N test items
+    threads: int | None = None  # torch CPU threads (None = torch default)
+    progress: bool = True
+
+    def validate(self) -> None:
+        from molal.query import get_strategy
+
+        get_strategy(self.strategy)  # clear error listing the valid names
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        for name in ("rounds", "budget", "n_initial"):
+            if getattr(self, name) < (0 if name == "rounds" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mode == "hybrid" and not 0 <= self.human_per_round <= self.budget:
+            raise ValueError(f"human_per_round must be in [0, budget={self.budget}]")
+        if self.loss not in ("robust", "ce"):
+            raise ValueError(f"loss must be 'robust' or 'ce', got {self.loss!r}")
+        if self.candidates is not None and self.candidates < self.budget:
+            raise ValueError(f"candidates ({self.candidates}) must be >= budget ({self.budget})")
+
+
+@dataclass
+class SimulationResult:
+    config: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c['mode']}/{c['strategy']}/seed{c['seed']}"
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RESULT_FORMAT,
+            "format_version": RESULT_FORMAT_VERSION,
+            "config": self.config,
+            "records": self.records,
+            "notes": self.notes,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from molal.io import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict(), mode=0o644)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SimulationResult:
+        p = Path(path)
+        try:
+            obj = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{p}: file not found") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
+            raise DataError(f"{p}: not a molal simulation result")
+        if int(obj.get("format_version", 0)) > RESULT_FORMAT_VERSION:
+            raise DataError(f"{p}: result format version {obj['format_version']} is newer than this molal")
+        return cls(config=obj["config"], records=obj["records"], notes=obj.get("notes", []), metadata=obj.get("metadata", {}))
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulationData:
+    outputs: LLMOutputs  # the pool, with texts
+    gold: np.ndarray  # (n,) gold labels of the pool
+    test_texts: list[str]
+    test_labels: np.ndarray
+    notes: list[str]
+
+
+def _class_names(dataset: str) -> list[str] | None:
+    from molal.datasets import CLASS_NAMES
+
+    return CLASS_NAMES.get(dataset)
+
+
+def load_simulation_data(config: SimulationConfig) -> SimulationData:
+    """The pool (recorded LLM outputs + gold labels) and the test split named by ``config``."""
+    from molal.resources import asset_path, shared_data_dir
+
+    notes: list[str] = []
+    classes = _class_names(config.dataset)
+    shared = shared_data_dir()
+    ann = config.annotations
+    if ann is None:
+        if shared is not None and (shared / "llm-outputs" / config.dataset).is_dir():
+            ann = str(shared / "llm-outputs" / config.dataset)
+        elif config.dataset == "trec":
+            ann = str(asset_path("trec_recorded.npz"))
+        else:
+            raise DataError(f"no recorded LLM outputs for dataset {config.dataset!r}; pass --annotations")
+    p = Path(ann)
+    gold: np.ndarray | None = None
+    if p.suffix == ".npz":
+        outputs = LLMOutputs.load(p)
+        labels_path = config.pool_labels
+        if labels_path is None and p.name == "trec_recorded.npz":
+            labels_path = str(p.with_name("trec.jsonl"))
+        if labels_path is None:
+            raise DataError(f"{p}: an .npz pool needs --pool-labels (a JSONL with the gold label of each row)")
+        ds = load_dataset(labels_path, class_names=outputs.class_names)
+        if len(ds) != outputs.n_items:
+            raise DataError(f"{labels_path}: {len(ds)} rows but the pool {p} has {outputs.n_items}")
+        if outputs.texts is None:
+            outputs.texts = ds.texts
+        gold = ds.labels
+    else:
+        if p.is_dir():
+            paths = sorted(p.glob("*.jsonl"))
+            if not paths:
+                raise DataError(f"{p}: no *.jsonl recorded outputs in this folder")
+        else:
+            paths = [Path(x) for x in str(ann).split(",")]
+        if classes is None:
+            classes = load_dataset(paths[0]).class_names
+        outputs = LLMOutputs.from_recorded_jsonl(paths, classes)
+        ds = load_dataset(config.pool_labels or paths[0], class_names=outputs.class_names)
+        if len(ds) != outputs.n_items:
+            raise DataError(f"{config.pool_labels or paths[0]}: {len(ds)} label rows for a pool of {outputs.n_items}")
+        gold = ds.labels
+    if gold is None or (gold < 0).any():
+        raise DataError("every pool row needs a gold label (to score labels and for the seeds/ORACLE)")
+    notes.append(f"pool: {ann} ({outputs.n_items} rows, LLMs {outputs.llm_names})")
+
+    test_path = config.test
+    if test_path is None and shared is not None and (shared / config.dataset / "test.jsonl").exists():
+        test_path = str(shared / config.dataset / "test.jsonl")
+    if test_path is not None:
+        test = load_dataset(test_path, class_names=outputs.class_names, require_labels=True)
+        test_texts, test_labels = test.texts, test.labels
+        notes.append(f"test: {test_path} ({len(test)} rows)")
+    else:
+        rng = np.random.default_rng(HOLDOUT_SEED)
+        hold = np.sort(rng.choice(outputs.n_items, size=max(1, outputs.n_items // 10), replace=False))
+        keep = np.setdiff1d(np.arange(outputs.n_items), hold)
+        test_texts = [outputs.texts[i] for i in hold]  # type: ignore[index]
+        test_labels = gold[hold]
+        outputs, gold = outputs.subset(keep), gold[keep]
+        notes.append(f"no test split found: held out a fixed 10% of the pool ({len(hold)} rows, seed {HOLDOUT_SEED}) for testing")
+    if config.pool_limit is not None and config.pool_limit < outputs.n_items:
+        rng = np.random.default_rng(HOLDOUT_SEED + 1)
+        sub = np.sort(rng.choice(outputs.n_items, size=config.pool_limit, replace=False))
+        outputs, gold = outputs.subset(sub), gold[sub]
+        notes.append(f"pool limited to a fixed random {config.pool_limit} rows")
+    if config.test_limit is not None and config.test_limit < len(test_texts):
+        test_texts, test_labels = test_texts[: config.test_limit], test_labels[: config.test_limit]
+        notes.append(f"test limited to its first {config.test_limit} rows")
+    if outputs.n_items < config.n_initial + config.budget * config.rounds:
+        raise DataError(
+            f"pool of {outputs.n_items} rows is too small for {config.n_initial} seeds + {config.rounds}×{config.budget}"
+        )
+    return SimulationData(outputs, np.asarray(gold, np.int64), list(test_texts), np.asarray(test_labels, np.int64), notes)
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+
+def _labeller(mode: str):
+    from molal import molam
+
+    if mode in ("molam", "hybrid"):
+        return molam.MoLAM()
+    if mode == "majority":
+        return molam.MajorityVote()
+    if mode == "best_llm":
+        return molam.BestSingleLLM()
+    raise ValueError(mode)
+
+
+def _f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, average="micro")), float(f1_score(y_true, y_pred, average="macro"))
+
+
+def run_simulation(config: SimulationConfig, data: SimulationData | None = None, console: Any = None) -> SimulationResult:
+    """Run the loop of the module docstring; returns per-round records (round 0 = seeds only)."""
+    config.validate()
+    from molal.loss import discrepancy_weights
+    from molal.query import build_pool, get_strategy
+    from molal.student import Student
+
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
+    t_start = time.perf_counter()
+    data = data or load_simulation_data(config)
+    out, gold = data.outputs, data.gold
+    texts: list[str] = out.texts or []
+    n, k = out.n_items, out.n_classes
+    rng = np.random.default_rng(config.seed)
+    seeds = rng.choice(n, size=config.n_initial, replace=False)
+
+    # labeller, trained once on the seeds (the cold start)
+    labeller_meta: dict[str, Any] = {"mode": config.mode}
+    if config.mode == "oracle":
+        label_probs = np.eye(k)[gold]
+    else:
+        t0 = time.perf_counter()
+        lab = _labeller(config.mode).fit(out, seeds, gold[seeds])
+        label_probs = np.asarray(lab.predict_proba(out))
+        labeller_meta.update(type=type(lab).__name__, seconds=round(time.perf_counter() - t0, 3))
+    llm_label = label_probs.argmax(1)
+    unseeded = np.setdiff1d(np.arange(n), seeds)
+    labeller_meta["label_acc_on_non_seed_pool"] = float((llm_label[unseeded] == gold[unseeded]).mean())
+    if config.mode == "oracle" or config.loss == "ce":
+        negatives_all = np.zeros((n, k), dtype=bool)
+    else:
+        from molal.molam import negative_labels
+
+        negatives_all = np.asarray(negative_labels(out, threshold=config.neg_threshold, predicted=llm_label), dtype=bool)
+
+    strategy = get_strategy(config.strategy)
+    student = Student(
+        out.class_names,
+        encoder=config.encoder,
+        max_length=config.max_length,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup=config.warmup,
+        device=config.device,
+        seed=config.seed,
+        freeze_encoder=config.freeze_encoder,
+        lambda_base=config.lambda_base,
+        lambda_step=config.lambda_step,
+    )
+    labeled: list[int] = [int(i) for i in seeds]
+    assigned = {int(i): int(gold[i]) for i in seeds}
+    human = {int(i) for i in seeds}
+    prev_pred = np.full(n, -1, dtype=np.int64)  # previous round's student prediction per pool item
+    result = SimulationResult(
+        config=asdict(config),
+        notes=list(data.notes),
+        metadata={
+            "molal_version": __import__("molal").__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "pool_size": n,
+            "test_size": len(data.test_texts),
+            "class_names": out.class_names,
+            "labeller": labeller_meta,
+            "seeds": [int(i) for i in seeds],
+        },
+    )
+    if config.mode == "oracle":
+        result.notes.append("ORACLE: every label is gold, all items count as human-labelled (loss = plain CE)")
+
+    for t in range(config.rounds + 1):
+        t_round = time.perf_counter()
+        q_seconds = 0.0
+        batch = np.zeros(0, dtype=np.int64)
+        batch_acc = None
+        if t > 0:
+            tq = time.perf_counter()
+            is_lab = np.zeros(n, dtype=bool)
+            is_lab[labeled] = True
+            cand = np.flatnonzero(~is_lab)
+            if config.candidates is not None and len(cand) > config.candidates:
+                cand = np.sort(rng.choice(cand, size=config.candidates, replace=False))
+            cand_texts = [texts[i] for i in cand]
+            if strategy.name == "random":
+                from molal.query import QueryPool
+
+                pool = QueryPool(probs=np.full((len(cand), k), 1.0 / k))
+            else:
+                pool = build_pool(strategy, student, cand_texts, [texts[i] for i in labeled])
+                prev_pred[cand] = pool.probs.argmax(1)
+            batch = cand[strategy.select(pool, config.budget, rng)]
+            if strategy.name == "random" and config.loss == "robust":  # previous student's view of the batch
+                prev_pred[batch] = student.predict([texts[i] for i in batch])
+            q_seconds = time.perf_counter() - tq
+            # label the batch
+            to_human: set[int] = set()
+            if config.mode == "oracle":
+                to_human = {int(i) for i in batch}
+            elif config.mode == "hybrid" and config.human_per_round > 0:
+                conf = label_probs[batch].max(1)
+                to_human = {int(i) for i in batch[np.argsort(conf, kind="stable")[: config.human_per_round]]}
+            for i in batch:
+                i = int(i)
+                assigned[i] = int(gold[i]) if i in to_human else int(llm_label[i])
+            human |= to_human
+            labeled.extend(int(i) for i in batch)
+            batch_acc = float(np.mean([assigned[int(i)] == gold[i] for i in batch]))
+
+        idx = np.asarray(labeled)
+        y = np.asarray([assigned[i] for i in labeled])
+        is_h = np.asarray([i in human for i in labeled])
+        weights = discrepancy_weights(prev_pred[idx] if t > 0 else None, y, is_h, alpha=config.alpha)
+        if config.loss == "ce":
+            weights = np.ones_like(weights)
+        negs = negatives_all[idx] & ~is_h[:, None]
+        h_idx = idx[is_h]
+        tt = time.perf_counter()
+        student.fit(
+            [texts[i] for i in idx],
+            y,
+            weights=weights,
+            negatives=negs,
+            round_t=t,
+            val_texts=[texts[i] for i in h_idx],
+            val_labels=gold[h_idx],
+            progress=config.progress,
+        )
+        train_seconds = time.perf_counter() - tt
+        # the student's predictions on its training items, for the next round's discrepancy weights
+        if config.rounds > t and config.loss == "robust":
+            prev_pred[idx] = student.predict([texts[i] for i in idx])
+        te = time.perf_counter()
+        pred = student.predict(data.test_texts)
+        micro, macro = _f1(data.test_labels, pred)
+        rec = {
+            "round": t,
+            "train_size": len(labeled),
+            "n_human": int(is_h.sum()),
+            "n_llm_labeled": int((~is_h).sum()),
+            "batch_label_acc": batch_acc,
+            "train_label_acc": float((y == gold[idx]).mean()),
+            "n_downweighted": int((weights < 1).sum()),
+            "n_with_negatives": int(negs.any(1).sum()),
+            "micro_f1": micro,
+            "macro_f1": macro,
+            "best_epoch": student.metadata.get("best_epoch"),
+            "seconds_query": round(q_seconds, 2),
+            "seconds_train": round(train_seconds, 2),
+            "seconds_eval": round(time.perf_counter() - te, 2),
+            "seconds_total": round(time.perf_counter() - t_round, 2),
+        }
+        result.records.append(rec)
+        if console is not None:
+            console(rec)
+    result.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
+    return result
+
+
+# -- plots --------------------------------------------------------------------------------------------
+
+
+def plot_learning_curves(
+    results: Sequence[SimulationResult],
+    path: str | os.PathLike[str],
+    metric: str = "micro_f1",
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Overlay the learning curves (``metric`` vs train size) of several runs in one PNG (atomic write).
+    Runs with the same label (mode/strategy) over several seeds are drawn as mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from molal.io import atomic_write_with
+
+    if not results:
+        raise ValueError("no results to plot")
+    groups: dict[str, list[SimulationResult]] = {}
+    for i, r in enumerate(results):
+        lab = labels[i] if labels is not None else f"{r.config['mode']}/{r.config['strategy']}"
+        groups.setdefault(lab, []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for lab, runs in groups.items():
+        n_r = min(len(r.records) for r in runs)
+        x = np.asarray([runs[0].records[j]["train_size"] for j in range(n_r)])
+        ys = np.asarray([[r.records[j][metric] for j in range(n_r)] for r in runs])
+        m = ys.mean(0)
+        ax.plot(x, m, marker="o", ms=3, label=f"{lab} (n={len(runs)})" if len(runs) > 1 else lab)
+        if len(runs) > 1:
+            s = ys.std(0)
+            ax.fill_between(x, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("labelled items (train size)")
+    ax.set_ylabel(metric.replace("_", "-"))
+    ax.set_title(title or f"molal simulate — {results[0].config.get('dataset', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"), mode=0o644)
+    finally:
+        plt.close(fig)
