@@ -238,10 +238,16 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             mol_rows = [row_of_task[t] for t in auto if t in row_of_task and row_of_task[t] not in pool.human
                         and row_of_task[t] in pos]
         tr_rows = human_rows + mol_rows
-        y = np.array([pool.human[r] for r in human_rows] + [int(y_molam[pos[r]]) for r in mol_rows], dtype=np.int64)
         negatives = np.zeros((len(tr_rows), K), dtype=bool)
-        for i, r in enumerate(mol_rows):
-            negatives[len(human_rows) + i] = neg[pos[r]]
+        if ps.loop_mode == "review":  # MoLAM's current labels (refit on every correction)
+            mol_y = [int(y_molam[pos[r]]) for r in mol_rows]
+            for i, r in enumerate(mol_rows):
+                negatives[len(human_rows) + i] = neg[pos[r]]
+        else:  # the labels (and negatives) MoLAM gave when the task was queried, as in the paper's loop
+            mol_y = [auto[pool.task_ids[r]]["label"] for r in mol_rows]
+            for i, r in enumerate(mol_rows):
+                negatives[len(human_rows) + i, auto[pool.task_ids[r]]["negatives"]] = True
+        y = np.array([pool.human[r] for r in human_rows] + mol_y, dtype=np.int64)
         is_human = np.array([True] * len(human_rows) + [False] * len(mol_rows))
         if ps.loop_mode == "human_free":
             w_stored = np.array([1.0] * len(human_rows) + [auto[pool.task_ids[r]]["weight"] for r in mol_rows])
