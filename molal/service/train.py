@@ -306,13 +306,14 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
 def rank_rows(student, texts: list[str], strategy: str, budget: int | None = None, seed: int = 0,
               labeled_texts: list[str] | None = None) -> np.ndarray:
     """Order ``texts`` most useful first with the query strategy (molal.query) over the student."""
-    from molal.query import QueryPool, get_strategy
+    from molal.query import build_pool, get_strategy
 
     if not texts:
         return np.zeros(0, dtype=np.int64)
-    pool = QueryPool.from_student(student, texts, labeled_texts=labeled_texts)
+    st = get_strategy(strategy)
+    pool = build_pool(st, student, texts, labeled_texts=labeled_texts)
     b = len(texts) if budget is None else min(int(budget), len(texts))
-    order = np.asarray(get_strategy(strategy).select(pool, b, np.random.default_rng(seed)), dtype=np.int64)
+    order = np.asarray(st.select(pool, b, np.random.default_rng(seed)), dtype=np.int64)
     if len(order) < len(texts):  # the rest after the queried batch, in pool order
         seen = set(order.tolist())
         order = np.concatenate([order, np.array([i for i in range(len(texts)) if i not in seen], dtype=np.int64)])
@@ -378,7 +379,8 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
     unl = [r for r in range(len(pool)) if r not in pool.human and pool.task_ids[r] not in auto]
     labeled = [pool.texts[r] for r in pool.human]
     ctx.progress(0.3, f"ranking {len(unl)} unlabeled tasks with {strategy}")
-    order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled)
+    order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled,
+                      budget=ps.priority_top or None)
     out = write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx,
                            top=ps.priority_top)
     out.update({"strategy": strategy, "ranked": len(unl)})
@@ -449,7 +451,7 @@ def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
         auto = state.auto_labels()
         unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
         order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
-                          labeled_texts=[pool.texts[r] for r in pool.human])
+                          labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
         out.update(write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx,
                                     top=ps.priority_top))
     state.put("new_annotations", 0)
