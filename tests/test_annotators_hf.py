@@ -121,3 +121,10 @@ def test_hf_in_mixture_is_cached(tiny: Path, tmp_path: Path) -> None:
 def test_missing_model_is_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AnnotatorError, match="cannot load the model"):
         HFAnnotator("t", str(tmp_path / "nope")).annotate(["x"], ["a", "b"])
+
+
+def test_exclusive_annotators_run_one_after_another_and_are_freed(tiny: Path) -> None:
+    a, b = HFAnnotator("a", str(tiny)), HFAnnotator("b", str(tiny), template="Q: {text} ({labels})")
+    a.exclusive = True  # as a vLLM annotator: the mixture runs annotator-major and frees each model after
+    res = Mixture([a, b]).annotate(TEXTS, CLASSES)
+    assert len(res.done_idx) == 4 and a._lm is None and b._lm is None

@@ -262,3 +262,26 @@ def test_cli_annotate_bad_config_and_unknown_label(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["annotate", "--data", str(pool), "--out", str(tmp_path / "o.npz"), "--config", str(cfg)])
     assert r.exit_code == 2 and "bogus" in r.output and "bad.toml" in r.output
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_cli_annotate_with_config_failures_and_budget(tmp_path: Path, bundled: LLMOutputs) -> None:
+    from typer.testing import CliRunner
+
+    from molal.cli.main import app
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*bundled.texts[:3], "Not a recorded question ?"]))
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text("annotators:\n  - {type: replay, name: llama}\n  - {type: embedding, name: emb, templates: ['{label}']}\n")
+    out = tmp_path / "o.npz"
+    base = ["annotate", "--data", str(pool), "--out", str(out), "--config", str(cfg), "--labels", ",".join(TREC_CLASSES),
+            "--cache", str(tmp_path / "c.sqlite"), "--no-progress"]
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 1, r.output  # one row failed: reported, the rest saved
+    assert "row 4" in r.output and "not in the recording" in r.output
+    o = LLMOutputs.load(out)
+    assert len(o) == 3 and o.llm_names == ["llama", "emb"]
+    stats = json.loads((tmp_path / "o.npz.stats.json").read_text())
+    assert stats["done_idx"] == [0, 1, 2] and "3" in stats["failed"]
+    r = CliRunner().invoke(app, [*base[:-1], "--no-cache", "--time-budget", "0.000001", "--no-progress"])
+    assert r.exit_code == 3 and "pending" in r.output

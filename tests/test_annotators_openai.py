@@ -167,3 +167,30 @@ def test_openai_from_config_and_bad_fields(server: TinyLMServer, tmp_path: Path)
     p.write_text('[[annotator]]\ntype = "openai"\nname = "qwen"\nbase_url = "http://x/v1"\nmodel = "m"\nscoring = "echo"\n')
     with pytest.raises(ConfigError, match="needs api='completions'"):
         Mixture.from_config(p)
+
+
+def test_timeout_is_retried_then_bounded(model_dir: Path) -> None:
+    import time
+
+    with TinyLMServer(model_dir, delay_s=0.6) as slow:
+        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", timeout=0.2, backoff=0.01, max_retries=10,
+                            max_total_s=1.0, concurrency=1)
+        t0 = time.monotonic()
+        with pytest.raises(AnnotatorUnavailable, match="ReadTimeout.*gave up"):
+            a.annotate(TEXTS[:1], CLASSES)
+        assert time.monotonic() - t0 < 3.0  # bounded by max_total_s, not 10 retries x timeout... + slack
+        assert slow.requests >= 2  # it did retry
+
+
+def test_prompt_carries_descriptions_examples_verbalizers(server: TinyLMServer) -> None:
+    a = OpenAIAnnotator(
+        "fs", server.base_url, "tiny-llama", api="completions",
+        verbalizers={"numeric": "number"}, examples=[{"text": "Who is he ?", "label": "human"}],
+    )
+    res = a.annotate(TEXTS[:1], CLASSES, descriptions={"location": "a place"})
+    assert not res.failed
+    prompts = server.bodies[-1]["prompt"]
+    assert any(p.endswith("Category: number") for p in prompts)
+    assert all("Text: Who is he ?\nCategory: human" in p and "- location: a place" in p for p in prompts)
+    with pytest.raises(ValueError, match="examples\\[0\\] has label 'sports'"):
+        OpenAIAnnotator("x", server.base_url, "m", examples=[{"text": "t", "label": "sports"}]).annotate(["x"], CLASSES)

@@ -124,7 +124,7 @@ class EmbeddingAnnotator(Annotator):
         seed: int = 0,
         batch_size: int = 64,
         max_length: int = 128,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         self.name = check_name(name)
         if isinstance(templates, str):
