@@ -171,8 +171,8 @@ def min_sq_dist(x: np.ndarray, centers: np.ndarray, chunk: int = CHUNK) -> np.nd
     out = np.full(len(x), np.inf, dtype=np.float32)
     if len(centers) == 0:
         return out
-    xx = (x * x).sum(1)
-    cc = (centers * centers).sum(1)
+    xx = np.einsum("ij,ij->i", x, x)
+    cc = np.einsum("ij,ij->i", centers, centers)
     for s in range(0, len(x), chunk):
         xs = x[s : s + chunk]
         for t in range(0, len(centers), chunk):
@@ -195,12 +195,17 @@ def k_center_greedy(
     n = len(x)
     rng = rng or np.random.default_rng(0)
     chosen: list[int] = []
+    xx = np.einsum("ij,ij->i", x, x)
+
+    def sq_to(j: int) -> np.ndarray:  # ‖x_i − x_j‖² without an n×d temporary
+        return np.maximum(xx + xx[j] - 2.0 * (x @ x[j]), 0.0)
+
     if centers is not None and len(centers):
         dist = min_sq_dist(x, centers)
     else:
         start = int(first) if first is not None else int(rng.integers(n))
         chosen.append(start)
-        dist = ((x - x[start]) ** 2).sum(1)
+        dist = sq_to(start)
     dist = dist.astype(np.float64)
     picked = np.zeros(n, dtype=bool)
     picked[chosen] = True
@@ -213,7 +218,7 @@ def k_center_greedy(
             break
         chosen.append(j)
         picked[j] = True
-        dist = np.minimum(dist, ((x - x[j]) ** 2).sum(1))
+        dist = np.minimum(dist, sq_to(j))
         dist[picked] = -1.0
     return np.asarray(chosen, dtype=np.int64)
 
@@ -323,11 +328,11 @@ class BadgeStrategy(Strategy):
     needs = ("embeddings",)
 
     def _select(self, pool, b, rng):
-        emb = pool.require("embeddings", self.name).astype(np.float64)
+        emb = pool.require("embeddings", self.name)
         p = pool.probs
         u = p.copy()
         u[np.arange(pool.n), p.argmax(1)] -= 1.0
-        ee = (emb * emb).sum(1)
+        ee = np.einsum("ij,ij->i", emb, emb).astype(np.float64)
         uu = (u * u).sum(1)
         gnorm = ee * uu  # ‖g‖²
         picked = np.zeros(pool.n, dtype=bool)
@@ -336,7 +341,7 @@ class BadgeStrategy(Strategy):
         picked[first] = True
 
         def sqdist(j: int) -> np.ndarray:
-            return np.maximum(gnorm + gnorm[j] - 2.0 * (emb @ emb[j]) * (u @ u[j]), 0.0)
+            return np.maximum(gnorm + gnorm[j] - 2.0 * (emb @ emb[j]).astype(np.float64) * (u @ u[j]), 0.0)
 
         dist = sqdist(first)
         dist[picked] = 0.0
