@@ -60,6 +60,23 @@ def load_encoder(model: str = "minilm", device: str = "cpu") -> tuple[Any, Any]:
         return _MODELS[key]
 
 
+def _model_fingerprint(model: str) -> dict[str, Any]:
+    """Install-independent identity of an encoder: its name and the sizes of its weight/config files (so a
+    cache survives moving the venv, but not swapping the weights)."""
+    from pathlib import Path
+
+    from molal.resources import resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    files = {}
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + [path / "config.json", path / "tokenizer.json"]:
+            if f.exists():
+                files[f.name] = f.stat().st_size
+    name = "all-MiniLM-L6-v2" if str(path) == resolve_model_path("minilm") else model
+    return {"name": name, "files": files}
+
+
 def embed_texts(
     texts: Sequence[str],
     model: str = "minilm",
@@ -153,11 +170,8 @@ class EmbeddingAnnotator(Annotator):
         self._class_cache: dict[tuple, np.ndarray] = {}
 
     def _identity(self) -> dict[str, Any]:
-        from molal.resources import resolve_model_path
-
         return {
-            "model": resolve_model_path(self.model) if self.model == "minilm" else self.model,
-            "model_name": self.model,
+            "model": _model_fingerprint(self.model),
             "templates": self.templates,
             "text_template": self.text_template,
             "temperature": self.temperature,
