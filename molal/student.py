@@ -100,6 +100,23 @@ def _build_module(encoder_model: Any, n_classes: int, dropout: float, seed: int)
     return _Classifier()
 
 
+#: frozen-encoder embeddings, per (encoder, max_length) and text (the encoder never changes in that preset)
+_FROZEN_EMB_CACHE: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+
+def _length_bucketed_batches(n: int, batch_size: int, gen, lengths: list[int] | None, bucket: int = 50) -> list[list[int]]:
+    """Random batches with little padding: shuffle, sort by length inside windows of ``bucket`` batches,
+    cut into batches, shuffle the batch order (all draws from ``gen``, so deterministic)."""
+    torch = _torch()
+    perm = torch.randperm(n, generator=gen).tolist()
+    if lengths is not None:
+        w = batch_size * bucket
+        perm = [i for s in range(0, n, w) for i in sorted(perm[s : s + w], key=lambda i: lengths[i])]
+    batches = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
 class Student:
     """Text classifier over ``class_names`` (see the module docstring for the training recipe)."""
 
@@ -148,7 +165,8 @@ class Student:
         self.lambda_step = float(lambda_step)
         self.infer_batch_size = int(infer_batch_size)
         self.freeze_encoder = bool(freeze_encoder)
-        self._emb_cache: dict[str, np.ndarray] = {}  # text -> frozen-encoder embedding (freeze_encoder only)
+        # text -> frozen-encoder embedding (freeze_encoder only); shared by students with the same encoder
+        self._emb_cache: dict[str, np.ndarray] = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), {})
         self.metadata: dict[str, Any] = {}
         self._device: str | None = None
         self._tokenizer = None
@@ -350,10 +368,10 @@ class Student:
         with progress_bar(enabled=progress, description="student fit", total=total) as bar:
             for epoch in range(self.epochs):
                 model.train()
-                perm = torch.randperm(n, generator=gen).tolist()
+                lengths = None if self.freeze_encoder else [len(f["input_ids"]) for f in feats]
+                batches = _length_bucketed_batches(n, self.batch_size, gen, lengths)
                 loss_sum = 0.0
-                for s in range(steps_per_epoch):
-                    idx = perm[s * self.batch_size : (s + 1) * self.batch_size]
+                for idx in batches:
                     if self.freeze_encoder:
                         logits = model.head(model.dropout(emb_train[idx]))
                     else:
