@@ -285,3 +285,18 @@ def test_cli_annotate_with_config_failures_and_budget(tmp_path: Path, bundled: L
     assert stats["done_idx"] == [0, 1, 2] and "3" in stats["failed"]
     r = CliRunner().invoke(app, [*base[:-1], "--no-cache", "--time-budget", "0.000001", "--no-progress"])
     assert r.exit_code == 3 and "pending" in r.output
+
+
+def test_replay_mixture_reproduces_all_recorded_trec_rows(trec_outputs: LLMOutputs) -> None:
+    """The bundled asset + replay give back the shared recordings for all 5,452 TREC rows. Duplicate texts
+    (71 rows) get the first occurrence's sampled answers, so consistency is compared on unique texts."""
+    from collections import Counter
+
+    texts = trec_outputs.texts
+    res = Mixture.default(texts).annotate(texts, TREC_CLASSES)
+    assert len(res.done_idx) == len(texts) and not res.failed
+    np.testing.assert_allclose(res.outputs.probs, trec_outputs.normalized_probs(), atol=1e-6)
+    counts = Counter(" ".join(t.split()) for t in texts)
+    uniq = np.array([counts[" ".join(t.split())] == 1 for t in texts])
+    assert uniq.sum() > 5300
+    np.testing.assert_allclose(res.outputs.consistency[uniq], trec_outputs.consistency[uniq])
