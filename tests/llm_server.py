@@ -79,11 +79,22 @@ class TinyLMServer:
         self.delay_s = delay_s
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) wall times of answered requests
         self.auth_headers: list[str | None] = []
         self._fail: list[int] = []
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         app = Flask("tiny-openai")
+
+        @app.before_request
+        def _start():
+            request.environ["molal.t0"] = time.time()
+
+        @app.after_request
+        def _end(resp):
+            with self._lock:
+                self.spans.append((request.environ.get("molal.t0", time.time()), time.time()))
+            return resp
         torch.set_num_threads(1)
 
         def guard():

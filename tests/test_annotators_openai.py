@@ -194,3 +194,15 @@ def test_prompt_carries_descriptions_examples_verbalizers(server: TinyLMServer) 
     assert all("Text: Who is he ?\nCategory: human" in p and "- location: a place" in p for p in prompts)
     with pytest.raises(ValueError, match="examples\\[0\\] has label 'sports'"):
         OpenAIAnnotator("x", server.base_url, "m", examples=[{"text": "t", "label": "sports"}]).annotate(["x"], CLASSES)
+
+
+def test_mixture_queries_remote_annotators_concurrently(model_dir: Path, tmp_path: Path) -> None:
+    with TinyLMServer(model_dir, delay_s=0.3) as s1, TinyLMServer(model_dir, delay_s=0.3) as s2:
+        mix = Mixture([
+            OpenAIAnnotator("a", s1.base_url, "tiny-llama", api="completions", concurrency=1),
+            OpenAIAnnotator("b", s2.base_url, "tiny-llama", api="completions", concurrency=1),
+        ])
+        res = mix.annotate(TEXTS, CLASSES, cache=AnnotationCache(tmp_path / "c.sqlite"))
+        assert len(res.done_idx) == 3 and not res.failed
+        (a0, a1), (b0, b1) = s1.spans[0], s2.spans[0]
+        assert a0 < b1 and b0 < a1, "the two servers' requests should overlap in time"

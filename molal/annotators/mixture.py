@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,79 +323,115 @@ class Mixture:
             if on_progress is not None:
                 on_progress(steps, total_steps)
 
-        # work plan: chunk-major (complete rows early, good under a deadline) unless an annotator needs the
-        # accelerator to itself (vLLM in-process), then annotator-major so each model is loaded once.
+        # work plan, as waves of (annotator, unique rows) steps: chunk-major (complete rows early, good under
+        # a deadline) unless an annotator needs the accelerator to itself (vLLM in-process), then
+        # annotator-major so each model is loaded once. Within a wave, remote annotators (HTTP servers) run
+        # concurrently with each other and with the local ones; local ones run one after another.
         exclusive = any(getattr(a, "exclusive", False) for a in self.annotators)
         chunk = min(256, max(a.batch_size for a in self.annotators))
-        plan: list[tuple[int, list[int]]] = []
+        waves: list[list[tuple[int, list[int]]]] = []
         if exclusive:
             for j, miss in enumerate(todo):
-                plan += [(j, miss[s : s + self.annotators[j].batch_size]) for s in range(0, len(miss), self.annotators[j].batch_size)]
+                bs = self.annotators[j].batch_size
+                waves += [[(j, miss[s : s + bs])] for s in range(0, len(miss), bs)]
         else:
             pos = [0] * n_llm
             for start in range(0, nu, chunk):
+                wave = []
                 for j, miss in enumerate(todo):
                     part = []
                     while pos[j] < len(miss) and miss[pos[j]] < start + chunk:
                         part.append(miss[pos[j]])
                         pos[j] += 1
                     bs = self.annotators[j].batch_size
-                    plan += [(j, part[s : s + bs]) for s in range(0, len(part), bs)]
+                    wave += [(j, part[s : s + bs]) for s in range(0, len(part), bs)]
+                if wave:
+                    waves.append(wave)
         dead: dict[int, str] = {}
+        lock = threading.Lock()
+
+        def fail(j: int, us: list[int], reason: str) -> None:
+            name = self.annotators[j].name
+            with lock:
+                for u in us:
+                    u_failed.setdefault(u, []).append(f"{name}: {reason}")
+                per[name]["failed"] += len(us)
+
+        def do_step(j: int, us: list[int]) -> bool:
+            """Annotate rows ``us`` with annotator j; False when skipped because the deadline passed."""
+            a = self.annotators[j]
+            st = per[a.name]
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if j in dead:
+                fail(j, us, dead[j])
+                return True
+            ta = time.perf_counter()
+            res = None
+            try:
+                res = a.annotate([u_texts[u] for u in us], names, desc)
+            except AnnotatorUnavailable as exc:
+                with lock:
+                    dead.setdefault(j, str(exc))
+                fail(j, us, dead[j])
+            except AnnotatorError as exc:
+                fail(j, us, str(exc))
+            with lock:
+                st["seconds"] += time.perf_counter() - ta
+            if res is None:
+                return True
+            ok = [m for m in range(len(us)) if m not in res.failed]
+            for m, reason in res.failed.items():
+                fail(j, [us[m]], reason)
+            if ok:
+                rows = [us[m] for m in ok]
+                probs[rows, j] = res.probs[ok]
+                if res.consistency is not None:
+                    cons[rows, j] = res.consistency[ok]
+                if cache is not None:
+                    cache.put_many(
+                        idents[j], [u_texts[u] for u in rows], res.probs[ok],
+                        None if res.consistency is None else res.consistency[ok],
+                    )
+            with lock:
+                st["annotated"] += len(ok)
+                if res.tokens is not None:
+                    st["tokens"] = (st["tokens"] or 0) + res.tokens
+            return True
+
+        remote = [bool(getattr(a, "remote", False)) for a in self.annotators]
+        pool = ThreadPoolExecutor(max_workers=max(1, sum(remote))) if any(remote) and not exclusive else None
         try:
             report("")
-            for step_i, (j, us) in enumerate(plan):
-                a = self.annotators[j]
+            for w, wave in enumerate(waves):
                 if deadline is not None and time.monotonic() >= deadline:
                     deadline_hit = True
                     break
-                st = per[a.name]
-                if j in dead:
-                    for u in us:
-                        u_failed.setdefault(u, []).append(f"{a.name}: {dead[j]}")
-                    st["failed"] += len(us)
-                    steps += len(us)
-                    report(a.name)
-                    continue
-                ta = time.perf_counter()
-                try:
-                    res = a.annotate([u_texts[u] for u in us], names, desc)
-                except AnnotatorUnavailable as exc:
-                    dead[j] = str(exc)
-                    res = None
-                except AnnotatorError as exc:
-                    res = None
-                    for u in us:
-                        u_failed.setdefault(u, []).append(f"{a.name}: {exc}")
-                    st["failed"] += len(us)
-                st["seconds"] += time.perf_counter() - ta
-                if res is None and j in dead:
-                    for u in us:
-                        u_failed.setdefault(u, []).append(f"{a.name}: {dead[j]}")
-                    st["failed"] += len(us)
-                if res is not None:
-                    ok = [m for m in range(len(us)) if m not in res.failed]
-                    for m, reason in res.failed.items():
-                        u_failed.setdefault(us[m], []).append(f"{a.name}: {reason}")
-                    st["failed"] += len(res.failed)
-                    st["annotated"] += len(ok)
-                    if res.tokens is not None:
-                        st["tokens"] = (st["tokens"] or 0) + res.tokens
-                    if ok:
-                        rows = [us[m] for m in ok]
-                        probs[rows, j] = res.probs[ok]
-                        if res.consistency is not None:
-                            cons[rows, j] = res.consistency[ok]
-                        if cache is not None:
-                            cache.put_many(
-                                idents[j], [u_texts[u] for u in rows], res.probs[ok],
-                                None if res.consistency is None else res.consistency[ok],
-                            )
-                steps += len(us)
-                report(a.name)
-                if exclusive and (step_i + 1 == len(plan) or plan[step_i + 1][0] != j):
-                    a.close()  # free the accelerator before the next model
+                futures = {pool.submit(do_step, j, us): (j, us) for j, us in wave if remote[j]} if pool else {}
+                for j, us in wave:
+                    if pool is not None and remote[j]:
+                        continue
+                    if do_step(j, us):
+                        steps += len(us)
+                        report(self.annotators[j].name)
+                    else:
+                        deadline_hit = True
+                for f in as_completed(futures):
+                    j, us = futures[f]
+                    if f.result():
+                        steps += len(us)
+                        report(self.annotators[j].name)
+                    else:
+                        deadline_hit = True
+                if exclusive:
+                    j = wave[0][0]
+                    if w + 1 == len(waves) or waves[w + 1][0][0] != j:
+                        self.annotators[j].close()  # free the accelerator before the next model
+                if deadline_hit:
+                    break
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.stop()
 

@@ -89,6 +89,7 @@ class OpenAIAnnotator(Annotator):
     """One model behind an OpenAI-compatible endpoint. See the module docstring."""
 
     type = "openai"
+    remote = True  # I/O-bound: a mixture runs remote annotators concurrently
 
     def __init__(
         self,
