@@ -43,8 +43,9 @@ def _naive_label_logprob(model_dir: Path, prompt_ids: list[int], label_ids: list
     return float(sum(lp[n + j - 1, t] for j, t in enumerate(label_ids)))
 
 
-def test_full_label_scoring_matches_unpadded_reference(tiny: Path) -> None:
-    a = HFAnnotator("t", str(tiny), batch_size=4)  # 12 (text, class) pairs -> 3 padded batches
+@pytest.mark.parametrize("reuse", [True, False])
+def test_full_label_scoring_matches_unpadded_reference(tiny: Path, reuse: bool) -> None:
+    a = HFAnnotator("t", str(tiny), batch_size=3, reuse_prompt_cache=reuse)  # padded batches
     res = a.annotate(TEXTS, CLASSES)
     assert not res.failed and res.tokens > 0
     np.testing.assert_allclose(res.probs.sum(1), 1.0)

@@ -9,7 +9,9 @@ Class scores (``scoring``):
     class's first continuation token, softmaxed over the classes. Only valid when those first tokens are
     distinct across classes.
   * ``"full"`` — log P(whole label continuation | prompt) = the sum of the log-probabilities of all its
-    tokens (teacher forcing), then a softmax over the classes. Correct for multi-token names.
+    tokens (teacher forcing), then a softmax over the classes. Correct for multi-token names. The prompt
+    runs once per text; its KV cache is repeated for the K labels and only label tokens are run on top
+    (``reuse_prompt_cache=False``: run every prompt+label sequence in full instead).
   * ``"auto"`` (default) — ``first_token`` when the first tokens are distinct *and* every label is a single
     token (then both are exactly equal), else ``full``.
 
@@ -77,6 +79,7 @@ class HFAnnotator(Annotator):
         max_length: int = 2048,
         device: str = "auto",
         dtype: str = "auto",
+        reuse_prompt_cache: bool = True,
     ) -> None:
         self.name = check_name(name)
         if not isinstance(model, str) or not model:
@@ -100,6 +103,7 @@ class HFAnnotator(Annotator):
         if dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
         self.dtype = dtype
+        self.reuse_prompt_cache = bool(reuse_prompt_cache)
         self._tok: Any = None
         self._lm: Any = None
 
@@ -235,7 +239,60 @@ class HFAnnotator(Annotator):
         return np.concatenate(out).astype(np.float64), n_tok
 
     def _full(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
-        """Sum of label-token log-probs given the prompt, for every (text, class) pair, batched."""
+        if self.reuse_prompt_cache:
+            return self._full_kv(prompts, labels)
+        return self._full_concat(prompts, labels)
+
+    def _full_kv(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
+        """Full-label scores with one prompt pass per text: the prompt's KV cache is repeated K times and
+        only the label tokens (right-padded) are run on top of it."""
+        import torch
+
+        k = len(labels)
+        width = max(len(x) for x in labels)
+        pad = self._tok.pad_token_id
+        lab = torch.full((k, width), pad, dtype=torch.long)
+        lab_mask = torch.zeros((k, width), dtype=torch.long)
+        for c, ids in enumerate(labels):
+            lab[c, : len(ids)] = torch.tensor(ids)
+            lab_mask[c, : len(ids)] = 1
+        scores = np.zeros((len(prompts), k))
+        n_tok = 0
+        dev = self._dev
+        for s in range(0, len(prompts), self.batch_size):
+            chunk = prompts[s : s + self.batch_size]
+            b = len(chunk)
+            ids, mask, pos = _left_pad(chunk, pad)
+            out = self._lm(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): the label's first token
+            n_tok += int(mask.sum()) + b * int(lab_mask.sum())
+            part = np.zeros((b, k))
+            for c, ids_c in enumerate(labels):
+                part[:, c] = first[:, ids_c[0]].cpu().numpy()
+            if width > 1:
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(k)
+                rows_lab = lab.repeat(b, 1)  # (b*k, width): text-major, class-minor
+                rows_mask = torch.cat([mask.repeat_interleave(k, 0), lab_mask.repeat(b, 1)], dim=1)
+                plen = mask.sum(1).repeat_interleave(k)
+                rows_pos = plen[:, None] + torch.arange(width)[None, :]
+                logits = self._lm(
+                    input_ids=rows_lab.to(dev), attention_mask=rows_mask.to(dev), position_ids=rows_pos.to(dev),
+                    past_key_values=cache, use_cache=True,
+                ).logits
+                lp = torch.log_softmax(logits.float(), dim=-1)  # position t predicts label token t+1
+                for c, ids_c in enumerate(labels):
+                    if len(ids_c) < 2:
+                        continue
+                    nxt = torch.tensor(ids_c[1:], device=lp.device)
+                    r = torch.arange(b, device=lp.device) * k + c
+                    t = torch.arange(len(ids_c) - 1, device=lp.device)
+                    part[:, c] += lp[r[:, None], t[None, :], nxt[None, :]].sum(1).cpu().numpy()
+            scores[s : s + b] = part
+        return scores, n_tok
+
+    def _full_concat(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
+        """Sum of label-token log-probs given the prompt, every (prompt + label) sequence run in full."""
         k = len(labels)
         pairs = [(i, c) for i in range(len(prompts)) for c in range(k)]
         scores = np.zeros((len(prompts), k))
