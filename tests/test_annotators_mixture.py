@@ -300,3 +300,26 @@ def test_replay_mixture_reproduces_all_recorded_trec_rows(trec_outputs: LLMOutpu
     uniq = np.array([counts[" ".join(t.split())] == 1 for t in texts])
     assert uniq.sum() > 5300
     np.testing.assert_allclose(res.outputs.consistency[uniq], trec_outputs.consistency[uniq])
+
+
+def test_cli_descriptions_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from molal.cli.main import app
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"text": "Who wrote Hamlet ?", "label": "human"}\n{"text": "Where is Rome ?", "label": "location"}\n')
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[[annotator]]\ntype = "embedding"\nname = "d"\ntemplates = ["{description}"]\n')
+    desc = tmp_path / "d.json"
+    desc.write_text(json.dumps({"human": "a person", "location": "a place"}))
+    out = tmp_path / "o.npz"
+    args = ["annotate", "--data", str(pool), "--out", str(out), "--config", str(cfg), "--no-cache", "--no-progress"]
+    r = CliRunner().invoke(app, [*args, "--descriptions", str(desc)])
+    assert r.exit_code == 0, r.output
+    with_desc = LLMOutputs.load(out).probs
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and not np.allclose(LLMOutputs.load(out).probs, with_desc)
+    desc.write_text(json.dumps({"sports": "games"}))
+    r = CliRunner().invoke(app, [*args, "--descriptions", str(desc)])
+    assert r.exit_code == 2 and "d.json" in r.output and "sports" in r.output

@@ -27,6 +27,33 @@ def _agreement(outputs) -> tuple:  # (pairwise (L,L), with-majority (L,))
     return pair, maj
 
 
+def _read_descriptions(path: Path, class_names: list[str]) -> dict[str, str]:
+    """class -> description from a JSON, TOML or YAML file; unknown classes are an error naming the file."""
+    import json
+    import tomllib
+
+    import yaml
+
+    if not path.exists():
+        raise ValueError(f"{path}: descriptions file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{path}: expected a table class name -> description text")
+    unknown = [k for k in data if k not in class_names]
+    if unknown:
+        raise ValueError(f"{path}: field {unknown[0]!r} is not one of the classes {class_names}")
+    return dict(data)
+
+
 def annotate_command(
     data: Path = typer.Option(..., "--data", help="JSONL pool: one object per line with a text field (and optionally a label)."),
     out: Path = typer.Option(..., "--out", help="Where to write the LLMOutputs (.npz)."),
@@ -38,6 +65,9 @@ def annotate_command(
     labels: str | None = typer.Option(None, "--labels", help="Comma-separated class names, in order (default: labels in the data, sorted)."),
     text_field: str = typer.Option("text", "--text-field", help="Name of the text field."),
     label_field: str = typer.Option("label", "--label-field", help="Name of the (optional) gold label field."),
+    descriptions: Path | None = typer.Option(
+        None, "--descriptions", help="JSON/TOML/YAML table class name -> description (added to prompts)."
+    ),
     time_budget: float | None = typer.Option(None, "--time-budget", help="Stop calling models after this many seconds."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -70,6 +100,13 @@ def annotate_command(
     except ConfigError as exc:
         console.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
+    desc = None
+    if descriptions is not None:
+        try:
+            desc = _read_descriptions(descriptions, ds.class_names)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
     cache_obj = None
     if not no_cache:
         cache_path = cache or (get_settings().model_dir / "annotation_cache.sqlite")
@@ -84,7 +121,9 @@ def annotate_command(
     )
     deadline = time.monotonic() + time_budget if time_budget else None
     try:
-        res = mixture.annotate(ds.texts, ds.class_names, cache=cache_obj, progress=progress, deadline=deadline)
+        res = mixture.annotate(
+            ds.texts, ds.class_names, cache=cache_obj, descriptions=desc, progress=progress, deadline=deadline
+        )
     except (ValueError, AnnotatorError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
