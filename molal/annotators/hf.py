@@ -21,6 +21,7 @@ Self-consistency (``samples = T > 0``): T answers sampled with ``generate`` (tem
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from molal.annotators.base import (
 from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
 
 SCORINGS = ("auto", "first_token", "full")
+_LOAD_LOCK = threading.Lock()
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
@@ -111,6 +113,12 @@ class HFAnnotator(Annotator):
     def _load(self) -> tuple[Any, Any]:
         if self._lm is not None:
             return self._tok, self._lm
+        with _LOAD_LOCK:
+            if self._lm is not None:
+                return self._tok, self._lm
+            return self._load_locked()
+
+    def _load_locked(self) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
