@@ -65,6 +65,7 @@ class SimulationConfig:
     encoder: str = "minilm"
     max_length: int = 64  # TREC questions are <= 41 MiniLM tokens: 64 is lossless there
     epochs: int = 3
+    min_steps: int = 60  # small early rounds get at least this many optimiser steps (50 seeds: 20 epochs)
     batch_size: int = 16
     lr: float = 5e-5
     warmup: float = 0.1
@@ -314,6 +315,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
         device=config.device,
         seed=config.seed,
         freeze_encoder=config.freeze_encoder,
+        min_steps=config.min_steps,
         lambda_base=config.lambda_base,
         lambda_step=config.lambda_step,
     )

@@ -11,6 +11,8 @@ with the paper's noise-robust loss (:mod:`molal.loss`).
   seed / human-labelled items — never the test set, never gold labels of MoLAM-labelled items), the
   epoch with the highest accuracy on them (ties: lowest cross-entropy) is kept; otherwise the last epoch.
   In the simulation those items are also training items, so this mostly guards against a collapsed epoch.
+* ``min_steps`` (default 0 = off): train for more epochs than ``epochs`` when a small training set would
+  otherwise get fewer than ``min_steps`` optimiser steps (e.g. the 50 seeds of the cold start).
 * Deterministic for a given ``seed`` on one device (CPU by default when no CUDA; ``device="auto"`` picks
   CUDA when present).
 
@@ -137,6 +139,7 @@ class Student:
         lambda_step: float = 0.06,
         infer_batch_size: int = 128,
         freeze_encoder: bool = False,
+        min_steps: int = 0,
     ) -> None:
         class_names = [str(c) for c in class_names]
         if len(class_names) < 2:
@@ -165,6 +168,7 @@ class Student:
         self.lambda_step = float(lambda_step)
         self.infer_batch_size = int(infer_batch_size)
         self.freeze_encoder = bool(freeze_encoder)
+        self.min_steps = int(min_steps)
         # text -> frozen-encoder embedding (freeze_encoder only); shared by students with the same encoder
         self._emb_cache: dict[str, np.ndarray] = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), {})
         self.metadata: dict[str, Any] = {}
@@ -206,6 +210,7 @@ class Student:
             "lambda_step": self.lambda_step,
             "infer_batch_size": self.infer_batch_size,
             "freeze_encoder": self.freeze_encoder,
+            "min_steps": self.min_steps,
         }
 
     def _encoder_path(self) -> str:
@@ -345,7 +350,8 @@ class Student:
         else:
             feats = self._tokenize(texts)
         steps_per_epoch = math.ceil(n / self.batch_size)
-        total = steps_per_epoch * self.epochs
+        epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch)) if self.min_steps else self.epochs
+        total = steps_per_epoch * epochs
         from transformers import get_linear_schedule_with_warmup
 
         decay, no_decay = [], []
@@ -366,7 +372,7 @@ class Student:
         best: tuple[float, float, int] | None = None
         best_state = None
         with progress_bar(enabled=progress, description="student fit", total=total) as bar:
-            for epoch in range(self.epochs):
+            for epoch in range(epochs):
                 model.train()
                 lengths = None if self.freeze_encoder else [len(f["input_ids"]) for f in feats]
                 batches = _length_bucketed_batches(n, self.batch_size, gen, lengths)
@@ -401,10 +407,10 @@ class Student:
                         best = key
                         best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 history.append(rec)
-        best_epoch = self.epochs
+        best_epoch = epochs
         if best_state is not None and best is not None:
             best_epoch = best[2] + 1
-            if best_epoch != self.epochs:
+            if best_epoch != epochs:
                 model.load_state_dict(best_state)
         model.eval()
         self._model = model
@@ -415,7 +421,7 @@ class Student:
             "lambda": lam,
             "n_with_negatives": int(neg.any(1).sum()) if neg is not None else 0,
             "n_downweighted": int((w < 1).sum()),
-            "epochs": self.epochs,
+            "epochs": epochs,
             "best_epoch": best_epoch,
             "best_epoch_selected_on": "val (seed/human-labelled items)" if val is not None else "last epoch",
             "n_val": 0 if val is None else len(val[0]),

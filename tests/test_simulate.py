@@ -26,7 +26,7 @@ def tiny_encoder(tmp_path_factory) -> str:
 def _tiny_args(enc: str) -> list[str]:
     return [
         "--rounds", "2", "--budget", "10", "--initial", "12", "--pool-limit", "300", "--test-limit", "60",
-        "--encoder", enc, "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--lr", "1e-3",
+        "--encoder", enc, "--epochs", "1", "--min-steps", "0", "--batch-size", "16", "--max-length", "32", "--lr", "1e-3",
         "--device", "cpu", "--no-progress",
     ]
 
@@ -118,7 +118,7 @@ def test_library_loss_inputs_follow_the_paper(tiny_encoder, shared_data):
     """In MoLAM mode the loss gets negatives only on LLM-labelled items and down-weights disagreements."""
     cfg = SimulationConfig(
         mode="molam", strategy="margin", rounds=2, budget=15, n_initial=10, pool_limit=300, test_limit=40,
-        encoder=tiny_encoder, epochs=1, max_length=32, lr=1e-3, device="cpu", progress=False,
+        encoder=tiny_encoder, epochs=1, min_steps=0, max_length=32, lr=1e-3, device="cpu", progress=False,
     )
     res = run_simulation(cfg)
     r0, r1, r2 = res.records

@@ -168,3 +168,12 @@ def test_bad_input(tiny_encoder):
         Student(["only"])
     with pytest.raises(StudentError, match="cannot load encoder"):
         Student(CLASSES, encoder="/nonexistent/model").fit(["a", "b"], [0, 1], progress=False)
+
+
+def test_min_steps_extends_small_trainings(tiny_encoder):
+    texts, y = toy_data(10, seed=8)
+    st = _student(tiny_encoder, epochs=1, batch_size=8, min_steps=10).fit(texts, y, progress=False)
+    assert st.metadata["epochs"] == 5 and len(st.metadata["history"]) == 5  # ceil(10 steps / 2 per epoch)
+    big, yb = toy_data(40, seed=9)
+    st = _student(tiny_encoder, epochs=2, batch_size=8, min_steps=4).fit(big, yb, progress=False)
+    assert st.metadata["epochs"] == 2  # already >= min_steps

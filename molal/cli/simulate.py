@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(64, help="student max tokens (TREC: <= 41 tokens, so 64 is lossless)"),
         epochs: int = typer.Option(3, help="student epochs per round"),
         batch_size: int = typer.Option(16, help="student batch size"),
+        min_steps: int = typer.Option(60, help="at least this many optimiser steps per round (small rounds)"),
         lr: float = typer.Option(5e-5, help="student AdamW learning rate"),
         freeze_encoder: bool = typer.Option(False, help="fast preset: train only the head on frozen embeddings"),
         loss: str = typer.Option("robust", help="robust (the paper's loss) or ce (plain cross-entropy)"),
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
             dataset=dataset, annotations=annotations, pool_labels=pool_labels, test=test, strategy=strategy,
             mode=mode,  # type: ignore[arg-type]
             rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
-            encoder=encoder, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
+            encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
             freeze_encoder=freeze_encoder, loss=loss,  # type: ignore[arg-type]
             candidates=candidates, pool_limit=pool_limit, test_limit=test_limit, device=device, threads=threads,
             progress=progress,
