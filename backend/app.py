@@ -32,9 +32,28 @@ def _json_body() -> object:
     if not raw or not raw.strip():
         raise BadRequest("empty request body; expected JSON")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest(f"the request body is JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_depth(body)
+    return body
+
+
+#: deeper request bodies are refused (400): nothing Label Studio sends nests beyond ~10 levels, and very
+#: deep JSON would exhaust the recursion limit in json.dumps/jsonify later.
+MAX_JSON_DEPTH = 64
+
+
+def _check_depth(body: object) -> None:
+    stack = [(body, 1)]
+    while stack:
+        obj, d = stack.pop()
+        if isinstance(obj, (dict, list)):
+            if d > MAX_JSON_DEPTH:
+                raise BadRequest(f"the request body is JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
 
 
 def create_app(settings: Settings | None = None, start_worker: bool = True):

@@ -122,6 +122,24 @@ class Service:
         except ProjectIdError as exc:
             raise BadRequest(str(exc)) from None
 
+    def checked_project(self, project: object, label_config: object) -> tuple[int, ProjectState | None, LabelSpec]:
+        """Validate a request's project id and label config *before* anything is created: returns
+        ``(id, state or None when the project is new, spec)``. A request refused here leaves no trace."""
+        try:
+            pid = parse_project_id(project)
+        except ProjectIdError as exc:
+            raise BadRequest(str(exc)) from None
+        if (self.store.root / "projects" / str(pid)).is_dir():
+            state = self.project(pid)
+            return pid, state, self.spec_for(state, label_config or None)
+        if not label_config:
+            raise Unprocessable(f"project {pid}: no label config known; Label Studio sends it in /setup and "
+                                "/predict (field 'schema' or 'label_config')")
+        try:
+            return pid, None, parse_label_config(label_config, None)  # a new project has no from_name setting
+        except LabelConfigError as exc:
+            raise Unprocessable(str(exc)) from None
+
     def project_settings(self, state: ProjectState) -> ProjectSettings:
         return state.settings(self.settings)
 
@@ -256,9 +274,9 @@ class Service:
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'project' and 'schema'")
         self.count(setup_requests=1)
-        state = self.project(payload.get("project"))
         schema = payload.get("schema") or payload.get("label_config")
-        spec = self.spec_for(state, schema)
+        pid, state, spec = self.checked_project(payload.get("project"), schema)
+        state = state or self.project(pid)
         if schema and schema != state.get("label_config"):
             state.put("label_config", schema)
         host, token = payload.get("hostname"), payload.get("access_token")
@@ -269,20 +287,21 @@ class Service:
 
     # -- /predict --------------------------------------------------------------------------------------
     def predict(self, payload: Any, budget_s: float | None = None) -> dict:
-        from molal.service.predict import predict_tasks
+        from molal.service.predict import check_tasks, predict_tasks
 
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'tasks' and 'project'")
         tasks = payload.get("tasks")
         if not isinstance(tasks, list):
             raise BadRequest("field 'tasks' must be a list of Label Studio tasks")
-        state = self.project(payload.get("project"))
-        spec = self.spec_for(state, payload.get("label_config"))
-        if payload.get("label_config") and payload["label_config"] != state.get("label_config"):
-            state.put("label_config", payload["label_config"])
+        pid, state, spec = self.checked_project(payload.get("project"), payload.get("label_config"))
+        check_tasks(tasks, spec)  # refuse bad batches before any state is created or changed
+        state = state or self.project(pid)
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
         out = predict_tasks(self, state, spec, tasks, deadline=time.monotonic() + budget)
+        if payload.get("label_config") and payload["label_config"] != state.get("label_config"):
+            state.put("label_config", payload["label_config"])
         self.count(predict_requests=1, predict_tasks=len(tasks), predict_pending=out.get("pending", 0),
                    predict_seconds=time.perf_counter() - t0)
         return out

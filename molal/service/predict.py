@@ -54,6 +54,25 @@ def task_texts(tasks: list, spec: LabelSpec) -> tuple[list[str | None], dict[int
     return texts, errors
 
 
+def check_tasks(tasks: list, spec: LabelSpec) -> tuple[list[str | None], dict[int, str]]:
+    """:func:`task_texts`, refusing (422) a non-empty batch in which no task has a text."""
+    texts, errors = task_texts(tasks, spec)
+    if tasks and all(t is None for t in texts):
+        reasons = sorted(set(errors.values()))
+        raise Unprocessable(
+            f"no task has a text to annotate: {'; '.join(reasons)[:300]} (the label config's <Text> tag reads "
+            f"${spec.value_key})"
+        )
+    return texts, errors
+
+
+def _annotate(mixture, texts: list[str], spec: LabelSpec, svc: Service, deadline: float):
+    try:
+        return mixture.annotate(texts, list(spec.classes), cache=svc.cache, deadline=deadline)
+    except ValueError as exc:  # the annotators' contract: the class list does not suit them
+        raise Unprocessable(f"the mixture cannot annotate the label config's classes: {exc}") from None
+
+
 def entry(spec: LabelSpec, probs: np.ndarray, version: str) -> dict:
     k = int(np.argmax(probs))
     score = float(probs[k])
@@ -73,17 +92,11 @@ def mean_probs(outputs) -> np.ndarray:
 
 def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: list, deadline: float) -> dict[str, Any]:
     ps = svc.project_settings(state)
-    texts, errors = task_texts(tasks, spec)
+    texts, errors = check_tasks(tasks, spec)
     if not tasks:
         srv = svc.serving(state, spec)
         return {"results": [], "model_version": srv["version"], "pending": 0}
     good = [i for i, t in enumerate(texts) if t is not None]
-    if not good:
-        reasons = sorted(set(errors.values()))
-        raise Unprocessable(
-            f"no task has a text to annotate: {'; '.join(reasons)[:300]} (the label config's <Text> tag reads "
-            f"${spec.value_key})"
-        )
     good_texts = [texts[i] for i in good]
     srv = svc.serving(state, spec, good_texts)
     mixture = srv["mixture"]
@@ -99,11 +112,11 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
             main_probs[i] = P[j]
         if ps.per_llm_predictions and mixture is not None:
             # cache only (no LLM call): a deadline already passed returns what is cached
-            res = mixture.annotate(good_texts, list(spec.classes), cache=svc.cache, deadline=time.monotonic())
+            res = _annotate(mixture, good_texts, spec, svc, deadline=time.monotonic())
             for r, jj in enumerate(res.done_idx.tolist()):
                 per_llm[good[jj]] = llm_entries(spec, res.outputs, r)
     else:
-        res = mixture.annotate(good_texts, list(spec.classes), cache=svc.cache, deadline=deadline)
+        res = _annotate(mixture, good_texts, spec, svc, deadline=deadline)
         done = res.done_idx.tolist()
         if done:
             if srv["kind"] == "molam":

@@ -56,8 +56,8 @@ def parse_project_id(value: object) -> int:
         pid = int(m.group(1))
     else:
         raise ProjectIdError(f"project id missing or of type {type(value).__name__}; expected '<id>.<timestamp>'")
-    if pid <= 0:
-        raise ProjectIdError(f"project id must be a positive integer, got {pid}")
+    if pid <= 0 or pid >= 10**12:
+        raise ProjectIdError(f"project id must be a positive integer below 10**12, got {pid if pid <= 0 else 'a larger one'}")
     return pid
 
 
@@ -431,6 +431,7 @@ class ServiceStore:
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.root = ensure_dir(Path(model_dir).expanduser().resolve())
         os.chmod(self.root, 0o700)
+        ensure_dir(self.root / "projects")  # 0700 (a parent made by mkdir(parents=True) would get 0755)
         self._projects: dict[int, ProjectState] = {}
         self._lock = threading.Lock()
 
