@@ -206,3 +206,42 @@ def test_mixture_queries_remote_annotators_concurrently(model_dir: Path, tmp_pat
         assert len(res.done_idx) == 3 and not res.failed
         (a0, a1), (b0, b1) = s1.spans[0], s2.spans[0]
         assert a0 < b1 and b0 < a1, "the two servers' requests should overlap in time"
+
+
+def test_walk_class_mass_follows_ambiguous_tokens() -> None:
+    from molal.annotators.openai_compat import walk_class_mass
+
+    ln = np.log
+    toy = {  # a toy next-token table: prompt text -> {token: logprob}
+        "P:": {" n": ln(0.6), " human": ln(0.3), " x": ln(0.1)},
+        "P: n": {"umeric": ln(0.5), "umber": ln(0.2), "u": ln(0.2), "!": ln(0.1)},
+        "P: nu": {"meric": ln(0.25), "mber": ln(0.75)},
+    }
+    asked = []
+
+    def top(prefix: str) -> dict[str, float]:
+        asked.append(prefix)
+        return toy[prefix]
+
+    mass = walk_class_mass(top, "P:", ["numeric", "number", "human"])
+    np.testing.assert_allclose(mass, [0.6 * (0.5 + 0.2 * 0.25), 0.6 * (0.2 + 0.2 * 0.75), 0.3])
+    assert asked == ["P:", "P: n", "P: nu"]
+    # a class that ends where another continues keeps the mass that does not continue
+    toy2 = {"Q:": {" yes": ln(0.8), " no": ln(0.2)}, "Q: yes": {"ter": ln(0.25), ".": ln(0.75)}}
+    np.testing.assert_allclose(walk_class_mass(lambda p: toy2[p], "Q:", ["yes", "yesterday", "no"]), [0.6, 0.2, 0.2])
+    toy3 = {"Q:": {" yes": ln(0.8), " no": ln(0.2)}, "Q: yes": {"terday": ln(0.5), "day": ln(0.25)}}
+    np.testing.assert_allclose(walk_class_mass(lambda p: toy3[p], "Q:", ["yes", "yesterday", "no"]), [0.4, 0.4, 0.2])
+    assert walk_class_mass(lambda p: {" human.": 0.0}, "R:", ["human", "location"]).tolist() == [1.0, 0.0]
+
+
+def test_completions_top_logprobs_walks_multi_token_names_over_http(server: TinyLMServer) -> None:
+    a = OpenAIAnnotator("w", server.base_url, "tiny-llama", api="completions", scoring="top_logprobs",
+                        top_logprobs=100, concurrency=1)
+    classes = ["numeric", "number", "human"]
+    before = server.requests
+    res = a.annotate(TEXTS, classes)
+    assert not res.failed and np.allclose(res.probs.sum(1), 1.0)
+    assert server.requests - before > len(TEXTS)  # ambiguous first tokens were followed with more requests
+    followed = [b["prompt"] for b in server.bodies[-(server.requests - before):] if isinstance(b.get("prompt"), str)]
+    bases = [a.prompt.plain(t, classes, {}) for t in TEXTS]
+    assert any(p.startswith(b) and len(p) > len(b) for p in followed for b in bases), followed[:4]

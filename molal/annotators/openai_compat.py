@@ -8,10 +8,13 @@ Class scores (``scoring``):
     class names. Several prompts go in one request (``prompt`` as a list, ``prompts_per_request``).
   * ``"top_logprobs"`` (chat API, or completions servers without echo): one generated token with its
     ``top_logprobs``; every top token whose stripped, lower-cased text is a non-empty prefix of a class
-    verbalizer gives its probability to that class; a token that is a prefix of several verbalizers (an
-    ambiguous first token of multi-token names, e.g. "n" for "numeric"/"number") is split equally among
-    them; the class masses are renormalised. A row where no top token starts any class is *failed*
-    ("no class among the top-N tokens"), never silently uniform.
+    verbalizer gives its probability to that class. A token that is a prefix of several verbalizers (an
+    ambiguous first token of multi-token names, e.g. "n" for "numeric"/"number"): with the completions
+    API it is *followed* — the prompt plus that token is sent again and the next token's top logprobs
+    split its mass (:func:`walk_class_mass`, up to 4 tokens deep); with the chat API (which cannot
+    continue a partial answer portably) it is split equally among those classes. The class masses are
+    renormalised. A row where no top token starts any class is *failed* ("no class among the top-N
+    tokens"), never silently uniform.
 
 Self-consistency (``samples = T > 0``): one request with ``n=T`` (temperature, top_p, max_tokens), the
 answers matched to classes with :func:`molal.annotators.base.match_answer`.
@@ -83,6 +86,52 @@ def class_mass_from_top(top: dict[str, float], words: list[str]) -> np.ndarray:
         for k in hits:
             mass[k] += float(np.exp(lp)) / len(hits)
     return mass
+
+
+def walk_class_mass(
+    top_fn: Any, prompt: str, words: list[str], max_depth: int = 4, min_mass: float = 1e-3
+) -> np.ndarray:
+    """Class probabilities from next-token top logprobs, following ambiguous tokens (completions API).
+
+    ``top_fn(text)`` returns the top next tokens of ``text`` (token text -> logprob). A top token whose text
+    (first step: leading whitespace stripped, case-insensitive) is a prefix of exactly one class's remaining
+    verbalizer gives its probability to that class. A token shared by several classes (e.g. "n" for
+    "numeric"/"number") is followed: ``top_fn(prompt + token)`` is asked for the next token and its mass
+    is split by the same rule, recursively (``max_depth`` steps; tokens below ``min_mass`` are split equally
+    instead). A class whose verbalizer ends with the token keeps the mass that does not continue another
+    class. Mass of tokens that start no class is dropped; the caller renormalises.
+    """
+    k = len(words)
+
+    def rec(prefix: str, rem: dict[int, str], depth: int) -> np.ndarray:
+        mass = np.zeros(k)
+        for tok, lp in top_fn(prefix).items():
+            p = float(np.exp(lp))
+            t = (tok.lstrip() if depth == 0 else tok).lower()
+            if not t:
+                continue
+            cands = {c: r for c, r in rem.items() if r.lower().startswith(t)}
+            # a token that runs past a whole class name ("human." for "human") completes that class
+            cands.update({c: r for c, r in rem.items() if r and t.startswith(r.lower()) and not t[len(r) : len(r) + 1].isalnum()})
+            if not cands:
+                continue
+            if len(cands) == 1:
+                mass[next(iter(cands))] += p
+                continue
+            rest = {c: r[len(t) :] for c, r in cands.items()}
+            done = [c for c, r in rest.items() if not r]
+            cont = {c: r for c, r in rest.items() if r}
+            if depth + 1 >= max_depth or p < min_mass or not cont:
+                for c in cands:
+                    mass[c] += p / len(cands)
+                continue
+            child = rec(prefix + tok, cont, depth + 1)
+            mass += p * child
+            if done:
+                mass[done[0]] += p * max(0.0, 1.0 - float(child.sum()))
+        return mass
+
+    return rec(prompt, {c: w.strip() for c, w in enumerate(words)}, 0)
 
 
 class OpenAIAnnotator(Annotator):
@@ -312,15 +361,16 @@ class OpenAIAnnotator(Annotator):
                         failed[i] = "no top_logprobs in the response"
                         return
                 else:
-                    body = {"model": self.model, "prompt": self.prompt.plain(texts[i], class_names, descriptions),
-                            "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
-                    resp = self.post("completions", body)
-                    count(resp)
                     try:
-                        top = {t: float(v) for t, v in resp["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+                        mass = walk_class_mass(self._completion_top(count), self.prompt.plain(texts[i], class_names, descriptions), words)
                     except (KeyError, IndexError, TypeError, AttributeError):
                         failed[i] = "no top_logprobs in the response"
                         return
+                    if mass.sum() <= 0:
+                        failed[i] = f"no class among the top-{self.top_logprobs} first tokens"
+                        return
+                    probs[i] = mass / mass.sum()
+                    return
                 mass = class_mass_from_top(top, words)
                 if mass.sum() <= 0:
                     failed[i] = f"no class among the top-{self.top_logprobs} first tokens"
@@ -363,6 +413,15 @@ class OpenAIAnnotator(Annotator):
             for i in np.where(~ok)[0]:
                 failed.setdefault(int(i), "missing label scores")
         return AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens[0] or None)
+
+    def _completion_top(self, count: Any) -> Any:
+        def top(prompt: str) -> dict[str, float]:
+            body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
+            resp = self.post("completions", body)
+            count(resp)
+            return {t: float(v) for t, v in resp["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+
+        return top
 
     def _run(self, jobs: list[Any]) -> None:
         """Run request jobs with at most ``concurrency`` in flight; the first backend error is raised."""
