@@ -66,6 +66,42 @@ def print_table(rows: list[dict]) -> None:
               f"{r['label_acc_mean']:>11.4f}{r['seconds_per_run']:>8.0f}")
 
 
+def time_round(n: int, preset_name: str, epochs: int | None, threads: int | None) -> int:
+    """Seconds of one ``Student.fit`` on n TREC train items (gold labels, half with negatives) + inference."""
+    import os
+
+    import torch
+
+    from molal.datasets import get_dataset
+    from molal.student import Student
+
+    if threads:
+        torch.set_num_threads(threads)
+    preset = dict(PRESETS[preset_name])
+    if epochs:
+        preset["epochs"] = epochs
+    tr = get_dataset("trec").split("train")
+    idx = np.random.default_rng(0).choice(len(tr), n, replace=False)
+    texts = [tr.texts[i] for i in idx]
+    y = tr.labels[idx]
+    neg = np.zeros((n, len(tr.class_names)), bool)
+    neg[np.arange(n // 2), (y[: n // 2] + 1) % len(tr.class_names)] = True
+    st = Student(tr.class_names, max_length=64, seed=0, **preset)
+    t0 = time.perf_counter()
+    st.fit(texts, y, negatives=neg, round_t=5, val_texts=texts[:50], val_labels=y[:50], progress=False)
+    fit_s = time.perf_counter() - t0
+    test = get_dataset("trec").split("test")
+    t0 = time.perf_counter()
+    pred = st.predict(test.texts)
+    inf_s = time.perf_counter() - t0
+    row = {"preset": preset_name, "n_train": n, "epochs": st.metadata["epochs"], "max_length": 64,
+           "fit_seconds": round(fit_s, 1), "test_infer_seconds_500": round(inf_s, 1),
+           "test_micro_f1_gold_labels": round(float((pred == test.labels).mean()), 4),
+           "torch_threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    print(json.dumps(row))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from molal.simulate import (
         SimulationConfig,
@@ -88,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="bench/out/simulate")
     ap.add_argument("--skip-existing", action="store_true", help="do not re-run configs whose JSON exists")
     ap.add_argument("--summarize", default=None, help="only print the table of the result JSONs in this folder")
+    ap.add_argument("--time-round", type=int, default=None, metavar="N",
+                    help="only time one student training round on N TREC items (the preset's settings)")
     a = ap.parse_args(argv)
+    if a.time_round:
+        return time_round(a.time_round, a.preset, a.epochs, a.threads)
 
     if a.summarize:
         results = [SimulationResult.load(p) for p in sorted(Path(a.summarize).glob("*.json")) if p.name != "summary.json"]
