@@ -323,3 +323,12 @@ def test_cli_descriptions_file(tmp_path: Path) -> None:
     desc.write_text(json.dumps({"sports": "games"}))
     r = CliRunner().invoke(app, [*args, "--descriptions", str(desc)])
     assert r.exit_code == 2 and "d.json" in r.output and "sports" in r.output
+
+
+def test_mixed_sampling_keeps_recorded_consistency(bundled: LLMOutputs, trec_outputs: LLMOutputs) -> None:
+    texts = bundled.texts[:40]
+    res = Mixture([ReplayAnnotator("yi"), EmbeddingAnnotator("e")]).annotate(texts, TREC_CLASSES)
+    c = res.outputs.consistency
+    np.testing.assert_allclose(c[:, 0], trec_outputs.consistency[:40, TREC_LLMS.index("yi")])
+    onehot = np.eye(6)[res.outputs.probs[:, 1].argmax(1)]
+    np.testing.assert_array_equal(c[:, 1], onehot)  # a non-sampling annotator: its argmax as a one-hot

@@ -449,12 +449,11 @@ class Mixture:
         if any(has_cons):
             c = cons[sel] if sel else np.zeros((0, n_llm, k))
             for j in range(n_llm):  # annotators without sampling: argmax one-hot (as LLMOutputs.concat_llms)
-                col = c[:, j]
-                if not np.isfinite(col).all():
-                    oh = np.zeros_like(col)
-                    if len(col):
-                        oh[np.arange(len(col)), p[:, j].argmax(axis=1)] = 1.0
-                    c[:, j] = oh
+                missing = ~np.isfinite(c[:, j]).all(axis=1)  # only rows without sampled answers
+                if missing.any():
+                    oh = np.zeros((int(missing.sum()), k))
+                    oh[np.arange(len(oh)), p[missing, j].argmax(axis=1)] = 1.0
+                    c[missing, j] = oh
         outputs = LLMOutputs(p, c, class_names=names, llm_names=self.llm_names, texts=[texts[i] for i in done_idx])
         secs = time.perf_counter() - t0
         model_secs = sum(s["seconds"] for s in per.values())
