@@ -83,12 +83,10 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
         if not user or request.path == "/health":
             return None
         auth = request.authorization
-        ok = (
-            auth is not None
-            and auth.type == "basic"
-            and hmac.compare_digest((auth.username or "").encode(), user.encode())
-            and hmac.compare_digest((auth.password or "").encode(), (password or "").encode())
-        )
+        # both fields are always compared in constant time (no early exit revealing a right user name)
+        user_ok = hmac.compare_digest((auth.username or "").encode() if auth else b"", user.encode())
+        pass_ok = hmac.compare_digest((auth.password or "").encode() if auth else b"", (password or "").encode())
+        ok = auth is not None and auth.type == "basic" and user_ok and pass_ok
         if not ok:
             return Response(
                 '{"error": "authentication required (basic auth)"}', 401,
@@ -99,7 +97,7 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
         log.info("%s %s -> %d: %s", request.method, request.path, exc.status, scrub(str(exc)))
-        return jsonify({"error": str(exc)}), exc.status
+        return jsonify({"error": scrub(str(exc))}), exc.status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

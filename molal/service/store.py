@@ -309,7 +309,10 @@ class ProjectState:
         """Checksum every file of ``staging`` into a manifest, rename it to ``models/<n>-<hash>`` and
         atomically swap ``current.json`` to it. Returns the new pointer."""
         files = {}
+        os.chmod(staging, 0o700)
         for p in sorted(staging.rglob("*")):
+            # owner-only whatever the writer did (HF save_pretrained follows the umask: 0644 / 0755)
+            os.chmod(p, 0o700 if p.is_dir() else FILE_MODE)
             if p.is_file() and p.name != "manifest.json":
                 files[str(p.relative_to(staging))] = sha256_file(p)
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
