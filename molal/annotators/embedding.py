@@ -12,6 +12,7 @@ Self-consistency (``samples > 0``): T stochastic forward passes of the text with
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,11 @@ from molal.annotators.base import (
 DEFAULT_TEMPLATES = ["This text is about {label}."]
 _MODELS: dict[tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
+#: text embeddings shared by the annotators of one process (the default mixture's variants embed the same
+#: texts with the same encoder): (model, max_length, text) -> unit vector, LRU-bounded.
+_TEXT_EMB: OrderedDict[tuple[str, int, str], np.ndarray] = OrderedDict()
+_TEXT_EMB_MAX = 50_000
+_TEXT_EMB_LOCK = threading.Lock()
 
 
 def _resolve_device(device: str) -> str:
@@ -202,7 +208,7 @@ class EmbeddingAnnotator(Annotator):
         device = _resolve_device(self.device)
         cls = self.class_embeddings(class_names, descriptions)
         wrapped = [self.text_template.format(text=t) for t in texts]
-        emb, n_tok = embed_texts(wrapped, self.model, device, self.batch_size, self.max_length)
+        emb, n_tok = self._embed_shared(wrapped, device)
         probs = softmax(emb @ cls.T / self.temperature, axis=1)
         cons = None
         if self.samples > 0:
@@ -213,6 +219,24 @@ class EmbeddingAnnotator(Annotator):
                 votes[np.arange(len(texts)), (e @ cls.T).argmax(axis=1)] += 1
             cons = votes / self.samples
         return AnnotatorResult(probs=probs, consistency=cons, tokens=n_tok)
+
+    def _embed_shared(self, wrapped: list[str], device: str) -> tuple[np.ndarray, int]:
+        """Embeddings of ``wrapped``, reusing those another annotator with the same encoder just computed."""
+        keys = [(self.model, self.max_length, t) for t in wrapped]
+        with _TEXT_EMB_LOCK:
+            found = {i: _TEXT_EMB[key] for i, key in enumerate(keys) if key in _TEXT_EMB}
+        todo = [i for i in range(len(wrapped)) if i not in found]
+        n_tok = 0
+        if todo:
+            new, n_tok = embed_texts([wrapped[i] for i in todo], self.model, device, self.batch_size, self.max_length)
+            with _TEXT_EMB_LOCK:
+                for r, i in enumerate(todo):
+                    found[i] = new[r]
+                    _TEXT_EMB[keys[i]] = new[r]
+                    _TEXT_EMB.move_to_end(keys[i])
+                while len(_TEXT_EMB) > _TEXT_EMB_MAX:
+                    _TEXT_EMB.popitem(last=False)
+        return np.stack([found[i] for i in range(len(wrapped))]), n_tok
 
     def close(self) -> None:
         self._class_cache.clear()
