@@ -146,7 +146,7 @@ def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path) -> None:
     from molal.annotators.embedding import EmbeddingAnnotator
 
     torch.set_num_threads(1)
-    texts = [f"Where is city number {i} located ?" for i in range(120)]
+    texts = [f"Where is city number {i} located ?" for i in range(300)]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     script = tmp_path / "run.py"
     script.write_text(CRASH_SCRIPT)
@@ -156,7 +156,7 @@ def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path) -> None:
         deadline = time.time() + 120
         n = 0
         while time.time() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
             if db.exists():
                 try:
                     n = AnnotationCache(db).count()
