@@ -49,8 +49,14 @@ class TextDataset:
 
 
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not a file" if Path(path).exists() else f"{path}: file not found")
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -80,7 +86,9 @@ def load_dataset(
     texts: list[str] = []
     raw_labels: list[str | None] = []
     extra: list[dict[str, Any]] = []
+    linenos: list[int] = []
     for lineno, obj in _iter_jsonl(p):
+        linenos.append(lineno)
         if text_field not in obj:
             raise DataError(f"{p}:{lineno}: missing field {text_field!r}")
         text = obj[text_field]
@@ -111,7 +119,7 @@ def load_dataset(
             continue
         if lab not in index:
             raise DataError(
-                f"{p}: row {i + 1}: field {label_field!r} = {lab!r} is not one of the classes {class_names}"
+                f"{p}:{linenos[i]}: field {label_field!r} = {lab!r} is not one of the classes {class_names}"
             )
         labels[i] = index[lab]
         any_label = True
@@ -339,6 +347,8 @@ class LLMOutputs:
                     row = [float(x) for x in logits]
                 except (TypeError, ValueError):
                     raise DataError(f"{p}:{lineno}: field 'llm_logits' must hold numbers") from None
+                if not all(np.isfinite(x) and x >= 0 for x in row):
+                    raise DataError(f"{p}:{lineno}: field 'llm_logits' must hold finite non-negative numbers")
                 answers = obj.get("llm_label", [])
                 if not isinstance(answers, list):
                     raise DataError(f"{p}:{lineno}: field 'llm_label' must be a list of strings")

@@ -109,7 +109,13 @@ def build_annotator(spec: Mapping[str, Any], where: str = "annotator") -> Annota
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: mixture config not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the mixture config ({exc.strerror})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
