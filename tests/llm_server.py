@@ -86,15 +86,19 @@ class TinyLMServer:
         self._model_lock = threading.Lock()
         app = Flask("tiny-openai")
 
+        self.active = 0
+
         @app.before_request
         def _start():
             request.environ["molal.t0"] = time.time()
-
-        @app.after_request
-        def _end(resp):
             with self._lock:
+                self.active += 1
+
+        @app.teardown_request
+        def _end(exc=None):
+            with self._lock:
+                self.active -= 1
                 self.spans.append((request.environ.get("molal.t0", time.time()), time.time()))
-            return resp
         torch.set_num_threads(1)
 
         def guard():
@@ -241,8 +245,12 @@ class TinyLMServer:
         return choice, len(ids) + len(gen)
 
     def close(self) -> None:
+        """Stop serving; wait (up to 10 s) for requests still being answered, so no thread dies mid-forward."""
         self._server.shutdown()
         self._thread.join(5)
+        end = time.time() + 10
+        while self.active > 0 and time.time() < end:
+            time.sleep(0.05)
 
     def __enter__(self) -> TinyLMServer:
         return self

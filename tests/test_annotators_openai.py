@@ -245,3 +245,17 @@ def test_completions_top_logprobs_walks_multi_token_names_over_http(server: Tiny
     followed = [b["prompt"] for b in server.bodies[-(server.requests - before):] if isinstance(b.get("prompt"), str)]
     bases = [a.prompt.plain(t, classes, {}) for t in TEXTS]
     assert any(p.startswith(b) and len(p) > len(b) for p in followed for b in bases), followed[:4]
+
+
+def test_deadline_caps_requests_rows_pending_not_failed(model_dir: Path, tmp_path: Path) -> None:
+    import time
+
+    cache = AnnotationCache(tmp_path / "c.sqlite")
+    with TinyLMServer(model_dir, delay_s=2.0) as slow:
+        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", timeout=30, max_retries=5)
+        t0 = time.monotonic()
+        res = Mixture([a]).annotate(TEXTS, CLASSES, cache=cache, deadline=t0 + 0.5)
+        took = time.monotonic() - t0
+        assert took < 1.9, took  # the 30 s request timeout was capped by the deadline (server answers after 2 s)
+        assert len(res.done_idx) == 0 and not res.failed and res.pending_idx.tolist() == [0, 1, 2]
+        assert res.stats["deadline_reached"] and cache.count() == 0

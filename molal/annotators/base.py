@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,28 @@ class AnnotatorError(RuntimeError):
 
 class AnnotatorUnavailable(AnnotatorError):
     """The backend cannot be reached (after retries): every further call would fail the same way."""
+
+
+class DeadlineReached(AnnotatorError):
+    """The caller's deadline passed during a call: the rows are not failed, just not done (pending)."""
+
+
+_DEADLINE: ContextVar[float | None] = ContextVar("molal_annotate_deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    """The ``time.monotonic()`` deadline of the annotate call in progress (set by the Mixture), or None."""
+    return _DEADLINE.get()
+
+
+@contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[None]:
+    """Run annotator calls under ``deadline``: remote annotators cap their timeouts/retries by it."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 class ConfigError(ValueError):

@@ -35,6 +35,8 @@ from molal.annotators.base import (
     AnnotatorError,
     AnnotatorUnavailable,
     ConfigError,
+    DeadlineReached,
+    deadline_scope,
     stable_hash,
     validate_classes,
     validate_texts,
@@ -375,7 +377,12 @@ class Mixture:
             ta = time.perf_counter()
             res = None
             try:
-                res = a.annotate([u_texts[u] for u in us], names, desc)
+                with deadline_scope(deadline):
+                    res = a.annotate([u_texts[u] for u in us], names, desc)
+            except DeadlineReached:
+                with lock:
+                    st["seconds"] += time.perf_counter() - ta
+                return False  # not failed: pending, like rows the deadline kept from starting
             except AnnotatorUnavailable as exc:
                 with lock:
                     dead.setdefault(j, str(exc))

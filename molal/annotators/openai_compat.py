@@ -43,10 +43,12 @@ from molal.annotators.base import (
     AnnotatorError,
     AnnotatorResult,
     AnnotatorUnavailable,
+    DeadlineReached,
     check_float,
     check_name,
     check_positive_int,
     consistency_from_answers,
+    current_deadline,
 )
 from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
 
@@ -260,8 +262,9 @@ class OpenAIAnnotator(Annotator):
             "extra_body": self.extra_body,
         }
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries/backoff. Raises AnnotatorUnavailable / AnnotatorError with a clear message."""
+    def post(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        """POST with retries/backoff. Raises AnnotatorUnavailable / AnnotatorError with a clear message, or
+        DeadlineReached when ``deadline`` (time.monotonic()) passes first (timeouts are capped by it)."""
         import httpx
 
         from molal.logging import scrub
@@ -272,8 +275,14 @@ class OpenAIAnnotator(Annotator):
         attempt = 0
         while True:
             wait = None
+            timeout = self.timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineReached(f"annotator {self.name!r}: deadline reached")
+                timeout = min(timeout, left)
             try:
-                r = client.post(url, json={**body, **self.extra_body})
+                r = client.post(url, json={**body, **self.extra_body}, timeout=timeout)
                 if r.status_code == 200:
                     try:
                         return r.json()
@@ -292,6 +301,8 @@ class OpenAIAnnotator(Annotator):
                     except ValueError:
                         wait = None
             except httpx.TransportError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineReached(f"annotator {self.name!r}: deadline reached during a request") from None
                 err = AnnotatorUnavailable(
                     f"annotator {self.name!r}: cannot reach {self.base_url} ({type(exc).__name__}: {scrub(str(exc))})"
                 )
@@ -301,6 +312,8 @@ class OpenAIAnnotator(Annotator):
                 wait = self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
             if attempt > self.max_retries or elapsed + wait > self.max_total_s:
                 raise type(err)(f"{err} [gave up after {attempt} attempt(s) in {elapsed:.1f}s]")
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                raise DeadlineReached(f"annotator {self.name!r}: deadline reached while retrying ({err})")
             log.info("annotator %s: retry %d in %.2fs (%s)", self.name, attempt, wait, err)
             time.sleep(wait)
 
@@ -309,6 +322,11 @@ class OpenAIAnnotator(Annotator):
         self.prompt.check_classes(class_names)
         words = self.prompt.label_words(class_names)
         n, k = len(texts), len(class_names)
+        dl = current_deadline()  # jobs run in worker threads: capture the caller's deadline here
+
+        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            return self.post(path, body, deadline=dl)
+
         probs = np.full((n, k), np.nan)
         failed: dict[int, str] = {}
         tokens = [0]
@@ -331,7 +349,7 @@ class OpenAIAnnotator(Annotator):
                 def job(part=part) -> None:
                     full = [plains[i] + " " + words[c] for i, c in part]
                     body = {"model": self.model, "prompt": full, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0.0}
-                    resp = self.post("completions", body)
+                    resp = post("completions", body)
                     count(resp)
                     by_index = {int(ch.get("index", j)): ch for j, ch in enumerate(resp.get("choices") or [])}
                     for j, (i, c) in enumerate(part):
@@ -351,7 +369,7 @@ class OpenAIAnnotator(Annotator):
                 if self.api == "chat":
                     body = {"model": self.model, "messages": self.prompt.messages(texts[i], class_names, descriptions),
                             "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
-                    resp = self.post("chat/completions", body)
+                    resp = post("chat/completions", body)
                     count(resp)
                     try:
                         content = resp["choices"][0]["logprobs"]["content"][0]
@@ -362,7 +380,7 @@ class OpenAIAnnotator(Annotator):
                         return
                 else:
                     try:
-                        mass = walk_class_mass(self._completion_top(count), self.prompt.plain(texts[i], class_names, descriptions), words)
+                        mass = walk_class_mass(self._completion_top(count, dl), self.prompt.plain(texts[i], class_names, descriptions), words)
                     except (KeyError, IndexError, TypeError, AttributeError):
                         failed[i] = "no top_logprobs in the response"
                         return
@@ -393,7 +411,7 @@ class OpenAIAnnotator(Annotator):
                 body.update(n=self.samples, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
                 if self.seed is not None:
                     body["seed"] = self.seed
-                resp = self.post(path, body)
+                resp = post(path, body)
                 count(resp)
                 ch = resp.get("choices") or []
                 answers = [(c.get("message") or {}).get("content") or "" if self.api == "chat" else c.get("text", "") for c in ch]
@@ -414,10 +432,10 @@ class OpenAIAnnotator(Annotator):
                 failed.setdefault(int(i), "missing label scores")
         return AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens[0] or None)
 
-    def _completion_top(self, count: Any) -> Any:
+    def _completion_top(self, count: Any, deadline: float | None = None) -> Any:
         def top(prompt: str) -> dict[str, float]:
             body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
-            resp = self.post("completions", body)
+            resp = self.post("completions", body, deadline=deadline)
             count(resp)
             return {t: float(v) for t, v in resp["choices"][0]["logprobs"]["top_logprobs"][0].items()}
 
