@@ -50,13 +50,33 @@ class LSClient:
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self.threads = threads
 
+    def explain(self, what: str, exc: Exception) -> LSConnectionError:
+        """A clear error for a failed Label Studio call: who, what, the status and what to do."""
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int):
+            hint = {401: "the API key/token was refused (check LABEL_STUDIO_API_KEY)",
+                    403: "the API key/token may not access this project",
+                    404: "no such project or task"}.get(status, "Label Studio failed; the job can be retried")
+            return LSConnectionError(f"Label Studio at {self.url} answered HTTP {status} to {what}: {hint}")
+        return LSConnectionError(f"Label Studio at {self.url} is unreachable during {what} "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); the job can be retried")
+
     # -- reading ---------------------------------------------------------------------------------------
     def label_config(self, project: int) -> str:
-        p = self.client.projects.get(id=project)
+        try:
+            p = self.client.projects.get(id=project)
+        except Exception as exc:  # the SDK raises ApiError or httpx errors
+            raise self.explain(f"reading project {project}", exc) from exc
         return p.label_config
 
     def tasks(self, project: int, page_size: int = 500, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data`` and ``annotations`` (full)."""
+        try:
+            return self._tasks(project, page_size, on_page)
+        except Exception as exc:
+            raise self.explain(f"listing the tasks of project {project}", exc) from exc
+
+    def _tasks(self, project: int, page_size: int, on_page: Callable[[int], None] | None) -> list[dict]:
         out: list[dict] = []
         for t in self.client.tasks.list(project=project, fields="all", page_size=page_size):
             d = _plain(t)
@@ -75,7 +95,11 @@ class LSClient:
         n = 0
         for i in range(0, len(predictions), chunk):
             part = predictions[i : i + chunk]
-            self.client.projects.import_predictions(id=project, request=part)
+            try:
+                self.client.projects.import_predictions(id=project, request=part)
+            except Exception as exc:
+                raise self.explain(f"importing predictions into project {project} ({n} of {len(predictions)} "
+                                   "done)", exc) from exc
             n += len(part)
             if on_chunk is not None:
                 on_chunk(n)

@@ -1,0 +1,188 @@
+"""Label Studio unreachable, answering 401 or 500 during a sync job — injected by a real HTTP server on
+127.0.0.1 (or a closed port), never a patched SDK. Expected: the job fails with a clear reason, the SDK's
+retries (429/5xx, exponential backoff) stay bounded in time, nothing is lost (annotation cache, project
+state, serving model, the job record), and a later job — once Label Studio is back — succeeds without
+re-annotating anything."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from molal.config import get_settings
+
+TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
+    + "".join(f'<Choice value="{c}"/>' for c in TREC)
+    + "</Choices></View>"
+)
+KEY = "ls-fault-key-0123456789"
+MIXTURE_TOML = "".join(f'[[annotator]]\ntype = "replay"\nname = "{m}"\nsource = "bundled:trec"\n\n'
+                       for m in ("qwen", "yi"))
+
+
+class FakeLS:
+    """A minimal Label Studio API (the calls a sync job makes) with a switchable fault ``mode``:
+    ``ok``, or an HTTP status to answer every request with."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.mode: str | int = "ok"
+        self.hits: list[tuple[str, str, int]] = []
+        self.imported: list[dict] = []
+        self.tasks = [{"id": i + 1, "data": {"text": t}, "annotations": [], "predictions": []}
+                      for i, t in enumerate(texts)]
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, status: int, obj) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                u = urlparse(self.path)
+                status = 200 if fake.mode == "ok" else int(fake.mode)
+                fake.hits.append((self.command, u.path, status))
+                if status != 200:
+                    return self._send(status, {"detail": "Authentication credentials were not provided."
+                                               if status == 401 else "Server Error (500)"})
+                if self.command == "GET" and re.fullmatch(r"/api/projects/7/?", u.path):
+                    return self._send(200, {"id": 7, "title": "p", "label_config": CONFIG})
+                if self.command == "PATCH" and re.fullmatch(r"/api/projects/7/?", u.path):
+                    return self._send(200, {"id": 7, "title": "p", "label_config": CONFIG})
+                if self.command == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
+                    page = int(parse_qs(u.query).get("page", ["1"])[0])
+                    return self._send(200, {"tasks": fake.tasks if page == 1 else [], "total": len(fake.tasks)})
+                if self.command == "POST" and u.path.rstrip("/") == "/api/projects/7/import/predictions":
+                    preds = json.loads(raw or b"[]")
+                    fake.imported.extend(preds)
+                    return self._send(201, {"created": len(preds)})
+                return self._send(404, {"detail": f"not in the fake: {self.command} {u.path}"})
+
+            do_GET = do_POST = do_PATCH = _handle  # noqa: N815
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from molal.resources import asset_path
+
+    with open(asset_path("trec.jsonl")) as fh:
+        return [json.loads(line)["text"] for _, line in zip(range(20), fh, strict=False)]
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}"
+
+
+def service(tmp_path, url):
+    from molal.service.pipeline import Service
+
+    mix = tmp_path / "mixture.toml"
+    mix.write_text(MIXTURE_TOML)
+    return Service(get_settings(model_dir=tmp_path / "state", label_studio_url=url, label_studio_api_key=KEY,
+                                mixture=mix))
+
+
+def state_snapshot(svc) -> tuple:
+    st = svc.store.project(7)
+    kv = sorted(tuple(r) for r in st.db.execute("SELECT * FROM kv"))
+    return kv, st.current(), svc.cache.count()
+
+
+@pytest.mark.parametrize("fault", ["closed-port", 401, 500])
+def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, texts, fault):
+    from molal.service.jobs import execute
+
+    fake = FakeLS(texts)
+    try:
+        url = closed_port_url() if fault == "closed-port" else fake.url
+        svc = service(tmp_path, url)
+        st = svc.store.project(7)
+        st.put("label_config", CONFIG)
+        st.put("new_annotations", 3)
+        # half of the texts were annotated before (e.g. by /predict): they are in the cache
+        mixture = svc.mixture_for(st, TREC, texts)
+        res = mixture.annotate(texts[:10], TREC, cache=svc.cache)
+        assert len(res.done_idx) == 10
+        before = state_snapshot(svc)
+        assert before[2] == 20  # 2 annotators x 10 texts
+
+        fake.mode = "ok" if fault == "closed-port" else fault
+        job, created = svc.submit(7, "sync", source="test")
+        t0 = time.monotonic()
+        row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+        elapsed = time.monotonic() - t0
+        assert row["status"] == "failed"
+        msg = row["message"]
+        assert f"Label Studio at {url}" in msg and "reading project 7" in msg, msg
+        if fault == "closed-port":
+            assert "is unreachable" in msg and "Connection refused" in msg, msg
+        else:
+            assert f"answered HTTP {fault}" in msg, msg  # the status Label Studio answered is named
+            if fault == 401:
+                assert "check LABEL_STUDIO_API_KEY" in msg
+            if fault == 500:  # 5xx: the SDK retried with backoff (1 + 2 retries of the first call)
+                assert [h for h in fake.hits if h[2] == 500][:3] == [("GET", "/api/projects/7/", 500)] * 3
+            else:  # 401 is not retried
+                assert len(fake.hits) == 1
+        assert elapsed < 30, elapsed  # bounded total time
+        assert KEY not in json.dumps(row)
+        assert state_snapshot(svc) == before  # nothing lost, nothing half-written
+        assert svc.jobs.get(job["id"])["status"] == "failed"
+
+        # Label Studio is back: the next request creates a new job (not merged into the failed one) that
+        # succeeds and re-annotates nothing that was cached
+        fake.mode = "ok"
+        if fault == "closed-port":
+            svc.settings.label_studio_url = fake.url
+        job2, created2 = svc.submit(7, "sync", source="retry")
+        assert created2 and job2["id"] != job["id"]
+        row2 = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+        assert row2["status"] == "succeeded", row2["error"]
+        assert row2["result"]["n_tasks"] == 20 and row2["result"]["annotated"] == 20
+        assert {p["task"] for p in fake.imported} == {t["id"] for t in fake.tasks}
+        assert svc.cache.count() == 40  # only the 10 new texts were annotated (x2 annotators)
+        assert state_snapshot(svc)[0] == before[0]
+    finally:
+        fake.close()
+
+
+def test_train_job_without_label_studio_credentials_fails_with_the_fix_named(tmp_path):
+    from molal.service.jobs import execute
+    from molal.service.pipeline import Service
+
+    svc = Service(get_settings(model_dir=tmp_path / "state"))
+    svc.submit(7, "train")
+    row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+    assert row["status"] == "failed"
+    assert "LABEL_STUDIO_URL" in row["message"] and "LABEL_STUDIO_API_KEY" in row["message"]
