@@ -277,8 +277,13 @@ class HFAnnotator(Annotator):
             part = np.zeros((b, k))
             for c, ids_c in enumerate(labels):
                 part[:, c] = first[:, ids_c[0]].cpu().numpy()
+            cache = out.past_key_values
+            if width > 1 and not hasattr(cache, "batch_repeat_interleave"):  # a model without a usable KV cache
+                part, extra = self._full_concat(chunk, labels)
+                scores[s : s + b] = part
+                n_tok += extra
+                continue
             if width > 1:
-                cache = out.past_key_values
                 cache.batch_repeat_interleave(k)
                 rows_lab = lab.repeat(b, 1)  # (b*k, width): text-major, class-minor
                 rows_mask = torch.cat([mask.repeat_interleave(k, 0), lab_mask.repeat(b, 1)], dim=1)
