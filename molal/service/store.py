@@ -146,6 +146,7 @@ class ProjectSettings:
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
     uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
     student: bool = True  # train the student in each training job
+    molam_candidates: str | None = None  # comma list of MoLAM candidates (e.g. "lr_0.1,ds,best_single"); None = all
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -163,7 +164,7 @@ def coerce_setting(key: str, value: Any) -> Any:
     default = getattr(ProjectSettings(), key)
     kind = type(default) if default is not None else str
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-        if key in ("mixture", "from_name"):
+        if key in ("mixture", "from_name", "molam_candidates"):
             return None
         raise ValueError(f"{key} cannot be empty")
     if kind is bool:

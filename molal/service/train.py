@@ -151,7 +151,14 @@ def annotate_texts(svc: Service, state: ProjectState, ctx: JobContext, payload: 
         raise TrainingError("annotate job payload needs 'texts' and 'classes' lists")
     spec = LabelSpec(from_name="", to_name="", value_key="", classes=tuple(str(c) for c in classes))
     _, res = annotate_pool(svc, state, spec, [str(t) for t in texts], ctx, 0.0, 1.0)
-    return {"texts": len(texts), "done": int(len(res.done_idx)), "failed": len(res.failed)}
+    return {"texts": len(texts), "done": int(len(res.done_idx)), "failed": len(res.failed),
+            "failed_texts": failed_texts(texts, res.failed)}
+
+
+def failed_texts(texts: list, failed: dict[int, str], limit: int = 200) -> list[dict]:
+    """Which texts failed and why (for job records; the first ``limit``, texts cut to 300 characters)."""
+    return [{"row": int(i), "text": str(texts[i])[:300], "reason": str(why)[:500]}
+            for i, why in sorted(failed.items())[:limit]]
 
 
 # -- one training round (no Label Studio I/O: testable on its own) -------------------------------------------
@@ -196,10 +203,14 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         ctx.progress(0.45, f"fitting MoLAM on {len(human_rows)} human labels")
     labeled_idx = np.array([pos[r] for r in human_rows], dtype=np.int64)
     labels = np.array([pool.human[r] for r in human_rows], dtype=np.int64)
-    molam = MoLAM().fit(outputs, labeled_idx, labels)
+    cands = [c.strip() for c in ps.molam_candidates.split(",") if c.strip()] if ps.molam_candidates else None
+    t0 = time.perf_counter()
+    molam = MoLAM(candidates=cands).fit(outputs, labeled_idx, labels)
+    if ctx is not None:
+        ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {getattr(molam, 'choice', '?')})")
     P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
     y_molam = P.argmax(axis=1)
-    neg = np.asarray(negative_labels(outputs, predicted=y_molam), dtype=bool)
+    neg = np.asarray(negative_labels(outputs, predicted=P), dtype=bool)
 
     # -- previous student (discrepancy weights) ------------------------------------------------------------
     prev = None

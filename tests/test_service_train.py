@@ -1,0 +1,152 @@
+"""A training round without Label Studio I/O (molal.service.train.fit_round) with the real MoLAM, the real
+student and the real query strategies, then serving the published model through the Flask app."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from molal.config import get_settings
+from molal.service.labelconfig import parse_label_config
+from molal.service.train import Pool, TrainingError, fit_round, human_label, pool_from_tasks
+
+TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
+    + "".join(f'<Choice value="{c}"/>' for c in TREC)
+    + "</Choices></View>"
+)
+SPEC = parse_label_config(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from molal.resources import asset_path
+
+    with open(asset_path("trec.jsonl")) as fh:
+        return [json.loads(line) for _, line in zip(range(300), fh, strict=False)]
+
+
+def make_pool(rows, n, n_labels, seed=0):
+    rng = np.random.default_rng(seed)
+    texts = [r["text"] for r in rows[:n]]
+    lab = rng.choice(n, n_labels, replace=False)
+    human = {int(i): TREC.index(rows[i]["label"]) for i in lab}
+    return Pool(task_ids=list(range(100, 100 + n)), texts=texts, data=[{"text": t} for t in texts], human=human,
+                prediction_versions=[[] for _ in texts])
+
+
+def service(tmp_path, **kw):
+    from molal.service.pipeline import Service
+
+    s = get_settings(model_dir=tmp_path / "state", student_epochs=1, student_max_length=32, device="cpu", **kw)
+    return Service(s)
+
+
+def project(svc, pid):
+    """A project whose MoLAM picks among the fast candidates (full model selection takes ~1 min on CPU)."""
+    state = svc.store.project(pid)
+    state.set_setting("molam_candidates", "ds,best_single")
+    return state
+
+
+def test_human_label_latest_non_cancelled_wins():
+    def ann(i, label, cancelled=False, when="2026-01-01T00:00:0%d"):
+        return {"id": i, "was_cancelled": cancelled, "updated_at": when % i,
+                "result": [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]}
+
+    assert human_label([ann(1, "human"), ann(2, "entity")], SPEC) == TREC.index("entity")
+    assert human_label([ann(1, "human"), ann(2, "entity", cancelled=True)], SPEC) == TREC.index("human")
+    assert human_label([ann(1, "not-a-class")], SPEC) is None
+    assert human_label([], SPEC) is None
+    pool = pool_from_tasks([{"id": 5, "data": {"text": "Who?"}, "annotations": [ann(1, "human")]},
+                            {"id": 6, "data": {"other": "x"}, "annotations": []}], SPEC)
+    assert pool.task_ids == [5] and pool.human == {0: TREC.index("human")} and pool.skipped == 1
+
+
+def test_molam_round_publishes_and_serves(tmp_path, rows):
+    svc = service(tmp_path)
+    state = project(svc, 1)
+    state.set_setting("student", False)
+    pool = make_pool(rows, 300, 50)
+    rr = fit_round(svc, state, SPEC, pool, None, job_id="t1")
+    assert rr.version.startswith("molam-1-") and rr.student is None
+    assert state.current()["molam"] == rr.version
+    # MoLAM's labels on the unlabeled rows agree with gold (the recorded LLMs are good on TREC)
+    gold = np.array([TREC.index(r["label"]) for r in rows[:300]])
+    unl = [i for i, r in enumerate(rr.rows.tolist()) if r not in pool.human]
+    acc = float((rr.probs[unl].argmax(1) == gold[rr.rows[unl]]).mean())
+    assert acc > 0.75, acc
+
+    from backend.app import create_app
+
+    app = create_app(svc.settings, start_worker=False)
+    c = app.test_client()
+    assert c.post("/setup", json={"project": "1.1", "schema": CONFIG}).json["model_version"] == rr.version
+    tasks = [{"id": i, "data": {"text": rows[i]["text"]}} for i in range(5)]
+    r = c.post("/predict", json={"project": "1.1", "tasks": tasks, "label_config": CONFIG})
+    assert r.status_code == 200
+    assert [e[0]["model_version"] for e in r.json["results"]] == [rr.version] * 5
+    assert c.get("/versions?project=1").json["versions"] == [rr.version]
+
+    # a corrupted published model is refused: the service falls back to the mixture mean, never a 5xx
+    ptr = state.current()
+    (state.model_dir(ptr["dir"]) / "manifest.json").write_text("{}")
+    app2 = create_app(svc.settings, start_worker=False)  # a fresh process would load it again
+    r = app2.test_client().post("/predict", json={"project": "1.1", "tasks": tasks, "label_config": CONFIG})
+    assert r.status_code == 200 and r.json["model_version"].startswith("mixture-mean-")
+
+
+def test_too_few_labels_fail_clearly_and_publish_nothing(tmp_path, rows):
+    svc = service(tmp_path)
+    state = project(svc, 1)
+    pool = make_pool(rows, 50, 1)
+    with pytest.raises(TrainingError, match="at least 2 classes"):
+        fit_round(svc, state, SPEC, pool, None, job_id="t0")
+    assert state.current() is None
+
+
+def test_human_free_rounds_with_student_and_query(tmp_path, rows):
+    """Two AL rounds of the paper's loop: student on seeds (+ MoLAM batch), query b, label with MoLAM."""
+    svc = service(tmp_path)
+    state = project(svc, 2)
+    for k, v in {"loop_mode": "human_free", "strategy": "entropy", "query_batch": 8, "serve_model": "student"}.items():
+        state.set_setting(k, v)
+    pool = make_pool(rows[:80], 80, 20, seed=1)
+    r1 = fit_round(svc, state, SPEC, pool, None, job_id="r1")
+    assert r1.version.startswith("student-1-") and r1.student is not None
+    assert len(r1.new_auto) == 8 and not set(r1.new_auto) & set(pool.human)
+    auto = state.auto_labels()
+    assert len(auto) == 8 and all(a["round"] == 0 for a in auto.values())
+    assert all(0 < a["weight"] <= 1 for a in auto.values())
+    # a human correction overrides MoLAM: label one auto-labelled task by hand
+    t0 = pool.task_ids[r1.new_auto[0]]
+    pool.human[r1.new_auto[0]] = (auto[t0]["label"] + 1) % len(TREC)
+    r2 = fit_round(svc, state, SPEC, pool, None, job_id="r2")
+    assert r2.info["round"] == 1
+    assert r2.info["student_train"] == {"human": 21, "molam": 7}
+    assert len(state.auto_labels()) == 16
+    assert state.current()["n"] == 2 and r2.version.startswith("student-2-")
+
+
+def test_priority_updates_only_changed_tasks():
+    from molal.service.train import priorities, priority_updates
+
+    texts = [f"t{i}" for i in range(6)]
+    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts,
+                data=[{"text": t} for t in texts], human={0: 1})
+    pool.data[5]["priority"] = 7  # a task labelled since the last round... (row 5 is not in rows below)
+    rows = [1, 2, 3, 4]
+    order = np.array([2, 0, 3, 1])  # rows[2] most useful
+    pr = priorities(order)
+    assert pr.tolist() == [3, 1, 4, 2]
+    ups = dict(priority_updates(pool, rows, pr, "priority"))
+    assert {k: v["priority"] for k, v in ups.items()} == {11: 3, 12: 1, 13: 4, 14: 2, 15: 0}
+    assert ups[11]["text"] == "t1"  # the full data is sent back
+    for r, (_tid, d) in zip([1, 2, 3, 4, 5], sorted(ups.items()), strict=True):
+        pool.data[r] = d
+    assert priority_updates(pool, rows, pr, "priority") == []  # nothing changed: no writes
+    top = dict(priority_updates(pool, rows, pr, "priority", top=2))
+    assert {k: v["priority"] for k, v in top.items()} == {12: 0, 14: 0}  # only the top 2 keep a rank
