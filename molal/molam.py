@@ -1,0 +1,838 @@
+"""MoLAM — the learned aggregator of a mixture of LLMs (aggregate stage), and its baselines.
+
+Every aggregator has the same face::
+
+    agg = MoLAM().fit(outputs, labeled_idx, labels)   # labeled_idx: rows of outputs; labels: class indices
+    proba = agg.predict_proba(outputs)                 # (n, K), rows sum to 1
+    agg.save("molam.json"); agg2 = load_aggregator("molam.json")  # or MoLAM.load(...)
+
+Everything is chosen from the seed labels and the unlabeled pool only (never from gold labels of the
+pool): the candidate models are compared by repeated stratified cross-validation on the seeds, and a
+safety net falls back to the best single LLM (judged on the seeds) when no learned model is clearly
+better. Classes absent from the seeds are predicted from the LLMs' own evidence through an unsupervised
+Dawid–Skene posterior fitted on the whole pool.
+
+Baselines with the same API: :class:`BestSingleLLM`, :class:`MajorityVote`, :class:`MeanProbs`,
+:class:`PaperXGBoost` (the paper's XGBoost on raw probs + consistency, seeds only) and
+:class:`DawidSkene` (EM over the pool, seeds clamped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from molal import __version__
+from molal.data import LLMOutputs
+from molal.io import atomic_write_bytes
+
+FORMAT = "molal.aggregator"
+FORMAT_VERSION = 1
+_EPS = 1e-12
+
+__all__ = [
+    "Aggregator",
+    "MoLAM",
+    "BestSingleLLM",
+    "MajorityVote",
+    "MeanProbs",
+    "PaperXGBoost",
+    "DawidSkene",
+    "BASELINES",
+    "negative_labels",
+    "load_aggregator",
+    "MoLAMError",
+]
+
+
+class MoLAMError(ValueError):
+    """Bad input to an aggregator (labels out of range, mismatched classes, unreadable model file...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals and features
+# --------------------------------------------------------------------------------------------------
+
+
+def _votes(outputs: LLMOutputs) -> np.ndarray:
+    """Per-LLM answer distribution (n, L, K): the sampled-answer consistency where recorded, else the
+    one-hot argmax of the probabilities. A row with no valid answer (all zeros) stays all zeros."""
+    if outputs.consistency is not None:
+        return outputs.consistency
+    p = outputs.probs
+    out = np.zeros_like(p)
+    np.put_along_axis(out, p.argmax(axis=2)[..., None], 1.0, axis=2)
+    out[p.sum(axis=2) <= _EPS] = 0.0
+    return out
+
+
+def _normalize_rows(p: np.ndarray) -> np.ndarray:
+    s = p.sum(axis=-1, keepdims=True)
+    k = p.shape[-1]
+    return np.where(s > _EPS, p / np.maximum(s, _EPS), 1.0 / k)
+
+
+def _features(outputs: LLMOutputs, floor: float = 1e-3) -> np.ndarray:
+    """General per-item features: per LLM, log of the renormalised probabilities (floored) and the vote
+    shares; plus the mean probability vector and the pooled vote shares across LLMs."""
+    n = outputs.n_items
+    p = outputs.normalized_probs()
+    v = _votes(outputs)
+    parts = [np.log(np.maximum(p, floor)).reshape(n, -1)]
+    if outputs.consistency is not None:
+        parts.append(v.reshape(n, -1))
+    parts.append(np.log(np.maximum(p.mean(axis=1), floor)))
+    parts.append(_normalize_rows(v.sum(axis=1)))
+    return np.concatenate(parts, axis=1)
+
+
+def _paper_features(outputs: LLMOutputs) -> np.ndarray:
+    """The paper's 2·N·K features: raw class probabilities and consistency per LLM, concatenated."""
+    n = outputs.n_items
+    return np.concatenate([outputs.probs.reshape(n, -1), _votes(outputs).reshape(n, -1)], axis=1)
+
+
+def _ds_observations(outputs: LLMOutputs) -> np.ndarray:
+    """Soft observations for Dawid–Skene: per LLM its vote shares and its renormalised probabilities
+    (two "annotators" per LLM when consistency is recorded)."""
+    p = outputs.normalized_probs()
+    if outputs.consistency is None:
+        return p
+    return np.concatenate([outputs.consistency, p], axis=1)
+
+
+def _ds_em(
+    obs: np.ndarray,
+    seed_idx: np.ndarray | None = None,
+    seed_labels: np.ndarray | None = None,
+    iters: int = 50,
+    smooth: float = 0.01,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dawid–Skene EM on soft observations ``obs`` (n, A, K). Returns (posterior (n,K), prior (K,),
+    log confusion (A, K, K)). Seed rows (if given) are clamped to their labels."""
+    n, _, k = obs.shape
+    post = _normalize_rows(obs.mean(axis=1))
+    eye = np.eye(k)
+    if seed_idx is not None and len(seed_idx):
+        post[seed_idx] = eye[seed_labels]
+    prior = np.full(k, 1.0 / k)
+    logpi = np.zeros((obs.shape[1], k, k))
+    for _ in range(iters):
+        prior = post.mean(axis=0) + 1e-6
+        prior /= prior.sum()
+        pi = np.einsum("nk,naj->akj", post, obs) + smooth
+        pi /= pi.sum(axis=2, keepdims=True)
+        logpi = np.log(pi)
+        new = _ds_posterior(obs, prior, logpi)
+        if seed_idx is not None and len(seed_idx):
+            new[seed_idx] = eye[seed_labels]
+        delta = float(np.abs(new - post).max())
+        post = new
+        if delta < tol:
+            break
+    return post, prior, logpi
+
+
+def _ds_posterior(obs: np.ndarray, prior: np.ndarray, logpi: np.ndarray) -> np.ndarray:
+    logt = np.log(prior)[None, :] + np.einsum("naj,akj->nk", obs, logpi)
+    logt -= logt.max(axis=1, keepdims=True)
+    t = np.exp(logt)
+    return t / t.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Base class: validation, persistence
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_fit_inputs(outputs: LLMOutputs, labeled_idx: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(outputs, LLMOutputs):
+        raise MoLAMError(f"outputs must be an LLMOutputs, got {type(outputs).__name__}")
+    idx = np.asarray(labeled_idx)
+    lab = np.asarray(labels)
+    if idx.ndim != 1 or lab.ndim != 1:
+        raise MoLAMError("labeled_idx and labels must be 1-D sequences")
+    if len(idx) != len(lab):
+        raise MoLAMError(f"{len(idx)} labeled indices but {len(lab)} labels")
+    if len(idx) == 0:
+        raise MoLAMError("no seed labels: fit needs at least one labeled item (labeled_idx is empty)")
+    if not np.issubdtype(idx.dtype, np.integer) or not np.issubdtype(lab.dtype, np.integer):
+        raise MoLAMError("labeled_idx and labels must be integers (row indices and class indices)")
+    idx = idx.astype(np.int64)
+    lab = lab.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= outputs.n_items:
+        raise MoLAMError(f"labeled_idx out of range [0, {outputs.n_items}): min {idx.min()}, max {idx.max()}")
+    if len(np.unique(idx)) != len(idx):
+        raise MoLAMError("labeled_idx has duplicate rows")
+    if lab.min() < 0 or lab.max() >= outputs.n_classes:
+        raise MoLAMError(
+            f"labels out of range [0, {outputs.n_classes}) for classes {outputs.class_names}: "
+            f"min {lab.min()}, max {lab.max()}"
+        )
+    return idx, lab
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _unjson(x: Any) -> Any:
+    if isinstance(x, dict):
+        if "__ndarray__" in x:
+            return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+        return {k: _unjson(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unjson(v) for v in x]
+    return x
+
+
+class Aggregator:
+    """Common face of MoLAM and the baselines: fit / predict_proba / predict / save / load."""
+
+    kind: ClassVar[str] = "aggregator"
+
+    def __init__(self) -> None:
+        self.class_names: list[str] | None = None
+        self.llm_names: list[str] | None = None
+        self.metadata: dict[str, Any] = {}
+
+    # -- to override -------------------------------------------------------------------------------
+    def _fit(self, outputs: LLMOutputs, idx: np.ndarray, labels: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _predict(self, outputs: LLMOutputs) -> np.ndarray:
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, Any]:
+        return {}
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- public ------------------------------------------------------------------------------------
+    def fit(self, outputs: LLMOutputs, labeled_idx: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray):
+        """Fit on ``outputs`` (the whole pool; unlabeled rows may be used) with seed labels ``labels``
+        (class indices) at rows ``labeled_idx``. Returns self."""
+        idx, lab = _check_fit_inputs(outputs, labeled_idx, labels)
+        t0 = time.perf_counter()
+        self.class_names = list(outputs.class_names)
+        self.llm_names = list(outputs.llm_names)
+        self.metadata = {}
+        self._fit(outputs, idx, lab)
+        counts = np.bincount(lab, minlength=outputs.n_classes)
+        self.metadata.update(
+            {
+                "kind": self.kind,
+                "molal_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "class_names": self.class_names,
+                "llm_names": self.llm_names,
+                "n_pool": int(outputs.n_items),
+                "n_seeds": int(len(idx)),
+                "seed_class_counts": {c: int(n) for c, n in zip(self.class_names, counts, strict=True)},
+                "classes_unseen_in_seeds": [c for c, n in zip(self.class_names, counts, strict=True) if n == 0],
+                "has_consistency": outputs.consistency is not None,
+                "fit_seconds": round(time.perf_counter() - t0, 4),
+                "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "params": self._params(),
+            }
+        )
+        return self
+
+    def _check_predict(self, outputs: LLMOutputs) -> None:
+        if self.class_names is None:
+            raise MoLAMError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+        if not isinstance(outputs, LLMOutputs):
+            raise MoLAMError(f"outputs must be an LLMOutputs, got {type(outputs).__name__}")
+        if list(outputs.class_names) != self.class_names:
+            raise MoLAMError(f"class names {outputs.class_names} do not match the fitted ones {self.class_names}")
+        if list(outputs.llm_names) != self.llm_names:
+            raise MoLAMError(f"LLM names {outputs.llm_names} do not match the fitted ones {self.llm_names}")
+        if bool(self.metadata.get("has_consistency")) and outputs.consistency is None:
+            raise MoLAMError("this model was fitted with consistency (sampled answers); these outputs have none")
+
+    def predict_proba(self, outputs: LLMOutputs) -> np.ndarray:
+        """(n, K) class distribution per item; rows sum to 1."""
+        self._check_predict(outputs)
+        p = np.asarray(self._predict(outputs), dtype=np.float64)
+        p = np.clip(p, 0.0, None)
+        return _normalize_rows(p)
+
+    def predict(self, outputs: LLMOutputs) -> np.ndarray:
+        """(n,) predicted class indices."""
+        return self.predict_proba(outputs).argmax(axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.class_names is None:
+            raise MoLAMError("cannot save an unfitted aggregator")
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "molal_version": __version__,
+            "class_names": self.class_names,
+            "llm_names": self.llm_names,
+            "params": _jsonable(self._params()),
+            "metadata": _jsonable(self.metadata),
+            "state": _jsonable(self._state()),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the fitted model as one JSON file, atomically (class/LLM names, version, metadata)."""
+        data = json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8")
+        return atomic_write_bytes(path, data, mode=0o644)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Aggregator:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise MoLAMError("not a molal aggregator file")
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise MoLAMError(f"aggregator format version {d['format_version']} is newer than this molal")
+        kind = d.get("kind")
+        if kind not in _KINDS:
+            raise MoLAMError(f"unknown aggregator kind {kind!r}")
+        klass = _KINDS[kind]
+        if cls is not Aggregator and not issubclass(klass, cls):
+            raise MoLAMError(f"file holds a {klass.__name__}, not a {cls.__name__}")
+        obj = klass(**_unjson(d.get("params", {})))
+        obj.class_names = list(d["class_names"])
+        obj.llm_names = list(d["llm_names"])
+        obj.metadata = _unjson(d.get("metadata", {}))
+        obj._set_state(_unjson(d.get("state", {})))
+        return obj
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]):
+        """Read a model written by :meth:`save`."""
+        p = Path(path)
+        if not p.exists():
+            raise MoLAMError(f"{p}: model file not found")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MoLAMError(f"{p}: cannot read model file ({exc})") from exc
+        try:
+            return cls.from_dict(d)
+        except MoLAMError as exc:
+            raise MoLAMError(f"{p}: {exc}") from None
+
+
+def load_aggregator(path: str | os.PathLike[str]) -> Aggregator:
+    """Load any aggregator (MoLAM or a baseline) saved with ``save``."""
+    return Aggregator.load(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------
+
+
+class MajorityVote(Aggregator):
+    """Pooled vote shares of all LLMs (sampled answers where recorded, else each LLM's argmax); ties
+    and rows without votes are resolved by the mean probabilities."""
+
+    kind = "majority_vote"
+
+    def _fit(self, outputs, idx, labels):
+        pass
+
+    def _predict(self, outputs):
+        v = _votes(outputs).sum(axis=1)
+        return v + 1e-6 * _normalize_rows(outputs.normalized_probs().mean(axis=1))
+
+
+class MeanProbs(Aggregator):
+    """Mean over LLMs of the recorded class probabilities, renormalised."""
+
+    kind = "mean_probs"
+
+    def _fit(self, outputs, idx, labels):
+        pass
+
+    def _predict(self, outputs):
+        return outputs.probs.mean(axis=1)
+
+
+class BestSingleLLM(Aggregator):
+    """The single source (one LLM's probabilities or its sampled votes) most accurate on the seeds;
+    ties broken by agreement with the majority vote on the pool (no gold used)."""
+
+    kind = "best_single_llm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: tuple[str, int] | None = None  # ("probs"|"votes", llm index)
+
+    @staticmethod
+    def _sources(outputs: LLMOutputs) -> list[tuple[str, int, np.ndarray]]:
+        p = outputs.normalized_probs()
+        out = [("probs", m, p[:, m]) for m in range(outputs.n_llms)]
+        if outputs.consistency is not None:
+            # votes, with the probabilities as tie-breaker / fallback when no answer was valid
+            out += [("votes", m, outputs.consistency[:, m] + 1e-3 * p[:, m]) for m in range(outputs.n_llms)]
+        return out
+
+    def _fit(self, outputs, idx, labels):
+        mv = MajorityVote()._predict(outputs).argmax(axis=1)
+        best, best_key = None, None
+        scores = {}
+        for name, m, p in self._sources(outputs):
+            acc = float((p[idx].argmax(axis=1) == labels).mean())
+            agree = float((p.argmax(axis=1) == mv).mean())
+            scores[f"{outputs.llm_names[m]}:{name}"] = round(acc, 4)
+            key = (acc, agree)
+            if best_key is None or key > best_key:
+                best, best_key = (name, m), key
+        self.source = best
+        self.metadata["seed_accuracy"] = best_key[0]
+        self.metadata["source"] = f"{outputs.llm_names[best[1]]}:{best[0]}"
+        self.metadata["seed_accuracy_by_source"] = scores
+
+    def _predict(self, outputs):
+        name, m = self.source
+        for n2, m2, p in self._sources(outputs):
+            if (n2, m2) == (name, m):
+                return p
+        raise MoLAMError(f"source {name} of LLM {m} not available in these outputs")
+
+    def _state(self):
+        return {"source": list(self.source) if self.source else None}
+
+    def _set_state(self, state):
+        s = state.get("source")
+        self.source = (s[0], int(s[1])) if s else None
+
+
+class DawidSkene(Aggregator):
+    """Dawid–Skene EM over the whole pool: each LLM's votes and probabilities are soft annotations with a
+    per-source confusion matrix; seed rows are clamped to their labels (semi-supervised)."""
+
+    kind = "dawid_skene"
+
+    def __init__(self, iters: int = 50, smooth: float = 0.01) -> None:
+        super().__init__()
+        self.iters = int(iters)
+        self.smooth = float(smooth)
+        self.prior: np.ndarray | None = None
+        self.logpi: np.ndarray | None = None
+
+    def _params(self):
+        return {"iters": self.iters, "smooth": self.smooth}
+
+    def _fit(self, outputs, idx, labels):
+        _, self.prior, self.logpi = _ds_em(_ds_observations(outputs), idx, labels, self.iters, self.smooth)
+
+    def _predict(self, outputs):
+        return _ds_posterior(_ds_observations(outputs), self.prior, self.logpi)
+
+    def _state(self):
+        return {"prior": self.prior, "logpi": self.logpi}
+
+    def _set_state(self, state):
+        self.prior = np.asarray(state["prior"], dtype=np.float64)
+        self.logpi = np.asarray(state["logpi"], dtype=np.float64)
+
+
+def _xgb_fit(x: np.ndarray, y: np.ndarray, k: int, lr: float, depth: int, trees: int, nthread: int, seed: int):
+    """XGBoost softprob on classes present in y; returns (booster raw json str, classes present)."""
+    import xgboost as xgb
+
+    present = np.unique(y)
+    remap = {c: i for i, c in enumerate(present)}
+    yy = np.array([remap[c] for c in y])
+    if len(present) == 1:
+        return None, present
+    params = {
+        "objective": "multi:softprob",
+        "num_class": len(present),
+        "eta": lr,
+        "max_depth": depth,
+        "nthread": nthread,
+        "seed": seed,
+        "verbosity": 0,
+    }
+    booster = xgb.train(params, xgb.DMatrix(x, label=yy), num_boost_round=trees)
+    return booster, present
+
+
+def _xgb_predict(booster, present: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    import xgboost as xgb
+
+    out = np.zeros((len(x), k))
+    if booster is None:
+        out[:, present] = 1.0
+        return out
+    out[:, present] = booster.predict(xgb.DMatrix(x)).reshape(len(x), len(present))
+    return out
+
+
+def _booster_to_str(booster) -> str | None:
+    return None if booster is None else bytes(booster.save_raw("json")).decode("utf-8")
+
+
+def _booster_from_str(s: str | None):
+    if s is None:
+        return None
+    import xgboost as xgb
+
+    b = xgb.Booster()
+    b.load_model(bytearray(s.encode("utf-8")))
+    return b
+
+
+class PaperXGBoost(Aggregator):
+    """The paper's MoLAM without the gold-selected restarts: XGBoost on raw probs + consistency
+    (2·N·K features) trained on the seeds only. Classes absent from the seeds get probability 0.
+    Defaults: TREC settings (lr 0.05, depth 6, 300 trees)."""
+
+    kind = "paper_xgboost"
+
+    def __init__(self, learning_rate: float = 0.05, max_depth: int = 6, n_estimators: int = 300,
+                 nthread: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        self.learning_rate = float(learning_rate)
+        self.max_depth = int(max_depth)
+        self.n_estimators = int(n_estimators)
+        self.nthread = int(nthread)
+        self.seed = int(seed)
+        self.booster = None
+        self.present: np.ndarray | None = None
+
+    def _params(self):
+        return {"learning_rate": self.learning_rate, "max_depth": self.max_depth,
+                "n_estimators": self.n_estimators, "nthread": self.nthread, "seed": self.seed}
+
+    def _fit(self, outputs, idx, labels):
+        x = _paper_features(outputs)
+        self.booster, self.present = _xgb_fit(x[idx], labels, outputs.n_classes, self.learning_rate,
+                                              self.max_depth, self.n_estimators, self.nthread, self.seed)
+
+    def _predict(self, outputs):
+        return _xgb_predict(self.booster, self.present, _paper_features(outputs), outputs.n_classes)
+
+    def _state(self):
+        return {"booster": _booster_to_str(self.booster), "present": self.present}
+
+    def _set_state(self, state):
+        self.booster = _booster_from_str(state.get("booster"))
+        self.present = np.asarray(state["present"], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# MoLAM
+# --------------------------------------------------------------------------------------------------
+
+
+def _lr_fit(x: np.ndarray, y: np.ndarray, c: float, weights: np.ndarray | None = None):
+    """Multinomial logistic regression; returns (coef, intercept, classes present)."""
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    if len(present) == 1:
+        return None, None, present
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = LogisticRegression(C=c, max_iter=2000).fit(x, y, sample_weight=weights)
+    coef, inter = m.coef_, m.intercept_
+    if len(present) == 2:  # sklearn keeps one row for binary problems
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        inter = np.array([-inter[0] / 2, inter[0] / 2])
+    return coef, inter, present
+
+
+def _lr_predict(coef, inter, present, x: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((len(x), k))
+    if coef is None:
+        out[:, present] = 1.0
+        return out
+    z = x @ coef.T + inter
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out[:, present] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    return mu, np.where(sd > 1e-9, sd, 1.0)
+
+
+def _stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Fold id per seed, classes spread evenly across folds."""
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.where(labels == c)[0])
+        fold[members] = (np.arange(len(members)) + offset) % n_folds
+        offset += len(members)
+    return fold
+
+
+class MoLAM(Aggregator):
+    """Mixture-of-LLMs aggregator chosen by cross-validation on the seeds.
+
+    Candidates: logistic regression on general features (per-LLM log-probabilities and vote shares,
+    their means, and the pool's Dawid–Skene posterior) at several regularisation strengths, XGBoost on the
+    same features, the Dawid–Skene posterior itself, and the best single LLM. The candidate with the best
+    repeated stratified out-of-fold accuracy on the seeds wins (log-loss breaks ties); a learned model must
+    beat the best single LLM's seed accuracy to be used (safety net). Classes absent from the seeds keep
+    the probability mass the Dawid–Skene posterior gives them.
+
+    Args:
+        candidates: names among ``lr_C`` (C in ``lr_cs``), ``xgb``, ``ds``, ``best_single``; None = all.
+        lr_cs: regularisation strengths tried for the logistic regression.
+        n_folds, n_repeats: the cross-validation on the seeds.
+        xgb_params: learning_rate / max_depth / n_estimators of the XGBoost candidate.
+        nthread: XGBoost threads.
+        seed: random seed of the folds and XGBoost.
+        progress: show a rich progress bar during model selection.
+    """
+
+    kind = "molam"
+
+    def __init__(
+        self,
+        candidates: Sequence[str] | None = None,
+        lr_cs: Sequence[float] = (0.03, 0.1, 0.3, 1.0),
+        n_folds: int = 5,
+        n_repeats: int = 3,
+        xgb_params: dict[str, Any] | None = None,
+        nthread: int = 2,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.candidates = list(candidates) if candidates is not None else None
+        self.lr_cs = [float(c) for c in lr_cs]
+        self.n_folds = int(n_folds)
+        self.n_repeats = int(n_repeats)
+        self.xgb_params = dict(xgb_params or {"learning_rate": 0.05, "max_depth": 3, "n_estimators": 200})
+        self.nthread = int(nthread)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        # fitted state
+        self.choice: str | None = None
+        self.ds_prior: np.ndarray | None = None
+        self.ds_logpi: np.ndarray | None = None
+        self.mu: np.ndarray | None = None
+        self.sd: np.ndarray | None = None
+        self.model: dict[str, Any] = {}
+        self.unseen: np.ndarray | None = None
+
+    def _params(self):
+        return {
+            "candidates": self.candidates,
+            "lr_cs": self.lr_cs,
+            "n_folds": self.n_folds,
+            "n_repeats": self.n_repeats,
+            "xgb_params": self.xgb_params,
+            "nthread": self.nthread,
+            "seed": self.seed,
+            "progress": self.progress,
+        }
+
+    # -- features ----------------------------------------------------------------------------------
+    def _ds(self, outputs: LLMOutputs) -> np.ndarray:
+        return _ds_posterior(_ds_observations(outputs), self.ds_prior, self.ds_logpi)
+
+    def _x(self, outputs: LLMOutputs, ds_post: np.ndarray) -> np.ndarray:
+        x = np.concatenate([_features(outputs), np.log(np.maximum(ds_post, 1e-4))], axis=1)
+        return (x - self.mu) / self.sd
+
+    # -- candidates --------------------------------------------------------------------------------
+    def _candidate_names(self, outputs: LLMOutputs) -> list[str]:
+        names = [f"lr_{c:g}" for c in self.lr_cs] + ["xgb", "ds", "best_single"]
+        if self.candidates is not None:
+            unknown = [c for c in self.candidates if c not in names]
+            if unknown:
+                raise MoLAMError(f"unknown MoLAM candidates {unknown}; choose from {names}")
+            names = [c for c in names if c in self.candidates]
+        return names
+
+    def _fit_candidate(self, name: str, outputs, x, ds_post, idx, labels) -> dict[str, Any]:
+        k = outputs.n_classes
+        if name.startswith("lr_"):
+            coef, inter, present = _lr_fit(x[idx], labels, float(name[3:]))
+            return {"type": "lr", "coef": coef, "intercept": inter, "present": present}
+        if name == "xgb":
+            booster, present = _xgb_fit(x[idx], labels, k, float(self.xgb_params["learning_rate"]),
+                                        int(self.xgb_params["max_depth"]), int(self.xgb_params["n_estimators"]),
+                                        self.nthread, self.seed)
+            return {"type": "xgb", "booster": booster, "present": present}
+        if name == "ds":
+            return {"type": "ds"}
+        if name == "best_single":
+            b = BestSingleLLM()
+            b.class_names, b.llm_names = list(outputs.class_names), list(outputs.llm_names)
+            b._fit(outputs, idx, labels)
+            return {"type": "best_single", "source": list(b.source)}
+        raise MoLAMError(f"unknown candidate {name}")
+
+    def _predict_candidate(self, model: dict[str, Any], outputs, x, ds_post, rows=None) -> np.ndarray:
+        k = outputs.n_classes
+        sel = slice(None) if rows is None else rows
+        t = model["type"]
+        if t == "lr":
+            p = _lr_predict(model["coef"], model["intercept"], model["present"], x[sel], k)
+        elif t == "xgb":
+            p = _xgb_predict(model["booster"], model["present"], x[sel], k)
+        elif t == "ds":
+            return ds_post[sel]
+        elif t == "best_single":
+            b = BestSingleLLM()
+            b.source = (model["source"][0], int(model["source"][1]))
+            return _normalize_rows(b._predict(outputs)[sel])
+        else:
+            raise MoLAMError(f"unknown candidate type {t}")
+        return self._fill_unseen(p, ds_post[sel], model["present"], k)
+
+    @staticmethod
+    def _fill_unseen(p: np.ndarray, ds_post: np.ndarray, present: np.ndarray, k: int) -> np.ndarray:
+        """Give classes the model never saw the Dawid–Skene posterior's mass; scale the rest."""
+        unseen = np.setdiff1d(np.arange(k), present)
+        if len(unseen) == 0:
+            return p
+        u = ds_post[:, unseen].sum(axis=1, keepdims=True)
+        out = p * (1.0 - u)
+        out[:, unseen] = ds_post[:, unseen]
+        return out
+
+    # -- fit / predict -----------------------------------------------------------------------------
+    def _fit(self, outputs, idx, labels):
+        from rich.progress import Progress
+
+        k = outputs.n_classes
+        _, self.ds_prior, self.ds_logpi = _ds_em(_ds_observations(outputs), idx, labels)
+        ds_post = self._ds(outputs)
+        raw = np.concatenate([_features(outputs), np.log(np.maximum(ds_post, 1e-4))], axis=1)
+        self.mu, self.sd = _standardize(raw)
+        x = (raw - self.mu) / self.sd
+        names = self._candidate_names(outputs)
+        rng = np.random.default_rng(self.seed)
+        # out-of-fold predictions on the seeds, repeated stratified K-fold
+        n_folds = max(2, min(self.n_folds, len(idx)))
+        acc = {n: [] for n in names}
+        ll = {n: [] for n in names}
+        can_cv = len(idx) >= 2 * n_folds
+        with Progress(disable=not self.progress, transient=True) as bar:
+            task = bar.add_task("MoLAM model selection", total=self.n_repeats * n_folds * len(names) if can_cv else 1)
+            if can_cv:
+                for _ in range(self.n_repeats):
+                    fold = _stratified_folds(labels, n_folds, rng)
+                    oof = {n: np.zeros((len(idx), k)) for n in names}
+                    for f in range(n_folds):
+                        tr, te = fold != f, fold == f
+                        for n in names:
+                            m = self._fit_candidate(n, outputs, x, ds_post, idx[tr], labels[tr])
+                            oof[n][te] = self._predict_candidate(m, outputs, x, ds_post, idx[te])
+                            bar.advance(task)
+                    for n in names:
+                        pr = _normalize_rows(np.clip(oof[n], 0, None))
+                        acc[n].append(float((pr.argmax(1) == labels).mean()))
+                        ll[n].append(float(-np.log(np.maximum(pr[np.arange(len(labels)), labels], 1e-6)).mean()))
+        cv = {n: {"accuracy": float(np.mean(acc[n])) if acc[n] else None,
+                  "log_loss": float(np.mean(ll[n])) if ll[n] else None} for n in names}
+        # best single LLM on all seeds (the safety-net reference)
+        ref = BestSingleLLM()
+        ref.class_names, ref.llm_names = list(outputs.class_names), list(outputs.llm_names)
+        ref._fit(outputs, idx, labels)
+        ref_acc = float(ref.metadata["seed_accuracy"])
+        if can_cv:
+            choice = max(names, key=lambda n: (round(cv[n]["accuracy"], 6), -cv[n]["log_loss"]))
+            if choice != "best_single" and cv[choice]["accuracy"] < ref_acc - 1e-9 and "best_single" in names:
+                choice = "best_single"
+        else:
+            choice = "ds" if "ds" in names else names[0]
+        self.choice = choice
+        self.model = self._fit_candidate(choice, outputs, x, ds_post, idx, labels)
+        self.metadata.update(
+            {
+                "choice": choice,
+                "cv": cv,
+                "cv_folds": n_folds if can_cv else 0,
+                "cv_repeats": self.n_repeats if can_cv else 0,
+                "best_single_source": ref.metadata["source"],
+                "best_single_seed_accuracy": ref_acc,
+            }
+        )
+
+    def _predict(self, outputs):
+        ds_post = self._ds(outputs)
+        x = self._x(outputs, ds_post) if self.model.get("type") in ("lr", "xgb") else None
+        return self._predict_candidate(self.model, outputs, x, ds_post)
+
+    def _state(self):
+        m = dict(self.model)
+        if m.get("type") == "xgb":
+            m["booster"] = _booster_to_str(m["booster"])
+        return {"choice": self.choice, "ds_prior": self.ds_prior, "ds_logpi": self.ds_logpi,
+                "mu": self.mu, "sd": self.sd, "model": m}
+
+    def _set_state(self, state):
+        self.choice = state["choice"]
+        self.ds_prior = np.asarray(state["ds_prior"], dtype=np.float64)
+        self.ds_logpi = np.asarray(state["ds_logpi"], dtype=np.float64)
+        self.mu = np.asarray(state["mu"], dtype=np.float64)
+        self.sd = np.asarray(state["sd"], dtype=np.float64)
+        m = dict(state["model"])
+        if m.get("type") == "xgb":
+            m["booster"] = _booster_from_str(m["booster"])
+        if "present" in m:
+            m["present"] = np.asarray(m["present"], dtype=np.int64)
+        self.model = m
+
+
+BASELINES: dict[str, type[Aggregator]] = {
+    "best_single_llm": BestSingleLLM,
+    "majority_vote": MajorityVote,
+    "mean_probs": MeanProbs,
+    "paper_xgboost": PaperXGBoost,
+    "dawid_skene": DawidSkene,
+}
+_KINDS: dict[str, type[Aggregator]] = {"molam": MoLAM, **BASELINES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Negative labels
+# --------------------------------------------------------------------------------------------------
+
+
+def negative_labels(outputs: LLMOutputs, threshold: float = 1e-3, predicted: np.ndarray | None = None) -> np.ndarray:
+    """Classes each item surely is not: bool (n, K), True where the mean over LLMs of the recorded
+    probability is ≤ ``threshold`` (the paper's rule). The predicted class — argmax of ``predicted``
+    (n, K) if given, else of the mean probabilities — is never negative."""
+    if not isinstance(outputs, LLMOutputs):
+        raise MoLAMError(f"outputs must be an LLMOutputs, got {type(outputs).__name__}")
+    if not threshold >= 0:
+        raise MoLAMError(f"threshold must be >= 0, got {threshold}")
+    mean = outputs.probs.mean(axis=1)
+    neg = mean <= threshold
+    if predicted is not None:
+        predicted = np.asarray(predicted)
+        if predicted.shape != mean.shape:
+            raise MoLAMError(f"predicted has shape {predicted.shape}, expected {mean.shape}")
+        top = predicted.argmax(axis=1)
+    else:
+        top = mean.argmax(axis=1)
+    neg[np.arange(len(neg)), top] = False
+    return neg
