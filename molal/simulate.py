@@ -301,7 +301,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
     else:
         from molal.molam import negative_labels
 
-        negatives_all = np.asarray(negative_labels(out, threshold=config.neg_threshold, predicted=llm_label), dtype=bool)
+        negatives_all = np.asarray(negative_labels(out, threshold=config.neg_threshold, predicted=label_probs), dtype=bool)
 
     strategy = get_strategy(config.strategy)
     student = Student(
