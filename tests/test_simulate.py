@@ -125,3 +125,13 @@ def test_library_loss_inputs_follow_the_paper(tiny_encoder, shared_data):
     assert r0["n_with_negatives"] == 0 and r0["n_downweighted"] == 0  # seeds: human labels only
     assert 0 < r2["n_with_negatives"] <= r2["n_llm_labeled"]
     assert r2["n_downweighted"] <= r2["n_llm_labeled"]
+
+
+def test_bundled_asset_pool_without_shared_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOLAL_SHARED_DATA", str(tmp_path / "nowhere"))
+    data = load_simulation_data(SimulationConfig())
+    assert data.outputs.n_items + len(data.test_texts) == 5452
+    assert len(data.test_texts) == 545
+    assert any("trec_recorded.npz" in n for n in data.notes)
+    assert any("held out a fixed 10%" in n for n in data.notes)
+    assert data.outputs.texts is not None and len(set(data.gold.tolist())) == 6
