@@ -205,7 +205,23 @@ class Annotator:
         failed = dict(bad)
         tokens = None
         if good:
-            res = self._annotate([texts[i] for i in good], names, dict(descriptions or {}))
+            try:
+                res = self._annotate([texts[i] for i in good], names, dict(descriptions or {}))
+            except AnnotatorError as exc:
+                part = getattr(exc, "partial", None)  # rows finished before the backend failed
+                if isinstance(part, AnnotatorResult) and len(good) == len(part.probs):
+                    exc.partial = self._assemble(n, k, good, dict(bad), part)
+                else:
+                    exc.partial = None
+                raise
+            return self._assemble(n, k, good, dict(bad), res)
+        return AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens)
+
+    def _assemble(self, n: int, k: int, good: list[int], failed: dict[int, str], res: AnnotatorResult) -> AnnotatorResult:
+        probs = np.full((n, k), np.nan)
+        cons = np.full((n, k), np.nan) if self.samples > 0 else None
+        tokens = None
+        if good:
             tokens = res.tokens
             for j, i in enumerate(good):
                 if j in res.failed:

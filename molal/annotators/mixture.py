@@ -386,7 +386,9 @@ class Mixture:
             except AnnotatorUnavailable as exc:
                 with lock:
                     dead.setdefault(j, str(exc))
-                fail(j, us, dead[j])
+                res = getattr(exc, "partial", None)  # rows answered before the backend went away: keep them
+                if res is None:
+                    fail(j, us, dead[j])
             except AnnotatorError as exc:
                 fail(j, us, str(exc))
             with lock:

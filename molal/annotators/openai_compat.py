@@ -287,12 +287,16 @@ class OpenAIAnnotator(Annotator):
                     try:
                         return r.json()
                     except ValueError:
-                        raise AnnotatorError(f"annotator {self.name!r}: {url} returned invalid JSON") from None
+                        bad = AnnotatorError(f"annotator {self.name!r}: {url} returned invalid JSON")
+                        bad.row_level = True  # this answer is broken, not the server: only its rows fail
+                        raise bad from None
                 msg = scrub(" ".join(r.text[:300].split()))
                 if r.status_code in (401, 403):
                     raise AnnotatorUnavailable(f"annotator {self.name!r}: {url} refused the API key (HTTP {r.status_code}): {msg}")
                 if r.status_code not in RETRY_STATUS:
-                    raise AnnotatorError(f"annotator {self.name!r}: {url} answered HTTP {r.status_code}: {msg}")
+                    bad = AnnotatorError(f"annotator {self.name!r}: {url} answered HTTP {r.status_code}: {msg}")
+                    bad.row_level = True  # e.g. 400 for this prompt (too long): only its rows fail
+                    raise bad
                 err: Exception = AnnotatorError(f"annotator {self.name!r}: {url} answered HTTP {r.status_code}: {msg}")
                 ra = r.headers.get("Retry-After")
                 if ra:
@@ -326,6 +330,22 @@ class OpenAIAnnotator(Annotator):
 
         def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
             return self.post(path, body, deadline=dl)
+
+        def row_job(fn: Any, rows: list[int]) -> Any:
+            """``fn`` with an error that concerns its own answer (malformed JSON, a 4xx for this prompt)
+            failing only ``rows``; anything else (server unreachable or failing after its retries, key
+            refused, deadline) still stops the batch."""
+
+            def run() -> None:
+                try:
+                    fn()
+                except AnnotatorError as exc:
+                    if not getattr(exc, "row_level", False):
+                        raise
+                    for i in rows:
+                        failed.setdefault(i, str(exc))
+
+            return run
 
         probs = np.full((n, k), np.nan)
         failed: dict[int, str] = {}
@@ -361,7 +381,7 @@ class OpenAIAnnotator(Annotator):
                         except (ValueError, TypeError) as exc:
                             failed.setdefault(i, f"bad echo logprobs: {exc}")
 
-                jobs.append(job)
+                jobs.append(row_job(job, sorted({i for i, _ in part})))
         else:
             scores = None
 
@@ -395,7 +415,7 @@ class OpenAIAnnotator(Annotator):
                     return
                 probs[i] = mass / mass.sum()
 
-            jobs += [lambda i=i: top_job(i) for i in range(n)]
+            jobs += [row_job(lambda i=i: top_job(i), [i]) for i in range(n)]
 
         cons = None
         if self.samples > 0:
@@ -420,17 +440,32 @@ class OpenAIAnnotator(Annotator):
                     return
                 cons[i] = consistency_from_answers(answers, class_names, words)
 
-            jobs += [lambda i=i: sample_job(i) for i in range(n)]
+            jobs += [row_job(lambda i=i: sample_job(i), [i]) for i in range(n)]
 
-        self._run(jobs)
+        down: AnnotatorUnavailable | None = None
+        try:
+            self._run(jobs)
+        except AnnotatorUnavailable as exc:  # the server died mid-batch: keep the answers that arrived
+            down = exc
         if scores is not None:
             ok = np.isfinite(scores).all(axis=1)
             z = np.where(ok[:, None], scores, 0.0)
             z = np.exp(z - z.max(axis=1, keepdims=True))
             probs = np.where(ok[:, None], z / z.sum(axis=1, keepdims=True), np.nan)
             for i in np.where(~ok)[0]:
-                failed.setdefault(int(i), "missing label scores")
-        return AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens[0] or None)
+                failed.setdefault(int(i), str(down) if down is not None else "missing label scores")
+        result = AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens[0] or None)
+        if down is not None:
+            if cons is not None:  # a row needs both its scores and its samples
+                for i in range(n):
+                    if i not in failed and not np.isfinite(cons[i]).all():
+                        failed[i] = str(down)
+            for i in range(n):
+                if i not in failed and not np.isfinite(probs[i]).all():
+                    failed[i] = str(down)
+            down.partial = result  # molal.annotators.Mixture caches the finished rows, then gives up
+            raise down
+        return result
 
     def _completion_top(self, count: Any, deadline: float | None = None) -> Any:
         def top(prompt: str) -> dict[str, float]:
@@ -451,6 +486,8 @@ class OpenAIAnnotator(Annotator):
             futures = [ex.submit(j) for j in jobs]
             first: BaseException | None = None
             for f in futures:
+                if f.cancelled():  # cancelled after the first error below: nothing to collect
+                    continue
                 try:
                     f.result()
                 except AnnotatorError as exc:
