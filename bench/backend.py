@@ -162,7 +162,9 @@ def main() -> None:
                 # first predict: loads the mixture (and the model) in the worker and annotates 100 texts
                 # (replay, uncached), then every worker warms up the same way
                 firsts = [timed_predict(c, url, tasks_of(rows[:100])) for _ in range(args.workers * 3)]
-                out["first_predict_100_uncached_s"] = round(firsts[0], 3)
+                # (with --trained the pool was annotated while fitting MoLAM, so this first call is cached)
+                key = "first_predict_100_s" if args.trained else "first_predict_100_uncached_s"
+                out[key] = round(firsts[0], 3)
                 out["warm_predict_100_s"] = round(min(firsts[1:]), 3)
                 lat = {}
                 for n in (1, 10, 100):

@@ -150,3 +150,27 @@ def test_priority_updates_only_changed_tasks():
     assert priority_updates(pool, rows, pr, "priority") == []  # nothing changed: no writes
     top = dict(priority_updates(pool, rows, pr, "priority", top=2))
     assert {k: v["priority"] for k, v in top.items()} == {12: 0, 14: 0}  # only the top 2 keep a rank
+
+
+def test_student_serves_without_llm_calls(tmp_path, rows):
+    """serve_model=student: /predict answers with the student's version; per-LLM predictions only where
+    the cache already has them (no model call)."""
+    svc = service(tmp_path)
+    state = project(svc, 3)
+    state.set_setting("serve_model", "student")
+    pool = make_pool(rows[:40], 40, 20, seed=2)
+    rr = fit_round(svc, state, SPEC, pool, None, job_id="s1")
+    assert rr.version.startswith("student-1-")
+    from backend.app import create_app
+
+    c = create_app(svc.settings, start_worker=False).test_client()
+    assert c.post("/setup", json={"project": "3.9", "schema": CONFIG}).json["model_version"] == rr.version
+    cached = [{"id": 1, "data": {"text": rows[0]["text"]}}]  # in the pool: annotated during training
+    fresh = [{"id": 2, "data": {"text": "A question that no LLM was ever asked about ?"}}]
+    r = c.post("/predict", json={"project": "3.9", "tasks": cached + fresh, "label_config": CONFIG})
+    assert r.status_code == 200
+    a, b = r.json["results"]
+    assert a[0]["model_version"] == rr.version and len(a) == 1 + 5
+    assert b[0]["model_version"] == rr.version and len(b) == 1  # served although no LLM has seen it
+    assert r.json["pending"] == 0 and "background_job" not in r.json
+    assert svc.jobs.list(project=3) == []

@@ -283,7 +283,19 @@ class Service:
         if isinstance(host, str) and isinstance(token, str) and host and token:
             state.save_connection(host, token)
         srv = self.serving(state, spec)
+        if srv["kind"] == "student" and not srv["model"].student_loaded:
+            # loading torch + the encoder takes seconds: warm it in the background (setup must answer in 3 s)
+            threading.Thread(target=self._warm_student, args=(state, srv["model"]), daemon=True,
+                             name="molal-warm-student").start()
         return {"model_version": srv["version"]}
+
+    def _warm_student(self, state: ProjectState, m: LoadedModel) -> None:
+        try:
+            st = self.student_of(state, m)
+            if st is not None:
+                st.predict_proba(["warm-up"])
+        except Exception as exc:  # the request that needs it will report the error
+            log.warning("project %s: could not preload the student: %s", state.id, exc)
 
     # -- /predict --------------------------------------------------------------------------------------
     def predict(self, payload: Any, budget_s: float | None = None) -> dict:
