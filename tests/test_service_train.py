@@ -174,3 +174,23 @@ def test_student_serves_without_llm_calls(tmp_path, rows):
     assert b[0]["model_version"] == rr.version and len(b) == 1  # served although no LLM has seen it
     assert r.json["pending"] == 0 and "background_job" not in r.json
     assert svc.jobs.list(project=3) == []
+
+
+def test_changed_mixture_falls_back_to_mixture_mean(tmp_path, rows):
+    """MoLAM is tied to the LLMs it was trained on: after the project's mixture changes, the service serves
+    the new mixture's mean (a new version string) until the next training."""
+    svc = service(tmp_path)
+    state = project(svc, 4)
+    state.set_setting("student", False)
+    rr = fit_round(svc, state, SPEC, make_pool(rows, 120, 40), None, job_id="m1")
+    cfg = tmp_path / "two.toml"
+    cfg.write_text('[[annotator]]\ntype = "replay"\nname = "qwen"\nsource = "bundled:trec"\n\n'
+                   '[[annotator]]\ntype = "replay"\nname = "yi"\nsource = "bundled:trec"\n')
+    state.set_setting("mixture", str(cfg))
+    srv = svc.serving(state, SPEC)
+    assert srv["kind"] == "mixture-mean" and srv["version"].startswith("mixture-mean-")
+    out = svc.predict({"project": 4, "tasks": [{"id": 1, "data": {"text": rows[0]["text"]}}], "label_config": CONFIG})
+    assert out["model_version"] == srv["version"] != rr.version
+    assert [e["model_version"] for e in out["results"][0][1:]] == ["llm:qwen", "llm:yi"]
+    state.unset_setting("mixture")
+    assert svc.serving(state, SPEC)["version"] == rr.version

@@ -24,6 +24,7 @@ A job that fails before step 5 changes nothing that serves.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -275,7 +276,8 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
                           epochs=s.student_epochs, device=s.device)
         student.fit([pool.texts[r] for r in tr_rows], y, weights=weights, negatives=negatives, round_t=round_t,
-                    val_texts=[pool.texts[r] for r in human_rows], val_labels=labels, progress=False)
+                    val_texts=[pool.texts[r] for r in human_rows], val_labels=labels,
+                    progress=sys.stderr.isatty())  # a rich bar for `molal train` in a terminal
         student.save(staging / "student")
         info["student"] = True
         info["student_train"] = {"human": len(human_rows), "molam": len(mol_rows)}
