@@ -155,7 +155,7 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
                 assert [h for h in fake.hits if h[2] == 500][:3] == [("GET", "/api/projects/7/", 500)] * 3
             else:  # 401 is not retried
                 assert len(fake.hits) == 1
-        assert elapsed < 30, elapsed  # bounded total time
+        assert elapsed < 60, elapsed  # bounded total time (generous for a loaded machine)
         assert KEY not in json.dumps(row)
         assert state_snapshot(svc) == before  # nothing lost, nothing half-written
         assert svc.jobs.get(job["id"])["status"] == "failed"
