@@ -1,0 +1,183 @@
+"""MoLAM and its baselines on the real TREC recordings (fast settings; quality figures live in bench/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from molal import LLMOutputs
+from molal.molam import (
+    BASELINES,
+    BestSingleLLM,
+    DawidSkene,
+    MajorityVote,
+    MeanProbs,
+    MoLAM,
+    MoLAMError,
+    PaperXGBoost,
+    load_aggregator,
+    negative_labels,
+)
+
+FAST = {"n_repeats": 1, "lr_cs": (0.1, 1.0), "xgb_params": {"learning_rate": 0.1, "max_depth": 3, "n_estimators": 40}}
+
+
+def _seeds(gold, n=50, draw=0):
+    idx = np.random.default_rng(draw).choice(len(gold), n, replace=False)
+    return idx, gold[idx]
+
+
+@pytest.fixture(scope="module")
+def fitted(trec_outputs, trec_gold):
+    idx, y = _seeds(trec_gold)
+    return MoLAM(**FAST).fit(trec_outputs, idx, y), idx
+
+
+def test_public_import():
+    import molal
+
+    assert molal.MoLAM is MoLAM and molal.negative_labels is negative_labels
+
+
+def test_shapes_and_metadata(fitted, trec_outputs):
+    m, idx = fitted
+    p = m.predict_proba(trec_outputs)
+    assert p.shape == (trec_outputs.n_items, 6)
+    assert np.allclose(p.sum(axis=1), 1.0) and (p >= 0).all()
+    assert m.predict(trec_outputs).shape == (trec_outputs.n_items,)
+    md = m.metadata
+    assert md["class_names"] == trec_outputs.class_names and md["llm_names"] == trec_outputs.llm_names
+    assert md["n_seeds"] == 50 and md["choice"] in md["cv"]
+    assert md["molal_version"] and md["format_version"] == 1
+
+
+def test_molam_beats_majority_vote_on_fixed_draw(fitted, trec_outputs, trec_gold):
+    m, idx = fitted
+    rest = np.setdiff1d(np.arange(len(trec_gold)), idx)
+    acc = (m.predict(trec_outputs)[rest] == trec_gold[rest]).mean()
+    mv = (MajorityVote().fit(trec_outputs, idx, trec_gold[idx]).predict(trec_outputs)[rest] == trec_gold[rest]).mean()
+    assert acc > mv + 0.01, (acc, mv)
+
+
+@pytest.mark.parametrize("cls", [MoLAM, *BASELINES.values()])
+def test_save_load_roundtrip(cls, trec_outputs, trec_gold, tmp_path):
+    idx, y = _seeds(trec_gold, 40, draw=3)
+    sub = trec_outputs.subset(np.arange(1500))
+    idx = np.arange(40) * 30
+    y = trec_gold[idx]
+    m = (cls(**FAST) if cls is MoLAM else cls()).fit(sub, idx, y)
+    path = m.save(tmp_path / "m.json")
+    raw = json.loads(path.read_text())
+    assert raw["kind"] == m.kind and raw["class_names"] == sub.class_names and raw["llm_names"] == sub.llm_names
+    m2 = cls.load(path)
+    assert np.array_equal(m.predict_proba(sub), m2.predict_proba(sub))
+    assert type(load_aggregator(path)) is cls
+
+
+def test_unseen_class_is_still_predicted(trec_outputs, trec_gold):
+    abbr = 0
+    rng = np.random.default_rng(5)
+    pool = np.where(trec_gold != abbr)[0]
+    idx = rng.choice(pool, 50, replace=False)
+    m = MoLAM(**FAST).fit(trec_outputs, idx, trec_gold[idx])
+    assert "abbreviation" in m.metadata["classes_unseen_in_seeds"]
+    pred = m.predict(trec_outputs)
+    # items where every LLM's sampled answers are mostly "abbreviation"
+    agree = (trec_outputs.consistency[:, :, abbr] >= 0.5).all(axis=1)
+    assert agree.sum() >= 10
+    assert (pred[agree] == abbr).mean() > 0.8
+    is_abbr = trec_gold == abbr
+    assert (pred[is_abbr] == abbr).mean() > 0.5  # recall on the real abbreviation items
+
+
+def test_works_without_consistency_and_texts(trec_outputs, trec_gold):
+    o = LLMOutputs(trec_outputs.probs[:2000], None, trec_outputs.class_names, trec_outputs.llm_names, None)
+    g = trec_gold[:2000]
+    idx, y = _seeds(g, 50, draw=1)
+    m = MoLAM(**FAST).fit(o, idx, y)
+    p = m.predict_proba(o)
+    assert np.allclose(p.sum(axis=1), 1)
+    rest = np.setdiff1d(np.arange(2000), idx)
+    acc = (p.argmax(1)[rest] == g[rest]).mean()
+    best_probs = max((o.probs[rest, j].argmax(1) == g[rest]).mean() for j in range(o.n_llms))
+    assert acc >= best_probs - 0.03
+    with pytest.raises(MoLAMError, match="consistency"):
+        MoLAM(**FAST).fit(trec_outputs.subset(np.arange(300)), np.arange(20), trec_gold[:20]).predict_proba(
+            LLMOutputs(trec_outputs.probs[:300], None, trec_outputs.class_names, trec_outputs.llm_names)
+        )
+
+
+def test_baselines_match_reference_figures(trec_outputs, trec_gold):
+    idx, y = _seeds(trec_gold)
+    acc = {}
+    for name, cls in BASELINES.items():
+        acc[name] = (cls().fit(trec_outputs, idx, y).predict(trec_outputs) == trec_gold).mean()
+    assert abs(acc["majority_vote"] - 0.730) <= 0.003
+    assert abs(acc["mean_probs"] - 0.711) <= 0.002
+    # the paper's README: Yi's sampled votes are the best single source (0.770 on all rows)
+    b = BestSingleLLM().fit(trec_outputs, idx, y)
+    assert b.metadata["source"] == "yi:votes" and abs(acc["best_single_llm"] - 0.770) <= 0.002
+    assert acc["dawid_skene"] > acc["majority_vote"]
+    assert 0.70 < acc["paper_xgboost"] < 0.80
+
+
+def test_negative_labels_rule(trec_outputs):
+    neg = negative_labels(trec_outputs, threshold=1e-3)
+    mean = trec_outputs.probs.mean(axis=1)
+    top = mean.argmax(axis=1)
+    assert neg.shape == mean.shape and neg.dtype == bool
+    assert not neg[np.arange(len(top)), top].any()
+    expect = mean <= 1e-3
+    expect[np.arange(len(top)), top] = False
+    assert np.array_equal(neg, expect)
+    # a given prediction is never negative, even where the LLMs gave it ~0
+    pred = np.zeros_like(mean)
+    pred[:, 0] = 1.0
+    neg2 = negative_labels(trec_outputs, predicted=pred)
+    assert not neg2[:, 0].any() and neg2.sum() > 0
+    assert negative_labels(trec_outputs, threshold=0.0).sum() < neg.sum()
+    with pytest.raises(MoLAMError):
+        negative_labels(trec_outputs, predicted=pred[:, :3])
+
+
+def test_bad_input_errors(trec_outputs, trec_gold):
+    sub = trec_outputs.subset(np.arange(200))
+    with pytest.raises(MoLAMError, match="out of range"):
+        MeanProbs().fit(sub, [0, 1], [0, 6])
+    with pytest.raises(MoLAMError, match="out of range"):
+        MeanProbs().fit(sub, [0, 500], [0, 1])
+    with pytest.raises(MoLAMError, match="empty"):
+        MoLAM().fit(sub, [], [])
+    with pytest.raises(MoLAMError, match="labels"):
+        MoLAM().fit(sub, [0, 1, 2], [0, 1])
+    with pytest.raises(MoLAMError, match="not fitted"):
+        MoLAM().predict_proba(sub)
+    m = DawidSkene().fit(sub, np.arange(20), trec_gold[:20])
+    renamed = LLMOutputs(sub.probs, sub.consistency, [*sub.class_names[:-1], "number"], sub.llm_names)
+    with pytest.raises(MoLAMError, match="class names"):
+        m.predict_proba(renamed)
+    with pytest.raises(MoLAMError, match="LLM names"):
+        m.predict_proba(sub.select_llms(sub.llm_names[:3]))
+    with pytest.raises(MoLAMError, match="unknown MoLAM candidates"):
+        MoLAM(candidates=["nope"]).fit(sub, np.arange(20), trec_gold[:20])
+
+
+def test_paper_xgboost_unseen_class_gets_zero(trec_outputs, trec_gold):
+    sub = trec_outputs.subset(np.arange(600))
+    idx = np.where(trec_gold[:600] != 0)[0][:40]
+    p = PaperXGBoost(n_estimators=30).fit(sub, idx, trec_gold[idx]).predict_proba(sub)
+    assert np.allclose(p[:, 0], 0) and np.allclose(p.sum(1), 1)
+
+
+def test_load_rejects_garbage(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with pytest.raises(MoLAMError, match="cannot read"):
+        MoLAM.load(bad)
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(MoLAMError, match="not a molal aggregator"):
+        MoLAM.load(bad)
+    with pytest.raises(MoLAMError, match="not found"):
+        MoLAM.load(tmp_path / "missing.json")
