@@ -1,0 +1,370 @@
+"""Load benchmark of the ML backend (loopback only): N concurrent clients send ``/predict`` (10 cached tasks
+each) and webhooks for D seconds against gunicorn with 2 workers, while a real training job runs.
+
+    .venv/bin/python bench/load.py [--duration 60] [--clients 50] [--tasks 10] [--workers 2] [--no-train]
+                                   [--write-results]
+
+Setup: a fresh MODEL_DIR; the default mixture (replay of the 5 recorded TREC LLMs) and the annotation cache
+are warmed with every text the clients send, so /predict is served from the cache. A fake Label Studio (a
+real HTTP server on 127.0.0.1, in this process) holds --pool (300) TREC tasks, --labeled (60) annotated; a
+START_TRAINING webhook makes one gunicorn worker's job thread run the real training job (pull → MoLAM →
+student → publish → push predictions → write priorities), and a new one is requested whenever the previous
+one has finished, so a training job runs during the whole measurement. Clients: 4 /predict for every
+webhook (ANNOTATION_CREATED, with a START_TRAINING every 20th). Reported: requests/s, p50/p99 latency per
+endpoint, errors (any non-2xx or transport error), peak RSS of the gunicorn master and workers, and the
+training jobs seen. Client threads and the server share the machine's cores: the numbers are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+REPO = Path(__file__).resolve().parent.parent
+TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
+    + "".join(f'<Choice value="{c}"/>' for c in TREC)
+    + "</Choices></View>"
+)
+
+
+class FakeLS:
+    """The Label Studio API calls a training job makes, on 127.0.0.1."""
+
+    def __init__(self, rows: list[dict], n_labeled: int) -> None:
+        self.tasks = []
+        for i, r in enumerate(rows):
+            anns = []
+            if i < n_labeled:
+                anns = [{"id": i + 1, "was_cancelled": False, "updated_at": "2026-01-01T00:00:00",
+                         "result": [{"from_name": "label", "to_name": "text", "type": "choices",
+                                     "value": {"choices": [r["label"]]}}]}]
+            self.tasks.append({"id": i + 1, "data": {"text": r["text"]}, "annotations": anns, "predictions": []})
+        self.calls: dict[str, int] = {}
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, status: int, obj) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                u = urlparse(self.path)
+                key = f"{self.command} {re.sub(r'/[0-9]+', '/N', u.path)}"
+                fake.calls[key] = fake.calls.get(key, 0) + 1
+                if re.fullmatch(r"/api/projects/\d+/?", u.path):
+                    return self._send(200, {"id": 7, "title": "bench", "label_config": CONFIG})
+                if self.command == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
+                    q = parse_qs(u.query)
+                    page, size = int(q.get("page", ["1"])[0]), int(q.get("page_size", ["100"])[0])
+                    return self._send(200, {"tasks": fake.tasks[(page - 1) * size : page * size],
+                                            "total": len(fake.tasks)})
+                if self.command == "GET" and u.path.startswith("/api/dm/views"):
+                    return self._send(200, [])
+                if u.path.startswith("/api/dm/views"):
+                    return self._send(201, {"id": 1, "project": 7, "data": {}})
+                if u.path.endswith("/import/predictions"):
+                    return self._send(201, {"created": 0})
+                if re.fullmatch(r"/api/tasks/\d+/?", u.path):
+                    return self._send(200, {"id": int(u.path.strip("/").split("/")[-1]), "data": {}})
+                return self._send(404, {"detail": "not in the fake"})
+
+            do_GET = do_POST = do_PATCH = _handle  # noqa: N815
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
+    ap.add_argument("--pool", type=int, default=300, help="tasks in the fake Label Studio project")
+    ap.add_argument("--labeled", type=int, default=60, help="annotated tasks among them")
+    ap.add_argument("--student-epochs", type=int, default=1)
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--wait-train", type=float, default=240.0,
+                    help="after the load, wait up to this long for the running training job to finish")
+    ap.add_argument("--write-results", action="store_true", help="update the load section of bench/RESULTS.md")
+    args = ap.parse_args()
+    import httpx
+
+    rows = [json.loads(line) for line in (REPO / "molal" / "assets" / "trec.jsonl").read_text().splitlines()[: args.pool]]
+    ls = FakeLS(rows, n_labeled=args.labeled)
+    tmp = Path(tempfile.mkdtemp(prefix="molal-load-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MODEL_DIR": str(tmp / "state"), "MOLAL_BIND": f"127.0.0.1:{port}",
+           "MOLAL_WORKERS": str(args.workers), "MOLAL_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
+           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": "bench-key-0123456789", "LOG_LEVEL": "warning",
+           "MOLAL_STUDENT_EPOCHS": str(args.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": "32", "MOLAL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("REDIS_URL", None)
+    log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "backend" / "gunicorn.conf.py"),
+                             "backend.wsgi:app"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > 120:
+                raise SystemExit(f"gunicorn did not start; see {tmp / 'gunicorn.log'}")
+            time.sleep(0.2)
+        # warm: label config, default mixture decided on TREC texts, every text annotated into the cache
+        texts = [r["text"] for r in rows]
+        with httpx.Client(timeout=120) as c:
+            assert c.post(url + "/setup", json={"project": "7.1", "schema": CONFIG}).status_code == 200
+            for s in range(0, len(texts), 100):
+                tasks = [{"id": s + i + 1, "data": {"text": t}} for i, t in enumerate(texts[s : s + 100])]
+                r = c.post(url + "/predict", json={"project": "7.1", "label_config": CONFIG, "tasks": tasks})
+                assert r.status_code == 200 and all(r.json()["results"]), r.text[:300]
+        print(f"warm: {len(texts)} texts cached in {time.monotonic() - t0:.1f} s", flush=True)
+
+        stop = threading.Event()
+        lat: dict[str, list[float]] = {"predict": [], "webhook": []}
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            import random
+
+            rng = random.Random(k)
+            i = 0
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    i += 1
+                    if i % 5:
+                        s = rng.randrange(0, len(texts) - args.tasks)
+                        tasks = [{"id": s + j + 1, "data": {"text": texts[s + j]}} for j in range(args.tasks)]
+                        ep, body = "predict", {"project": "7.1", "label_config": CONFIG, "tasks": tasks}
+                    elif i % 100 == 0 and not args.no_train:
+                        ep, body = "webhook", {"action": "START_TRAINING", "project": {"id": 7}}
+                    else:
+                        ep, body = "webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 7},
+                                               "annotation": {"id": i, "project": 7, "was_cancelled": False}}
+                    t = time.perf_counter()
+                    try:
+                        r = c.post(f"{url}/{ep}", json=body)
+                        ok = 200 <= r.status_code < 300 and (ep != "predict" or len(r.json()["results"]) == args.tasks)
+                        why = f"{ep} HTTP {r.status_code}: {r.text[:120]}"
+                    except httpx.HTTPError as exc:
+                        ok, why = False, f"{ep} {type(exc).__name__}: {exc}"
+                    dt = time.perf_counter() - t
+                    with lock:
+                        if ok:
+                            lat[ep].append(dt)
+                        else:
+                            errors.append(why)
+
+        jobs_seen: dict[str, dict] = {}
+        mem: dict[int, float] = {}
+
+        mem_stop = threading.Event()
+
+        def sample_memory() -> None:  # until the end, the wait for the training job included
+            while not mem_stop.is_set():
+                for p in [proc.pid, *children(proc.pid)]:
+                    mem[p] = max(mem.get(p, 0.0), rss_mb(p))
+                mem_stop.wait(0.5)
+
+        threading.Thread(target=sample_memory, daemon=True).start()
+
+        def monitor() -> None:
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    if not args.no_train:
+                        try:
+                            js = c.get(url + "/jobs?project=7").json()["jobs"]
+                            for j in js:
+                                jobs_seen[j["id"]] = j
+                            if not any(j["status"] in ("queued", "running") and j["kind"] == "train" for j in js):
+                                c.post(url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+                        except httpx.HTTPError:
+                            pass
+                    stop.wait(1.0)
+
+        mon = threading.Thread(target=monitor, daemon=True)
+        mon.start()
+        if not args.no_train:  # let the first training job start before measuring
+            t1 = time.monotonic()
+            while not any(j["status"] == "running" for j in jobs_seen.values()) and time.monotonic() - t1 < 30:
+                time.sleep(0.2)
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(args.clients)]
+        t_start = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(args.duration)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        elapsed = time.monotonic() - t_start
+        mon.join(5)
+        with httpx.Client(timeout=30) as c:
+            metrics = c.get(url + "/metrics").json()
+            # after the load: let the training job that was running finish (how long it took under load)
+            t_end = time.monotonic()
+            first_running = [j["id"] for j in jobs_seen.values() if j["kind"] == "train" and j["started"]]
+            while not args.no_train and time.monotonic() - t_end < args.wait_train:
+                js = {j["id"]: j for j in c.get(url + "/jobs?project=7").json()["jobs"]}
+                if all(js.get(i, {}).get("status") not in ("queued", "running") for i in first_running):
+                    break
+                time.sleep(1.0)
+            final = c.get(url + "/jobs?project=7").json()["jobs"]
+            mem_stop.set()
+        for j in final:
+            jobs_seen[j["id"]] = j
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    glog = (tmp / "gunicorn.log").read_text(errors="replace")
+    n_ok = sum(len(v) for v in lat.values())
+    train_jobs = [j for j in jobs_seen.values() if j["kind"] == "train"]
+    res = {
+        "duration_s": round(elapsed, 1), "requested_s": args.duration, "clients": args.clients,
+        "pool": args.pool, "labeled": args.labeled, "student_epochs": args.student_epochs, "tasks_per_predict": args.tasks,
+        "workers": args.workers, "threads": args.threads, "requests_ok": n_ok, "errors": len(errors),
+        "requests_per_s": round((n_ok + len(errors)) / elapsed, 1),
+        "predict": {"n": len(lat["predict"]), "per_s": round(len(lat["predict"]) / elapsed, 1),
+                    "p50_ms": round(1000 * pct(lat["predict"], 0.5), 1),
+                    "p99_ms": round(1000 * pct(lat["predict"], 0.99), 1)},
+        "webhook": {"n": len(lat["webhook"]), "per_s": round(len(lat["webhook"]) / elapsed, 1),
+                    "p50_ms": round(1000 * pct(lat["webhook"], 0.5), 1),
+                    "p99_ms": round(1000 * pct(lat["webhook"], 0.99), 1)},
+        "peak_rss_mb": {("master" if p == proc.pid else f"worker {p}"): round(v, 1) for p, v in mem.items() if v},
+        "train_jobs": [{"status": j["status"], "seconds": round((j["finished"] or time.time()) - (j["started"] or 0), 1)
+                        if j["started"] else None, "message": j["message"][:100]} for j in
+                       sorted(train_jobs, key=lambda j: j["created"])],
+        "ls_calls": ls.calls, "database_locked_in_log": "database is locked" in glog,
+        "worker_timeouts_in_log": glog.count("WORKER TIMEOUT"), "error_samples": errors[:5],
+        "server_predict_mean_ms": metrics.get("predict_mean_ms"),
+    }
+    print(json.dumps(res, indent=1))
+    if args.write_results:
+        write_results(res)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_results(res: dict) -> None:
+    import platform
+
+    import torch
+
+    rss = res["peak_rss_mb"]
+    jobs = res["train_jobs"]
+    lines = [
+        "## load (bench/load.py)", "",
+        f"Command: `.venv/bin/python bench/load.py --duration {res['requested_s']:.0f} --clients {res['clients']} "
+        f"--write-results` (python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPU "
+        "cores shared by the clients, gunicorn and the training job; loopback only). gunicorn: "
+        f"{res['workers']} workers x {res['threads']} threads; /predict carries {res['tasks_per_predict']} tasks "
+        "served from the annotation cache (default mixture: replay of the 5 TREC LLMs, per-LLM predictions on); "
+        "4 /predict per webhook (ANNOTATION_CREATED, START_TRAINING every 20th webhook). A fake Label Studio on "
+        f"127.0.0.1 ({res['pool']} TREC tasks, {res['labeled']} annotated) feeds real training jobs (pull, MoLAM, "
+        f"student {res['student_epochs']} epoch(s) at max_length 32, publish, push predictions, priorities) that "
+        "run in a gunicorn worker's job thread from before the load starts; after the load the script waits for "
+        "that job to finish.",
+        "",
+        "| measure | value |", "|---|---:|",
+        f"| duration | {res['duration_s']} s |",
+        f"| requests/s (all) | {res['requests_per_s']} |",
+        f"| /predict requests/s (tasks/s) | {res['predict']['per_s']} ({res['predict']['per_s'] * res['tasks_per_predict']:.0f}) |",
+        f"| /predict p50 / p99 | {res['predict']['p50_ms']} / {res['predict']['p99_ms']} ms |",
+        f"| /webhook requests/s | {res['webhook']['per_s']} |",
+        f"| /webhook p50 / p99 | {res['webhook']['p50_ms']} / {res['webhook']['p99_ms']} ms |",
+        f"| errors (non-2xx or transport) | **{res['errors']}** |",
+        f"| peak RSS master | {rss.get('master', 0)} MB |",
+        "| peak RSS workers (incl. the one training MoLAM + the student) | "
+        + ", ".join(f"{v} MB" for k, v in rss.items() if k != "master") + " |",
+        f"| training jobs (started during the run, then waited for) | {len(jobs)}: " + ", ".join(
+            f"{j['status']} ({j['seconds']} s" + (f", '{j['message']}'" if j['status'] != 'succeeded' else "") + ")"
+            for j in jobs) + " |",
+        f"| 'database is locked' / WORKER TIMEOUT in the log | {res['database_locked_in_log']} / "
+        f"{res['worker_timeouts_in_log']} |",
+        "",
+    ]
+    path = REPO / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    section = "\n".join(lines)
+    m = re.search(r"^## load \(bench/load\.py\).*?(?=^## |\Z)", text, flags=re.S | re.M)
+    text = text[: m.start()] + section + "\n" + text[m.end():] if m else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
