@@ -110,9 +110,12 @@ def create_project(client, title: str, classes: list[str], rows: list[dict]) -> 
 
 
 def connect_backend(client, project: int, url: str, title: str = "molal") -> int:
+    """Connect the backend (``ml.create``); an existing connection (a previous demo run) is pointed at ``url``."""
     for b in client.ml.list(project=project):
-        if _plain(b).get("url", "").rstrip("/") == url.rstrip("/"):
-            return int(_plain(b)["id"])
+        b = _plain(b)
+        if b.get("url", "").rstrip("/") != url.rstrip("/"):
+            client.ml.update(id=int(b["id"]), url=url)
+        return int(b["id"])
     ml = client.ml.create(project=project, url=url, title=title)
     return int(ml.id)
 
@@ -296,10 +299,20 @@ class Demo:
                      "token": secrets.token_hex(20)}
         elif o.password and o.password != state["password"]:
             raise ValueError("this data directory's admin already has another password; use --fresh to start over")
-        state.setdefault("ls_port", o.ls_port)
+        from molal.service.lsprocess import port_free
+
+        def _port(wanted: int | None, saved: int | None) -> int:
+            if wanted:
+                return wanted
+            if saved and port_free(saved) and port_free(saved + 1):
+                return saved  # same URLs as the last run (bookmarks, the project's ML connection)
+            return free_port()
+
+        ls_port = _port(o.ls_port, state.get("ls_port"))
+        be_port = _port(o.backend_port, state.get("backend_port"))
+        state.update({"ls_port": ls_port, "backend_port": be_port})
         _write_state(spath, state)
         t0 = time.monotonic()
-        ls_port = o.ls_port or free_port()
         self.ls = LabelStudioProcess(root / "label-studio", port=ls_port, username=state["username"],
                                      password=state["password"], token=state["token"])
         self.ls.start()
@@ -308,7 +321,7 @@ class Demo:
                "MOLAL_PER_LLM_PREDICTIONS": "true", **o.extra_env}
         if o.mixture:
             env["MOLAL_MIXTURE"] = str(Path(o.mixture).resolve())
-        self.backend = BackendProcess(root / "backend", port=o.backend_port or free_port(),
+        self.backend = BackendProcess(root / "backend", port=be_port,
                                       label_studio_url=self.ls.url, api_key=state["token"], workers=1,
                                       threads=4, extra_env=env)
         self.backend.start()

@@ -1,0 +1,139 @@
+"""The issue's flow against a REAL Label Studio 1.23 and the real backend under gunicorn:
+
+project (Choices + Text) → import TREC tasks (replay = real recorded LLM answers) → connect the backend →
+"Retrieve predictions" (LS calls /predict) → 50 gold seeds through the API → Start Training (LS sends
+START_TRAINING) → job succeeds → MoLAM pre-annotations + per-LLM votes on unlabeled tasks → the
+"molal: next to label" tab and /next?view= follow data.priority → Retrieve predictions after training.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from molal.demo import (
+    TREC_CLASSES,
+    all_tasks,
+    connect_backend,
+    create_project,
+    evaluate,
+    find_view,
+    label_seeds,
+    load_rows,
+    pick_seeds,
+    start_training,
+    wait_job,
+)
+
+N_TASKS = 300
+N_SEEDS = 50
+LLMS = {"gemma", "llama", "mistral", "qwen", "yi"}
+
+
+@pytest.fixture(scope="module")
+def project(ls_client, backend):
+    rows, classes = load_rows(None, None, n=N_TASKS, seed=1)
+    assert classes == list(TREC_CLASSES)
+    pid, ids = create_project(ls_client, "e2e TREC", classes, rows)
+    gold = {t: r["label"] for t, r in zip(ids, rows, strict=True)}
+    # priorities for the top 60 tasks only (one PATCH per task on Label Studio's side)
+    from molal.service.store import ProjectState
+
+    ProjectState(backend.model_dir, pid).set_setting("priority_top", 60)
+    ml_id = connect_backend(ls_client, pid, backend.url)
+    return {"id": pid, "ids": ids, "gold": gold, "ml": ml_id}
+
+
+def _retrieve(ls_client, pid: int, task_ids: list[int]) -> None:
+    ls_client.actions.create(id="retrieve_tasks_predictions", project=pid,
+                             selected_items={"all": False, "included": task_ids})
+
+
+def _preds(ls_client, task_id: int) -> list[dict]:
+    # predictions.list, not tasks.get: opening a task makes Label Studio call /predict itself
+    return [p if isinstance(p, dict) else p.model_dump() for p in ls_client.predictions.list(task=task_id)]
+
+
+def test_connect_registers_webhook_and_setup(ls_client, project, backend):
+    hooks = [h.model_dump() if hasattr(h, "model_dump") else h for h in ls_client.webhooks.list(project=project["id"])]
+    assert any(h["url"].rstrip("/") == backend.url + "/webhook" for h in hooks), hooks
+    # /setup was called by Label Studio: the backend knows the project and its label config
+    info = backend.get(f"/projects/{project['id']}")
+    assert isinstance(info, dict)
+
+
+def test_retrieve_predictions_before_training_calls_predict(ls_client, project, backend):
+    tasks = project["ids"][:3]
+    _retrieve(ls_client, project["id"], tasks)
+    for t in tasks:
+        preds = _preds(ls_client, t)
+        versions = {p["model_version"] for p in preds}
+        assert any(v.startswith("mixture-mean-") for v in versions), versions
+        assert {f"llm:{n}" for n in LLMS} <= versions
+        for p in preds:
+            (res,) = p["result"]
+            assert res["from_name"] == "label" and res["to_name"] == "text" and res["type"] == "choices"
+            assert res["value"]["choices"][0] in TREC_CLASSES
+
+
+@pytest.fixture(scope="module")
+def trained(ls_client, project, backend):
+    seeds = pick_seeds(project["gold"], N_SEEDS, seed=0)
+    label_seeds(ls_client, seeds, project["gold"])
+    job_id = start_training(ls_client, project["ml"], backend.url, project["id"])
+    job = wait_job(backend.url, job_id, timeout=900)
+    assert job["status"] == "succeeded", job
+    version = job["result"]["version"]
+    assert version.startswith("molam-")
+    return {"seeds": set(seeds), "version": version, "job": job}
+
+
+def test_training_publishes_molam_preannotations(ls_client, project, trained):
+    tasks = all_tasks(ls_client, project["id"])
+    assert len(tasks) == N_TASKS
+    unlabeled = [t for t in tasks if not t.get("annotations")]
+    assert len(unlabeled) == N_TASKS - N_SEEDS
+    for t in unlabeled:
+        preds = {p["model_version"]: p for p in t["predictions"]}
+        assert trained["version"] in preds, (t["id"], list(preds))
+        p = preds[trained["version"]]
+        assert 0.0 < p["score"] <= 1.0
+        assert p["result"][0]["value"]["choices"][0] in TREC_CLASSES
+        assert {f"llm:{n}" for n in LLMS} <= set(preds)
+    ev = evaluate(tasks, project["gold"], trained["version"], trained["seeds"])["accuracy"]
+    assert ev["MoLAM"]["n"] == N_TASKS - N_SEEDS
+    llm_acc = [ev[f"llm:{n}"]["acc"] for n in LLMS]
+    # real recorded LLM answers: MoLAM (trained on 50 gold seeds) beats the mean single LLM
+    assert ev["MoLAM"]["acc"] > sum(llm_acc) / len(llm_acc), ev
+    # the project's model_version follows the backend's version (so predictions_score is not null)
+    proj = ls_client.projects.get(id=project["id"])
+    assert proj.model_version == trained["version"]
+
+
+def test_next_to_label_tab_follows_priorities(ls_client, project, trained, label_studio):
+    view = find_view(ls_client, project["id"])
+    assert view is not None
+    ordered = [t.model_dump() if hasattr(t, "model_dump") else t
+               for t in ls_client.tasks.list(project=project["id"], view=view, fields="all", page_size=100)]
+    unl = [t for t in ordered if not t.get("annotations")]
+    prios = [float((t["data"] or {}).get("priority") or 0) for t in unl]
+    assert prios[:60] == sorted(prios[:60], reverse=True) and prios[0] > 0, prios[:10]
+    # the labeling stream ("Label Tasks As Displayed") follows the tab
+    r = httpx.get(f"{label_studio.url}/api/projects/{project['id']}/next", params={"view": view},
+                  headers={"Authorization": f"Token {label_studio.token}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    nxt = r.json()
+    assert nxt["id"] == unl[0]["id"], (nxt["id"], [t["id"] for t in unl[:3]])
+    assert float(nxt["data"]["priority"]) == max(prios)
+
+
+def test_retrieve_predictions_after_training_uses_new_version(ls_client, project, trained, backend):
+    task = next(t for t in project["ids"] if t not in trained["seeds"])
+    for p in _preds(ls_client, task):
+        ls_client.predictions.delete(id=p["id"])
+    assert _preds(ls_client, task) == []
+    before = backend.get("/metrics")
+    _retrieve(ls_client, project["id"], [task])
+    versions = {p["model_version"] for p in _preds(ls_client, task)}
+    assert trained["version"] in versions, versions
+    assert backend.get("/metrics") != before  # the backend served that /predict
