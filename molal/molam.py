@@ -594,12 +594,15 @@ class MoLAM(Aggregator):
     Candidates: logistic regression on general features (per-LLM log-probabilities and vote shares,
     their means, and the pool's Dawid–Skene posterior) at several regularisation strengths, XGBoost on the
     same features, the Dawid–Skene posterior itself, and the best single LLM. The candidate with the best
-    repeated stratified out-of-fold accuracy on the seeds wins (log-loss breaks ties); a learned model must
-    beat the best single LLM's seed accuracy to be used (safety net). Classes absent from the seeds keep
+    repeated stratified out-of-fold accuracy on the seeds is the reference; by the one-standard-error rule the
+    steadiest candidate within one standard error of it is chosen (the average of the low-variance models,
+    then Dawid–Skene, then the best single LLM, then the rest by accuracy). Safety net: the choice is never
+    more than one standard error below the best single LLM's out-of-fold accuracy. Classes absent from the seeds keep
     the probability mass the Dawid–Skene posterior gives them.
 
     Args:
-        candidates: names among ``lr_C`` (C in ``lr_cs``), ``xgb``, ``ds``, ``best_single``; None = all.
+        candidates: names among ``lr_C`` (C in ``lr_cs``), ``xgb``, ``ds``, ``best_single``, ``avg``
+            (mean of the lr_*, ds and best_single models); None = all.
         lr_cs: regularisation strengths tried for the logistic regression.
         n_folds, n_repeats: the cross-validation on the seeds.
         xgb_params: learning_rate / max_depth / n_estimators of the XGBoost candidate.
@@ -661,7 +664,7 @@ class MoLAM(Aggregator):
 
     # -- candidates --------------------------------------------------------------------------------
     def _candidate_names(self, outputs: LLMOutputs) -> list[str]:
-        names = [f"lr_{c:g}" for c in self.lr_cs] + ["xgb", "ds", "best_single"]
+        names = [f"lr_{c:g}" for c in self.lr_cs] + ["xgb", "ds", "best_single", "avg"]
         if self.candidates is not None:
             unknown = [c for c in self.candidates if c not in names]
             if unknown:
@@ -669,8 +672,17 @@ class MoLAM(Aggregator):
             names = [c for c in names if c in self.candidates]
         return names
 
-    def _fit_candidate(self, name: str, outputs, x, ds_post, idx, labels) -> dict[str, Any]:
+    def _avg_members(self, names: list[str]) -> list[str]:
+        """Members of the ``avg`` candidate: the logistic regressions, Dawid–Skene and the best single LLM
+        (the low-variance models; their mean is steadier than any one chosen on 50 noisy seeds)."""
+        base = [f"lr_{c:g}" for c in self.lr_cs] + ["ds", "best_single"]
+        return [n for n in base if n in names] or base
+
+    def _fit_candidate(self, name: str, outputs, x, ds_post, idx, labels, members=None) -> dict[str, Any]:
         k = outputs.n_classes
+        if name == "avg":
+            return {"type": "avg", "members": [self._fit_candidate(m, outputs, x, ds_post, idx, labels)
+                                               for m in (members or self._avg_members([]))]}
         if name.startswith("lr_"):
             coef, inter, present = _lr_fit(x[idx], labels, float(name[3:]))
             return {"type": "lr", "coef": coef, "intercept": inter, "present": present}
@@ -692,6 +704,9 @@ class MoLAM(Aggregator):
         k = outputs.n_classes
         sel = slice(None) if rows is None else rows
         t = model["type"]
+        if t == "avg":
+            return np.mean([_normalize_rows(np.clip(self._predict_candidate(m, outputs, x, ds_post, rows), 0, None))
+                            for m in model["members"]], axis=0)
         if t == "lr":
             p = _lr_predict(model["coef"], model["intercept"], model["present"], x[sel], k)
         elif t == "xgb":
@@ -735,6 +750,9 @@ class MoLAM(Aggregator):
         self.mu, self.sd = _standardize(raw)
         x = (raw - self.mu) / self.sd
         names = self._candidate_names(outputs)
+        members = self._avg_members(names)
+        if "avg" in names:  # the average needs its members' out-of-fold predictions
+            names = [n for n in names if n != "avg"] + [m for m in members if m not in names] + ["avg"]
         rng = np.random.default_rng(self.seed)
         # out-of-fold predictions on the seeds, repeated stratified K-fold
         n_folds = max(2, min(self.n_folds, len(idx)))
@@ -750,9 +768,14 @@ class MoLAM(Aggregator):
                     for f in range(n_folds):
                         tr, te = fold != f, fold == f
                         for n in names:
+                            if n == "avg":
+                                continue
                             m = self._fit_candidate(n, outputs, x, ds_post, idx[tr], labels[tr])
                             oof[n][te] = self._predict_candidate(m, outputs, x, ds_post, idx[te])
                             bar.advance(task)
+                        bar.advance(task)
+                    if "avg" in names:
+                        oof["avg"] = np.mean([_normalize_rows(np.clip(oof[m], 0, None)) for m in members], axis=0)
                     for n in names:
                         pr = _normalize_rows(np.clip(oof[n], 0, None))
                         acc[n].append(float((pr.argmax(1) == labels).mean()))
@@ -764,20 +787,29 @@ class MoLAM(Aggregator):
         ref.class_names, ref.llm_names = list(outputs.class_names), list(outputs.llm_names)
         ref._fit(outputs, idx, labels)
         ref_acc = float(ref.metadata["seed_accuracy"])
+        se = 0.0
         if can_cv:
-            choice = max(names, key=lambda n: (round(cv[n]["accuracy"], 6), -cv[n]["log_loss"]))
-            if choice != "best_single" and cv[choice]["accuracy"] < ref_acc - 1e-9 and "best_single" in names:
+            # one-standard-error rule: among candidates whose out-of-fold accuracy is within one standard
+            # error of the best, take the steadiest (the average of models, then DS, then the best LLM).
+            best_acc = max(cv[n]["accuracy"] for n in names)
+            se = float(np.sqrt(max(best_acc * (1 - best_acc), 1e-3) / len(idx)))
+            steady = {"avg": 3, "ds": 2, "best_single": 1}
+            close = [n for n in names if cv[n]["accuracy"] >= best_acc - se]
+            choice = max(close, key=lambda n: (steady.get(n, 0), cv[n]["accuracy"], -cv[n]["log_loss"]))
+            # safety net: never clearly worse out-of-fold than the best single LLM
+            if "best_single" in names and cv[choice]["accuracy"] < cv["best_single"]["accuracy"] - se:
                 choice = "best_single"
         else:
             choice = "ds" if "ds" in names else names[0]
         self.choice = choice
-        self.model = self._fit_candidate(choice, outputs, x, ds_post, idx, labels)
+        self.model = self._fit_candidate(choice, outputs, x, ds_post, idx, labels, members=members)
         self.metadata.update(
             {
                 "choice": choice,
                 "cv": cv,
                 "cv_folds": n_folds if can_cv else 0,
                 "cv_repeats": self.n_repeats if can_cv else 0,
+                "cv_standard_error": se if can_cv else None,
                 "best_single_source": ref.metadata["source"],
                 "best_single_seed_accuracy": ref_acc,
             }
@@ -785,13 +817,34 @@ class MoLAM(Aggregator):
 
     def _predict(self, outputs):
         ds_post = self._ds(outputs)
-        x = self._x(outputs, ds_post) if self.model.get("type") in ("lr", "xgb") else None
+        x = self._x(outputs, ds_post) if self.model.get("type") in ("lr", "xgb", "avg") else None
         return self._predict_candidate(self.model, outputs, x, ds_post)
 
-    def _state(self):
-        m = dict(self.model)
+    @staticmethod
+    def _model_out(m: dict[str, Any]) -> dict[str, Any]:
+        m = dict(m)
         if m.get("type") == "xgb":
             m["booster"] = _booster_to_str(m["booster"])
+        if m.get("type") == "avg":
+            m["members"] = [MoLAM._model_out(x) for x in m["members"]]
+        return m
+
+    @staticmethod
+    def _model_in(m: dict[str, Any]) -> dict[str, Any]:
+        m = dict(m)
+        if m.get("type") == "xgb":
+            m["booster"] = _booster_from_str(m["booster"])
+        if m.get("type") == "avg":
+            m["members"] = [MoLAM._model_in(x) for x in m["members"]]
+        if m.get("present") is not None:
+            m["present"] = np.asarray(m["present"], dtype=np.int64)
+        for key in ("coef", "intercept"):
+            if m.get(key) is not None:
+                m[key] = np.asarray(m[key], dtype=np.float64)
+        return m
+
+    def _state(self):
+        m = self._model_out(self.model)
         return {"choice": self.choice, "ds_prior": self.ds_prior, "ds_logpi": self.ds_logpi,
                 "mu": self.mu, "sd": self.sd, "model": m}
 
@@ -801,12 +854,7 @@ class MoLAM(Aggregator):
         self.ds_logpi = np.asarray(state["ds_logpi"], dtype=np.float64)
         self.mu = np.asarray(state["mu"], dtype=np.float64)
         self.sd = np.asarray(state["sd"], dtype=np.float64)
-        m = dict(state["model"])
-        if m.get("type") == "xgb":
-            m["booster"] = _booster_from_str(m["booster"])
-        if "present" in m:
-            m["present"] = np.asarray(m["present"], dtype=np.int64)
-        self.model = m
+        self.model = self._model_in(state["model"])
 
 
 BASELINES: dict[str, type[Aggregator]] = {
