@@ -77,7 +77,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on ``port`` (Label Studio's own test: a connect succeeds) and a server could bind it
+    (SO_REUSEADDR like gunicorn/uvicorn, so TIME_WAIT leftovers of a stopped server do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as c:
+        c.settimeout(1.0)
+        if c.connect_ex((host, port)) == 0:
+            return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
