@@ -193,7 +193,7 @@ def snapshot(app) -> tuple:
     st7 = svc.store.project(7)
     rows = {t: sorted(tuple(r) for r in st7.db.execute(f"SELECT * FROM {t}"))  # noqa: S608 - fixed names
             for t in ("kv", "settings", "connection", "versions", "auto_labels")}
-    return tree, jobs, rows, st7.current(), sorted(os.listdir(root))
+    return tree, jobs, rows, st7.current(), sorted(os.listdir(root)), svc.cache.count()
 
 
 def check(app, path: str, body: bytes) -> None:
