@@ -602,7 +602,7 @@ class MoLAM(Aggregator):
 
     Args:
         candidates: names among ``lr_C`` (C in ``lr_cs``), ``xgb``, ``ds``, ``best_single``, ``avg``
-            (mean of the lr_*, ds and best_single models); None = all.
+            (mean of the lr_*, xgb, ds and best_single models); None = all.
         lr_cs: regularisation strengths tried for the logistic regression.
         n_folds, n_repeats: the cross-validation on the seeds.
         xgb_params: learning_rate / max_depth / n_estimators of the XGBoost candidate.
@@ -673,9 +673,9 @@ class MoLAM(Aggregator):
         return names
 
     def _avg_members(self, names: list[str]) -> list[str]:
-        """Members of the ``avg`` candidate: the logistic regressions, Dawid–Skene and the best single LLM
-        (the low-variance models; their mean is steadier than any one chosen on 50 noisy seeds)."""
-        base = [f"lr_{c:g}" for c in self.lr_cs] + ["ds", "best_single"]
+        """Members of the ``avg`` candidate: the logistic regressions, XGBoost, Dawid–Skene and the best
+        single LLM (their mean is steadier than any one of them chosen on 50 noisy seeds)."""
+        base = [f"lr_{c:g}" for c in self.lr_cs] + ["xgb", "ds", "best_single"]
         return [n for n in base if n in names] or base
 
     def _fit_candidate(self, name: str, outputs, x, ds_post, idx, labels, members=None) -> dict[str, Any]:
