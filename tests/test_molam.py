@@ -210,3 +210,18 @@ def test_avg_candidate_roundtrip(trec_outputs, trec_gold, tmp_path):
     assert [x["type"] for x in m.model["members"]] == ["lr", "xgb", "ds", "best_single"]
     m2 = MoLAM.load(m.save(tmp_path / "avg.json"))
     assert np.array_equal(m.predict_proba(sub), m2.predict_proba(sub))
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3, 12])
+def test_binary_and_very_few_seeds(n_seeds):
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    p = np.eye(2)[y][:, None, :] * 0.6 + rng.random((n, 3, 2)) * 0.5  # 3 noisy but informative sources
+    o = LLMOutputs(p, None, ["neg", "pos"], ["a", "b", "c"])
+    m = MoLAM(**FAST).fit(o, np.arange(n_seeds), y[:n_seeds])
+    pr = m.predict_proba(o)
+    assert pr.shape == (n, 2) and np.allclose(pr.sum(axis=1), 1)
+    assert (pr.argmax(axis=1) == y).mean() > 0.9
+    if n_seeds < 10:
+        assert m.choice == "ds"  # too few seeds to cross-validate: the unsupervised posterior
