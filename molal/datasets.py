@@ -44,8 +44,14 @@ class NamedDataset:
         return [base / f"{m}.jsonl" for m in RECORDED_LLMS[self.name]]
 
     def recorded_outputs(self) -> LLMOutputs:
-        """Recorded outputs of the real LLMs over the train split (rows aligned with ``split('train')``)."""
+        """Recorded outputs of the real LLMs (with texts). The recorded rows are the train questions in the
+        recording's own order, NOT the order of ``split('train')``: take gold labels from
+        :meth:`recorded_labels`, which reads the same files."""
         return LLMOutputs.from_recorded_jsonl(self.recorded_paths(), self.class_names)
+
+    def recorded_labels(self) -> TextDataset:
+        """The gold labels of the recorded rows (same rows, same order as :meth:`recorded_outputs`)."""
+        return load_dataset(self.recorded_paths()[0], class_names=self.class_names)
 
 
 def get_dataset(name: str) -> NamedDataset:
