@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")
     serve_model: Literal["molam", "student"] = Field("molam", validation_alias="MOLAL_SERVE_MODEL")
+    task_file_max_bytes: int = Field(1_000_000, validation_alias="MOLAL_TASK_FILE_MAX_BYTES",
+                                     description="size cap of a Label Studio-hosted task text file")
+    task_file_timeout_s: float = Field(10.0, validation_alias="MOLAL_TASK_FILE_TIMEOUT_S")
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -214,7 +214,10 @@ def test_urls_in_task_data_are_never_fetched(tmp_path):
         assert "root:x" not in r.get_data(as_text=True)
         c.post("/setup", json={"project": 7, "schema": CONFIG, "hostname": evil_url, "access_token": "tok-123456"})
         assert evil_hits == []
-        assert ls_hits == []  # text classification reads text only: not even the configured host is fetched
+        # text classification reads text only; the one exception (issue 7): a task text that is a file on the
+        # configured Label Studio (/data/upload/...) is read from there, with the LS token, and nothing else is
+        assert [p for _, p, _ in ls_hits] == ["/data/upload/1/file.txt"]  # relative + absolute: one read (cache)
+        assert all(h.get("Authorization") == f"Token {LS_KEY}" for _, _, h in ls_hits)
     finally:
         evil.shutdown()
         ls.shutdown()

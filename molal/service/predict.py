@@ -24,6 +24,7 @@ import numpy as np
 
 from molal.service.errors import BadRequest, Unprocessable
 from molal.service.labelconfig import LabelSpec
+from molal.service.taskdata import resolve_texts
 
 if TYPE_CHECKING:
     from molal.service.pipeline import Service
@@ -93,6 +94,9 @@ def mean_probs(outputs) -> np.ndarray:
 def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: list, deadline: float) -> dict[str, Any]:
     ps = svc.project_settings(state)
     texts, errors = check_tasks(tasks, spec)
+    texts = resolve_texts(svc, state, texts, errors)  # Label Studio-hosted .txt files → their text
+    if tasks and all(t is None for t in texts):
+        raise Unprocessable(f"no task has a text to annotate: {'; '.join(sorted(set(errors.values())))[:300]}")
     if not tasks:
         srv = svc.serving(state, spec)
         return {"results": [], "model_version": srv["version"], "pending": 0}

@@ -34,8 +34,11 @@ import numpy as np
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
 from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.taskdata import task_text_resolver
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from molal.service.jobs import JobContext
     from molal.service.pipeline import Service
     from molal.service.store import ProjectState
@@ -83,11 +86,15 @@ def human_label(annotations: list, spec: LabelSpec) -> int | None:
     return best
 
 
-def pool_from_tasks(tasks: list[dict], spec: LabelSpec) -> Pool:
+def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None) -> Pool:
+    """``resolve`` maps a task's text value to the text to use (a Label Studio-hosted file's content), None
+    to skip the task; ``data`` keeps the value as Label Studio holds it."""
     pool = Pool([], [], [])
     for t in tasks:
         data = t.get("data") or {}
         text = data.get(spec.value_key)
+        if isinstance(text, str) and text.strip() and resolve is not None:
+            text = resolve(text)
         if not isinstance(text, str) or not text.strip():
             pool.skipped += 1
             continue
@@ -433,7 +440,7 @@ def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
         state.put("label_config", config)
     spec = svc.spec_for(state, config)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    pool = pool_from_tasks(tasks, spec)
+    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc, state))
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
                        f"{pool.skipped} without text")
     return client, spec, pool

@@ -1,0 +1,286 @@
+"""Task texts that are Label Studio-hosted files: fetch them from Label Studio, and from nowhere else.
+
+When .txt files are uploaded into a Label Studio project, the task's ``data.text`` holds the file's URL on
+the Label Studio server — ``/data/upload/<project>/<uuid>-<name>.txt`` (relative), or the same path on an
+absolute ``http(s)://<LS host>`` URL; local-files storage gives ``/data/local-files/?d=<path>``. Classifying
+that string would classify a URL, so :func:`resolve_text` fetches the file — but only when it is a
+Label Studio data path on **the Label Studio the service talks to** (``LABEL_STUDIO_URL``, else the
+``hostname`` Label Studio sent in ``/setup``): same scheme, host and port, no userinfo, a path under
+``/data/upload/`` or ``/data/local-files/`` (after the LS URL's own path prefix, if any), no ``..``.
+Everything else (other hosts, ``file:``, ``ftp:``, ``data:``, ``s3:``, ``http://ls@evil/``,
+``http://evil/?x=ls``, …) is never fetched: the value is the task's text as it stands.
+
+A fetch sends the Label Studio token (the SDK's header: ``Token <key>`` for a legacy token; for a JWT
+personal access token the SDK exchanges the refresh token for an access token and sends ``Bearer``),
+with a timeout, no redirects except to another data path on the same origin (at most 3 hops), a size cap
+(``MOLAL_TASK_FILE_MAX_BYTES``, 1 MB) and strict UTF-8 decoding. Fetched texts are cached per process
+(LRU, bounded by entries and bytes) so a repeated ``/predict`` costs nothing. A failure is a
+:class:`FetchError` whose message is the reason given for that task (no token in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urljoin, urlsplit
+
+import httpx
+
+if TYPE_CHECKING:
+    from molal.service.pipeline import Service
+    from molal.service.store import ProjectState
+
+log = logging.getLogger("molal.taskdata")
+
+DATA_PATHS = ("/data/upload/", "/data/local-files/")
+DEFAULT_MAX_BYTES = 1_000_000
+DEFAULT_TIMEOUT_S = 10.0
+MAX_REDIRECTS = 3
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class FetchError(Exception):
+    """A Label Studio-hosted task file could not be used as the task's text (the message says why)."""
+
+
+# -- what may be fetched ------------------------------------------------------------------------------------
+def _origin(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path prefix) of an http(s) URL without userinfo; None for anything else."""
+    if not isinstance(url, str) or any(c.isspace() or c == "\\" for c in url) or len(url) > 4096:
+        return None
+    try:
+        p = urlsplit(url)
+        port = p.port
+    except ValueError:
+        return None
+    scheme = p.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not p.hostname or "@" in p.netloc:
+        return None
+    return scheme, p.hostname.lower(), port or _DEFAULT_PORTS[scheme], p.path.rstrip("/")
+
+
+def _data_path(path: str, prefix: str) -> bool:
+    """``path`` is a Label Studio data path (optionally under the LS URL's path prefix) without dot segments."""
+    if any(seg in (".", "..") for seg in unquote(path).split("/")):
+        return False
+    return any(path.startswith(prefix + d) or path.startswith(d) for d in DATA_PATHS)
+
+
+def ls_file_url(value: str, ls_url: str | None) -> str | None:
+    """The URL to fetch when ``value`` is a file on the Label Studio at ``ls_url``; else None (never fetch)."""
+    if not isinstance(value, str):
+        return None
+    v = value.strip()
+    if not v or len(v) > 4096 or any(c.isspace() or c == "\\" or ord(c) < 32 for c in v):
+        return None
+    ls = _origin(ls_url) if ls_url else None
+    if v.startswith("/") and not v.startswith("//"):
+        if ls is None or not _data_path(urlsplit(v).path, ls[3]):
+            return None
+        rel = urlsplit(v)
+        path, query = rel.path, rel.query
+    else:
+        o = _origin(v)
+        if o is None or ls is None or o[:3] != ls[:3]:
+            return None
+        p = urlsplit(v)
+        if not _data_path(p.path, ls[3]):
+            return None
+        path, query = p.path, p.query
+    # rebuild from the configured origin (never from the value's own authority): no parser differential
+    scheme, host, port, _ = ls
+    hostport = f"[{host}]" if ":" in host else host
+    if port != _DEFAULT_PORTS[scheme]:
+        hostport += f":{port}"
+    return f"{scheme}://{hostport}{path}" + (f"?{query}" if query else "")
+
+
+def looks_like_ls_file(value: object) -> bool:
+    """A value Label Studio writes for an uploaded/local file (relative data path), whatever the LS URL."""
+    return isinstance(value, str) and value.strip().startswith(DATA_PATHS)
+
+
+# -- fetching -----------------------------------------------------------------------------------------------
+class _LRU:
+    def __init__(self, entries: int = 512, max_bytes: int = 64_000_000) -> None:
+        self.entries, self.max_bytes = entries, max_bytes
+        self.d: OrderedDict[str, str] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, k: str) -> str | None:
+        with self.lock:
+            v = self.d.get(k)
+            if v is not None:
+                self.d.move_to_end(k)
+            return v
+
+    def put(self, k: str, v: str) -> None:
+        with self.lock:
+            if k in self.d:
+                self.size -= len(self.d.pop(k))
+            self.d[k] = v
+            self.size += len(v)
+            while self.d and (len(self.d) > self.entries or self.size > self.max_bytes):
+                self.size -= len(self.d.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        with self.lock:
+            self.d.clear()
+            self.size = 0
+
+
+CACHE = _LRU()
+_AUTH: dict[tuple[str, str], object] = {}
+_AUTH_LOCK = threading.Lock()
+
+
+def auth_header(ls_url: str, api_key: str) -> str:
+    """The Authorization header the Label Studio SDK sends (legacy token or JWT refresh→access exchange)."""
+    from label_studio_sdk.client import LabelStudio
+
+    from molal.logging import register_secret
+
+    register_secret(api_key)
+    with _AUTH_LOCK:
+        client = _AUTH.get((ls_url, api_key))
+        if client is None:
+            client = _AUTH[(ls_url, api_key)] = LabelStudio(base_url=ls_url.rstrip("/"), api_key=api_key)
+    h = client._client_wrapper.get_headers()["Authorization"]  # type: ignore[attr-defined]
+    register_secret(h.split(" ", 1)[-1])
+    return h
+
+
+def _shown(url: str) -> str:
+    return urlsplit(url).path[:200]
+
+
+def fetch(url: str, ls_url: str, api_key: str | None, max_bytes: int = DEFAULT_MAX_BYTES,
+          timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """GET ``url`` (already checked by :func:`ls_file_url`) from Label Studio; the text, or FetchError."""
+    if not api_key:
+        raise FetchError(f"task text is the Label Studio file {_shown(url)} but no Label Studio API key is known "
+                         "(set LABEL_STUDIO_API_KEY)")
+    try:
+        headers = {"Authorization": auth_header(ls_url, api_key)}
+    except Exception as exc:  # noqa: BLE001 - an expired/invalid JWT, a refused refresh
+        raise FetchError(f"could not authenticate to Label Studio to read {_shown(url)} "
+                         f"({type(exc).__name__}; check LABEL_STUDIO_API_KEY)") from None
+    cur = url
+    with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as http:
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                with http.stream("GET", cur, headers=headers) as r:
+                    if r.is_redirect:
+                        nxt = ls_file_url(urljoin(cur, r.headers.get("location", "")), ls_url)
+                        if nxt is None:
+                            raise FetchError(f"Label Studio redirected {_shown(url)} elsewhere; not followed")
+                        cur = nxt
+                        continue
+                    if r.status_code != 200:
+                        raise FetchError(f"Label Studio answered HTTP {r.status_code} for {_shown(url)}")
+                    n = r.headers.get("content-length")
+                    if n and n.isdigit() and int(n) > max_bytes:
+                        raise FetchError(f"{_shown(url)} is {int(n)} bytes, over the {max_bytes}-byte limit "
+                                         "(MOLAL_TASK_FILE_MAX_BYTES)")
+                    buf = bytearray()
+                    for chunk in r.iter_bytes():
+                        buf += chunk
+                        if len(buf) > max_bytes:
+                            raise FetchError(f"{_shown(url)} is over the {max_bytes}-byte limit "
+                                             "(MOLAL_TASK_FILE_MAX_BYTES)")
+                    break
+            except httpx.HTTPError as exc:
+                raise FetchError(f"could not read {_shown(url)} from Label Studio ({type(exc).__name__})") from None
+        else:
+            raise FetchError(f"Label Studio redirected {_shown(url)} more than {MAX_REDIRECTS} times")
+    try:
+        text = bytes(buf).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FetchError(f"{_shown(url)} is not UTF-8 text (byte 0x{buf[exc.start]:02x} at offset {exc.start})") \
+            from None
+    if not text.strip():
+        raise FetchError(f"{_shown(url)} is empty")
+    return text
+
+
+def resolve_text(value: str, ls_url: str | None, api_key: str | None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """The task's text: the Label Studio file's content when ``value`` is a file on ``ls_url``, else ``value``.
+
+    Raises FetchError (the reason for that task) when the file cannot be used, or when ``value`` is a relative
+    Label Studio data path but no Label Studio URL is known."""
+    url = ls_file_url(value, ls_url)
+    if url is None:
+        if looks_like_ls_file(value) and not ls_url:
+            raise FetchError(f"task text is the Label Studio file {value.strip()[:200]} but no Label Studio URL "
+                             "is known (set LABEL_STUDIO_URL or connect the backend from Label Studio)")
+        return value
+    hit = CACHE.get(url)
+    if hit is not None:
+        return hit
+    text = fetch(url, ls_url or "", api_key, max_bytes=max_bytes, timeout_s=timeout_s)
+    CACHE.put(url, text)
+    log.debug("read task text from Label Studio %s (%d chars)", _shown(url), len(text))
+    return text
+
+
+# -- for the service ----------------------------------------------------------------------------------------
+def ls_source(svc: Service, state: ProjectState | None) -> tuple[str | None, str | None]:
+    """(Label Studio URL, key) to read task files from: LABEL_STUDIO_URL (+ LABEL_STUDIO_API_KEY), else the
+    hostname + token from /setup. The configured key is only sent to the configured URL."""
+    s = svc.settings
+    key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key is not None else None
+    host, token = state.connection() if state is not None else (None, None)
+    if s.label_studio_url:
+        same = host is not None and _origin(host) is not None and _origin(host) == _origin(s.label_studio_url)
+        if not key and same and token:
+            key = token  # the /setup token only for the same Label Studio
+        return s.label_studio_url, key
+    return host, token
+
+
+def resolve_texts(svc: Service, state: ProjectState | None, texts: list[str | None],
+                  errors: dict[int, str]) -> list[str | None]:
+    """``texts`` with Label Studio-hosted files replaced by their content; a failed one becomes None and its
+    reason goes to ``errors`` (position -> reason). Values that are no LS file cost nothing."""
+    if not any(isinstance(t, str) and ("/data/" in t) for t in texts):
+        return texts
+    ls_url, key = ls_source(svc, state)
+    s = svc.settings
+    max_bytes = getattr(s, "task_file_max_bytes", DEFAULT_MAX_BYTES)
+    timeout_s = getattr(s, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
+    out: list[str | None] = []
+    for i, t in enumerate(texts):
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            out.append(resolve_text(t, ls_url, key, max_bytes=max_bytes, timeout_s=timeout_s))
+        except FetchError as exc:
+            out.append(None)
+            errors[i] = str(exc)
+    return out
+
+
+def task_text_resolver(svc: Service, state: ProjectState | None):
+    """A ``value -> text | None`` function for the training pull: failures are logged (path and reason, no
+    token) and the task is skipped like one without text."""
+    ls_url, key = ls_source(svc, state)
+    s = svc.settings
+    max_bytes = getattr(s, "task_file_max_bytes", DEFAULT_MAX_BYTES)
+    timeout_s = getattr(s, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
+
+    def resolve(value: str) -> str | None:
+        try:
+            return resolve_text(value, ls_url, key, max_bytes=max_bytes, timeout_s=timeout_s)
+        except FetchError as exc:
+            log.warning("project %s: task skipped: %s", getattr(state, "id", "?"), exc)
+            return None
+
+    return resolve
+
+
+__all__ = ["CACHE", "FetchError", "fetch", "ls_file_url", "ls_source", "resolve_text", "resolve_texts", "task_text_resolver"]
