@@ -35,19 +35,51 @@ def scrub(text: str) -> str:
     return text
 
 
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Scrub a record in place: its message (args merged in) and its traceback (pre-formatted into
+    ``exc_text``, which every standard Formatter prints instead of formatting the traceback again)."""
+    try:
+        msg = record.getMessage()
+    except Exception:  # a bad format string: keep the raw message, scrubbed
+        msg = str(record.msg)
+    clean = scrub(msg)
+    if clean != msg or record.args:
+        record.msg, record.args = clean, None
+    if record.exc_info and record.exc_info[1] is not None and not getattr(record, "_molal_scrubbed", False):
+        record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
+    record._molal_scrubbed = True  # type: ignore[attr-defined]
+    return record
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        clean = scrub(msg)
-        if clean != msg or record.args:
-            record.msg, record.args = clean, None
-        if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        redact_record(record)
         return True
 
 
+_factory_installed = False
+
+
+def _install_record_factory() -> None:
+    """Scrub every record when it is created, whichever logger or handler it goes to (Flask's default
+    handler, Django's console handler and other libraries' handlers included)."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        return redact_record(previous(*args, **kwargs))
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
 def setup_logging(level: str | int = "INFO") -> None:
-    """Configure the root logger once, with secret redaction on its handler."""
+    """Configure the root logger once, with secret redaction on its handler and on every record."""
+    _install_record_factory()
     root = logging.getLogger()
     if any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
         root.setLevel(level)
