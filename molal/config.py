@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")
+    student_freeze_encoder: bool = Field(
+        False, validation_alias="MOLAL_STUDENT_FREEZE_ENCODER",
+        description="train only the classification head on frozen encoder embeddings (fast CPU preset)",
+    )
     serve_model: Literal["molam", "student"] = Field("molam", validation_alias="MOLAL_SERVE_MODEL")
     task_file_max_bytes: int = Field(1_000_000, validation_alias="MOLAL_TASK_FILE_MAX_BYTES",
                                      description="size cap of a Label Studio-hosted task text file")

@@ -240,6 +240,9 @@ class DemoOptions:
     seed: int = 0
     student_epochs: int = 1
     student_max_length: int = 32
+    #: the demo trains the student's head on frozen MiniLM embeddings (seconds instead of minutes on a CPU);
+    #: `molal demo --full-student` fine-tunes the whole encoder as a production backend does.
+    student_freeze_encoder: bool = True
     priority_top: int = 200
     job_timeout: float = 1200.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -318,6 +321,7 @@ class Demo:
         self.ls.start()
         t_ls = time.monotonic() - t0
         env = {"MOLAL_STUDENT_EPOCHS": str(o.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": str(o.student_max_length),
+               "MOLAL_STUDENT_FREEZE_ENCODER": "true" if o.student_freeze_encoder else "false",
                "MOLAL_PER_LLM_PREDICTIONS": "true", **o.extra_env}
         if o.mixture:
             env["MOLAL_MIXTURE"] = str(Path(o.mixture).resolve())

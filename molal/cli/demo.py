@@ -35,6 +35,10 @@ def register(app: typer.Typer) -> None:
         fresh: bool = typer.Option(False, "--fresh", help="Delete --data-dir first and start over."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Exit after showing the results (stops both servers)."),
         student_epochs: int = typer.Option(1, "--student-epochs", help="Student epochs in the demo's training job."),
+        full_student: bool = typer.Option(
+            False, "--full-student",
+            help="Fine-tune the whole student encoder (minutes on a CPU) instead of its head on frozen embeddings.",
+        ),
     ) -> None:
         """Start a real Label Studio and the molal backend, label 50 seeds (simulated), train, show the results.
 
@@ -48,7 +52,8 @@ def register(app: typer.Typer) -> None:
         console = Console()
         opts = DemoOptions(data_dir=data_dir, dataset=dataset, labels=_labels(labels), mixture=mixture,
                            n_tasks=tasks, n_seeds=seeds, password=password, ls_port=ls_port,
-                           backend_port=backend_port, fresh=fresh, student_epochs=student_epochs)
+                           backend_port=backend_port, fresh=fresh, student_epochs=student_epochs,
+                           student_freeze_encoder=not full_student)
         d = Demo(opts, say=lambda m: console.print(f"[cyan]•[/cyan] {m}"))
         stop_requested = False
 

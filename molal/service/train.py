@@ -281,7 +281,7 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             ctx.progress(0.5, f"training the student on {len(human_rows)} human + {len(mol_rows)} MoLAM labels "
                               f"(round {round_t}, {s.student_epochs} epochs)")
         student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
-                          epochs=s.student_epochs, device=s.device)
+                          epochs=s.student_epochs, device=s.device, freeze_encoder=s.student_freeze_encoder)
         student.fit([pool.texts[r] for r in tr_rows], y, weights=weights, negatives=negatives, round_t=round_t,
                     val_texts=[pool.texts[r] for r in human_rows], val_labels=labels,
                     progress=sys.stderr.isatty())  # a rich bar for `molal train` in a terminal
