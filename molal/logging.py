@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 _SECRET_ENV = ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "OPENAI_API_KEY", "REDIS_URL", "MOLAL_API_KEY")
 _PATTERNS = [
@@ -77,6 +78,29 @@ def _install_record_factory() -> None:
     _factory_installed = True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (never a stream that was closed since), and
+    reports its own failures without printing the record or the exception being handled (they may hold
+    secrets), unlike :meth:`logging.Handler.handleError`."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always wins
+        pass
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        try:
+            sys.__stderr__.write(f"molal: a log record from {record.name} could not be written\n")
+        except Exception:
+            pass
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Configure the root logger once, with secret redaction on its handler and on every record."""
     _install_record_factory()
@@ -84,7 +108,7 @@ def setup_logging(level: str | int = "INFO") -> None:
     if any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
