@@ -1,4 +1,5 @@
-"""Logging with secret redaction: every handler molal installs filters known secrets out of records."""
+"""Logging with secret redaction: every log record is scrubbed when it is created (message, arguments and
+traceback), so no handler — molal's, Flask's, Django's — prints a known secret."""
 
 from __future__ import annotations
 
