@@ -96,13 +96,17 @@ def test_server_killed_mid_annotation_then_resume_without_recomputing(tmp_path):
     res = row["result"]
     assert row["status"] == "succeeded", row
     answered = [r for r in requests_log(log) if r["answer"] == "ok"]
-    assert 10 <= len(answered) <= 19 and res["done"] == len(answered)
+    assert 10 <= len(answered) <= 19
+    # the server logs an answer just before sending it: with 2 requests in flight, at most 2 answers can be
+    # lost with the SIGKILL; every row marked done was really answered
+    assert len(answered) - 2 <= res["done"] <= len(answered)
     assert res["failed"] == len(TEXTS) - res["done"]
     # which texts failed, and why, is in the job record
     failed = {f["text"]: f["reason"] for f in res["failed_texts"]}
     assert len(failed) == res["failed"]
     assert all("cannot reach" in why for why in failed.values()), failed
-    assert set(failed) == set(TEXTS) - {t for t in TEXTS if any(t in r["text"] for r in answered)}
+    answered_texts = {t for t in TEXTS if any(t in r["text"] for r in answered)}
+    assert set(TEXTS) - set(failed) <= answered_texts
     # retries with backoff, bounded: max_total_s per request, the annotator is marked dead after that
     assert elapsed < 45, elapsed  # generous for a loaded CI machine; unbounded retries would not end
     cached = svc.cache.count()
