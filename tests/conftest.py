@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,48 @@ def _shared_data() -> Path:
 SHARED_DATA = _shared_data()
 TREC_CLASSES = ["abbreviation", "entity", "description", "human", "location", "numeric"]
 TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
+#: a Label Studio text-classification config over the TREC classes (single choice)
+TREC_CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
+    + "".join(f'<Choice value="{c}"/>' for c in TREC_CLASSES)
+    + "</Choices></View>"
+)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    """A real redis-server on a free loopback port (no persistence), stopped after the test."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server); .ci/run installs it")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from redis import Redis
+
+    url = f"redis://127.0.0.1:{port}/0"
+    t0 = time.monotonic()
+    while True:
+        try:
+            if Redis.from_url(url).ping():
+                break
+        except Exception:
+            if time.monotonic() - t0 > 10:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
 
 
 @pytest.fixture(scope="session")

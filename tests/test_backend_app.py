@@ -10,13 +10,10 @@ import json
 import pytest
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 PROJECT = "7.1700000000"
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,23 +20,13 @@ from urllib.parse import urlparse
 import pytest
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 KEY = "jobs-fault-key-0123456789"
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class SlowLS:
@@ -78,31 +66,6 @@ class SlowLS:
         self.srv.shutdown()
         self.srv.server_close()
 
-
-@pytest.fixture()
-def redis_url(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server binary not installed (apt-get install -y redis-server); CI installs it")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from redis import Redis
-
-    url = f"redis://127.0.0.1:{port}/0"
-    t0 = time.monotonic()
-    while True:
-        try:
-            if Redis.from_url(url).ping():
-                break
-        except Exception:
-            if time.monotonic() - t0 > 10:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 def _killpg(proc) -> None:

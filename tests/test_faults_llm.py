@@ -8,7 +8,6 @@ run resumes without recomputing anything; the job reports which texts failed and
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,11 @@ from pathlib import Path
 import pytest
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+TREC = TREC_CLASSES
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Server:

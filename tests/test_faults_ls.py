@@ -17,13 +17,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 KEY = "ls-fault-key-0123456789"
 MIXTURE_TOML = "".join(f'[[annotator]]\ntype = "replay"\nname = "{m}"\nsource = "bundled:trec"\n\n'
                        for m in ("qwen", "yi"))

@@ -32,14 +32,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 MIXTURE_TOML = """
 [[annotator]]
 type = "replay"

@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 LS_KEY = "lskey-0123456789abcdef-SECRET"
 AUTH_PASS = "basic-PASS-w0rd-SECRET"
 SETUP_TOKEN = "setup-token-fedcba-SECRET"

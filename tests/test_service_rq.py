@@ -6,53 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
-
 from molal.config import get_settings
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 
-
-@pytest.fixture()
-def redis_url(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from redis import Redis
-
-    url = f"redis://127.0.0.1:{port}/0"
-    t0 = time.monotonic()
-    while True:
-        try:
-            if Redis.from_url(url).ping():
-                break
-        except Exception:
-            if time.monotonic() - t0 > 10:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url):

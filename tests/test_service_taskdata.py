@@ -14,15 +14,12 @@ import pytest
 from molal.config import get_settings
 from molal.service import taskdata
 from molal.service.taskdata import FetchError, ls_file_url, resolve_text
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
 LS_KEY = "lskey-taskdata-0123456789-SECRET"
 Q_TEXT = "What is the capital of Peru ?"
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 
 
 class Server:

@@ -11,13 +11,10 @@ import pytest
 from molal.config import get_settings
 from molal.service.labelconfig import parse_label_config
 from molal.service.train import Pool, TrainingError, fit_round, human_label, pool_from_tasks
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
 
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+TREC = TREC_CLASSES
+CONFIG = TREC_CONFIG
 SPEC = parse_label_config(CONFIG)
 
 
