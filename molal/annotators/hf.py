@@ -27,16 +27,22 @@ from typing import Any
 import numpy as np
 
 from molal.annotators.base import (
-    Annotator,
     AnnotatorError,
     AnnotatorResult,
-    check_float,
     check_name,
     check_positive_int,
     consistency_from_answers,
     softmax,
 )
-from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
+from molal.annotators.local import LocalLMAnnotator, release_memory
+from molal.annotators.prompts import (
+    DEFAULT_ANSWER_PREFIX,
+    DEFAULT_SYSTEM,
+    DEFAULT_TEMPLATE,
+    render_label_ids,
+    render_prompt_ids,
+    uses_chat,
+)
 
 SCORINGS = ("auto", "first_token", "full")
 _LOAD_LOCK = threading.Lock()
@@ -56,7 +62,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
     return ids, mask, pos
 
 
-class HFAnnotator(Annotator):
+class HFAnnotator(LocalLMAnnotator):
     """A local causal LM via transformers. See the module docstring for prompting and scoring."""
 
     type = "hf"
@@ -87,18 +93,11 @@ class HFAnnotator(Annotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a local model folder")
         self.model = model
-        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
-        if chat not in ("auto", True, False):
-            raise ValueError(f"chat must be 'auto', true or false, got {chat!r}")
-        self.chat = chat
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat)
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         self.scoring = scoring
-        self.samples = check_positive_int(samples, "samples", 0)
-        self.temperature = check_float(temperature, "temperature", 0.0, 10.0, lo_open=True)
-        self.top_p = check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
-        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
-        self.seed = int(seed)
+        self._init_sampling(samples, temperature, top_p, max_new_tokens, seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.max_length = check_positive_int(max_length, "max_length", 16)
         self.device = device
@@ -144,16 +143,7 @@ class HFAnnotator(Annotator):
         if self._lm is not None:
             self._lm = None
             self._tok = None
-            import gc
-
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:  # pragma: no cover
-                pass
+            release_memory()
 
     def _identity(self) -> dict[str, Any]:
         from pathlib import Path
@@ -163,13 +153,8 @@ class HFAnnotator(Annotator):
         return {
             "model": self.model,
             "weights": weights,
-            "prompt": self.prompt.identity(),
-            "chat": self.chat,
+            **self._prompt_identity(),
             "scoring": self.scoring,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens,
-            "seed": self.seed,
             "max_length": self.max_length,
             "dtype": self.dtype,
         }
@@ -177,27 +162,15 @@ class HFAnnotator(Annotator):
     # -- prompts ---------------------------------------------------------------------------------------
     def uses_chat(self) -> bool:
         tok, _ = self._load()
-        if self.chat == "auto":
-            return bool(getattr(tok, "chat_template", None))
-        return bool(self.chat)
+        return uses_chat(tok, self.chat)
 
     def prompt_ids(self, text: str, class_names: list[str], descriptions: dict[str, str]) -> list[int]:
         tok, _ = self._load()
-        if self.uses_chat():
-            s = tok.apply_chat_template(self.prompt.messages(text, class_names, descriptions), add_generation_prompt=True, tokenize=False)
-            ids = tok(s, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(self.prompt.plain(text, class_names, descriptions), add_special_tokens=True)["input_ids"]
-        return list(ids)[-self.max_length :]
+        return render_prompt_ids(tok, self.prompt, text, class_names, descriptions, self.uses_chat())[-self.max_length :]
 
     def label_ids(self, class_names: list[str]) -> list[list[int]]:
         tok, _ = self._load()
-        sep = "" if self.uses_chat() else " "
-        out = [list(tok(sep + w, add_special_tokens=False)["input_ids"]) for w in self.prompt.label_words(class_names)]
-        for c, ids in zip(class_names, out, strict=True):
-            if not ids:
-                raise ValueError(f"class {c!r} tokenizes to nothing")
-        return out
+        return render_label_ids(tok, self.prompt.label_words(class_names), self.uses_chat(), class_names)
 
     def scoring_mode(self, label_ids: list[list[int]]) -> str:
         if self.scoring != "auto":

@@ -6,6 +6,9 @@ assistant's reply should be the verbalizer alone). Its :meth:`Prompt.identity` g
 
 Template placeholders: ``{text}``, ``{labels}`` (comma-separated verbalizers), ``{descriptions}`` (one
 "- label: description" line per described class, or empty), ``{examples}`` (few-shot block or empty).
+
+The annotators that tokenize prompts themselves (HF transformers, vLLM) also share :func:`check_chat`,
+:func:`uses_chat`, :func:`render_prompt_ids` and :func:`render_label_ids` (any HF-style tokenizer).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ DEFAULT_TEMPLATE = (
 DEFAULT_SYSTEM = "You are a careful annotator for text classification."
 DEFAULT_ANSWER_PREFIX = "Category:"
 _FIELDS = ("text", "labels", "descriptions", "examples")
+CHAT_MODES = ("auto", True, False)
 
 
 @dataclass
@@ -124,3 +128,42 @@ class Prompt:
             if key in spec:
                 kw[key] = spec[key]
         return cls(**kw)
+
+
+# -- token ids (annotators that tokenize prompts themselves: HF transformers, vLLM) ---------------------------
+def check_chat(chat: Any) -> str | bool:
+    """The ``chat`` option: ``"auto"`` (the tokenizer's chat template when it has one), true or false."""
+    if chat not in CHAT_MODES:
+        raise ValueError(f"chat must be 'auto', true or false, got {chat!r}")
+    return chat
+
+
+def uses_chat(tokenizer: Any, chat: str | bool) -> bool:
+    """Whether prompts go through the tokenizer's chat template (``chat="auto"``: when it has one)."""
+    if chat == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(chat)
+
+
+def render_prompt_ids(
+    tokenizer: Any, prompt: Prompt, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None, chat: bool
+) -> list[int]:
+    """Token ids of the prompt: chat template (with generation prompt) or plain prompt with special tokens."""
+    if chat:
+        s = tokenizer.apply_chat_template(prompt.messages(text, class_names, descriptions), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt.plain(text, class_names, descriptions), add_special_tokens=True)["input_ids"])
+
+
+def render_label_ids(
+    tokenizer: Any, words: Sequence[str], chat: bool, class_names: Sequence[str] | None = None
+) -> list[list[int]]:
+    """Token ids of each class verbalizer as a continuation (a leading space after plain prompts). An empty
+    tokenization is an error naming the verbalizer, or its class when ``class_names`` are given."""
+    sep = "" if chat else " "
+    out = [list(tokenizer(sep + w, add_special_tokens=False)["input_ids"]) for w in words]
+    for i, (w, ids) in enumerate(zip(words, out, strict=True)):
+        if not ids:
+            what = f"class {class_names[i]!r}" if class_names is not None else f"verbalizer {w!r}"
+            raise ValueError(f"{what} tokenizes to nothing")
+    return out

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from molal.annotators.base import (
-    Annotator,
     AnnotatorError,
     AnnotatorResult,
     AnnotatorUnavailable,
@@ -32,30 +31,20 @@ from molal.annotators.base import (
     consistency_from_answers,
     softmax,
 )
-from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
+from molal.annotators.local import LocalLMAnnotator, release_memory
+from molal.annotators.prompts import (
+    DEFAULT_ANSWER_PREFIX,
+    DEFAULT_SYSTEM,
+    DEFAULT_TEMPLATE,
+    render_label_ids,
+    render_prompt_ids,
+    uses_chat,
+)
 
 INSTALL_HINT = "vLLM is not installed: pip install molal[vllm] (needs a CUDA GPU)"
 
 
-# -- pure helpers (no vLLM needed) --------------------------------------------------------------------------
-def render_prompt_ids(
-    tokenizer: Any, prompt: Prompt, text: str, class_names: Sequence[str], descriptions: dict[str, str], chat: bool
-) -> list[int]:
-    """Token ids of the prompt: chat template (with generation prompt) or plain prompt with special tokens."""
-    if chat:
-        s = tokenizer.apply_chat_template(prompt.messages(text, class_names, descriptions), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt.plain(text, class_names, descriptions), add_special_tokens=True)["input_ids"])
-
-
-def render_label_ids(tokenizer: Any, words: Sequence[str], chat: bool) -> list[list[int]]:
-    """Token ids of each class verbalizer as a continuation (a leading space after plain prompts)."""
-    sep = "" if chat else " "
-    out = [list(tokenizer(sep + w, add_special_tokens=False)["input_ids"]) for w in words]
-    for w, ids in zip(words, out, strict=True):
-        if not ids:
-            raise ValueError(f"verbalizer {w!r} tokenizes to nothing")
-    return out
+# -- pure helpers (no vLLM needed; render_prompt_ids / render_label_ids come from molal.annotators.prompts) --
 
 
 def build_scoring_requests(prompt_ids: Sequence[list[int]], label_ids: Sequence[list[int]]) -> tuple[list[dict], list[tuple[int, int, int]]]:
@@ -113,7 +102,7 @@ def import_vllm() -> Any:
 
 
 # -- the annotator ---------------------------------------------------------------------------------------
-class VLLMAnnotator(Annotator):
+class VLLMAnnotator(LocalLMAnnotator):
     """A model served in-process by vLLM. See the module docstring."""
 
     type = "vllm"
@@ -145,15 +134,8 @@ class VLLMAnnotator(Annotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a model folder or name")
         self.model = model
-        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
-        if chat not in ("auto", True, False):
-            raise ValueError(f"chat must be 'auto', true or false, got {chat!r}")
-        self.chat = chat
-        self.samples = check_positive_int(samples, "samples", 0)
-        self.temperature = check_float(temperature, "temperature", 0.0, 10.0, lo_open=True)
-        self.top_p = check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
-        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
-        self.seed = int(seed)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat)
+        self._init_sampling(samples, temperature, top_p, max_new_tokens, seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.dtype = str(dtype)
         self.max_model_len = check_positive_int(max_model_len, "max_model_len", 64)
@@ -165,13 +147,8 @@ class VLLMAnnotator(Annotator):
     def _identity(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "prompt": self.prompt.identity(),
-            "chat": self.chat,
+            **self._prompt_identity(),
             "scoring": "full_label_prompt_logprobs",
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens,
-            "seed": self.seed,
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,
         }
@@ -194,8 +171,6 @@ class VLLMAnnotator(Annotator):
         if self._llm is None:
             return
         self._llm = None
-        import gc
-
         try:
             from vllm.distributed.parallel_state import (
                 destroy_distributed_environment,
@@ -206,21 +181,14 @@ class VLLMAnnotator(Annotator):
             destroy_distributed_environment()
         except Exception:  # pragma: no cover - depends on the vLLM version
             pass
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        release_memory()
 
     def _annotate(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
         self.prompt.check_classes(class_names)
         vllm = import_vllm()
         llm = self._load()
         tok = llm.get_tokenizer()
-        chat = bool(getattr(tok, "chat_template", None)) if self.chat == "auto" else bool(self.chat)
+        chat = uses_chat(tok, self.chat)
         prompts = [render_prompt_ids(tok, self.prompt, t, class_names, descriptions, chat) for t in texts]
         labels = render_label_ids(tok, self.prompt.label_words(class_names), chat)
         reqs, meta = build_scoring_requests(prompts, labels)

@@ -1,0 +1,72 @@
+"""What the annotators that run a model in this process share (HF transformers :mod:`molal.annotators.hf`,
+vLLM :mod:`molal.annotators.vllm`): the prompt options (template, system message, answer prefix, label
+verbalizers, few-shot examples, chat or plain prompts), the self-consistency sampling options (samples,
+temperature, top_p, max_new_tokens, seed), their part of the cache identity, and freeing the model's memory.
+
+Each backend keeps its own explicit constructor signature (the mixture config's fields are read from it)
+and hands these options to :meth:`LocalLMAnnotator._init_prompt` / :meth:`LocalLMAnnotator._init_sampling`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from molal.annotators.base import Annotator, check_float, check_positive_int
+from molal.annotators.prompts import Prompt, check_chat
+
+
+class LocalLMAnnotator(Annotator):
+    """Base of the in-process LLM annotators. Subclasses call :meth:`_init_prompt` and :meth:`_init_sampling`
+    from their constructor and put :meth:`_prompt_identity` into their :meth:`_identity`."""
+
+    prompt: Prompt
+    chat: str | bool
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+    def _init_prompt(
+        self,
+        template: str,
+        system: str,
+        answer_prefix: str,
+        verbalizers: dict[str, str] | None,
+        examples: list[dict[str, str]] | None,
+        chat: str | bool,
+    ) -> None:
+        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
+        self.chat = check_chat(chat)
+
+    def _init_sampling(self, samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> None:
+        """Self-consistency: ``samples`` answers per text (0 = off), sampled with these parameters."""
+        self.samples = check_positive_int(samples, "samples", 0)
+        self.temperature = check_float(temperature, "temperature", 0.0, 10.0, lo_open=True)
+        self.top_p = check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
+        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+        self.seed = int(seed)
+
+    def _prompt_identity(self) -> dict[str, Any]:
+        """The prompt and sampling options' part of the cache identity."""
+        return {
+            "prompt": self.prompt.identity(),
+            "chat": self.chat,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
+
+
+def release_memory() -> None:
+    """Collect garbage and empty the CUDA cache (when torch is there): after a model was dropped."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
