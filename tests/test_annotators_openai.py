@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from molal.annotators import Mixture
 from molal.annotators.base import AnnotatorError, AnnotatorUnavailable
 from molal.annotators.openai_compat import OpenAIAnnotator, class_mass_from_top, label_logprob_from_echo
 from molal.cache import AnnotationCache
+from tests.conftest import free_port
 
 from .llm_server import TinyLMServer, build_tiny_lm
 
@@ -31,14 +31,6 @@ def model_dir(tmp_path_factory) -> Path:
 def server(model_dir: Path):
     with TinyLMServer(model_dir) as s:
         yield s
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_echo_scoring_equals_full_label_logprob(server: TinyLMServer, model_dir: Path) -> None:
@@ -124,7 +116,7 @@ def test_retries_exhausted_nothing_cached(server: TinyLMServer, tmp_path: Path) 
 
 
 def test_unreachable_server_clear_error_nothing_cached(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     a = OpenAIAnnotator("gone", url, "m", backoff=0.01, max_retries=2, timeout=2)
     with pytest.raises(AnnotatorUnavailable, match=r"cannot reach http://127\.0\.0\.1:\d+/v1 \(ConnectError"):
         a.annotate(TEXTS, CLASSES)

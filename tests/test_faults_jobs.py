@@ -13,14 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from molal.config import get_settings
 from tests.conftest import TREC_CLASSES, TREC_CONFIG
+from tests.harness import JSONServer, kill_group, start_gunicorn, stop_gunicorn
 
 REPO = Path(__file__).resolve().parent.parent
 TREC = TREC_CLASSES
@@ -29,58 +28,29 @@ KEY = "jobs-fault-key-0123456789"
 
 
 
-class SlowLS:
+class SlowLS(JSONServer):
     """A fake Label Studio whose project read takes ``delay`` seconds (a job stays 'running' meanwhile);
     its tasks have no text, so a training job fails soon after — what matters here is how jobs run."""
 
     def __init__(self, delay: float) -> None:
         self.hits: list[tuple[float, str]] = []
-        fake = self
+        self.delay = delay
+        super().__init__()
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                path = urlparse(self.path).path
-                fake.hits.append((time.monotonic(), path))
-                if re.fullmatch(r"/api/projects/\d+/?", path):
-                    time.sleep(delay)
-                    body = {"id": int(path.strip("/").split("/")[-1]), "label_config": CONFIG}
-                else:
-                    body = {"tasks": [], "total": 0}
-                raw = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *a):
-                pass
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.srv.shutdown()
-        self.srv.server_close()
-
-
-
-def _killpg(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+    def respond(self, method, u, raw):
+        if method != "GET":
+            return 404, {"detail": f"not in the fake: {method} {u.path}"}
+        self.hits.append((time.monotonic(), u.path))
+        if re.fullmatch(r"/api/projects/\d+/?", u.path):
+            time.sleep(self.delay)
+            return 200, {"id": int(u.path.strip("/").split("/")[-1]), "label_config": CONFIG}
+        return 200, {"tasks": [], "total": 0}
 
 
 def test_concurrent_training_requests_two_gunicorn_workers_rq_worker_killed_and_restarted(tmp_path, redis_url):
     import httpx
 
     from molal.service.jobs import JobQueue
-    from tests.test_fuzz_backend import start_gunicorn, stop_gunicorn
 
     ls = SlowLS(delay=4.0)
     model_dir = tmp_path / "state"
@@ -145,7 +115,7 @@ def test_concurrent_training_requests_two_gunicorn_workers_rq_worker_killed_and_
         running = [r for r in jobs.list() if r["status"] == "running"]
         assert len(running) == 1
         killed = running[0]
-        _killpg(worker)  # the RQ worker ...
+        kill_group(worker)  # the RQ worker ...
         worker = None
         assert killed["pid"] and killed["pid"] != os.getpid()
         os.kill(killed["pid"], signal.SIGKILL)  # ... and its work horse (RQ puts it in its own process group)
@@ -181,7 +151,7 @@ def test_concurrent_training_requests_two_gunicorn_workers_rq_worker_killed_and_
         stop.set()
         sampler.join(5)
         if worker is not None:
-            _killpg(worker)
+            kill_group(worker)
         stop_gunicorn(proc)
         glog.close()
         wlog.close()

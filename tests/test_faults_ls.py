@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 import pytest
 
 from molal.config import get_settings
-from tests.conftest import TREC_CLASSES, TREC_CONFIG
+from tests.conftest import TREC_CLASSES, TREC_CONFIG, free_port
+from tests.harness import JSONServer
 
 TREC = TREC_CLASSES
 CONFIG = TREC_CONFIG
@@ -26,7 +24,7 @@ MIXTURE_TOML = "".join(f'[[annotator]]\ntype = "replay"\nname = "{m}"\nsource = 
                        for m in ("qwen", "yi"))
 
 
-class FakeLS:
+class FakeLS(JSONServer):
     """A minimal Label Studio API (the calls a sync job makes) with a switchable fault ``mode``:
     ``ok``, or an HTTP status to answer every request with."""
 
@@ -36,53 +34,24 @@ class FakeLS:
         self.imported: list[dict] = []
         self.tasks = [{"id": i + 1, "data": {"text": t}, "annotations": [], "predictions": []}
                       for i, t in enumerate(texts)]
-        fake = self
+        super().__init__()
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _send(self, status: int, obj) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _handle(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(n) if n else b""
-                u = urlparse(self.path)
-                status = 200 if fake.mode == "ok" else int(fake.mode)
-                fake.hits.append((self.command, u.path, status))
-                if status != 200:
-                    return self._send(status, {"detail": "Authentication credentials were not provided."
-                                               if status == 401 else "Server Error (500)"})
-                if self.command == "GET" and re.fullmatch(r"/api/projects/7/?", u.path):
-                    return self._send(200, {"id": 7, "title": "p", "label_config": CONFIG})
-                if self.command == "PATCH" and re.fullmatch(r"/api/projects/7/?", u.path):
-                    return self._send(200, {"id": 7, "title": "p", "label_config": CONFIG})
-                if self.command == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
-                    page = int(parse_qs(u.query).get("page", ["1"])[0])
-                    return self._send(200, {"tasks": fake.tasks if page == 1 else [], "total": len(fake.tasks)})
-                if self.command == "POST" and u.path.rstrip("/") == "/api/projects/7/import/predictions":
-                    preds = json.loads(raw or b"[]")
-                    fake.imported.extend(preds)
-                    return self._send(201, {"created": len(preds)})
-                return self._send(404, {"detail": f"not in the fake: {self.command} {u.path}"})
-
-            do_GET = do_POST = do_PATCH = _handle  # noqa: N815
-
-            def log_message(self, *a):
-                pass
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
+    def respond(self, method, u, raw):
+        status = 200 if self.mode == "ok" else int(self.mode)
+        self.hits.append((method, u.path, status))
+        if status != 200:
+            return status, {"detail": "Authentication credentials were not provided."
+                            if status == 401 else "Server Error (500)"}
+        if method in ("GET", "PATCH") and re.fullmatch(r"/api/projects/7/?", u.path):
+            return 200, {"id": 7, "title": "p", "label_config": CONFIG}
+        if method == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
+            page = int(parse_qs(u.query).get("page", ["1"])[0])
+            return 200, {"tasks": self.tasks if page == 1 else [], "total": len(self.tasks)}
+        if method == "POST" and u.path.rstrip("/") == "/api/projects/7/import/predictions":
+            preds = json.loads(raw or b"[]")
+            self.imported.extend(preds)
+            return 201, {"created": len(preds)}
+        return 404, {"detail": f"not in the fake: {method} {u.path}"}
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +63,7 @@ def texts():
 
 
 def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there now
 
 
 def service(tmp_path, url):

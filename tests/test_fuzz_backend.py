@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,8 +28,8 @@ from hypothesis import strategies as st
 
 from molal.config import get_settings
 from tests.conftest import TREC_CLASSES, TREC_CONFIG
+from tests.harness import start_gunicorn, stop_gunicorn, worker_pids
 
-REPO = Path(__file__).resolve().parent.parent
 TREC = TREC_CLASSES
 CONFIG = TREC_CONFIG
 MIXTURE_TOML = """
@@ -315,63 +310,6 @@ def test_rejected_setup_of_a_new_project_creates_nothing(fuzz_app):
 
 
 # -- real gunicorn, 2 workers -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start_gunicorn(model_dir: Path, env_extra: dict | None = None, workers: int = 2, log=None):
-    port = _free_port()
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "MOLAL_BIND": f"127.0.0.1:{port}",
-           "MOLAL_WORKERS": str(workers), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(REPO), **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "backend" / "gunicorn.conf.py"),
-                             "backend.wsgi:app"], cwd=REPO, env=env, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            proc.kill()
-            raise RuntimeError(f"gunicorn did not start (rc={proc.poll()})")
-        time.sleep(0.2)
-    return proc, url
-
-
-def stop_gunicorn(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def worker_pids(master: int) -> set[int]:
-    """The gunicorn master's child processes (its workers), from /proc."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                out.add(int(d.name))
-    return out
-
-
 def test_gunicorn_workers_survive_hostile_payloads(tmp_path):
     import httpx
 
