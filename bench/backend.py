@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,21 +29,11 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+from tests.conftest import TREC_CLASSES as TREC  # noqa: E402
+from tests.conftest import TREC_CONFIG as CONFIG  # noqa: E402
+from tests.harness import start_gunicorn, stop_gunicorn  # noqa: E402
+
 PROJECT = "1.1700000000"
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -66,36 +53,6 @@ def load_rows(n: int) -> list[dict]:
 
 def tasks_of(rows):
     return [{"id": i + 1, "data": {"text": r["text"]}, "annotations": [], "predictions": []} for i, r in enumerate(rows)]
-
-
-def start_server(model_dir: Path, port: int, workers: int, threads: int) -> tuple[subprocess.Popen, float]:
-    env = dict(os.environ, MODEL_DIR=str(model_dir), LOG_LEVEL="WARNING")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "molal"), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers), "--threads", str(threads)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited")
-        if time.perf_counter() - t0 > 120:
-            raise RuntimeError("the server did not start in 120 s")
-        time.sleep(0.05)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def timed_predict(client: httpx.Client, url: str, tasks: list[dict]) -> float:
@@ -150,10 +107,10 @@ def main() -> None:
             t0 = time.perf_counter()
             out["version"] = publish_trained_model(model_dir, rows)
             out["offline_fit_s"] = round(time.perf_counter() - t0, 2)
-        port = free_port()
-        proc, startup = start_server(model_dir, port, args.workers, args.threads)
-        url = f"http://127.0.0.1:{port}"
-        out["cold_start_health_s"] = round(startup, 3)
+        t0 = time.perf_counter()  # `molal serve` launch -> first /health 200
+        proc, url = start_gunicorn(model_dir, {"LOG_LEVEL": "WARNING"}, args.workers, threads=args.threads,
+                                   serve_cli=True, poll_s=0.05)
+        out["cold_start_health_s"] = round(time.perf_counter() - t0, 3)
         try:
             with httpx.Client(timeout=120) as c:
                 t0 = time.perf_counter()
@@ -192,7 +149,7 @@ def main() -> None:
             with httpx.Client(timeout=30) as c:
                 out["metrics"] = c.get(url + "/metrics").json()
         finally:
-            stop_server(proc)
+            stop_gunicorn(proc)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

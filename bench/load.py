@@ -22,27 +22,21 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 REPO = Path(__file__).resolve().parent.parent
-TREC = ["abbreviation", "entity", "description", "human", "location", "numeric"]
-CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single">'
-    + "".join(f'<Choice value="{c}"/>' for c in TREC)
-    + "</Choices></View>"
-)
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import TREC_CONFIG as CONFIG  # noqa: E402
+from tests.harness import JSONServer, start_gunicorn, stop_gunicorn, worker_pids  # noqa: E402
 
 
-class FakeLS:
+class FakeLS(JSONServer):
     """The Label Studio API calls a training job makes, on 127.0.0.1."""
 
     def __init__(self, rows: list[dict], n_labeled: int) -> None:
@@ -55,71 +49,26 @@ class FakeLS:
                                      "value": {"choices": [r["label"]]}}]}]
             self.tasks.append({"id": i + 1, "data": {"text": r["text"]}, "annotations": anns, "predictions": []})
         self.calls: dict[str, int] = {}
-        fake = self
+        super().__init__()
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _send(self, status: int, obj) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _handle(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                if n:
-                    self.rfile.read(n)
-                u = urlparse(self.path)
-                key = f"{self.command} {re.sub(r'/[0-9]+', '/N', u.path)}"
-                fake.calls[key] = fake.calls.get(key, 0) + 1
-                if re.fullmatch(r"/api/projects/\d+/?", u.path):
-                    return self._send(200, {"id": 7, "title": "bench", "label_config": CONFIG})
-                if self.command == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
-                    q = parse_qs(u.query)
-                    page, size = int(q.get("page", ["1"])[0]), int(q.get("page_size", ["100"])[0])
-                    return self._send(200, {"tasks": fake.tasks[(page - 1) * size : page * size],
-                                            "total": len(fake.tasks)})
-                if self.command == "GET" and u.path.startswith("/api/dm/views"):
-                    return self._send(200, [])
-                if u.path.startswith("/api/dm/views"):
-                    return self._send(201, {"id": 1, "project": 7, "data": {}})
-                if u.path.endswith("/import/predictions"):
-                    return self._send(201, {"created": 0})
-                if re.fullmatch(r"/api/tasks/\d+/?", u.path):
-                    return self._send(200, {"id": int(u.path.strip("/").split("/")[-1]), "data": {}})
-                return self._send(404, {"detail": "not in the fake"})
-
-            do_GET = do_POST = do_PATCH = _handle  # noqa: N815
-
-            def log_message(self, *a):
-                pass
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
+    def respond(self, method, u, raw):
+        key = f"{method} {re.sub(r'/[0-9]+', '/N', u.path)}"
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if re.fullmatch(r"/api/projects/\d+/?", u.path):
+            return 200, {"id": 7, "title": "bench", "label_config": CONFIG}
+        if method == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
+            q = parse_qs(u.query)
+            page, size = int(q.get("page", ["1"])[0]), int(q.get("page_size", ["100"])[0])
+            return 200, {"tasks": self.tasks[(page - 1) * size : page * size], "total": len(self.tasks)}
+        if method == "GET" and u.path.startswith("/api/dm/views"):
+            return 200, []
+        if u.path.startswith("/api/dm/views"):
+            return 201, {"id": 1, "project": 7, "data": {}}
+        if u.path.endswith("/import/predictions"):
+            return 201, {"created": 0}
+        if re.fullmatch(r"/api/tasks/\d+/?", u.path):
+            return 200, {"id": int(u.path.strip("/").split("/")[-1]), "data": {}}
+        return 404, {"detail": "not in the fake"}
 
 
 def rss_mb(pid: int) -> float:
@@ -159,28 +108,17 @@ def main() -> None:
     rows = [json.loads(line) for line in (REPO / "molal" / "assets" / "trec.jsonl").read_text().splitlines()[: args.pool]]
     ls = FakeLS(rows, n_labeled=args.labeled)
     tmp = Path(tempfile.mkdtemp(prefix="molal-load-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MODEL_DIR": str(tmp / "state"), "MOLAL_BIND": f"127.0.0.1:{port}",
-           "MOLAL_WORKERS": str(args.workers), "MOLAL_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
-           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": "bench-key-0123456789", "LOG_LEVEL": "warning",
-           "MOLAL_STUDENT_EPOCHS": str(args.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": "32", "MOLAL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("REDIS_URL", None)
+    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": "bench-key-0123456789", "LOG_LEVEL": "warning",
+           "MOLAL_STUDENT_EPOCHS": str(args.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": "32", "MOLAL_DEVICE": "cpu",
+           "REDIS_URL": None}
     log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "backend" / "gunicorn.conf.py"),
-                             "backend.wsgi:app"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = None
     try:
         t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() - t0 > 120:
-                raise SystemExit(f"gunicorn did not start; see {tmp / 'gunicorn.log'}")
-            time.sleep(0.2)
+        try:
+            proc, url = start_gunicorn(tmp / "state", env, workers=args.workers, threads=args.threads, log=log)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         # warm: label config, default mixture decided on TREC texts, every text annotated into the cache
         texts = [r["text"] for r in rows]
         with httpx.Client(timeout=120) as c:
@@ -234,7 +172,7 @@ def main() -> None:
 
         def sample_memory() -> None:  # until the end, the wait for the training job included
             while not mem_stop.is_set():
-                for p in [proc.pid, *children(proc.pid)]:
+                for p in [proc.pid, *worker_pids(proc.pid)]:
                     mem[p] = max(mem.get(p, 0.0), rss_mb(p))
                 mem_stop.wait(0.5)
 
@@ -285,12 +223,8 @@ def main() -> None:
         for j in final:
             jobs_seen[j["id"]] = j
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            stop_gunicorn(proc)
         log.close()
     glog = (tmp / "gunicorn.log").read_text(errors="replace")
     n_ok = sum(len(v) for v in lat.values())
