@@ -17,8 +17,11 @@ A training job, step by step (each step reports progress to the job table and th
 5. publish a new model version atomically (files → manifest with checksums → ``current.json``);
 6. push fresh predictions for unlabeled tasks (bulk import), set the project's model_version, and write
    the query priorities (``data.<priority_field>`` + the Data Manager tab "molal: next to label").
+   The per-LLM predictions (``llm:<name>``, when enabled) do not depend on the trained model: they are
+   imported in a background thread from step 3 on, while MoLAM and the student train.
 
-A job that fails before step 5 changes nothing that serves.
+A job that fails before step 5 changes nothing that serves (per-LLM predictions it imported stay: they are
+the mixture's answers, not a model version).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +37,7 @@ import numpy as np
 
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
-from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.predict import entry, mean_probs
 from molal.service.taskdata import task_text_resolver
 
 if TYPE_CHECKING:
@@ -183,8 +187,9 @@ class RoundResult:
 
 
 def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ctx: JobContext | None,
-              job_id: str = "manual") -> RoundResult:
-    """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it."""
+              job_id: str = "manual", on_annotated: Callable[[np.ndarray, Any], None] | None = None) -> RoundResult:
+    """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it.
+    ``on_annotated(rows, outputs)`` is called once the mixture's outputs are there (before MoLAM)."""
     from molal.loss import discrepancy_weights
     from molal.molam import MoLAM, negative_labels
 
@@ -204,6 +209,8 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             f"project {state.id}: MoLAM needs human labels of at least 2 classes; have {len(human_rows)} labelled "
             "task(s). Label some tasks in Label Studio (about 50 is the recipe) and train again"
         )
+    if on_annotated is not None:
+        on_annotated(rows, outputs)
     K = len(spec.classes)
 
     # -- MoLAM -------------------------------------------------------------------------------------------
@@ -409,25 +416,32 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
 
 # -- pushing predictions ---------------------------------------------------------------------------------------
 def push_predictions(svc: Service, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
-                     rows: list[int], probs: np.ndarray, version: str, outputs=None,
+                     rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
                      ctx: JobContext | None = None) -> int:
-    """Bulk-import the serving model's prediction (and per-LLM ones not yet there) for unlabeled rows."""
+    """Bulk-import the serving model's prediction (and per-LLM ones not yet there) for unlabeled rows.
+    ``version=None``: only the per-LLM ones (they do not depend on the model; the project's model_version
+    is left alone)."""
     ps = svc.project_settings(state)
     preds: list[dict] = []
+    # normalised once for all rows (predict.llm_entries normalises the whole array per row)
+    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None
+    llm_versions = [f"llm:{name}" for name in outputs.llm_names] if llm_p is not None else []
     for i, r in enumerate(rows):
         if r in pool.human:
             continue
         have = set(pool.prediction_versions[r]) if r < len(pool.prediction_versions) else set()
-        if version not in have:
+        if version is not None and version not in have:
             preds.append({"task": pool.task_ids[r], **entry(spec, probs[i], version)})
-        if ps.per_llm_predictions and outputs is not None:
-            for e in llm_entries(spec, outputs, i):
-                if e["model_version"] not in have:
-                    preds.append({"task": pool.task_ids[r], **e})
+        for j, mv in enumerate(llm_versions):
+            if mv not in have:
+                preds.append({"task": pool.task_ids[r], **entry(spec, llm_p[i, j], mv)})
+    what = "predictions" if version is not None else "per-LLM predictions"
     if ctx is not None:
-        ctx.progress(None, f"importing {len(preds)} predictions into Label Studio")
+        ctx.progress(None, f"importing {len(preds)} {what} into Label Studio")
     n = client.import_predictions(state.id, preds)
-    if client.set_model_version(state.id, version) and ps.uncertainty_sampling:
+    if ctx is not None:
+        ctx.progress(None, f"imported {n} {what}")
+    if version is not None and client.set_model_version(state.id, version) and ps.uncertainty_sampling:
         client.set_uncertainty_sampling(state.id)
     return n
 
@@ -449,10 +463,25 @@ def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
 def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
     """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``)."""
     client, spec, pool = _pull(svc, state, ctx)
-    rr = fit_round(svc, state, spec, pool, ctx, job_id=ctx.id)
     ps = svc.project_settings(state)
+    # The per-LLM votes (llm:<name>) do not depend on the model being trained: Label Studio imports them
+    # while MoLAM and the student train (its server and this job each keep a core busy).
+    early: list[Future] = []
+    llm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"molal-llm-preds-{state.id}")
+
+    def on_annotated(rows: np.ndarray, outputs: Any) -> None:
+        if ps.per_llm_predictions:
+            early.append(llm_pool.submit(push_predictions, svc, client, state, spec, pool, rows.tolist(), None,
+                                         None, outputs, ctx))
+
+    try:
+        rr = fit_round(svc, state, spec, pool, ctx, job_id=ctx.id, on_annotated=on_annotated)
+    finally:
+        llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
+    n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
-    n_pred = push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version, rr.llm_outputs, ctx)
+    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
+                               None if early else rr.llm_outputs, ctx)
     flagged = 0
     if rr.new_auto:
         auto = state.auto_labels()
