@@ -15,6 +15,8 @@ Presets (the student; everything else as in ``molal simulate``):
     .venv/bin/python bench/simulate.py --preset frozen --strategies random,coreset --modes molam,oracle,majority \
         --seeds 0,1,2 --out-dir bench/out/simulate
     .venv/bin/python bench/simulate.py --summarize bench/out/simulate      # table from existing JSONs
+    .venv/bin/python bench/simulate.py --preset frozen --strategies random --modes molam \
+        --molam-text-features minilm --seeds 0,1,2                  # MoLAM + its MiniLM text model
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def summarize(results) -> list[dict]:
     for r in results:
         c = r.config
         preset = "frozen" if c.get("freeze_encoder") else "finetune"
-        groups.setdefault((preset, c["strategy"], c["mode"]), []).append(r)
+        mode = c["mode"] + ("+text" if c.get("molam_text_features") and c["mode"] in ("molam", "hybrid") else "")
+        groups.setdefault((preset, c["strategy"], mode), []).append(r)
     rows = []
     for (preset, strategy, mode), runs in sorted(groups.items()):
         f1 = np.array([r.final["micro_f1"] for r in runs])
@@ -56,12 +59,12 @@ def summarize(results) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = f"{'preset':<9}{'strategy':<16}{'mode':<10}{'seeds':<10}{'n':>5}{'micro-F1':>18}{'macro-F1':>10}{'label acc':>11}{'s/run':>8}"
+    hdr = f"{'preset':<9}{'strategy':<16}{'mode':<12}{'seeds':<10}{'n':>5}{'micro-F1':>18}{'macro-F1':>10}{'label acc':>11}{'s/run':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         seeds = ",".join(map(str, r["seeds"]))
-        print(f"{r['preset']:<9}{r['strategy']:<16}{r['mode']:<10}{seeds:<10}{r['train_size']:>5}"
+        print(f"{r['preset']:<9}{r['strategy']:<16}{r['mode']:<12}{seeds:<10}{r['train_size']:>5}"
               f"{r['micro_f1_mean']:>10.4f} ± {r['micro_f1_std']:.4f}{r['macro_f1_mean']:>10.4f}"
               f"{r['label_acc_mean']:>11.4f}{r['seconds_per_run']:>8.0f}")
 
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ap.add_argument("--candidates", type=int, default=None, help="unlabelled candidates scored per round")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--molam-text-features", default=None, metavar="ENCODER",
+                    help="molam/hybrid modes: MoLAM's transductive text model on this encoder's embeddings "
+                         "(e.g. minilm); result files get a '+text' suffix")
     ap.add_argument("--out-dir", default="bench/out/simulate")
     ap.add_argument("--skip-existing", action="store_true", help="do not re-run configs whose JSON exists")
     ap.add_argument("--summarize", default=None, help="only print the table of the result JSONs in this folder")
@@ -144,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in a.seeds.split(",")]:
         for strategy in a.strategies.split(","):
             for mode in a.modes.split(","):
-                path = out_dir / f"{a.preset}-{strategy}-{mode}-s{seed}.json"
+                text = a.molam_text_features if mode in ("molam", "hybrid") else None
+                path = out_dir / f"{a.preset}-{strategy}-{mode}{'+text' if text else ''}-s{seed}.json"
                 if a.skip_existing and path.exists():
                     results.append(SimulationResult.load(path))
                     continue
                 cfg = SimulationConfig(
                     strategy=strategy, mode=mode, seed=seed, rounds=a.rounds, budget=a.budget,  # type: ignore[arg-type]
-                    candidates=a.candidates, threads=a.threads, progress=False, **preset,
+                    candidates=a.candidates, threads=a.threads, progress=False, molam_text_features=text, **preset,
                 )
                 data = data or load_simulation_data(cfg)
                 t0 = time.perf_counter()
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 res.save(path)
                 results.append(res)
                 f = res.final
-                print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode, "seed": seed,
+                print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode + ("+text" if text else ""),
+                                  "seed": seed,
                                   "micro_f1": round(f["micro_f1"], 4), "macro_f1": round(f["macro_f1"], 4),
                                   "label_acc": round(f["train_label_acc"], 4), "train_size": f["train_size"],
                                   "seconds": round(time.perf_counter() - t0, 1),

@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -560,7 +561,7 @@ def _lr_fit(x: np.ndarray, y: np.ndarray, c: float, weights: np.ndarray | None =
 
 
 def _lr_predict(coef, inter, present, x: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros((len(x), k))
+    out = np.zeros((x.shape[0], k))
     if coef is None:
         out[:, present] = 1.0
         return out
@@ -575,6 +576,37 @@ def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(axis=0)
     sd = x.std(axis=0)
     return mu, np.where(sd > 1e-9, sd, 1.0)
+
+
+_TEXT_FLOOR = 1e-3
+
+
+def embed_texts_cached(texts: list[str], encoder: str = "minilm", max_length: int = 64, device: str = "cpu") -> np.ndarray:
+    """(n, d) unit-norm embeddings of ``texts`` with a sentence encoder (``"minilm"`` = bundled), reusing
+    the process-wide embedding cache of :mod:`molal.annotators.embedding` (an aggregator's fit and its
+    predictions on the same pool embed each text once)."""
+    from molal.annotators import embedding as e
+
+    device = e._resolve_device(device)
+    keys = [(encoder, int(max_length), t) for t in texts]
+    with e._TEXT_EMB_LOCK:
+        found = {i: e._TEXT_EMB[k] for i, k in enumerate(keys) if k in e._TEXT_EMB}
+    todo = [i for i in range(len(texts)) if i not in found]
+    if todo:
+        uniq = list(dict.fromkeys(texts[i] for i in todo))
+        new, _ = e.embed_texts(uniq, encoder, device, 64, int(max_length))
+        by_text = dict(zip(uniq, new, strict=True))
+        with e._TEXT_EMB_LOCK:
+            for t, v in by_text.items():
+                e._TEXT_EMB[(encoder, int(max_length), t)] = v
+                e._TEXT_EMB.move_to_end((encoder, int(max_length), t))
+            while len(e._TEXT_EMB) > e._TEXT_EMB_MAX:
+                e._TEXT_EMB.popitem(last=False)
+        for i in todo:
+            found[i] = by_text[texts[i]]
+    if not texts:
+        return np.zeros((0, 0))
+    return np.stack([found[i] for i in range(len(texts))]).astype(np.float64)
 
 
 def _stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -609,6 +641,28 @@ class MoLAM(Aggregator):
         nthread: threads for XGBoost and the BLAS pools during fit (1 is fastest for ~50 seeds).
         seed: random seed of the folds and XGBoost.
         progress: show a rich progress bar during model selection.
+        text_features: None (default: the LLM outputs only) or a sentence encoder (``"minilm"`` = the
+            bundled all-MiniLM-L6-v2, or a local model folder) to correct the chosen model with the texts
+            themselves (needs ``outputs.texts``). Transductive text model: every pool text is embedded;
+            a multinomial logistic regression on the embeddings is trained on the whole pool with the
+            LLM-only MoLAM's labels (weighted by their confidence; the seeds with their gold labels,
+            weight ``text_seed_weight``), cross-fitted in ``text_folds`` folds assigned by a hash of the
+            text, so no item's text prediction comes from a model that saw its own label (and
+            duplicates share a fold). Prediction = the LLM-only MoLAM's distribution times the text
+            model's distribution to the power ``text_weight``, renormalised. Texts outside the fit pool
+            are scored by the fold model their hash picks, exactly like the pool.
+        text_weight: exponent of the text model's distribution in the product (0 = no effect).
+        text_c: inverse regularisation strength of the text logistic regression.
+        text_folds: cross-fitting folds of the text model (>= 2).
+        text_seed_weight: sample weight of a seed (gold) row in the text model; pool rows weigh their
+            MoLAM confidence (at most 1).
+        text_rounds: self-training rounds of the text model: round r+1 learns from the labels (and
+            confidences) of round r's product; the last round's model is kept.
+        text_ngrams: 0 (embeddings only) or the number of hashed word uni/bigram features (L2-normalised
+            counts, stateless ``HashingVectorizer``) appended to the embeddings: TREC's classes hang on
+            question words that sentence embeddings blur. The saved model grows by 6·K·text_ngrams floats.
+        text_max_length: encoder truncation (tokens).
+        text_device: torch device of the encoder (``"auto"`` = CUDA when available).
     """
 
     kind = "molam"
@@ -623,8 +677,42 @@ class MoLAM(Aggregator):
         nthread: int = 1,
         seed: int = 0,
         progress: bool = False,
+        text_features: str | None = None,
+        text_weight: float = 1.0,
+        text_c: float = 1.0,
+        text_folds: int = 5,
+        text_seed_weight: float = 10.0,
+        text_rounds: int = 1,
+        text_ngrams: int = 0,
+        text_max_length: int = 64,
+        text_device: str = "cpu",
     ) -> None:
         super().__init__()
+        if text_features is not None and (not isinstance(text_features, str) or not text_features.strip()):
+            raise MoLAMError(f"text_features must be None or an encoder name/folder (e.g. 'minilm'), got {text_features!r}")
+        if not float(text_weight) >= 0:
+            raise MoLAMError(f"text_weight must be >= 0, got {text_weight}")
+        if not float(text_c) > 0:
+            raise MoLAMError(f"text_c must be > 0, got {text_c}")
+        if int(text_folds) < 2:
+            raise MoLAMError(f"text_folds must be >= 2, got {text_folds}")
+        if not float(text_seed_weight) > 0:
+            raise MoLAMError(f"text_seed_weight must be > 0, got {text_seed_weight}")
+        if int(text_rounds) < 1:
+            raise MoLAMError(f"text_rounds must be >= 1, got {text_rounds}")
+        if int(text_ngrams) < 0:
+            raise MoLAMError(f"text_ngrams must be >= 0 (0 = embeddings only), got {text_ngrams}")
+        if int(text_max_length) < 8:
+            raise MoLAMError(f"text_max_length must be >= 8, got {text_max_length}")
+        self.text_features = text_features
+        self.text_weight = float(text_weight)
+        self.text_c = float(text_c)
+        self.text_folds = int(text_folds)
+        self.text_seed_weight = float(text_seed_weight)
+        self.text_rounds = int(text_rounds)
+        self.text_ngrams = int(text_ngrams)
+        self.text_max_length = int(text_max_length)
+        self.text_device = str(text_device)
         self.candidates = list(candidates) if candidates is not None else None
         self.lr_cs = [float(c) for c in lr_cs]
         self.n_folds = int(n_folds)
@@ -641,9 +729,15 @@ class MoLAM(Aggregator):
         self.sd: np.ndarray | None = None
         self.model: dict[str, Any] = {}
         self.unseen: np.ndarray | None = None
+        self.text_model: list[dict[str, Any]] | None = None  # one logistic regression per text fold
 
     def _params(self):
-        return {
+        text = {}
+        if self.text_features is not None:  # only then: files written without the option stay as before
+            text = {"text_features": self.text_features, "text_weight": self.text_weight, "text_c": self.text_c,
+                    "text_folds": self.text_folds, "text_seed_weight": self.text_seed_weight, "text_rounds": self.text_rounds, "text_ngrams": self.text_ngrams,
+                    "text_max_length": self.text_max_length, "text_device": self.text_device}
+        return {**text,
             "candidates": self.candidates,
             "lr_cs": self.lr_cs,
             "n_folds": self.n_folds,
@@ -736,9 +830,74 @@ class MoLAM(Aggregator):
     def _fit(self, outputs, idx, labels):
         from threadpoolctl import threadpool_limits
 
+        if self.text_features is not None and outputs.texts is None:
+            raise MoLAMError("text_features needs the texts of the pool (outputs.texts is None)")
+        self.text_model = None
+        emb, t_emb = None, 0.0
+        if self.text_features is not None:  # the encoder runs outside the one-thread limit below
+            t0 = time.perf_counter()
+            emb = self._embed(outputs.texts)
+            t_emb = time.perf_counter() - t0
         # many tiny fits: thread pools only add contention (tens of times slower on a busy machine)
         with threadpool_limits(limits=self.nthread):
             self._fit_select(outputs, idx, labels)
+            if emb is not None:
+                self._fit_text(outputs, idx, labels, emb, t_emb)
+
+    # -- text model (text_features) ----------------------------------------------------------------
+    def _embed(self, texts: Sequence[str]):
+        """Text-model inputs: unit-norm sentence embeddings of ``texts`` (shared in-process cache with the
+        embedding annotators), plus hashed word n-grams when ``text_ngrams`` > 0 (then a sparse matrix)."""
+        emb = embed_texts_cached(list(texts), self.text_features or "minilm", self.text_max_length, self.text_device)
+        if self.text_ngrams <= 0 or len(texts) == 0:
+            return emb
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        grams = HashingVectorizer(n_features=self.text_ngrams, ngram_range=(1, 2), alternate_sign=False,
+                                  norm="l2").transform(list(texts))
+        return sp.hstack([sp.csr_matrix(emb), grams]).tocsr()
+
+    def _text_fold(self, texts: Sequence[str]) -> np.ndarray:
+        """Cross-fitting fold of each text: a hash of the text and the seed (stable across processes)."""
+        salt = f"{self.seed}\x1f".encode()
+        return np.array([zlib.crc32(salt + t.encode("utf-8")) % self.text_folds for t in texts], dtype=np.int64)
+
+    def _fit_text(self, outputs, idx, labels, emb: np.ndarray, t_emb: float):
+        t0 = time.perf_counter()
+        base = _normalize_rows(np.clip(np.asarray(self._predict_base(outputs), dtype=np.float64), 0, None))
+        fold = self._text_fold(outputs.texts)
+        current = base
+        for _ in range(self.text_rounds):  # self-training: each round learns from the previous round's labels
+            y = current.argmax(axis=1)
+            w = current.max(axis=1)
+            y[idx], w[idx] = labels, self.text_seed_weight
+            models = []
+            for f in range(self.text_folds):
+                tr = fold != f
+                coef, inter, present = _lr_fit(emb[tr], y[tr], self.text_c, w[tr]) if tr.any() else (None, None, np.unique(y))
+                models.append({"coef": coef, "intercept": inter, "present": present})
+            self.text_model = models
+            t = self._text_proba(emb, fold, outputs.n_classes)
+            current = _normalize_rows(base * t**self.text_weight)
+        rest = np.setdiff1d(np.arange(outputs.n_items), idx)
+        self.metadata["text"] = {
+            "encoder": self.text_features,
+            "embed_seconds": round(t_emb, 3),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+            "seed_accuracy_text_model": float((t[idx].argmax(1) == labels).mean()),
+            # how often the text model changes the LLM-only label on the unlabeled pool (no gold used)
+            "changed_share_non_seed": float((current[rest].argmax(1) != base[rest].argmax(1)).mean()) if len(rest) else 0.0,
+        }
+
+    def _text_proba(self, emb, fold: np.ndarray, k: int) -> np.ndarray:
+        out = np.zeros((emb.shape[0], k))
+        for f, m in enumerate(self.text_model or []):
+            rows = fold == f
+            if rows.any():
+                out[rows] = _lr_predict(m["coef"], m["intercept"], m["present"], emb[rows], k)
+        # a class the text model never saw keeps a small floor instead of vetoing the product
+        return (1.0 - _TEXT_FLOOR) * out + _TEXT_FLOOR / k
 
     def _fit_select(self, outputs, idx, labels):
         from rich.progress import Progress
@@ -815,10 +974,20 @@ class MoLAM(Aggregator):
             }
         )
 
-    def _predict(self, outputs):
+    def _predict_base(self, outputs):
         ds_post = self._ds(outputs)
         x = self._x(outputs, ds_post) if self.model.get("type") in ("lr", "xgb", "avg") else None
         return self._predict_candidate(self.model, outputs, x, ds_post)
+
+    def _predict(self, outputs):
+        base = self._predict_base(outputs)
+        if not self.text_model:
+            return base
+        if outputs.texts is None:
+            raise MoLAMError("this MoLAM uses text features: the outputs need their texts (outputs.texts is None)")
+        base = _normalize_rows(np.clip(np.asarray(base, dtype=np.float64), 0, None))
+        t = self._text_proba(self._embed(outputs.texts), self._text_fold(outputs.texts), outputs.n_classes)
+        return base * t**self.text_weight
 
     @staticmethod
     def _model_out(m: dict[str, Any]) -> dict[str, Any]:
@@ -845,8 +1014,12 @@ class MoLAM(Aggregator):
 
     def _state(self):
         m = self._model_out(self.model)
-        return {"choice": self.choice, "ds_prior": self.ds_prior, "ds_logpi": self.ds_logpi,
-                "mu": self.mu, "sd": self.sd, "model": m}
+        state = {"choice": self.choice, "ds_prior": self.ds_prior, "ds_logpi": self.ds_logpi,
+                 "mu": self.mu, "sd": self.sd, "model": m}
+        if self.text_model is not None:
+            state["text_model"] = [{"coef": t["coef"], "intercept": t["intercept"], "present": t["present"]}
+                                   for t in self.text_model]
+        return state
 
     def _set_state(self, state):
         self.choice = state["choice"]
@@ -855,6 +1028,13 @@ class MoLAM(Aggregator):
         self.mu = np.asarray(state["mu"], dtype=np.float64)
         self.sd = np.asarray(state["sd"], dtype=np.float64)
         self.model = self._model_in(state["model"])
+        tm = state.get("text_model")  # absent in files written without text_features (and before it existed)
+        self.text_model = None if tm is None else [
+            {"coef": None if t["coef"] is None else np.asarray(t["coef"], dtype=np.float64),
+             "intercept": None if t["intercept"] is None else np.asarray(t["intercept"], dtype=np.float64),
+             "present": np.asarray(t["present"], dtype=np.int64)} for t in tm]
+        if self.text_model is not None and self.text_features is None:
+            raise MoLAMError("model file has a text model but no text_features parameter")
 
 
 BASELINES: dict[str, type[Aggregator]] = {

@@ -16,6 +16,10 @@ Label modes (``mode``):
 * ``hybrid``   — MoLAM labels, but the ``human_per_round`` least-confident MoLAM labels of each batch are
   replaced by the gold labels (a human budget); those items count as human-labelled.
 
+``molam_text_features`` (e.g. ``"minilm"``; ``--molam-text-features`` on the CLI) gives MoLAM, in the
+``molam`` and ``hybrid`` modes, its transductive text model: the pool's texts are embedded and a classifier
+cross-fitted on the whole pool's MoLAM labels (+ the seeds) corrects them (see ``molal.molam.MoLAM``).
+
 Data: by default the pool is the recorded outputs of the real LLMs on TREC train (5,452 rows, gold labels
 from the same files) and the test split is ``shared/data/trec/test.jsonl`` (500 rows). If the shared data is
 missing, the bundled ``molal/assets/trec_recorded.npz`` + ``trec.jsonl`` are the pool; if no test split is
@@ -61,6 +65,8 @@ class SimulationConfig:
     n_initial: int = 50
     human_per_round: int = 10  # hybrid mode: gold labels per round
     seed: int = 0
+    # molam / hybrid modes: MoLAM's transductive text model (a sentence encoder, e.g. "minilm"; None = off)
+    molam_text_features: str | None = None
     # student
     encoder: str = "minilm"
     max_length: int = 64  # TREC questions are <= 41 MiniLM tokens: 64 is lossless there
@@ -97,6 +103,8 @@ class SimulationConfig:
             raise ValueError(f"human_per_round must be in [0, budget={self.budget}]")
         if self.loss not in ("robust", "ce"):
             raise ValueError(f"loss must be 'robust' or 'ce', got {self.loss!r}")
+        if self.molam_text_features is not None and not str(self.molam_text_features).strip():
+            raise ValueError("molam_text_features must be an encoder name/folder (e.g. 'minilm') or None")
         if self.candidates is not None and self.candidates < self.budget:
             raise ValueError(f"candidates ({self.candidates}) must be >= budget ({self.budget})")
 
@@ -111,7 +119,8 @@ class SimulationResult:
     @property
     def label(self) -> str:
         c = self.config
-        return f"{c['mode']}/{c['strategy']}/seed{c['seed']}"
+        text = "+text" if c.get("molam_text_features") and c["mode"] in ("molam", "hybrid") else ""
+        return f"{c['mode']}{text}/{c['strategy']}/seed{c['seed']}"
 
     @property
     def final(self) -> dict[str, Any]:
@@ -247,10 +256,12 @@ def load_simulation_data(config: SimulationConfig) -> SimulationData:
 # -- the loop -----------------------------------------------------------------------------------------
 
 
-def _labeller(mode: str):
+def _labeller(mode: str, config: SimulationConfig | None = None):
     from molal import molam
 
     if mode in ("molam", "hybrid"):
+        if config is not None and config.molam_text_features:
+            return molam.MoLAM(text_features=config.molam_text_features, text_device=config.device)
         return molam.MoLAM()
     if mode == "majority":
         return molam.MajorityVote()
@@ -290,9 +301,11 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
         label_probs = np.eye(k)[gold]
     else:
         t0 = time.perf_counter()
-        lab = _labeller(config.mode).fit(out, seeds, gold[seeds])
+        lab = _labeller(config.mode, config).fit(out, seeds, gold[seeds])
         label_probs = np.asarray(lab.predict_proba(out))
         labeller_meta.update(type=type(lab).__name__, seconds=round(time.perf_counter() - t0, 3))
+        if "text" in lab.metadata:
+            labeller_meta["text"] = lab.metadata["text"]
     llm_label = label_probs.argmax(1)
     unseeded = np.setdiff1d(np.arange(n), seeds)
     labeller_meta["label_acc_on_non_seed_pool"] = float((llm_label[unseeded] == gold[unseeded]).mean())

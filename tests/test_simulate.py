@@ -82,6 +82,25 @@ def test_cli_molam_mode_and_overlay_plot(tiny_encoder, tmp_path, shared_data):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cli_molam_text_features(tiny_encoder, tmp_path, shared_data):
+    """--molam-text-features: MoLAM's text model on the pool's embeddings (the tiny encoder here)."""
+    out = tmp_path / "molam-text.json"
+    r = CliRunner().invoke(
+        app, ["simulate", "--mode", "molam", "--strategy", "random", "--molam-text-features", tiny_encoder,
+              "--out", str(out), *_tiny_args(tiny_encoder)]
+    )
+    assert r.exit_code == 0, r.output
+    res = SimulationResult.load(out)
+    assert res.config["molam_text_features"] == tiny_encoder
+    assert res.label == "molam+text/random/seed0"
+    lab = res.metadata["labeller"]
+    assert lab["type"] == "MoLAM" and lab["text"]["encoder"] == tiny_encoder
+    assert 0.3 <= lab["label_acc_on_non_seed_pool"] <= 1.0
+    assert [x["n_llm_labeled"] for x in res.records] == [0, 10, 20]
+    with pytest.raises(ValueError, match="molam_text_features"):
+        SimulationConfig(molam_text_features=" ").validate()
+
+
 def test_cli_bad_input(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["simulate", "--strategy", "bogus", "--out", str(tmp_path / "x.json")])

@@ -50,6 +50,10 @@ def register(app: typer.Typer) -> None:
         initial: int = typer.Option(50, help="random seed items with gold labels (cold start)"),
         human_per_round: int = typer.Option(10, help="hybrid mode: gold labels per round"),
         seed: int = typer.Option(0, help="random seed (seeds, queries, student init)"),
+        molam_text_features: str | None = typer.Option(
+            None, help="molam/hybrid modes: correct MoLAM's labels with a text model on the pool's embeddings "
+            "from this sentence encoder ('minilm' = bundled; default: off)"
+        ),
         encoder: str = typer.Option("minilm", help="student encoder: 'minilm' (bundled) or a local HF model folder"),
         max_length: int = typer.Option(64, help="student max tokens (TREC: <= 41 tokens, so 64 is lossless)"),
         epochs: int = typer.Option(3, help="student epochs per round"),
@@ -83,6 +87,7 @@ def register(app: typer.Typer) -> None:
             dataset=dataset, annotations=annotations, pool_labels=pool_labels, test=test, strategy=strategy,
             mode=mode,  # type: ignore[arg-type]
             rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
+            molam_text_features=molam_text_features,
             encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
             freeze_encoder=freeze_encoder, loss=loss,  # type: ignore[arg-type]
             candidates=candidates, pool_limit=pool_limit, test_limit=test_limit, device=device, threads=threads,
