@@ -117,8 +117,17 @@ def connect_backend(client, project: int, url: str, title: str = "molal") -> int
         if b.get("url", "").rstrip("/") != url.rstrip("/"):
             client.ml.update(id=int(b["id"]), url=url)
         return int(b["id"])
-    ml = client.ml.create(project=project, url=url, title=title)
-    return int(ml.id)
+    for attempt in range(3):
+        try:
+            ml = client.ml.create(project=project, url=url, title=title)
+            return int(ml.id)
+        except Exception as exc:
+            # Label Studio gives the backend's first /setup 3 s; a fresh backend process imports the mixture
+            # code on that request, which can take longer on a busy machine: the next try finds it loaded.
+            if attempt == 2 or "timed out" not in str(exc):
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def choice_result(label: str, from_name: str = "label", to_name: str = "text") -> list[dict]:
