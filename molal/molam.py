@@ -644,13 +644,16 @@ class MoLAM(Aggregator):
         text_features: None (default: the LLM outputs only) or a sentence encoder (``"minilm"`` = the
             bundled all-MiniLM-L6-v2, or a local model folder) to correct the chosen model with the texts
             themselves (needs ``outputs.texts``). Transductive text model: every pool text is embedded;
-            a multinomial logistic regression on the embeddings is trained on the whole pool with the
+            a multinomial logistic regression on the embeddings (+ hashed word n-grams, ``text_ngrams``)
+            is trained on the whole pool with the
             LLM-only MoLAM's labels (weighted by their confidence; the seeds with their gold labels,
             weight ``text_seed_weight``), cross-fitted in ``text_folds`` folds assigned by a hash of the
             text, so no item's text prediction comes from a model that saw its own label (and
             duplicates share a fold). Prediction = the LLM-only MoLAM's distribution times the text
             model's distribution to the power ``text_weight``, renormalised. Texts outside the fit pool
-            are scored by the fold model their hash picks, exactly like the pool.
+            are scored by the fold model their hash picks, exactly like the pool. TREC, 50 seeds
+            (bench/molam_quality.py): non-seed label accuracy 0.783 -> 0.801 (draws 0-4) and 0.778 -> 0.799
+            (held-out draws 5-9) with the defaults; +30 s fit on 5,452 items (+ embedding the pool once).
         text_weight: exponent of the text model's distribution in the product (0 = no effect).
         text_c: inverse regularisation strength of the text logistic regression.
         text_folds: cross-fitting folds of the text model (>= 2).
@@ -679,11 +682,11 @@ class MoLAM(Aggregator):
         progress: bool = False,
         text_features: str | None = None,
         text_weight: float = 1.0,
-        text_c: float = 1.0,
+        text_c: float = 3.0,
         text_folds: int = 5,
         text_seed_weight: float = 10.0,
-        text_rounds: int = 1,
-        text_ngrams: int = 0,
+        text_rounds: int = 3,
+        text_ngrams: int = 4096,
         text_max_length: int = 64,
         text_device: str = "cpu",
     ) -> None:

@@ -64,21 +64,24 @@ def test_fit_predict_metadata_and_effect(pool, fake_encoder):
     assert meta["encoder"] == "minilm" and 0.0 <= meta["changed_share_non_seed"] <= 1.0
     assert len(m.text_model) == m.text_folds == 5
     assert m.metadata["params"]["text_features"] == "minilm"
+    # defaults: embeddings + 4,096 hashed n-grams, C 3, 3 self-training rounds
+    assert (m.text_ngrams, m.text_c, m.text_rounds) == (4096, 3.0, 3)
+    assert m.text_model[0]["coef"].shape == (out.n_classes, DIM + 4096)
     assert fake_encoder  # the texts were embedded
     # the text model does move some labels, and text_weight=0 is exactly the LLM-only MoLAM
     assert (p.argmax(1) != base.predict(out)).any()
     z = MoLAM(text_features="minilm", text_weight=0.0, **FAST).fit(out, idx, y)
     np.testing.assert_allclose(z.predict_proba(out), base.predict_proba(out), atol=1e-9)
-    # self-training rounds: another text model, same API
-    r2 = MoLAM(text_features="minilm", text_rounds=2, **FAST).fit(out, idx, y)
-    assert r2.metadata["params"]["text_rounds"] == 2
+    # embeddings only, one round: another text model, same API
+    r2 = MoLAM(text_features="minilm", text_rounds=1, text_ngrams=0, **FAST).fit(out, idx, y)
+    assert r2.metadata["params"]["text_rounds"] == 1 and r2.text_model[0]["coef"].shape == (out.n_classes, DIM)
     assert not np.allclose(r2.predict_proba(out), p)
 
 
 def test_cross_fitting_folds_follow_the_text(pool, fake_encoder):
     out, gold = pool
     idx, y = _seeds(gold)
-    m = MoLAM(text_features="minilm", text_folds=4, **FAST).fit(out, idx, y)
+    m = MoLAM(text_features="minilm", text_folds=4, text_rounds=1, text_ngrams=0, **FAST).fit(out, idx, y)
     f = m._text_fold(out.texts)
     assert set(np.unique(f)) <= set(range(4)) and len(np.unique(f)) == 4
     np.testing.assert_array_equal(f, m._text_fold(list(out.texts)))  # deterministic
@@ -106,10 +109,10 @@ def test_cross_fitting_folds_follow_the_text(pool, fake_encoder):
 def test_save_load_roundtrip_and_old_files(pool, fake_encoder, tmp_path):
     out, gold = pool
     idx, y = _seeds(gold)
-    m = MoLAM(text_features="minilm", text_c=3.0, **FAST).fit(out, idx, y)
+    m = MoLAM(text_features="minilm", text_c=2.0, **FAST).fit(out, idx, y)
     path = m.save(tmp_path / "t.json")
     m2 = load_aggregator(path)
-    assert isinstance(m2, MoLAM) and m2.text_features == "minilm" and m2.text_c == 3.0
+    assert isinstance(m2, MoLAM) and m2.text_features == "minilm" and m2.text_c == 2.0
     np.testing.assert_allclose(m2.predict_proba(out), m.predict_proba(out), atol=1e-12)
     # a MoLAM without text features writes the same params as before the option existed, and loads
     plain = MoLAM(**FAST).fit(out, idx, y)

@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         human_per_round: int = typer.Option(10, help="hybrid mode: gold labels per round"),
         seed: int = typer.Option(0, help="random seed (seeds, queries, student init)"),
         molam_text_features: str | None = typer.Option(
-            None, help="molam/hybrid modes: correct MoLAM's labels with a text model on the pool's embeddings "
-            "from this sentence encoder ('minilm' = bundled; default: off)"
+            None, help="molam/hybrid modes: correct MoLAM's labels with its transductive text model (this "
+            "sentence encoder's embeddings + hashed n-grams, self-trained on the pool; 'minilm' = bundled; default: off)"
         ),
         encoder: str = typer.Option("minilm", help="student encoder: 'minilm' (bundled) or a local HF model folder"),
         max_length: int = typer.Option(64, help="student max tokens (TREC: <= 41 tokens, so 64 is lossless)"),
