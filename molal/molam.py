@@ -652,7 +652,7 @@ class MoLAM(Aggregator):
             duplicates share a fold). Prediction = the LLM-only MoLAM's distribution times the text
             model's distribution to the power ``text_weight``, renormalised. Texts outside the fit pool
             are scored by the fold model their hash picks, exactly like the pool. TREC, 50 seeds
-            (bench/molam_quality.py): non-seed label accuracy 0.783 -> 0.801 (draws 0-4) and 0.778 -> 0.799
+            (bench/molam_quality.py): non-seed label accuracy 0.783 -> 0.806 (draws 0-4) and 0.778 -> 0.799
             (held-out draws 5-9) with the defaults; +30 s fit on 5,452 items (+ embedding the pool once).
         text_weight: exponent of the text model's distribution in the product (0 = no effect).
         text_c: inverse regularisation strength of the text logistic regression.
