@@ -66,12 +66,15 @@ def main() -> None:
     if a.fresh_venv:
         if a.fresh_venv.exists():
             shutil.rmtree(a.fresh_venv)
+        vpy = str(a.fresh_venv / "bin/python")
+        # README step 1: torch with pip, then uv, then molal + Label Studio with uv (cold caches)
         steps = [[sys.executable, "-m", "venv", str(a.fresh_venv)],
-                 [str(a.fresh_venv / "bin/python"), "-m", "pip", "install", "-q", "torch==2.13.0"],
-                 [str(a.fresh_venv / "bin/python"), "-m", "pip", "install", "-q", "-e", ".[labelstudio,dev]"]]
+                 [vpy, "-m", "pip", "install", "-q", "torch==2.13.0"],
+                 [vpy, "-m", "pip", "install", "-q", "uv"],
+                 [str(a.fresh_venv / "bin/uv"), "pip", "install", "-q", "--python", vpy, "-e", ".[labelstudio,dev]"]]
         t_all = 0.0
         for s in steps:
-            dt, r = timed(s, cwd=REPO, env=dict(os.environ, PIP_NO_CACHE_DIR="1"))
+            dt, r = timed(s, cwd=REPO, env=dict(os.environ, PIP_NO_CACHE_DIR="1", UV_NO_CACHE="1"))
             if r.returncode != 0:
                 raise SystemExit(f"{' '.join(s)} failed:\n{r.stderr[-3000:]}")
             res.setdefault("install_steps_s", []).append(round(dt, 1))
