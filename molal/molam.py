@@ -585,28 +585,10 @@ def embed_texts_cached(texts: list[str], encoder: str = "minilm", max_length: in
     """(n, d) unit-norm embeddings of ``texts`` with a sentence encoder (``"minilm"`` = bundled), reusing
     the process-wide embedding cache of :mod:`molal.annotators.embedding` (an aggregator's fit and its
     predictions on the same pool embed each text once)."""
-    from molal.annotators import embedding as e
+    from molal.annotators.embedding import embed_texts_shared
 
-    device = e._resolve_device(device)
-    keys = [(encoder, int(max_length), t) for t in texts]
-    with e._TEXT_EMB_LOCK:
-        found = {i: e._TEXT_EMB[k] for i, k in enumerate(keys) if k in e._TEXT_EMB}
-    todo = [i for i in range(len(texts)) if i not in found]
-    if todo:
-        uniq = list(dict.fromkeys(texts[i] for i in todo))
-        new, _ = e.embed_texts(uniq, encoder, device, 64, int(max_length))
-        by_text = dict(zip(uniq, new, strict=True))
-        with e._TEXT_EMB_LOCK:
-            for t, v in by_text.items():
-                e._TEXT_EMB[(encoder, int(max_length), t)] = v
-                e._TEXT_EMB.move_to_end((encoder, int(max_length), t))
-            while len(e._TEXT_EMB) > e._TEXT_EMB_MAX:
-                e._TEXT_EMB.popitem(last=False)
-        for i in todo:
-            found[i] = by_text[texts[i]]
-    if not texts:
-        return np.zeros((0, 0))
-    return np.stack([found[i] for i in range(len(texts))]).astype(np.float64)
+    emb, _ = embed_texts_shared(texts, encoder, device, 64, int(max_length))
+    return emb.astype(np.float64)
 
 
 def _stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -121,6 +121,35 @@ def embed_texts(
     return np.concatenate(out, axis=0).astype(np.float64), n_tokens
 
 
+def embed_texts_shared(
+    texts: Sequence[str], model: str = "minilm", device: str = "cpu", batch_size: int = 64, max_length: int = 128
+) -> tuple[np.ndarray, int]:
+    """:func:`embed_texts` through the process-wide LRU cache keyed by (model, max_length, text): the
+    annotators of one mixture, and MoLAM's text model, embed each text once per process. Returns the (n, d)
+    embeddings and the number of tokens actually processed (0 when everything was cached)."""
+    device = _resolve_device(device)
+    keys = [(model, int(max_length), t) for t in texts]
+    with _TEXT_EMB_LOCK:
+        found = {i: _TEXT_EMB[k] for i, k in enumerate(keys) if k in _TEXT_EMB}
+    todo = [i for i in range(len(texts)) if i not in found]
+    n_tok = 0
+    if todo:
+        uniq = list(dict.fromkeys(texts[i] for i in todo))
+        new, n_tok = embed_texts(uniq, model, device, batch_size, int(max_length))
+        by_text = dict(zip(uniq, new, strict=True))
+        with _TEXT_EMB_LOCK:
+            for t, v in by_text.items():
+                _TEXT_EMB[(model, int(max_length), t)] = v
+                _TEXT_EMB.move_to_end((model, int(max_length), t))
+            while len(_TEXT_EMB) > _TEXT_EMB_MAX:
+                _TEXT_EMB.popitem(last=False)
+        for i in todo:
+            found[i] = by_text[texts[i]]
+    if not found:
+        return np.zeros((0, 0)), 0
+    return np.stack([found[i] for i in range(len(texts))]), n_tok
+
+
 class EmbeddingAnnotator(Annotator):
     """Zero-shot classifier from sentence-embedding similarity (offline; the default mixture's members).
 
@@ -222,21 +251,7 @@ class EmbeddingAnnotator(Annotator):
 
     def _embed_shared(self, wrapped: list[str], device: str) -> tuple[np.ndarray, int]:
         """Embeddings of ``wrapped``, reusing those another annotator with the same encoder just computed."""
-        keys = [(self.model, self.max_length, t) for t in wrapped]
-        with _TEXT_EMB_LOCK:
-            found = {i: _TEXT_EMB[key] for i, key in enumerate(keys) if key in _TEXT_EMB}
-        todo = [i for i in range(len(wrapped)) if i not in found]
-        n_tok = 0
-        if todo:
-            new, n_tok = embed_texts([wrapped[i] for i in todo], self.model, device, self.batch_size, self.max_length)
-            with _TEXT_EMB_LOCK:
-                for r, i in enumerate(todo):
-                    found[i] = new[r]
-                    _TEXT_EMB[keys[i]] = new[r]
-                    _TEXT_EMB.move_to_end(keys[i])
-                while len(_TEXT_EMB) > _TEXT_EMB_MAX:
-                    _TEXT_EMB.popitem(last=False)
-        return np.stack([found[i] for i in range(len(wrapped))]), n_tok
+        return embed_texts_shared(wrapped, self.model, device, self.batch_size, self.max_length)
 
     def close(self) -> None:
         self._class_cache.clear()
