@@ -80,10 +80,10 @@ def entry(spec: LabelSpec, probs: np.ndarray, version: str) -> dict:
     return {"result": [spec.result(spec.classes[k], score)], "score": score, "model_version": version}
 
 
-def llm_entries(spec: LabelSpec, outputs, row: int) -> list[dict]:
-    """One prediction per LLM for row ``row`` of ``outputs``."""
-    p = outputs.normalized_probs()[row]  # (L, K)
-    return [entry(spec, p[j], f"llm:{name}") for j, name in enumerate(outputs.llm_names)]
+def llm_entries(spec: LabelSpec, llm_names: list[str], probs: np.ndarray) -> list[dict]:
+    """One prediction (model_version ``llm:<name>``) per LLM from one row ``probs`` (L, K) of
+    ``LLMOutputs.normalized_probs()`` (normalise once per batch, not per row)."""
+    return [entry(spec, probs[j], f"llm:{name}") for j, name in enumerate(llm_names)]
 
 
 def mean_probs(outputs) -> np.ndarray:
@@ -117,8 +117,9 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
         if ps.per_llm_predictions and mixture is not None:
             # cache only (no LLM call): a deadline already passed returns what is cached
             res = _annotate(mixture, good_texts, spec, svc, deadline=time.monotonic())
+            llm_p = res.outputs.normalized_probs() if len(res.done_idx) else None
             for r, jj in enumerate(res.done_idx.tolist()):
-                per_llm[good[jj]] = llm_entries(spec, res.outputs, r)
+                per_llm[good[jj]] = llm_entries(spec, res.outputs.llm_names, llm_p[r])
     else:
         res = _annotate(mixture, good_texts, spec, svc, deadline=deadline)
         done = res.done_idx.tolist()
@@ -127,10 +128,11 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
                 P = srv["model"].molam.predict_proba(res.outputs)
             else:
                 P = mean_probs(res.outputs)
+            llm_p = res.outputs.normalized_probs() if ps.per_llm_predictions else None
             for r, jj in enumerate(done):
                 main_probs[good[jj]] = np.asarray(P[r], dtype=np.float64)
-                if ps.per_llm_predictions:
-                    per_llm[good[jj]] = llm_entries(spec, res.outputs, r)
+                if llm_p is not None:
+                    per_llm[good[jj]] = llm_entries(spec, res.outputs.llm_names, llm_p[r])
         for jj, why in res.failed.items():
             errors[good[jj]] = f"annotation failed: {why}"
         pending = [good[jj] for jj in res.pending_idx.tolist()]

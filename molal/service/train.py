@@ -37,7 +37,7 @@ import numpy as np
 
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
-from molal.service.predict import entry, mean_probs
+from molal.service.predict import entry, llm_entries, mean_probs
 from molal.service.taskdata import task_text_resolver
 
 if TYPE_CHECKING:
@@ -423,18 +423,16 @@ def push_predictions(svc: Service, client: LSClient, state: ProjectState, spec: 
     is left alone)."""
     ps = svc.project_settings(state)
     preds: list[dict] = []
-    # normalised once for all rows (predict.llm_entries normalises the whole array per row)
-    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None
-    llm_versions = [f"llm:{name}" for name in outputs.llm_names] if llm_p is not None else []
+    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None  # once
     for i, r in enumerate(rows):
         if r in pool.human:
             continue
         have = set(pool.prediction_versions[r]) if r < len(pool.prediction_versions) else set()
         if version is not None and version not in have:
             preds.append({"task": pool.task_ids[r], **entry(spec, probs[i], version)})
-        for j, mv in enumerate(llm_versions):
-            if mv not in have:
-                preds.append({"task": pool.task_ids[r], **entry(spec, llm_p[i, j], mv)})
+        if llm_p is not None:
+            preds.extend({"task": pool.task_ids[r], **e} for e in llm_entries(spec, outputs.llm_names, llm_p[i])
+                         if e["model_version"] not in have)
     what = "predictions" if version is not None else "per-LLM predictions"
     if ctx is not None:
         ctx.progress(None, f"importing {len(preds)} {what} into Label Studio")
