@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         description="train only the classification head on frozen encoder embeddings (fast CPU preset)",
     )
     serve_model: Literal["molam", "student"] = Field("molam", validation_alias="MOLAL_SERVE_MODEL")
+    molam_text_features: str | None = Field(
+        None, validation_alias="MOLAL_MOLAM_TEXT_FEATURES",
+        description="correct MoLAM with its transductive text model on this encoder ('minilm' = bundled; off by default)",
+    )
     task_file_max_bytes: int = Field(1_000_000, validation_alias="MOLAL_TASK_FILE_MAX_BYTES",
                                      description="size cap of a Label Studio-hosted task text file")
     task_file_timeout_s: float = Field(10.0, validation_alias="MOLAL_TASK_FILE_TIMEOUT_S")

@@ -191,3 +191,32 @@ def test_changed_mixture_falls_back_to_mixture_mean(tmp_path, rows):
     assert [e["model_version"] for e in out["results"][0][1:]] == ["llm:qwen", "llm:yi"]
     state.unset_setting("mixture")
     assert svc.serving(state, SPEC)["version"] == rr.version
+
+
+@pytest.mark.slow
+def test_molam_text_features_setting_trains_and_serves(tmp_path, rows):
+    """MOLAL_MOLAM_TEXT_FEATURES / the project setting: the job's MoLAM carries its text model, the saved
+    model reloads with it, and /predict scores texts that were not in the training pool."""
+    svc = service(tmp_path, molam_text_features="minilm")
+    state = project(svc, 1)
+    state.set_setting("student", False)
+    assert svc.project_settings(state).molam_text_features == "minilm"
+    pool = make_pool(rows, 200, 50)
+    rr = fit_round(svc, state, SPEC, pool, None, job_id="t1")
+    loaded = svc.loaded_model(state)
+    assert loaded.molam.text_features == "minilm" and loaded.molam.text_model
+    gold = np.array([TREC.index(r["label"]) for r in rows[:200]])
+    unl = [i for i, r in enumerate(rr.rows.tolist()) if r not in pool.human]
+    assert float((rr.probs[unl].argmax(1) == gold[rr.rows[unl]]).mean()) > 0.7
+
+    from backend.app import create_app
+
+    app = create_app(svc.settings, start_worker=False)
+    c = app.test_client()
+    tasks = [{"id": 1000 + i, "data": {"text": rows[250 + i]["text"]}} for i in range(3)]
+    r = c.post("/predict", json={"project": "1.1", "tasks": tasks, "label_config": CONFIG})
+    assert r.status_code == 200, r.json
+    assert [e[0]["model_version"] for e in r.json["results"]] == [rr.version] * 3
+    # the project setting overrides the environment, and can switch it off again
+    state.set_setting("molam_text_features", "none")
+    assert svc.project_settings(state).molam_text_features is None

@@ -147,6 +147,7 @@ class ProjectSettings:
     uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
     student: bool = True  # train the student in each training job
     molam_candidates: str | None = None  # comma list of MoLAM candidates (e.g. "lr_0.1,ds,best_single"); None = all
+    molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -164,7 +165,7 @@ def coerce_setting(key: str, value: Any) -> Any:
     default = getattr(ProjectSettings(), key)
     kind = type(default) if default is not None else str
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-        if key in ("mixture", "from_name", "molam_candidates"):
+        if key in ("mixture", "from_name", "molam_candidates", "molam_text_features"):
             return None
         raise ValueError(f"{key} cannot be empty")
     if kind is bool:
@@ -210,6 +211,7 @@ def env_defaults(settings: Any) -> ProjectSettings:
         priority_field=settings.priority_field,
         per_llm_predictions=settings.per_llm_predictions,
         train_every=settings.train_every,
+        molam_text_features=getattr(settings, "molam_text_features", None),
     )
 
 

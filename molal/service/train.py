@@ -220,7 +220,8 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     labels = np.array([pool.human[r] for r in human_rows], dtype=np.int64)
     cands = [c.strip() for c in ps.molam_candidates.split(",") if c.strip()] if ps.molam_candidates else None
     t0 = time.perf_counter()
-    molam = MoLAM(candidates=cands).fit(outputs, labeled_idx, labels)
+    molam = MoLAM(candidates=cands, text_features=ps.molam_text_features, text_device=s.device).fit(
+        outputs, labeled_idx, labels)
     if ctx is not None:
         ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {getattr(molam, 'choice', '?')})")
     P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
