@@ -148,7 +148,6 @@ def label_seeds(client, task_ids: list[int], gold: dict[int, str],
 
     ``threads`` requests are in flight at once: Label Studio sends each ANNOTATION_CREATED webhook to the
     backend inside the request, so one-at-a-time mostly waits on that round trip."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def one(t: int) -> None:
         client.annotations.create(id=t, result=choice_result(gold[t]))
