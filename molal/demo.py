@@ -272,7 +272,7 @@ class DemoOptions:
     #: the demo trains the student's head on frozen MiniLM embeddings (seconds instead of minutes on a CPU);
     #: `molal demo --full-student` fine-tunes the whole encoder as a production backend does.
     student_freeze_encoder: bool = True
-    priority_top: int = 100  # tasks whose data.priority is written (one PATCH each in LS)
+    priority_top: int = 50  # tasks whose data.priority is written: the next batch (b = 50; one PATCH each in LS)
     job_timeout: float = 1200.0
     extra_env: dict[str, str] = field(default_factory=dict)
 

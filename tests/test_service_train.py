@@ -220,3 +220,17 @@ def test_molam_text_features_setting_trains_and_serves(tmp_path, rows):
     # the project setting overrides the environment, and can switch it off again
     state.set_setting("molam_text_features", "none")
     assert svc.project_settings(state).molam_text_features is None
+
+
+def test_prediction_versions_from_light_and_full_tasks():
+    from molal.service.lsclient import _prediction_versions
+
+    # Label Studio's ``include=predictions_model_versions``: one comma-joined string ("" without any)
+    assert _prediction_versions({"predictions_model_versions": "llm:yi,molam-1-ab, llm:qwen,"}) == [
+        "llm:qwen", "llm:yi", "molam-1-ab"]
+    assert _prediction_versions({"predictions_model_versions": ""}) == []
+    assert _prediction_versions({"predictions_model_versions": ["b", "a", "b"]}) == ["a", "b"]
+    # a Label Studio that ignores ``include`` answers full tasks
+    assert _prediction_versions({"predictions": [{"model_version": "v2"}, {"model_version": None}, "x",
+                                                 {"model_version": "v1"}]}) == ["v1", "v2"]
+    assert _prediction_versions({}) == []

@@ -19,6 +19,15 @@ log = logging.getLogger("molal.lsclient")
 
 VIEW_TITLE = "molal: next to label"
 AUTO_FLAG = "molal_auto_label"
+#: what the first pass of :meth:`LSClient.tasks` asks Label Studio for
+LIGHT_FIELDS = "id,data,predictions_model_versions"
+#: Data Manager filter: tasks with at least one non-cancelled annotation
+ANNOTATED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
+    {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}})
+#: predictions per import request. Label Studio (1.23, default flags) recomputes the counters of *every*
+#: task of the project after each import request (~1.5 s per request on 2,000 tasks, more on bigger
+#: projects), so few large requests beat many small ones.
+IMPORT_CHUNK = 10_000
 
 
 class LSConnectionError(RuntimeError):
@@ -32,6 +41,19 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "dict"):
         return obj.dict()
     return obj
+
+
+def _prediction_versions(task: dict) -> list[str]:
+    """The model versions of a task's predictions: Label Studio's ``predictions_model_versions`` (a
+    comma-joined string, or a list) or, from a full task, its ``predictions``."""
+    pmv = task.get("predictions_model_versions")
+    if isinstance(pmv, str):
+        versions = {v.strip() for v in pmv.split(",")}
+    elif isinstance(pmv, list):
+        versions = {str(v) for v in pmv}
+    else:
+        versions = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
+    return sorted(v for v in versions if v)
 
 
 class LSClient:
@@ -69,34 +91,47 @@ class LSClient:
             raise self.explain(f"reading project {project}", exc) from exc
         return p.label_config
 
-    def tasks(self, project: int, page_size: int = 500, on_page: Callable[[int], None] | None = None) -> list[dict]:
-        """All tasks of ``project`` as dicts with ``id``, ``data`` and ``annotations`` (full)."""
+    def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
+        """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
+        ``prediction_versions`` (the model versions of the predictions it already has)."""
         try:
             return self._tasks(project, page_size, on_page)
         except Exception as exc:
             raise self.explain(f"listing the tasks of project {project}", exc) from exc
 
     def _tasks(self, project: int, page_size: int, on_page: Callable[[int], None] | None) -> list[dict]:
+        # Two passes instead of one ``fields=all`` listing: (1) every task with only id, data and its
+        # predictions' model versions (``include``: Label Studio then serialises nothing else; 8x faster
+        # than fields=all on 2,000 tasks, measured), (2) the annotated tasks (total_annotations > 0;
+        # cancelled-only tasks carry no label) with their full annotations (``include`` would reduce
+        # annotations to ids). A Label Studio that ignores ``include``/``query`` returns full tasks, which
+        # parse the same way.
         out: list[dict] = []
-        for t in self.client.tasks.list(project=project, fields="all", page_size=page_size):
+        for t in self.client.tasks.list(project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
             d = _plain(t)
-            preds = d.get("predictions") or []
-            versions = sorted({p.get("model_version") for p in preds if isinstance(p, dict) and p.get("model_version")})
             out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or [],
-                        "prediction_versions": versions})
+                        "prediction_versions": _prediction_versions(d)})
             if on_page is not None and len(out) % page_size == 0:
                 on_page(len(out))
+        by_id = {t["id"]: t for t in out}
+        for t in self.client.tasks.list(project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
+            d = _plain(t)
+            task = by_id.get(int(d["id"]))
+            if task is not None:  # a task created after pass 1 waits for the next job
+                task["annotations"] = [a for a in d.get("annotations") or [] if isinstance(a, dict)]
         return out
 
     # -- writing ---------------------------------------------------------------------------------------
-    def import_predictions(self, project: int, predictions: list[dict], chunk: int = 500,
-                           on_chunk: Callable[[int], None] | None = None) -> int:
-        """Bulk-create predictions (``POST /api/projects/<id>/import/predictions``), ``chunk`` per call."""
+    def import_predictions(self, project: int, predictions: list[dict], chunk: int = IMPORT_CHUNK,
+                           on_chunk: Callable[[int], None] | None = None, timeout: float = 600.0) -> int:
+        """Bulk-create predictions (``POST /api/projects/<id>/import/predictions``), ``chunk`` per call
+        (each call may take a while on Label Studio's side: ``timeout`` seconds)."""
         n = 0
         for i in range(0, len(predictions), chunk):
             part = predictions[i : i + chunk]
             try:
-                self.client.projects.import_predictions(id=project, request=part)
+                self.client.projects.import_predictions(id=project, request=part,
+                                                        request_options={"timeout_in_seconds": int(timeout)})
             except Exception as exc:
                 raise self.explain(f"importing predictions into project {project} ({n} of {len(predictions)} "
                                    "done)", exc) from exc

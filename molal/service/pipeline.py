@@ -54,6 +54,24 @@ def _short(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:8]
 
 
+def import_training_stack() -> float:
+    """Import what a training job needs (scikit-learn, XGBoost, torch, transformers). Returns seconds."""
+    t0 = time.perf_counter()
+    try:
+        import sklearn.linear_model  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer  # noqa: F401
+        import xgboost  # noqa: F401
+
+        import molal.molam  # noqa: F401
+        import molal.student  # noqa: F401
+    except Exception as exc:  # the job that needs them reports the error
+        log.warning("warm-up: importing the training stack failed: %s", exc)
+    dt = time.perf_counter() - t0
+    log.info("warm-up: training stack imported in %.1f s", dt)
+    return dt
+
+
 class Service:
     """Per-process service state: settings, MODEL_DIR store, job queue, loaded mixtures and models."""
 
@@ -67,6 +85,7 @@ class Service:
         self._bad_models: dict[tuple[int, str], str] = {}
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
+        self._warm_started = False
         self.started = time.time()
         self._counter_lock = threading.Lock()
         self.counters: dict[str, float] = {
@@ -287,7 +306,17 @@ class Service:
             # loading torch + the encoder takes seconds: warm it in the background (setup must answer in 3 s)
             threading.Thread(target=self._warm_student, args=(state, srv["model"]), daemon=True,
                              name="molal-warm-student").start()
+        self._warm_training()
         return {"model_version": srv["version"]}
+
+    def _warm_training(self) -> None:
+        """Once a project connects, import the training stack in the background (once per process, only in
+        one that runs jobs): the first training job then does not wait ~5-10 s for the imports."""
+        with self._lock:
+            if self._warm_started or self.worker is None:
+                return
+            self._warm_started = True
+        threading.Thread(target=import_training_stack, daemon=True, name="molal-warm-training").start()
 
     def _warm_student(self, state: ProjectState, m: LoadedModel) -> None:
         try:

@@ -110,6 +110,25 @@ def test_training_publishes_molam_preannotations(ls_client, project, trained):
     assert proj.model_version == trained["version"]
 
 
+def test_job_pull_matches_a_full_listing(ls_client, project, trained, label_studio):
+    """The jobs' two-pass pull (light ``include`` listing + the annotated tasks in full) sees exactly what a
+    ``fields=all`` listing sees: every task, its data, full annotations, its predictions' versions."""
+    from molal.service.lsclient import LSClient
+
+    pulled = {t["id"]: t for t in LSClient(label_studio.url, label_studio.token).tasks(project["id"], page_size=100)}
+    full = {t["id"]: t for t in all_tasks(ls_client, project["id"])}
+    assert set(pulled) == set(full) and len(full) == N_TASKS
+    for tid, t in full.items():
+        got = pulled[tid]
+        assert got["data"] == t["data"]
+        assert got["prediction_versions"] == sorted({p["model_version"] for p in t["predictions"]}), tid
+        assert [a["id"] for a in got["annotations"]] == [a["id"] for a in t["annotations"]], tid
+        for a, b in zip(got["annotations"], t["annotations"], strict=True):
+            assert a["result"] == b["result"] and a["was_cancelled"] == b["was_cancelled"]
+    assert sum(1 for t in pulled.values() if t["annotations"]) == N_SEEDS
+    assert all(trained["version"] in t["prediction_versions"] for t in pulled.values() if not t["annotations"])
+
+
 def test_next_to_label_tab_follows_priorities(ls_client, project, trained, label_studio):
     view = find_view(ls_client, project["id"])
     assert view is not None
