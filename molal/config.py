@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         False, validation_alias="MOLAL_STUDENT_FREEZE_ENCODER",
         description="train only the classification head on frozen encoder embeddings (fast CPU preset)",
     )
+    warm_start: bool = Field(
+        True, validation_alias="MOLAL_WARM_START",
+        description="when the job worker starts, import the training stack (scikit-learn, XGBoost, torch, "
+                    "transformers) in the background so the first training job does not wait for it "
+                    "(false: idle workers stay small until they train)",
+    )
     serve_model: Literal["molam", "student"] = Field("molam", validation_alias="MOLAL_SERVE_MODEL")
     molam_text_features: str | None = Field(
         None, validation_alias="MOLAL_MOLAM_TEXT_FEATURES",

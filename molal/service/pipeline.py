@@ -60,6 +60,7 @@ def import_training_stack() -> float:
     try:
         import sklearn.linear_model  # noqa: F401
         import torch  # noqa: F401
+        import transformers.models.bert.modeling_bert  # noqa: F401  (the default encoder's; ~3 s more)
         from transformers import AutoModel, AutoTokenizer  # noqa: F401
         import xgboost  # noqa: F401
 
@@ -118,6 +119,8 @@ class Service:
                 self.jobs.reap_stale()
                 self.worker = JobWorker(self.jobs, self.run_job)
                 self.worker.start()
+        if self.settings.warm_start:
+            self._warm_training()
         return self.worker
 
     def stop_worker(self) -> None:
@@ -306,12 +309,11 @@ class Service:
             # loading torch + the encoder takes seconds: warm it in the background (setup must answer in 3 s)
             threading.Thread(target=self._warm_student, args=(state, srv["model"]), daemon=True,
                              name="molal-warm-student").start()
-        self._warm_training()
         return {"model_version": srv["version"]}
 
     def _warm_training(self) -> None:
-        """Once a project connects, import the training stack in the background (once per process, only in
-        one that runs jobs): the first training job then does not wait ~5-10 s for the imports."""
+        """Import the training stack in the background, once per process (the job worker's): the first
+        training job then does not wait ~5-10 s for the imports (``MOLAL_WARM_START``)."""
         with self._lock:
             if self._warm_started or self.worker is None:
                 return
