@@ -40,8 +40,7 @@ def summarize(results) -> list[dict]:
     for r in results:
         c = r.config
         preset = "frozen" if c.get("freeze_encoder") else "finetune"
-        mode = c["mode"] + ("+text" if c.get("molam_text_features") and c["mode"] in ("molam", "hybrid") else "")
-        groups.setdefault((preset, c["strategy"], mode), []).append(r)
+        groups.setdefault((preset, c["strategy"], r.mode_label), []).append(r)
     rows = []
     for (preset, strategy, mode), runs in sorted(groups.items()):
         f1 = np.array([r.final["micro_f1"] for r in runs])
@@ -110,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         SimulationConfig,
         SimulationResult,
         load_simulation_data,
+        mode_label,
         plot_learning_curves,
         run_simulation,
     )
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return time_round(a.time_round, a.preset, a.epochs, a.threads)
 
     if a.summarize:
-        results = [SimulationResult.load(p) for p in sorted(Path(a.summarize).glob("*.json")) if p.name != "summary.json"]
+        results = [SimulationResult.load(p) for p in sorted(Path(a.summarize).glob("*.json")) if not p.name.startswith("summary")]
         print_table(summarize(results))
         return 0
     out_dir = Path(a.out_dir)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in a.strategies.split(","):
             for mode in a.modes.split(","):
                 text = a.molam_text_features if mode in ("molam", "hybrid") else None
-                path = out_dir / f"{a.preset}-{strategy}-{mode}{'+text' if text else ''}-s{seed}.json"
+                path = out_dir / f"{a.preset}-{strategy}-{mode_label(mode, text)}-s{seed}.json"
                 if a.skip_existing and path.exists():
                     results.append(SimulationResult.load(path))
                     continue
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.save(path)
                 results.append(res)
                 f = res.final
-                print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode + ("+text" if text else ""),
+                print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode_label(mode, text),
                                   "seed": seed,
                                   "micro_f1": round(f["micro_f1"], 4), "macro_f1": round(f["macro_f1"], 4),
                                   "label_acc": round(f["train_label_acc"], 4), "train_size": f["train_size"],

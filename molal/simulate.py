@@ -109,6 +109,11 @@ class SimulationConfig:
             raise ValueError(f"candidates ({self.candidates}) must be >= budget ({self.budget})")
 
 
+def mode_label(mode: str, molam_text_features: str | None) -> str:
+    """``mode`` plus ``+text`` where MoLAM labels with its text model (molam and hybrid modes)."""
+    return mode + ("+text" if molam_text_features and mode in ("molam", "hybrid") else "")
+
+
 @dataclass
 class SimulationResult:
     config: dict[str, Any]
@@ -117,10 +122,13 @@ class SimulationResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def mode_label(self) -> str:
+        """The mode, with ``+text`` when MoLAM used its text model."""
+        return mode_label(self.config["mode"], self.config.get("molam_text_features"))
+
+    @property
     def label(self) -> str:
-        c = self.config
-        text = "+text" if c.get("molam_text_features") and c["mode"] in ("molam", "hybrid") else ""
-        return f"{c['mode']}{text}/{c['strategy']}/seed{c['seed']}"
+        return f"{self.mode_label}/{self.config['strategy']}/seed{self.config['seed']}"
 
     @property
     def final(self) -> dict[str, Any]:

@@ -61,8 +61,8 @@ def import_training_stack() -> float:
         import sklearn.linear_model  # noqa: F401
         import torch  # noqa: F401
         import transformers.models.bert.modeling_bert  # noqa: F401  (the default encoder's; ~3 s more)
-        from transformers import AutoModel, AutoTokenizer  # noqa: F401
         import xgboost  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer  # noqa: F401
 
         import molal.molam  # noqa: F401
         import molal.student  # noqa: F401
