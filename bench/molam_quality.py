@@ -7,6 +7,8 @@ time of MoLAM on 10,000 items × 5 LLMs × 6 classes (TREC rows resampled with r
     .venv/bin/python bench/molam_quality.py [--draws 5] [--seeds 50] [--json out.json]
     .venv/bin/python bench/molam_quality.py --text-features minilm --methods molam,molam+text \
         --skip-no-consistency --skip-fit-time      # MoLAM with the transductive MiniLM text model
+    .venv/bin/python bench/molam_quality.py --ceiling --methods molam --skip-no-consistency --skip-fit-time
+        # + how far ANY aggregator of these LLM outputs can go (supervised on all gold, 5-fold CV)
 
 Prints one JSON object, then a table.
 """
@@ -72,6 +74,54 @@ def run(outputs: LLMOutputs, gold: np.ndarray, draws: int, n_seeds: int, progres
     }
 
 
+def ceiling(outputs: LLMOutputs, gold: np.ndarray, draws: int, n_seeds: int) -> dict:
+    """What the LLM outputs allow at best, and where MoLAM's errors are.
+
+    * LR and XGBoost on MoLAM's own per-item features, trained on the gold labels of *all* items (5-fold CV):
+      an upper bound for any aggregator of these outputs (it uses 5,000+ gold labels, not 50);
+    * per class: the share of its items that at least one / a majority of the LLMs vote for;
+    * MoLAM (50 seeds): accuracy of its most confident half, and its most frequent confusions.
+    """
+    import xgboost as xgb
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from molal.molam import _features
+
+    x = _features(outputs)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, gold))
+    out: dict = {"n_features": int(x.shape[1])}
+    for name, make in (("lr_all_gold", lambda: LogisticRegression(C=1.0, max_iter=5000)),
+                       ("xgb_all_gold", lambda: xgb.XGBClassifier(n_estimators=300, max_depth=4, learning_rate=0.05,
+                                                                  n_jobs=1, verbosity=0))):
+        pred = np.zeros_like(gold)
+        for tr, te in folds:
+            pred[te] = make().fit(x[tr], gold[tr]).predict(x[te])
+        out[name] = {"acc": round(float(np.mean(pred == gold)), 4),
+                     "recall": {c: round(float(np.mean(pred[gold == k] == k)), 3)
+                                for k, c in enumerate(outputs.class_names)}}
+    votes = outputs.normalized_probs().argmax(2)  # (n, L)
+    out["llm_votes_for_true_class"] = {
+        c: {"any": round(float(np.mean((votes[gold == k] == k).any(1))), 3),
+            "majority": round(float(np.mean((votes[gold == k] == k).sum(1) * 2 > votes.shape[1])), 3)}
+        for k, c in enumerate(outputs.class_names)}
+    top_half, confusions = [], {}
+    for draw in range(draws):
+        seeds = np.random.default_rng(draw).choice(outputs.n_items, n_seeds, replace=False)
+        p = MoLAM().fit(outputs, seeds, gold[seeds]).predict_proba(outputs)
+        rest = np.setdiff1d(np.arange(outputs.n_items), seeds)
+        conf, yhat = p[rest].max(1), p[rest].argmax(1)
+        top = np.argsort(-conf)[: len(rest) // 2]
+        top_half.append(float(np.mean(yhat[top] == gold[rest][top])))
+        for g, h in zip(gold[rest][yhat != gold[rest]], yhat[yhat != gold[rest]], strict=True):
+            key = f"{outputs.class_names[g]}->{outputs.class_names[h]}"
+            confusions[key] = confusions.get(key, 0) + 1
+    n_err = sum(confusions.values())
+    out["molam_most_confident_half_acc"] = round(float(np.mean(top_half)), 4)
+    out["molam_confusions_share"] = {k: round(v / n_err, 3) for k, v in sorted(confusions.items(), key=lambda kv: -kv[1])[:5]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--draws", type=int, default=5)
@@ -85,6 +135,9 @@ def main() -> None:
     ap.add_argument("--first-draw", type=int, default=0, help="draws first_draw .. first_draw+draws-1 (held-out draws)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (e.g. molam,molam+text)")
     ap.add_argument("--skip-fit-time", action="store_true", help="skip the 10k-item fit timing")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also: aggregators supervised on ALL gold labels (an upper bound), LLM votes per class, "
+                         "MoLAM's confidence and confusions")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -105,6 +158,8 @@ def main() -> None:
         noc = LLMOutputs(outputs.probs, None, outputs.class_names, outputs.llm_names, texts=outputs.texts)
         result["trec_no_consistency"] = run(noc, gold, args.draws, args.seeds, lambda s: err.log("[no-cons] " + s),
                                             args.text_features, only, topts, args.first_draw)
+    if args.ceiling:
+        result["ceiling"] = ceiling(outputs, gold, args.draws, args.seeds)
     if not args.skip_fit_time:  # fit time at 10k items × 5 LLMs × 6 classes
         rows = np.random.default_rng(0).choice(outputs.n_items, 10_000, replace=True)
         big = outputs.subset(rows)
@@ -123,6 +178,19 @@ def main() -> None:
         for name, r in result[setting].items():
             t.add_row(name, f"{r['mean_acc']:.4f}", f"{r['std_acc']:.4f}", f"{r['mean_macro_f1']:.4f}", f"{r['mean_fit_s']:.2f}")
         con.print(t)
+    if "ceiling" in result:
+        c = result["ceiling"]
+        t = Table(title="how far aggregating these LLM outputs can go (all gold labels, 5-fold CV)")
+        for col in ("aggregator", "acc", *ds.class_names):
+            t.add_column(col, justify="left" if col == "aggregator" else "right")
+        for name in ("lr_all_gold", "xgb_all_gold"):
+            t.add_row(name, f"{c[name]['acc']:.4f}", *(f"{c[name]['recall'][k]:.3f}" for k in ds.class_names))
+        v = c["llm_votes_for_true_class"]
+        t.add_row("share of items: >= 1 LLM votes the true class", "", *(f"{v[k]['any']:.3f}" for k in ds.class_names))
+        t.add_row("share of items: a majority votes it", "", *(f"{v[k]['majority']:.3f}" for k in ds.class_names))
+        con.print(t)
+        con.print(f"MoLAM ({args.seeds} seeds): its most confident half is {c['molam_most_confident_half_acc']:.4f} "
+                  f"accurate; share of its errors: {c['molam_confusions_share']}")
     if "fit_seconds_10k" in result:
         con.print(f"MoLAM fit, 10,000 items × 5 LLMs × 6 classes: {result['fit_seconds_10k']} s")
 
