@@ -32,6 +32,8 @@ class FakeLS(JSONServer):
         self.mode: str | int = "ok"
         self.hits: list[tuple[str, str, int]] = []
         self.imported: list[dict] = []
+        self.import_requests = 0
+        self.task_queries: list[dict] = []
         self.tasks = [{"id": i + 1, "data": {"text": t}, "annotations": [], "predictions": []}
                       for i, t in enumerate(texts)]
         super().__init__()
@@ -45,11 +47,13 @@ class FakeLS(JSONServer):
         if method in ("GET", "PATCH") and re.fullmatch(r"/api/projects/7/?", u.path):
             return 200, {"id": 7, "title": "p", "label_config": CONFIG}
         if method == "GET" and re.fullmatch(r"/api/tasks/?", u.path):
+            self.task_queries.append(parse_qs(u.query))
             page = int(parse_qs(u.query).get("page", ["1"])[0])
             return 200, {"tasks": self.tasks if page == 1 else [], "total": len(self.tasks)}
         if method == "POST" and u.path.rstrip("/") == "/api/projects/7/import/predictions":
             preds = json.loads(raw or b"[]")
             self.imported.extend(preds)
+            self.import_requests += 1
             return 201, {"created": len(preds)}
         return 404, {"detail": f"not in the fake: {method} {u.path}"}
 
@@ -133,6 +137,11 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
         assert row2["status"] == "succeeded", row2["error"]
         assert row2["result"]["n_tasks"] == 20 and row2["result"]["annotated"] == 20
         assert {p["task"] for p in fake.imported} == {t["id"] for t in fake.tasks}
+        assert fake.import_requests == 1  # every prediction of the job in one request (LS recounts per request)
+        # the pull: every task light (include=...), then the annotated ones in full (a Data Manager filter)
+        firsts = [q for q in fake.task_queries if q.get("page", ["1"]) == ["1"]]
+        assert [q.get("include") for q in firsts[-2:]] == [["id,data,predictions_model_versions"], None]
+        assert "total_annotations" in firsts[-1]["query"][0]
         assert svc.cache.count() == 40  # only the 10 new texts were annotated (x2 annotators)
         assert state_snapshot(svc)[0] == before[0]
     finally:
