@@ -112,7 +112,8 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     @app.get("/health")
     @app.get("/")
     def health():
-        return jsonify({"status": "UP", "model_class": "molal", "version": __version__, "pid": os.getpid()})
+        return jsonify({"status": "UP", "model_class": "molal", "version": __version__, "pid": os.getpid(),
+                        "warm": svc.warm})
 
     @app.post("/setup")
     def setup():

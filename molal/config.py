@@ -41,10 +41,11 @@ class Settings(BaseSettings):
         description="train only the classification head on frozen encoder embeddings (fast CPU preset)",
     )
     warm_start: bool = Field(
-        True, validation_alias="MOLAL_WARM_START",
+        False, validation_alias="MOLAL_WARM_START",
         description="when the job worker starts, import the training stack (scikit-learn, XGBoost, torch, "
-                    "transformers) in the background so the first training job does not wait for it "
-                    "(false: idle workers stay small until they train)",
+                    "transformers) in the background so the first training job does not wait for it; off by "
+                    "default: while it runs (6-9 s of CPU) the backend answers Label Studio's 3 s /setup and "
+                    "1 s /health checks slowly (GET /health reports it as 'warm')",
     )
     serve_model: Literal["molam", "student"] = Field("molam", validation_alias="MOLAL_SERVE_MODEL")
     molam_text_features: str | None = Field(

@@ -349,6 +349,8 @@ class Demo:
         env = {"MOLAL_STUDENT_EPOCHS": str(o.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": str(o.student_max_length),
                "MOLAL_STUDENT_FREEZE_ENCODER": "true" if o.student_freeze_encoder else "false",
                "MOLAL_PER_LLM_PREDICTIONS": "true", **o.extra_env}
+        if not state.get("version"):  # this run trains: import the training stack while Label Studio starts
+            env.setdefault("MOLAL_WARM_START", "true")
         if o.mixture:
             env["MOLAL_MIXTURE"] = str(Path(o.mixture).resolve())
         self.ls = LabelStudioProcess(root / "label-studio", port=ls_port, username=state["username"],
@@ -369,7 +371,16 @@ class Demo:
         assert self.backend is not None
         t0 = time.monotonic()
         self.backend.start()
+        # a warming backend answers Label Studio's 3 s /setup check slowly: connect once it is done
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self._backend_warming():
+            time.sleep(0.3)
         return time.monotonic() - t0
+
+    def _backend_warming(self) -> bool:
+        assert self.backend is not None
+        health = self.backend.get("/health")
+        return isinstance(health, dict) and health.get("warm") == "warming"
 
     def wait_backend(self) -> float:
         """Block until the backend (started with Label Studio) is healthy; its start-up time in seconds."""

@@ -322,3 +322,28 @@ def test_train_endpoint_of_older_label_studio_flow_queues_training(client):
     assert r2.json["status"] == "coalesced" and r2.json["job"] == r.json["job"]
     assert client.post("/train", json={"annotations": []}).status_code == 400
     assert client.post("/train", json={"project": "x.y"}).status_code == 400
+
+
+def test_warm_start_imports_the_training_stack_and_health_reports_it(tmp_path):
+    import sys
+    import time
+
+    from backend.app import create_app
+
+    off = create_app(get_settings(model_dir=tmp_path / "off"), start_worker=True)
+    try:
+        assert off.test_client().get("/health").get_json()["warm"] == "off"  # the default
+    finally:
+        off.config["MOLAL_SERVICE"].stop_worker()
+    app = create_app(get_settings(model_dir=tmp_path / "on", warm_start=True), start_worker=True)
+    try:
+        c = app.test_client()
+        t0 = time.monotonic()
+        states = [c.get("/health").get_json()["warm"]]
+        while states[-1] == "warming" and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+            states.append(c.get("/health").get_json()["warm"])
+        assert states[-1] == "done" and set(states) <= {"warming", "done"}, states[-5:]
+        assert {"torch", "xgboost", "sklearn.linear_model", "transformers.models.bert.modeling_bert"} <= set(sys.modules)
+    finally:
+        app.config["MOLAL_SERVICE"].stop_worker()

@@ -86,7 +86,7 @@ class Service:
         self._bad_models: dict[tuple[int, str], str] = {}
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
-        self._warm_started = False
+        self.warm = "off"  # the training-stack warm-up: off | warming | done (GET /health)
         self.started = time.time()
         self._counter_lock = threading.Lock()
         self.counters: dict[str, float] = {
@@ -315,10 +315,15 @@ class Service:
         """Import the training stack in the background, once per process (the job worker's): the first
         training job then does not wait ~5-10 s for the imports (``MOLAL_WARM_START``)."""
         with self._lock:
-            if self._warm_started or self.worker is None:
+            if self.warm != "off" or self.worker is None:
                 return
-            self._warm_started = True
-        threading.Thread(target=import_training_stack, daemon=True, name="molal-warm-training").start()
+            self.warm = "warming"
+
+        def run() -> None:
+            import_training_stack()
+            self.warm = "done"
+
+        threading.Thread(target=run, daemon=True, name="molal-warm-training").start()
 
     def _warm_student(self, state: ProjectState, m: LoadedModel) -> None:
         try:
