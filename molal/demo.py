@@ -379,7 +379,10 @@ class Demo:
 
     def _backend_warming(self) -> bool:
         assert self.backend is not None
-        health = self.backend.get("/health")
+        try:
+            health = self.backend.get("/health")
+        except (OSError, RuntimeError):  # slow to answer while it imports: still warming
+            return True
         return isinstance(health, dict) and health.get("warm") == "warming"
 
     def wait_backend(self) -> float:
