@@ -196,6 +196,7 @@ def test_compose_label_studio(compose, raw) -> None:
     assert e["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     assert e["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
     assert e["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
+    assert e["LABEL_STUDIO_SENTRY_DSN"] == "" and e["LABEL_STUDIO_FRONTEND_SENTRY_DSN"] == ""  # no telemetry
     assert len(e["LABEL_STUDIO_USER_TOKEN"]) > 5 and e["LABEL_STUDIO_USERNAME"] and e["LABEL_STUDIO_PASSWORD"]
     assert any(str(v).endswith(":/label-studio/data") for v in ls["volumes"])
 

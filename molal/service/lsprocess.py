@@ -12,7 +12,11 @@ Label Studio 1.23.2):
 * a busy port makes Label Studio silently move to port+1: we pick a free port, check health on exactly
   that port and then check that *our* token is accepted there (so a foreign server is never mistaken
   for ours);
-* ``--internal-host 127.0.0.1`` (the default binds 0.0.0.0).
+* ``--internal-host 127.0.0.1`` (the default binds 0.0.0.0);
+* Label Studio reports server errors, 2% of request traces (with user data) and the browser's errors to
+  sentry.io unless ``LABEL_STUDIO_SENTRY_DSN`` / ``LABEL_STUDIO_FRONTEND_SENTRY_DSN`` are empty. We empty
+  them: offline, every traced request waited on a failing DNS lookup (an annotation POST took 0.19 s
+  in-process instead of 0.10 s).
 
 Logs go to ``<data_dir>/label-studio.log`` and ``<model_dir>/backend.log``. Error messages quote the
 log tail with secrets scrubbed.
@@ -143,6 +147,9 @@ def _base_env(data_dir: Path) -> dict[str, str]:
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        # no telemetry to sentry.io (see the module docstring)
+        "LABEL_STUDIO_SENTRY_DSN": "",
+        "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
         "PYTHONUNBUFFERED": "1",
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,22 @@ def test_running_server_is_ours(label_studio):
     assert me.email == label_studio.username
     assert (label_studio.data_dir / "label-studio.log").exists()
     assert label_studio.password not in (label_studio.data_dir / "label-studio.log").read_text(errors="replace")
+
+
+def test_label_studio_telemetry_is_off(label_studio):
+    # Label Studio reports to sentry.io by default (server errors, sampled traces, the browser's errors);
+    # the servers we start have it off: offline machines, and annotators' data stays on the machine
+    import httpx
+
+    with httpx.Client(base_url=label_studio.url, timeout=10, follow_redirects=True) as h:
+        h.get("/user/login/")
+        h.post("/user/login/", data={"email": label_studio.username, "password": label_studio.password,
+                                     "csrfmiddlewaretoken": h.cookies["csrftoken"]})
+        page = h.get("/projects/").text  # the app's page (base.html) carries the browser's Sentry settings
+    assert "sentry_environment" in page and "sentry_dsn: null," in page
+    assert "ingest.sentry.io" not in page
+    env = Path(f"/proc/{label_studio.proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"LABEL_STUDIO_SENTRY_DSN=" in env  # the server side: sentry_sdk is not initialised
 
 
 def test_backend_process_stops_its_whole_group(tmp_path):
