@@ -15,8 +15,8 @@ Label Studio 1.23.2):
 * ``--internal-host 127.0.0.1`` (the default binds 0.0.0.0);
 * Label Studio reports server errors, 2% of request traces (with user data) and the browser's errors to
   sentry.io unless ``LABEL_STUDIO_SENTRY_DSN`` / ``LABEL_STUDIO_FRONTEND_SENTRY_DSN`` are empty. We empty
-  them: offline, every traced request waited on a failing DNS lookup (an annotation POST took 0.19 s
-  in-process instead of 0.10 s).
+  them (no data leaves the machine; measured offline, an annotation POST took 0.19 s in-process with
+  Sentry on and 0.10 s with it off).
 
 Logs go to ``<data_dir>/label-studio.log`` and ``<model_dir>/backend.log``. Error messages quote the
 log tail with secrets scrubbed.
