@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     loop_mode: Literal["review", "human_free"] = Field("review", validation_alias="MOLAL_LOOP_MODE")
     strategy: str = Field("entropy", validation_alias="MOLAL_STRATEGY")
     query_batch: int = Field(50, validation_alias="MOLAL_QUERY_BATCH")
+    human_per_round: int = Field(
+        0, ge=0, validation_alias="MOLAL_HUMAN_PER_ROUND",
+        description="human_free loop: of each queried batch, the N tasks with MoLAM's least confident labels "
+                    "go to people instead of being auto-labelled (the hybrid loop of molal simulate)",
+    )
     priority_field: str = Field("priority", validation_alias="MOLAL_PRIORITY_FIELD")
     per_llm_predictions: bool = Field(True, validation_alias="MOLAL_PER_LLM_PREDICTIONS")
     predict_time_budget_s: float = Field(60.0, validation_alias="MOLAL_PREDICT_BUDGET_S")

@@ -128,6 +128,39 @@ def test_human_free_rounds_with_student_and_query(tmp_path, rows):
     assert state.current()["n"] == 2 and r2.version.startswith("student-2-")
 
 
+def test_human_budget_sends_least_confident_labels_to_people(tmp_path, rows):
+    """human_per_round = k (the hybrid loop of ``molal simulate``): of the b queried tasks, the k with
+    MoLAM's least confident labels are not auto-labelled but remembered for people."""
+    from molal.service.store import FOR_HUMANS_KEY
+
+    svc = service(tmp_path)
+    state = project(svc, 5)
+    for k, v in {"loop_mode": "human_free", "strategy": "entropy", "query_batch": 8, "human_per_round": 3}.items():
+        state.set_setting(k, v)
+    pool = make_pool(rows[:80], 80, 20, seed=1)
+    r = fit_round(svc, state, SPEC, pool, None, job_id="h1")
+    assert len(r.to_human) == 3 and len(r.new_auto) == 5 and not set(r.to_human) & set(r.new_auto)
+    assert r.info["to_human"] == 3
+    assert set(state.auto_labels()) == {pool.task_ids[x] for x in r.new_auto}
+    assert state.get(FOR_HUMANS_KEY) == [pool.task_ids[x] for x in r.to_human]
+    conf = {int(row): float(p.max()) for row, p in zip(r.rows, r.probs, strict=True)}  # MoLAM serves
+    assert max(conf[x] for x in r.to_human) <= min(conf[x] for x in r.new_auto)
+    assert [conf[x] for x in r.to_human] == sorted(conf[x] for x in r.to_human)  # least confident first
+
+
+def test_tasks_for_people_head_the_priorities():
+    from molal.service.train import for_humans_first
+
+    texts = [f"t{i}" for i in range(6)]
+    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={})
+    rows = [1, 2, 3, 4]
+    prio = np.array([3, 1, 4, 2])
+    # tasks 12 and 14 were sent to people (in that order); 99 is labelled since, so not among the rows
+    assert for_humans_first(pool, rows, prio, [12, 99, 14]).tolist() == [3, 6, 4, 5]
+    assert for_humans_first(pool, rows, prio, []).tolist() == [3, 1, 4, 2]
+    assert prio.tolist() == [3, 1, 4, 2]  # not modified in place
+
+
 def test_priority_updates_only_changed_tasks():
     from molal.service.train import priorities, priority_updates
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import typer
 
+from molal.service.store import ProjectSettings
+
 _MODEL_DIR = typer.Option(None, "--model-dir", envvar="MODEL_DIR", help="State directory (MODEL_DIR).")
 
 
@@ -212,9 +214,8 @@ def register(app: typer.Typer) -> None:
     @project_app.command("set")
     def project_set(
         project: int = typer.Option(..., "--project"),
-        pairs: list[str] = typer.Argument(..., help="KEY=VALUE ... (loop_mode, strategy, query_batch, serve_model, "
-                                                    "mixture, priority_field, per_llm_predictions, train_every, "
-                                                    "from_name, uncertainty_sampling, student); VALUE 'default' unsets"),
+        pairs: list[str] = typer.Argument(..., help="KEY=VALUE ... (" + ", ".join(ProjectSettings.keys())
+                                                    + "); VALUE 'default' unsets"),
         model_dir: Path | None = _MODEL_DIR,
     ) -> None:
         """Change project settings, e.g. `molal project set --project 3 loop_mode=human_free strategy=coreset`."""

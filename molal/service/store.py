@@ -130,6 +130,8 @@ CREATE TABLE IF NOT EXISTS auto_labels (task_id INTEGER PRIMARY KEY, label INTEG
 """
 
 
+FOR_HUMANS_KEY = "for_humans"  # task ids the last human-free round sent to people (human_per_round)
+
 @dataclass
 class ProjectSettings:
     """Per-project settings (stored in state.db; unset keys fall back to the environment's Settings)."""
@@ -137,6 +139,7 @@ class ProjectSettings:
     loop_mode: str = "review"  # review | human_free
     strategy: str = "entropy"
     query_batch: int = 50
+    human_per_round: int = 0  # human_free loop: the k least confident MoLAM labels of each batch go to people
     serve_model: str = "molam"  # molam | student
     mixture: str | None = None  # mixture config path (None = Mixture.default())
     priority_field: str = "priority"
@@ -206,6 +209,7 @@ def env_defaults(settings: Any) -> ProjectSettings:
         loop_mode=settings.loop_mode,
         strategy=settings.strategy,
         query_batch=settings.query_batch,
+        human_per_round=settings.human_per_round,
         serve_model=settings.serve_model,
         mixture=str(settings.mixture) if settings.mixture else None,
         priority_field=settings.priority_field,
@@ -428,6 +432,7 @@ class ProjectState:
             "versions": len(self.versions()),
             "auto_labels": len(self.auto_labels()),
             "new_annotations": self.get("new_annotations", 0),
+            "for_humans": self.get(FOR_HUMANS_KEY, []),
         }
 
 

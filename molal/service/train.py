@@ -13,7 +13,9 @@ A training job, step by step (each step reports progress to the job table and th
      of earlier rounds; then query ``query_batch`` tasks with the project's strategy, label them with
      MoLAM (with negatives and discrepancy weights) and add them to the training set for the next round —
      they are marked in Label Studio (a prediction + ``data.molal_auto_label``) for audit, and a human
-     annotation on such a task always overrides MoLAM's label;
+     annotation on such a task always overrides MoLAM's label. With ``human_per_round`` = k > 0 (the
+     *hybrid* loop of ``molal simulate``), the k queried tasks with MoLAM's least confident labels go to
+     people instead: they are not auto-labelled and head the "molal: next to label" tab until the next round;
 5. publish a new model version atomically (files → manifest with checksums → ``current.json``);
 6. push fresh predictions for unlabeled tasks (bulk import), set the project's model_version, and write
    the query priorities (``data.<priority_field>`` + the Data Manager tab "molal: next to label").
@@ -38,6 +40,7 @@ import numpy as np
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
 from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
 
 if TYPE_CHECKING:
@@ -182,6 +185,7 @@ class RoundResult:
     probs: np.ndarray  # (len(rows), K) serving model's probabilities on those rows
     llm_outputs: Any  # LLMOutputs over ``rows``
     new_auto: list[int] = field(default_factory=list)  # pool rows MoLAM-labelled in this round (human-free)
+    to_human: list[int] = field(default_factory=list)  # queried pool rows left to people (human_per_round)
     student: Any = None
     info: dict = field(default_factory=dict)
 
@@ -243,6 +247,7 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     auto = state.auto_labels()
     row_of_task = {t: i for i, t in enumerate(pool.task_ids)}
     new_auto: list[int] = []
+    to_human: list[int] = []
     student = None
     staging = state.staging_dir(job_id)
     molam.save(staging / "molam")
@@ -306,6 +311,13 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             order = rank_rows(student, [pool.texts[r] for r in cand], ps.strategy, budget=ps.query_batch,
                               seed=round_t, labeled_texts=[pool.texts[r] for r in tr_rows])
             new_auto = [cand[i] for i in order[: ps.query_batch]]
+            if ps.human_per_round and new_auto:  # hybrid: MoLAM's least confident labels go to people
+                conf = np.array([P[pos[r]].max() for r in new_auto])
+                to_human = [new_auto[i] for i in np.argsort(conf, kind="stable")[: ps.human_per_round]]
+                sent = set(to_human)
+                new_auto = [r for r in new_auto if r not in sent]
+            state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
+            info["to_human"] = len(to_human)
             sp = student.predict([pool.texts[r] for r in new_auto]) if new_auto else np.zeros(0, dtype=np.int64)
             yq = np.array([int(y_molam[pos[r]]) for r in new_auto], dtype=np.int64)
             wq = discrepancy_weights(sp, yq) if new_auto else np.zeros(0)
@@ -327,7 +339,7 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         probs = P
     return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
                        rows=rows, probs=np.asarray(probs), llm_outputs=outputs, new_auto=new_auto,
-                       student=student, info=info)
+                       to_human=to_human, student=student, info=info)
 
 
 # -- query ----------------------------------------------------------------------------------------------------
@@ -354,6 +366,18 @@ def priorities(order: np.ndarray) -> np.ndarray:
     pr = np.zeros(n, dtype=np.int64)
     pr[order] = np.arange(n, 0, -1)
     return pr
+
+
+def for_humans_first(pool: Pool, rows: list[int], prio: np.ndarray, task_ids: list[int]) -> np.ndarray:
+    """``prio`` with the rows of ``task_ids`` (the last round's tasks sent to people, in that order) moved
+    above every other row: they head the "next to label" tab whatever the strategy ranks first."""
+    out = np.asarray(prio, dtype=np.int64).copy()
+    at = {pool.task_ids[r]: i for i, r in enumerate(rows)}
+    mine = [at[t] for t in task_ids if t in at]  # still unlabeled
+    top = int(out.max()) if len(out) else 0
+    for j, i in enumerate(mine):
+        out[i] = top + len(mine) - j
+    return out
 
 
 def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0) -> list[tuple[int, dict]]:
@@ -409,8 +433,8 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
     ctx.progress(0.3, f"ranking {len(unl)} unlabeled tasks with {strategy}")
     order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled,
                       budget=ps.priority_top or None)
-    out = write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx,
-                           top=ps.priority_top)
+    prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+    out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top)
     out.update({"strategy": strategy, "ranked": len(unl)})
     return out
 
@@ -500,8 +524,10 @@ def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
         unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
         order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
                           labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
-        out.update(write_priorities(client, state.id, pool, unl, priorities(order), ps.priority_field, ctx,
+        prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+        out.update(write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx,
                                     top=ps.priority_top))
+        out["to_human"] = len(rr.to_human)
     state.put("new_annotations", 0)
     ctx.progress(1.0, f"done: serving {rr.version}")
     return out

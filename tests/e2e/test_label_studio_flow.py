@@ -161,3 +161,32 @@ def test_retrieve_predictions_after_training_uses_new_version(ls_client, project
             break
     assert trained["version"] in versions, versions
     assert backend.get("/metrics") != before  # the backend served that /predict
+
+
+def test_human_free_round_with_a_human_budget(ls_client, project, trained, backend):
+    """loop_mode=human_free with human_per_round=5 (the hybrid loop): a training job queries 20 tasks,
+    auto-labels the 15 MoLAM is surest of (``data.molal_auto_label``) and puts the other 5 at the head of
+    the "molal: next to label" tab, without an auto-label, for people."""
+    from molal.service.lsclient import AUTO_FLAG
+    from molal.service.store import FOR_HUMANS_KEY, ProjectState
+
+    state = ProjectState(backend.model_dir, project["id"])
+    for k, v in {"loop_mode": "human_free", "query_batch": 20, "human_per_round": 5}.items():
+        state.set_setting(k, v)
+    try:
+        job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, project["id"]), 900)
+        assert job["status"] == "succeeded", job
+        assert job["result"]["to_human"] == 5 and job["result"]["auto_labelled"] == 15
+        for_people = state.get(FOR_HUMANS_KEY)
+        assert len(for_people) == 5 and backend.get(f"/projects/{project['id']}")["for_humans"] == for_people
+        view = find_view(ls_client, project["id"])
+        ordered = [t.model_dump() if hasattr(t, "model_dump") else t
+                   for t in ls_client.tasks.list(project=project["id"], view=view, fields="all", page_size=50)]
+        unl = [t for t in ordered if not t.get("annotations")]
+        assert [t["id"] for t in unl[:5]] == for_people
+        assert all(AUTO_FLAG not in t["data"] for t in unl[:5])
+        auto = [t for t in all_tasks(ls_client, project["id"]) if AUTO_FLAG in (t["data"] or {})]
+        assert len(auto) == 15 and not {t["id"] for t in auto} & set(for_people)
+    finally:
+        for k in ("loop_mode", "query_batch", "human_per_round"):
+            state.unset_setting(k)
