@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS auto_labels (task_id INTEGER PRIMARY KEY, label INTEG
 
 FOR_HUMANS_KEY = "for_humans"  # task ids the last human-free round sent to people (human_per_round)
 
+
 @dataclass
 class ProjectSettings:
     """Per-project settings (stored in state.db; unset keys fall back to the environment's Settings)."""
