@@ -61,6 +61,22 @@ def parse_project_id(value: object) -> int:
     return pid
 
 
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch the database to WAL (a persistent property of the file). Switching needs an exclusive lock,
+    and SQLite answers "database is locked" at once, without the busy handler, while another connection
+    holds one: two gunicorn workers opening a fresh MODEL_DIR together hit it. Retry until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
     """A WAL-mode SQLite connection with a busy timeout, created owner-only."""
     ensure_dir(path.parent)
@@ -70,7 +86,7 @@ def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-    conn.execute("PRAGMA journal_mode=WAL")
+    _set_wal(conn, timeout)
     conn.execute("PRAGMA synchronous=NORMAL")
     for suffix in ("-wal", "-shm"):
         side = Path(str(path) + suffix)
