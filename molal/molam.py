@@ -1037,6 +1037,14 @@ _KINDS: dict[str, type[Aggregator]] = {"molam": MoLAM, **BASELINES}
 # --------------------------------------------------------------------------------------------------
 
 
+def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` rows of ``probs`` whose top class is least probable, least confident first
+    (ties keep row order): the labels the hybrid loop sends to people (``molal simulate --mode hybrid``,
+    the backend's ``human_per_round``)."""
+    conf = np.asarray(probs, dtype=np.float64).max(axis=1) if len(probs) else np.zeros(0)
+    return np.argsort(conf, kind="stable")[: max(0, int(k))]
+
+
 def negative_labels(outputs: LLMOutputs, threshold: float = 1e-3, predicted: np.ndarray | None = None) -> np.ndarray:
     """Classes each item surely is not: bool (n, K), True where the mean over LLMs of the recorded
     probability is ≤ ``threshold`` (the paper's rule). The predicted class — argmax of ``predicted``

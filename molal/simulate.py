@@ -389,8 +389,9 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
             if config.mode == "oracle":
                 to_human = {int(i) for i in batch}
             elif config.mode == "hybrid" and config.human_per_round > 0:
-                conf = label_probs[batch].max(1)
-                to_human = {int(i) for i in batch[np.argsort(conf, kind="stable")[: config.human_per_round]]}
+                from molal.molam import least_confident
+
+                to_human = {int(i) for i in batch[least_confident(label_probs[batch], config.human_per_round)]}
             for i in batch:
                 i = int(i)
                 assigned[i] = int(gold[i]) if i in to_human else int(llm_label[i])

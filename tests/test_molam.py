@@ -225,3 +225,12 @@ def test_binary_and_very_few_seeds(n_seeds):
     assert (pr.argmax(axis=1) == y).mean() > 0.9
     if n_seeds < 10:
         assert m.choice == "ds"  # too few seeds to cross-validate: the unsupervised posterior
+
+
+def test_least_confident_picks_the_lowest_top_probabilities_in_order():
+    from molal.molam import least_confident
+
+    p = np.array([[0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.5, 0.5], [0.2, 0.8]])
+    assert least_confident(p, 3).tolist() == [1, 3, 2]  # ties keep row order
+    assert least_confident(p, 0).tolist() == [] and least_confident(p, 9).tolist() == [1, 3, 2, 4, 0]
+    assert least_confident(np.zeros((0, 2)), 3).tolist() == []

@@ -195,7 +195,7 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it.
     ``on_annotated(rows, outputs)`` is called once the mixture's outputs are there (before MoLAM)."""
     from molal.loss import discrepancy_weights
-    from molal.molam import MoLAM, negative_labels
+    from molal.molam import MoLAM, least_confident, negative_labels
 
     ps = svc.project_settings(state)
     s = svc.settings
@@ -312,8 +312,8 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
                               seed=round_t, labeled_texts=[pool.texts[r] for r in tr_rows])
             new_auto = [cand[i] for i in order[: ps.query_batch]]
             if ps.human_per_round and new_auto:  # hybrid: MoLAM's least confident labels go to people
-                conf = np.array([P[pos[r]].max() for r in new_auto])
-                to_human = [new_auto[i] for i in np.argsort(conf, kind="stable")[: ps.human_per_round]]
+                pick = least_confident(P[[pos[r] for r in new_auto]], ps.human_per_round)
+                to_human = [new_auto[i] for i in pick]
                 sent = set(to_human)
                 new_auto = [r for r in new_auto if r not in sent]
             state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
