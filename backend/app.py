@@ -7,6 +7,11 @@ Environment (see molal.config.Settings): ``MODEL_DIR``, ``LABEL_STUDIO_URL``, ``
 ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` (when set, every endpoint but ``/health`` needs them),
 ``REDIS_URL`` (jobs go to RQ workers, ``molal worker``), ``MOLAL_PREDICT_BUDGET_S``, ``MOLAL_TRAIN_EVERY``...
 Malformed input answers 4xx with ``{"error": "..."}``; an unexpected failure answers 500 without details.
+
+Secure by default (README "Deploying safely"): writes (POST) take only ``Content-Type: application/json``
+(no form a browser could send cross-site); without basic auth only loopback ``Host`` names are served (no DNS
+rebinding; ``MOLAL_ALLOWED_HOSTS``); bodies over ``MOLAL_MAX_BODY_BYTES`` get 413; GETs never create state;
+``backend/gunicorn.conf.py`` refuses to listen beyond loopback without auth.
 """
 
 from __future__ import annotations
@@ -17,18 +22,25 @@ import logging
 import os
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from molal import __version__
 from molal.config import Settings, get_settings
 from molal.logging import register_secret, scrub, setup_logging
-from molal.service.errors import BadRequest, ServiceError
+from molal.service.errors import BadRequest, Forbidden, ServiceError, TooLarge, UnsupportedMediaType
 
 log = logging.getLogger("molal.backend")
 
 
 def _json_body() -> object:
-    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the request body is {request.content_length} bytes; this backend accepts at most {limit} "
+                       "(MOLAL_MAX_BODY_BYTES)")
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise TooLarge(f"the request body is over {limit} bytes (MOLAL_MAX_BODY_BYTES)") from None
     if not raw or not raw.strip():
         raise BadRequest("empty request body; expected JSON")
     try:
@@ -56,6 +68,43 @@ def _check_depth(body: object) -> None:
             stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower-cased."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def allowed_host(name: str, allowed: frozenset[str] | None) -> bool:
+    """``allowed`` None: loopback names only (localhost, 127.0.0.0/8, ::1); else those names, or '*'."""
+    if allowed is None:
+        return name in LOOPBACK_NAMES or (name.startswith("127.") and name.replace(".", "").isdigit())
+    return "*" in allowed or name in allowed
+
+
+def preload() -> float:
+    """Import what /setup and /predict need before the worker takes requests (a cold worker otherwise spent
+    3-16 s of Label Studio's 3 s /setup budget importing the label-config parser, the annotators, MoLAM)."""
+    import time
+
+    t0 = time.perf_counter()
+    import label_studio_sdk.label_interface  # noqa: F401  (the label-config parser: ~2.5 s cold)
+    import sklearn.linear_model  # noqa: F401  (loading a published MoLAM: its candidates' models)
+    import xgboost  # noqa: F401
+
+    import molal.annotators.embedding  # noqa: F401
+    import molal.annotators.mixture  # noqa: F401
+    import molal.annotators.replay  # noqa: F401
+    import molal.molam  # noqa: F401
+    import molal.service.predict  # noqa: F401
+
+    return time.perf_counter() - t0
+
+
 def create_app(settings: Settings | None = None, start_worker: bool = True):
     """Build the app. ``start_worker``: run the in-process job worker thread (ignored with REDIS_URL)."""
     from molal.resources import offline_env
@@ -68,15 +117,30 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
         register_secret(settings.label_studio_api_key.get_secret_value())
     if settings.basic_auth_pass is not None:
         register_secret(settings.basic_auth_pass.get_secret_value())
+    dt = preload()
+    log.debug("preloaded the request path's modules in %.1f s", dt)
     svc = Service(settings)
     if start_worker:
         svc.start_worker()
     app = Flask("molal-backend")
     app.config["MOLAL_SERVICE"] = svc
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
     user = settings.basic_auth_user
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass is not None else None
+    if bool(user) != bool(password):
+        raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+    hosts = settings.allowed_hosts
+    allowed = frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()) if hosts else None
+    check_host = allowed is not None or not (user or settings.insecure_no_auth)
+
+    @app.before_request
+    def _host():
+        if check_host and not allowed_host(host_name(request.host), allowed):
+            raise Forbidden("this backend answers only requests addressed to it by an allowed host name "
+                            "(MOLAL_ALLOWED_HOSTS; without basic auth: localhost and loopback addresses)")
+        return None
 
     @app.before_request
     def _auth():
@@ -92,6 +156,12 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
                 '{"error": "authentication required (basic auth)"}', 401,
                 {"WWW-Authenticate": 'Basic realm="molal"', "Content-Type": "application/json"},
             )
+        return None
+
+    @app.before_request
+    def _json_only():
+        if request.method == "POST" and request.mimetype != "application/json":
+            raise UnsupportedMediaType("send the request body as JSON with Content-Type: application/json")
         return None
 
     @app.errorhandler(ServiceError)
@@ -148,15 +218,16 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     @app.get("/jobs")
     def jobs():
         project = request.args.get("project")
-        pid = svc.project(project).id if project else None
+        if not project:
+            raise BadRequest("name the project: GET /jobs?project=N (the CLI `molal jobs` lists every project's)")
         try:
             limit = min(max(int(request.args.get("limit", 50)), 1), 1000)
         except ValueError:
             raise BadRequest("limit must be an integer") from None
-        return jsonify({"jobs": svc.jobs.list(project=pid, limit=limit)})
+        return jsonify({"jobs": svc.project_jobs(project, limit=limit)})
 
     @app.get("/projects/<project>")
     def project_info(project: str):
-        return jsonify(svc.project_info(project))
+        return jsonify(svc.project_info(project, public=True))
 
     return app

@@ -57,6 +57,35 @@ class Settings(BaseSettings):
         None, validation_alias="MOLAL_MOLAM_TEXT_FEATURES",
         description="correct MoLAM with its transductive text model on this encoder ('minilm' = bundled; off by default)",
     )
+    # -- security: who may call, what may be trusted (README "Deploying safely") ----------------------------
+    insecure_no_auth: bool = Field(
+        False, validation_alias="MOLAL_INSECURE_NO_AUTH",
+        description="allow serving beyond loopback without BASIC_AUTH_USER/PASS (anyone who reaches the port "
+                    "can then write project settings and start training)",
+    )
+    trust_setup_hostname: bool = Field(
+        False, validation_alias="MOLAL_TRUST_SETUP_HOSTNAME",
+        description="without LABEL_STUDIO_URL, talk to the hostname Label Studio sends in /setup (with the token "
+                    "of that same /setup, never LABEL_STUDIO_API_KEY)",
+    )
+    allowed_hosts: str | None = Field(
+        None, validation_alias="MOLAL_ALLOWED_HOSTS",
+        description="comma list of Host header values accepted (default without auth: localhost and loopback "
+                    "addresses only, against DNS rebinding; '*' accepts any)",
+    )
+    # -- limits (413/422 with a message naming the variable) -------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, validation_alias="MOLAL_MAX_BODY_BYTES",
+                                description="largest request body accepted")
+    max_tasks: int = Field(10_000, ge=1, validation_alias="MOLAL_MAX_TASKS",
+                           description="most tasks in one /predict request")
+    max_text_chars: int = Field(32_000, ge=1, validation_alias="MOLAL_MAX_TEXT_CHARS",
+                                description="longest task text annotated (longer ones get an error entry)")
+    max_classes: int = Field(200, ge=2, validation_alias="MOLAL_MAX_CLASSES",
+                             description="most <Choice> values in a served <Choices>")
+    max_label_config_chars: int = Field(200_000, ge=100, validation_alias="MOLAL_MAX_LABEL_CONFIG_CHARS",
+                                        description="longest label config accepted")
+    request_timeout_s: float = Field(30.0, gt=0, validation_alias="MOLAL_REQUEST_TIMEOUT_S",
+                                     description="time a client has to send a whole request (headers and body)")
     task_file_max_bytes: int = Field(1_000_000, validation_alias="MOLAL_TASK_FILE_MAX_BYTES",
                                      description="size cap of a Label Studio-hosted task text file")
     task_file_timeout_s: float = Field(10.0, validation_alias="MOLAL_TASK_FILE_TIMEOUT_S")
@@ -67,9 +96,33 @@ def get_settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def redact(text: str, secrets: list[str | None]) -> str:
-    """Replace every occurrence of each non-empty secret in ``text`` by ``***``."""
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return text
+def is_loopback_bind(address: str) -> bool:
+    """Whether a bind address (``host:port``, ``[v6]:port``, a bare host, ``unix:...``) only listens on this
+    machine: a unix socket, ``localhost``, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    if address.startswith(("unix:", "fd://")):
+        return True
+    if address.startswith("["):
+        host = address[1:address.index("]")] if "]" in address else address
+    else:
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_refusal(settings: Settings, binds: list[str]) -> str | None:
+    """Why the server must not start on ``binds`` (None: it may): listening beyond loopback needs basic auth,
+    unless ``MOLAL_INSECURE_NO_AUTH`` says otherwise."""
+    exposed = [b for b in binds if not is_loopback_bind(b)]
+    if not exposed or (settings.basic_auth_user and settings.basic_auth_pass is not None) or settings.insecure_no_auth:
+        return None
+    return (f"refusing to listen on {', '.join(exposed)} without authentication: anyone who can reach it could "
+            "change project settings and start training. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
+            "in Label Studio's Connect Model dialog), listen on 127.0.0.1 behind a proxy, or accept the risk with "
+            "MOLAL_INSECURE_NO_AUTH=true (molal serve --insecure-no-auth)")
+

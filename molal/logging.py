@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 _SECRET_ENV = ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "OPENAI_API_KEY", "REDIS_URL", "MOLAL_API_KEY")
 _PATTERNS = [
@@ -14,13 +15,23 @@ _PATTERNS = [
     re.compile(r"(?i)((?:api[_-]?key|access_token|password|token)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}&]+"),
     re.compile(r"(redis(?:s)?://[^:/@\s]*:)[^@\s]+(@)"),
 ]
-_extra_secrets: set[str] = set()
+#: configured secrets (keys named by a mixture config, a Label Studio access token derived from the configured
+#: key): redacted everywhere. Never values taken from a request — any caller could otherwise make any word
+#: vanish from the logs. Bounded: the newest 64 are kept.
+_extra_secrets: dict[str, None] = {}
+_MAX_SECRETS = 64
+_secrets_lock = threading.Lock()
 
 
 def register_secret(value: str | None) -> None:
-    """Add a value that must never appear in logs (e.g. an API key read from a config file)."""
+    """Add a configured value that must never appear in logs (e.g. an API key read from a config file).
+    Only for secrets of the server's own configuration, never for values a request carries."""
     if value and len(value) >= 4:
-        _extra_secrets.add(value)
+        with _secrets_lock:
+            _extra_secrets.pop(value, None)
+            _extra_secrets[value] = None
+            while len(_extra_secrets) > _MAX_SECRETS:
+                del _extra_secrets[next(iter(_extra_secrets))]
 
 
 def scrub(text: str) -> str:
@@ -29,7 +40,9 @@ def scrub(text: str) -> str:
         v = os.environ.get(name)
         if v and len(v) >= 4:
             text = text.replace(v, "***")
-    for v in _extra_secrets:
+    with _secrets_lock:
+        extra = list(_extra_secrets)
+    for v in extra:
         text = text.replace(v, "***")
     text = _PATTERNS[0].sub(r"\1\2 ***", text)
     text = _PATTERNS[1].sub(r"\1***", text)

@@ -36,13 +36,15 @@ def start_gunicorn(
     serve_cli: bool = False,
     poll_s: float = 0.2,
     timeout_s: float = 120.0,
+    extra_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """The backend (``backend.wsgi:app``, ``backend/gunicorn.conf.py``) on a free 127.0.0.1 port, in a new
     process group; returns once ``/health`` answers 200: ``(process, base url)``.
 
     ``env_extra`` is added to this process's environment (a ``None`` value removes the variable);
     ``serve_cli`` launches it through the product's ``molal serve`` command instead of gunicorn directly;
-    ``log`` (a binary file) gets its stdout and stderr (else both are discarded). Raises RuntimeError (after
+    ``log`` (a binary file) gets its stdout and stderr (else both are discarded); ``extra_args`` go to gunicorn's
+    command line (they override the config file, e.g. ``["-k", "gthread"]``). Raises RuntimeError (after
     killing it) when it exits or does not answer within ``timeout_s``."""
     import httpx
 
@@ -61,7 +63,8 @@ def start_gunicorn(
         argv = [str(Path(sys.executable).with_name("molal")), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers), "--threads", env.get("MOLAL_THREADS", "4")]
     else:
-        argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "backend" / "gunicorn.conf.py"), "backend.wsgi:app"]
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "backend" / "gunicorn.conf.py"), *(extra_args or []),
+                "backend.wsgi:app"]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

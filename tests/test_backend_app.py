@@ -58,24 +58,38 @@ def test_metrics_and_versions_are_json(client, trec_rows):
     m = client.get("/metrics")
     assert m.status_code == 200
     assert m.json["predict_requests"] == 1 and m.json["predict_tasks"] == 3
-    v = client.get("/versions")
-    assert v.status_code == 200 and v.json["versions"] == [] and v.json["projects"] == [7]
+    v = client.get("/versions")  # what Label Studio asks (no project): never a list of projects
+    assert v.status_code == 200 and v.json == {"versions": []}
     v = client.get("/versions?project=7.123")
     assert v.status_code == 200 and v.json["current"] is None
     assert client.get("/versions?project=../etc").status_code == 400
 
 
 # -- /setup --------------------------------------------------------------------------------------------------
-def test_setup_returns_version_and_stores_connection_privately(app, client, tmp_path):
-    r = client.post("/setup", json={"project": PROJECT, "schema": CONFIG, "hostname": "http://localhost:8080",
-                                    "access_token": "secret-token-123", "extra_params": None})
-    assert r.status_code == 200
-    assert r.json["model_version"].startswith("mixture-mean-")
-    svc = app.config["MOLAL_SERVICE"]
-    state = svc.store.project(7)
+def test_setup_returns_version_and_stores_connection_privately(tmp_path, monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    setup = {"project": PROJECT, "schema": CONFIG, "hostname": "http://localhost:8080",
+             "access_token": "secret-token-123", "extra_params": None}
+    # default: no LABEL_STUDIO_URL and no explicit trust -> a hostname from a request is not even stored
+    app = make_app(tmp_path / "a")
+    r = app.test_client().post("/setup", json=setup)
+    assert r.status_code == 200 and r.json["model_version"].startswith("mixture-mean-")
+    assert app.config["MOLAL_SERVICE"].store.project(7).connection() == (None, None)
+    # the operator allows /setup hostnames: stored, owner-only
+    app = make_app(tmp_path / "b", trust_setup_hostname=True)
+    assert app.test_client().post("/setup", json=setup).status_code == 200
+    state = app.config["MOLAL_SERVICE"].store.project(7)
     assert state.connection() == ("http://localhost:8080", "secret-token-123")
     assert (state.dir / "state.db").stat().st_mode & 0o077 == 0
     assert state.dir.stat().st_mode & 0o077 == 0
+    # LABEL_STUDIO_URL set, no key: only a /setup from that same Label Studio is stored
+    app = make_app(tmp_path / "c", label_studio_url="http://ls.internal:8080")
+    c = app.test_client()
+    assert c.post("/setup", json=setup).status_code == 200
+    assert app.config["MOLAL_SERVICE"].store.project(7).connection() == (None, None)
+    assert c.post("/setup", json={**setup, "hostname": "http://LS.internal:8080/"}).status_code == 200
+    assert app.config["MOLAL_SERVICE"].store.project(7).connection()[1] == "secret-token-123"
 
 
 @pytest.mark.parametrize(
@@ -105,10 +119,14 @@ def test_setup_rejects_bad_input(client, tmp_path, payload, status, words):
     assert not (tmp_path / "state" / "projects" / "..").resolve().joinpath("etc").exists()
 
 
-def test_not_json_bodies_are_400(client):
-    for path in ("/setup", "/predict", "/webhook"):
+def test_not_json_bodies_are_400_and_other_media_types_415(client):
+    for path in ("/setup", "/predict", "/webhook", "/train"):
         assert client.post(path, data="not json", content_type="application/json").status_code == 400
-        assert client.post(path, data="").status_code == 400
+        assert client.post(path, data="", content_type="application/json").status_code == 400
+        # what a cross-site HTML form (or fetch without a preflight) can send: refused before it is read
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            r = client.post(path, data='{"project": 7, "action": "START_TRAINING"}', content_type=ctype)
+            assert r.status_code == 415 and "application/json" in r.json["error"], (path, ctype)
 
 
 # -- /predict ------------------------------------------------------------------------------------------------
@@ -237,6 +255,7 @@ def test_predict_over_budget_answers_ready_part_and_annotates_rest_in_background
 
 # -- /webhook ------------------------------------------------------------------------------------------------
 def test_start_training_without_annotation_queues_one_job_and_coalesces(app, client):
+    assert client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 200
     r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "title": "x"}})
     assert r.status_code == 201 and r.json["status"] == "queued"
     job_id = r.json["job"]
@@ -316,6 +335,8 @@ def test_basic_auth(tmp_path, trec_rows):
 
 
 def test_train_endpoint_of_older_label_studio_flow_queues_training(client):
+    assert client.post("/train", json={"project": PROJECT, "annotations": []}).status_code == 404  # unknown yet
+    assert client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 200
     r = client.post("/train", json={"annotations": [], "project": "7.1700000000", "label_config": CONFIG})
     assert r.status_code == 201 and r.json["status"] == "queued"
     r2 = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})

@@ -78,6 +78,9 @@ def test_concurrent_training_requests_two_gunicorn_workers_rq_worker_killed_and_
     wenv = {**os.environ, "MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO), **env}
     try:
         sampler.start()
+        for p in (7, 8):  # Label Studio registers a project (/setup, on Connect Model) before it can be trained
+            r = httpx.post(url + "/setup", json={"project": p, "schema": TREC_CONFIG}, timeout=30)
+            assert r.status_code == 200, r.text
         # 1. 2 projects x 12 simultaneous START_TRAINING (LS's button, retries, two tabs) over 2 workers
         answers: list[tuple[int, int, str]] = []
         barrier = threading.Barrier(24)

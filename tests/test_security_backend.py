@@ -170,7 +170,7 @@ def test_secrets_never_in_logs_errors_job_records_or_metrics(tmp_path, monkeypat
         assert hits, "the job did not reach the (fake) Label Studio"
         assert any(LS_KEY in (hd.get("Authorization") or "") for _, _, hd in hits)  # the key was really sent
         assert "401" in row["error"] or "Unauthorized" in row["error"] or "status_code" in row["error"], row
-        for ep in ("/metrics", "/jobs", f"/jobs/{row['id']}", "/projects/7", "/versions?project=7"):
+        for ep in ("/metrics", "/jobs?project=7", f"/jobs/{row['id']}", "/projects/7", "/versions?project=7"):
             rr = c.get(ep, headers=h)
             assert rr.status_code == 200
             bodies.append(rr.get_data(as_text=True))

@@ -231,17 +231,25 @@ def test_training_pull_uses_the_fetched_text_and_keeps_task_data(servers):
     assert evil.hits == [] and _auth_ok(ls)
 
 
-def test_setup_hostname_is_used_when_no_ls_url_is_configured(servers, tmp_path):
+def test_setup_hostname_is_used_only_when_the_operator_allows_it(servers, tmp_path, monkeypatch):
     ls, evil = servers
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
 
     class Svc:
         settings = get_settings()
+
+    class Trusting:
+        settings = get_settings(trust_setup_hostname=True, label_studio_api_key="configured-key-abcdef")
 
     class State:
         def connection(self):
             return (ls.url, "setup-token-123456")
 
-    assert taskdata.ls_source(Svc(), State()) == (ls.url, "setup-token-123456")
+    # by default a hostname that arrived in a request is never contacted
+    assert taskdata.ls_source(Svc(), State()) == (None, None)
+    # allowed explicitly: with the token of that same /setup, never the configured key
+    assert taskdata.ls_source(Trusting(), State()) == (ls.url, "setup-token-123456")
 
     class Configured:
         settings = get_settings(label_studio_url=ls.url)

@@ -89,19 +89,32 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, "--workers", help="gunicorn worker processes."),
         threads: int = typer.Option(4, "--threads", help="Threads per worker."),
         model_dir: Path | None = _MODEL_DIR,
+        insecure_no_auth: bool = typer.Option(
+            False, "--insecure-no-auth",
+            help="Listen beyond loopback without basic auth (anyone who reaches the port can change project "
+                 "settings and start training). Same as MOLAL_INSECURE_NO_AUTH=true."),
     ) -> None:
         """Run the Label Studio ML backend under gunicorn (backend.wsgi:app).
 
         In Label Studio: project Settings → Model → Connect Model, URL http://HOST:PORT (with basic auth
-        if BASIC_AUTH_USER/BASIC_AUTH_PASS are set)."""
+        if BASIC_AUTH_USER/BASIC_AUTH_PASS are set). Beyond 127.0.0.1 basic auth is required (see
+        README, "Deploying safely")."""
         import backend
+        from molal.config import exposure_refusal, get_settings
 
+        s = get_settings(insecure_no_auth=True if insecure_no_auth else None)
+        why = exposure_refusal(s, [host])
+        if why:
+            typer.echo(f"error: {why}", err=True)
+            raise typer.Exit(2)
         # (an editable install may map ``backend`` as a namespace package: use __path__, not __file__)
         backend_dir = Path(next(iter(backend.__path__))).resolve()
         conf = backend_dir / "gunicorn.conf.py"
         env = dict(os.environ)
         if model_dir is not None:
             env["MODEL_DIR"] = str(model_dir)
+        if insecure_no_auth:
+            env["MOLAL_INSECURE_NO_AUTH"] = "true"
         repo_root = str(backend_dir.parent)
         env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"{host}:{port}",

@@ -24,3 +24,17 @@ class Unprocessable(ServiceError):
 
 class NotFound(ServiceError):
     status = 404
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class TooLarge(ServiceError):
+    """A request over one of the documented limits (the message names the limit and its variable)."""
+
+    status = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415

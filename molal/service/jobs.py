@@ -32,6 +32,8 @@ from molal.service.store import SQLiteDB, parse_project_id
 log = logging.getLogger("molal.jobs")
 
 KINDS = ("train", "sync", "query", "annotate")
+#: texts one queued annotate job accumulates from /predict requests that ran out of budget
+MAX_ANNOTATE_TEXTS = 20_000
 STALE_S = 60.0
 HEARTBEAT_S = 5.0
 RQ_QUEUE = "molal"
@@ -49,6 +51,52 @@ CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, status);
 
 class JobError(RuntimeError):
     """A job cannot be run (unknown kind, bad payload); the job is marked failed with this message."""
+
+
+#: what HTTP (``GET /jobs``, ``GET /jobs/<id>``) shows of a job: never its payload (task texts), its error
+#: traceback (file paths, upstream responses), nor the process and host that ran it
+PUBLIC_FIELDS = ("id", "project", "kind", "status", "progress", "message", "created", "started", "finished",
+                 "coalesced", "source")
+_PUBLIC_STR = 300
+
+
+def _public_value(v: Any, depth: int = 0) -> Any:
+    """Numbers, booleans, short strings, dicts of those and lists of numbers; anything else is left out."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    if isinstance(v, str):
+        return scrub(v)[:_PUBLIC_STR]
+    if isinstance(v, dict) and depth < 2:
+        out = {}
+        for k, x in v.items():
+            y = _public_value(x, depth + 1)
+            if y is not _DROP:
+                out[str(k)[:100]] = y
+        return out
+    if isinstance(v, list) and len(v) <= 1000 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v):
+        return v
+    return _DROP
+
+
+_DROP = object()
+
+
+def public_job(row: dict) -> dict:
+    """A job row as the HTTP API shows it (:data:`PUBLIC_FIELDS` + the scalar parts of its result)."""
+    d = {k: row.get(k) for k in PUBLIC_FIELDS}
+    result = row.get("result")
+    d["result"] = _public_value(result) if isinstance(result, dict) else None
+    return d
+
+
+def failure_message(exc: BaseException) -> str:
+    """What a failed job's ``message`` says: the text of molal's own errors (written for the person reading
+    it); for any other exception only its type, because its text may carry an upstream server's headers or
+    body, or file paths. The full text is in the log and the job's ``error`` column (``molal jobs <id>``)."""
+    if type(exc).__module__.split(".")[0] == "molal":
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} (internal error; details in the backend log and `molal jobs <id>`)"
 
 
 def _row(r: Any) -> dict | None:
@@ -97,10 +145,10 @@ class JobQueue:
                 ).fetchone()
                 if r is not None:
                     c.execute("UPDATE jobs SET coalesced=coalesced+1 WHERE id=?", (r["id"],))
-                    if payload and kind == "annotate":  # merge texts to annotate
+                    if payload and kind == "annotate":  # merge texts to annotate, up to a bound
                         old = json.loads(r["payload"] or "{}")
                         merged = list(dict.fromkeys(list(old.get("texts", [])) + list(payload.get("texts", []))))
-                        old["texts"] = merged
+                        old["texts"] = merged[:MAX_ANNOTATE_TEXTS]  # the rest: queued again by a later /predict
                         c.execute("UPDATE jobs SET payload=? WHERE id=?", (json.dumps(old), r["id"]))
                     return _row(c.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone()), False
             jid = uuid.uuid4().hex[:16]
@@ -143,9 +191,11 @@ class JobQueue:
             params.append(scrub(message)[:500])
         self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND status='running'", (*params, job_id))
 
-    def finish(self, job_id: str, ok: bool, result: dict | None = None, error: str | None = None) -> None:
+    def finish(self, job_id: str, ok: bool, result: dict | None = None, error: str | None = None,
+               message: str | None = None) -> None:
+        """Record the end of a job. ``message`` (default: the first line of ``error``) is what people see."""
         status = "succeeded" if ok else "failed"
-        msg = "done" if ok else scrub((error or "failed").splitlines()[0])[:500]
+        msg = "done" if ok else scrub((message or error or "failed").splitlines()[0])[:500]
         self.db.execute(
             "UPDATE jobs SET status=?, finished=?, progress=CASE WHEN ? THEN 1 ELSE progress END, message=?, "
             "result=?, error=? WHERE id=? AND status='running'",
@@ -210,9 +260,6 @@ class JobContext:
         self.queue.progress(self.id, fraction, message)
 
 
-JobFn = Callable[[JobContext], dict]
-
-
 def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) -> dict:
     """Run a claimed job with a heartbeat thread; record success or failure. Returns the final row."""
     ctx = JobContext(queue, job)
@@ -236,7 +283,8 @@ def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) ->
                  time.monotonic() - t0)
     except BaseException as exc:  # noqa: BLE001 - any failure (even KeyboardInterrupt) fails the job only
         msg = f"{type(exc).__name__}: {exc}"
-        queue.finish(job["id"], False, error=msg + "\n" + traceback.format_exc(limit=8))
+        queue.finish(job["id"], False, error=msg + "\n" + traceback.format_exc(limit=8),
+                     message=failure_message(exc))
         log.error("job %s (%s, project %s) failed: %s", job["id"], job["kind"], job["project"], scrub(msg))
         if not isinstance(exc, Exception):
             raise

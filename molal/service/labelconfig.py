@@ -8,7 +8,14 @@ backend) with a message that names what is supported.
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+
+#: defaults of the limits (the backend passes its own: MOLAL_MAX_CLASSES, MOLAL_MAX_LABEL_CONFIG_CHARS)
+DEFAULT_MAX_CLASSES = 200
+DEFAULT_MAX_CONFIG_CHARS = 200_000
+#: longest class name (a <Choice> value, or its alias); longer ones would bloat every prompt and result
+MAX_CLASS_CHARS = 200
 
 SUPPORTED = (
     "molal supports a <Choices> tag with choice=\"single\" (or single-radio) whose toName is a <Text> tag, "
@@ -43,10 +50,30 @@ class LabelSpec:
         return out
 
 
-def parse_label_config(config: object, from_name: str | None = None) -> LabelSpec:
-    """Parse a label config XML string into a :class:`LabelSpec` or raise :class:`LabelConfigError`."""
+def _raw_choices(config: str, name: str) -> list[str] | None:
+    """The class names of ``<Choices name=name>`` as written (``alias`` if set, else ``value``), duplicates and
+    empty values included — the SDK's parser drops both silently. None if the XML cannot be read here."""
+    try:
+        root = ET.fromstring(config)
+    except ET.ParseError:
+        return None
+    for el in root.iter("Choices"):
+        if el.get("name") == name:
+            return [c.get("alias") if c.get("alias") is not None else (c.get("value") or "") for c in el.iter("Choice")]
+    return None
+
+
+def parse_label_config(config: object, from_name: str | None = None, *, max_classes: int = DEFAULT_MAX_CLASSES,
+                       max_chars: int = DEFAULT_MAX_CONFIG_CHARS) -> LabelSpec:
+    """Parse a label config XML string into a :class:`LabelSpec` or raise :class:`LabelConfigError`.
+
+    Refused with a message: a config over ``max_chars`` characters, a ``<Choices>`` with more than
+    ``max_classes`` values, duplicate or empty values, a value over ``MAX_CLASS_CHARS`` characters."""
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError(f"the label config is missing or empty; {SUPPORTED}")
+    if len(config) > max_chars:
+        raise LabelConfigError(f"the label config has {len(config)} characters; molal accepts at most {max_chars} "
+                               "(MOLAL_MAX_LABEL_CONFIG_CHARS)")
     try:
         from label_studio_sdk.label_interface import LabelInterface
 
@@ -82,12 +109,28 @@ def parse_label_config(config: object, from_name: str | None = None) -> LabelSpe
         if c.attr.get("perRegion") or c.attr.get("perregion"):
             problems.append(f"<Choices name={c.name!r}> is perRegion (not supported)")
             continue
-        labels = [str(v) for v in (c.labels or [])]
+        raw = _raw_choices(config, c.name)
+        labels = raw if raw is not None else [str(v) for v in (c.labels or [])]
+        if len(labels) > max_classes:
+            problems.append(f"<Choices name={c.name!r}> has {len(labels)} <Choice> values; molal serves at most "
+                            f"{max_classes} classes (MOLAL_MAX_CLASSES)")
+            continue
+        empty = [i + 1 for i, v in enumerate(labels) if not v.strip()]
+        if empty:
+            problems.append(f"<Choices name={c.name!r}> has an empty <Choice value> (choice number {empty[0]})")
+            continue
+        dup = sorted({v for v in labels if labels.count(v) > 1})
+        if dup:
+            problems.append(f"<Choices name={c.name!r}> has duplicate <Choice> values: "
+                            f"{', '.join(repr(v[:40]) for v in dup[:5])} (each class must appear once)")
+            continue
+        long_ = [v for v in labels if len(v) > MAX_CLASS_CHARS]
+        if long_:
+            problems.append(f"<Choices name={c.name!r}> has a <Choice> value of {len(long_[0])} characters "
+                            f"(at most {MAX_CLASS_CHARS})")
+            continue
         if len(labels) < 2:
             problems.append(f"<Choices name={c.name!r}> has {len(labels)} <Choice> values (need at least 2)")
-            continue
-        if len(set(labels)) != len(labels):
-            problems.append(f"<Choices name={c.name!r}> has duplicate <Choice> values")
             continue
         text = text_targets[0]
         value = str(text.value or "")

@@ -1,8 +1,8 @@
 """A thin wrapper over the Label Studio SDK 2.x client for what the jobs need.
 
-Credentials: ``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY`` (a legacy token or a personal access token /
-JWT refresh token — the SDK handles both), else what Label Studio sent in ``/setup`` (``hostname`` +
-``access_token``, stored 0600 in the project's state.db). Never logged.
+Where Label Studio is and which key goes there is decided in one place, :mod:`molal.service.lstrust`
+(``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY``, a legacy token or a personal access token / JWT refresh token —
+the SDK handles both). Keys are never logged.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from molal.logging import register_secret
 
 log = logging.getLogger("molal.lsclient")
 
@@ -67,7 +65,6 @@ class LSClient:
             )
         from label_studio_sdk.client import LabelStudio
 
-        register_secret(api_key)
         self.url = url.rstrip("/")
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self.threads = threads

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +22,11 @@ from typing import Any
 
 from molal.config import Settings, get_settings
 from molal.io import ArtifactError
-from molal.service.errors import BadRequest, NotFound, Unprocessable
-from molal.service.jobs import JobContext, JobQueue, JobWorker, submit_rq
+from molal.lru import LRU
+from molal.service.errors import BadRequest, NotFound, TooLarge, Unprocessable
+from molal.service.jobs import JobContext, JobQueue, JobWorker, public_job, submit_rq
 from molal.service.labelconfig import LabelConfigError, LabelSpec, parse_label_config
+from molal.service.lstrust import setup_usable
 from molal.service.store import ProjectIdError, ProjectSettings, ProjectState, ServiceStore, parse_project_id
 
 log = logging.getLogger("molal.service")
@@ -81,11 +84,13 @@ class Service:
         self.store = ServiceStore(self.settings.model_dir)
         self.jobs = JobQueue(self.store.jobs_path)
         self._cache = None
-        self._mixtures: dict[tuple, Any] = {}
-        self._models: dict[tuple[int, str], LoadedModel] = {}
-        self._bad_models: dict[tuple[int, str], str] = {}
+        # per-process caches, each bounded (a request can name any project, class list or text)
+        self._mixtures: LRU[tuple, Any] = LRU(8)
+        self._models: LRU[tuple[int, str], LoadedModel] = LRU(16)
+        self._bad_models: LRU[tuple[int, str], str] = LRU(64)
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
+        self._predict_pool = None
         self.warm = "off"  # the training-stack warm-up: off | warming | done (GET /health)
         self.started = time.time()
         self._counter_lock = threading.Lock()
@@ -99,6 +104,18 @@ class Service:
         with self._counter_lock:
             for k, v in inc.items():
                 self.counters[k] = self.counters.get(k, 0) + v
+
+    def predict_pool(self):
+        """Threads that run /predict's model calls, so a request can answer at its deadline while a long call
+        finishes into the cache (:func:`molal.service.predict.annotate_by`); as many as request threads."""
+        if self._predict_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with self._lock:
+                if self._predict_pool is None:
+                    n = max(2, int(os.environ.get("MOLAL_THREADS", "4")))
+                    self._predict_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="molal-predict")
+        return self._predict_pool
 
     @property
     def cache(self):
@@ -139,10 +156,30 @@ class Service:
         return job, created
 
     def project(self, project: object) -> ProjectState:
+        """The project's state, created on first use (write paths: /setup, /predict, jobs, the CLI)."""
         try:
             return self.store.project(project)
         except ProjectIdError as exc:
             raise BadRequest(str(exc)) from None
+
+    def known_project(self, project: object) -> ProjectState:
+        """The project's state for read paths: 404 when this backend never saw the project (nothing created)."""
+        try:
+            state = self.store.existing(project)
+        except ProjectIdError as exc:
+            raise BadRequest(str(exc)) from None
+        if state is None:
+            raise NotFound(f"project {parse_project_id(project)} is not known to this backend (Label Studio "
+                           "registers it with /setup when the model is connected)")
+        return state
+
+    def parse_config(self, config: object, from_name: str | None = None) -> LabelSpec:
+        """:func:`parse_label_config` under this server's limits; 422 with the reason."""
+        try:
+            return parse_label_config(config, from_name, max_classes=self.settings.max_classes,
+                                      max_chars=self.settings.max_label_config_chars)
+        except LabelConfigError as exc:
+            raise Unprocessable(str(exc)) from None
 
     def checked_project(self, project: object, label_config: object) -> tuple[int, ProjectState | None, LabelSpec]:
         """Validate a request's project id and label config *before* anything is created: returns
@@ -151,16 +188,13 @@ class Service:
             pid = parse_project_id(project)
         except ProjectIdError as exc:
             raise BadRequest(str(exc)) from None
-        if (self.store.root / "projects" / str(pid)).is_dir():
-            state = self.project(pid)
+        state = self.store.existing(pid)
+        if state is not None:
             return pid, state, self.spec_for(state, label_config or None)
         if not label_config:
             raise Unprocessable(f"project {pid}: no label config known; Label Studio sends it in /setup and "
                                 "/predict (field 'schema' or 'label_config')")
-        try:
-            return pid, None, parse_label_config(label_config, None)  # a new project has no from_name setting
-        except LabelConfigError as exc:
-            raise Unprocessable(str(exc)) from None
+        return pid, None, self.parse_config(label_config)  # a new project has no from_name setting
 
     def project_settings(self, state: ProjectState) -> ProjectSettings:
         return state.settings(self.settings)
@@ -173,10 +207,7 @@ class Service:
                 f"project {state.id}: no label config known; Label Studio sends it in /setup and /predict "
                 "(field 'schema' or 'label_config')"
             )
-        try:
-            return parse_label_config(config, ps.from_name)
-        except LabelConfigError as exc:
-            raise Unprocessable(str(exc)) from None
+        return self.parse_config(config, ps.from_name)
 
     # -- mixture ---------------------------------------------------------------------------------------
     def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None):
@@ -193,11 +224,7 @@ class Service:
                 mtime = p.stat().st_mtime_ns
             except OSError:
                 raise Unprocessable(f"project {state.id}: mixture config {p} not found") from None
-            key: tuple = ("file", str(p), mtime)
-            with self._lock:
-                if key not in self._mixtures:
-                    self._mixtures[key] = Mixture.from_config(p)
-                return self._mixtures[key]
+            return self._mixtures.setdefault(("file", str(p), mtime), lambda: Mixture.from_config(p))
         probe = state.get("default_mixture_probe")
         if probe is None:
             good = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
@@ -205,12 +232,12 @@ class Service:
                 return None
             probe = good[:32]
             state.put("default_mixture_probe", probe)
-        key = ("default", _short(json.dumps(probe)), tuple(classes))
-        with self._lock:
-            if key not in self._mixtures:
-                self._mixtures[key] = Mixture.default(texts=probe, class_names=list(classes))
-                log.info("project %s: default mixture %r", state.id, self._mixtures[key])
-            return self._mixtures[key]
+        def make():
+            m = Mixture.default(texts=probe, class_names=list(classes))
+            log.info("project %s: default mixture %r", state.id, m)
+            return m
+
+        return self._mixtures.setdefault(("default", _short(json.dumps(probe)), tuple(classes)), make)
 
     @staticmethod
     def mixture_version(mixture, classes) -> str:
@@ -240,12 +267,13 @@ class Service:
                 manifest = state.read_manifest(ptr["dir"], verify=True)
                 molam = MoLAM.load(state.model_dir(ptr["dir"]) / "molam")
             except Exception as exc:
-                self._bad_models[key] = f"model {ptr.get('molam')}: {type(exc).__name__}: {exc}"
-                raise ArtifactError(self._bad_models[key]) from exc
+                why = f"model {ptr.get('molam')}: {type(exc).__name__}: {exc}"
+                self._bad_models.put(key, why)
+                raise ArtifactError(why) from exc
             m = LoadedModel(pointer=ptr, manifest=manifest, molam=molam)
             for k in [k for k in self._models if k[0] == state.id]:
-                del self._models[k]  # drop older versions of this project
-            self._models[key] = m
+                self._models.pop(k)  # drop older versions of this project
+            self._models.put(key, m)
             dt = time.perf_counter() - t0
             self.count(model_loads=1, model_load_seconds=dt)
             log.info("project %s: loaded model %s in %.2f s", state.id, ptr["molam"], dt)
@@ -302,8 +330,9 @@ class Service:
         if schema and schema != state.get("label_config"):
             state.put("label_config", schema)
         host, token = payload.get("hostname"), payload.get("access_token")
-        if isinstance(host, str) and isinstance(token, str) and host and token:
-            state.save_connection(host, token)
+        if isinstance(host, str) and isinstance(token, str) and host and token and len(token) <= 4096 \
+                and setup_usable(self.settings, host):
+            state.save_connection(host, token)  # only where molal's trust rule would ever use them
         srv = self.serving(state, spec)
         if srv["kind"] == "student" and not srv["model"].student_loaded:
             # loading torch + the encoder takes seconds: warm it in the background (setup must answer in 3 s)
@@ -342,8 +371,12 @@ class Service:
         tasks = payload.get("tasks")
         if not isinstance(tasks, list):
             raise BadRequest("field 'tasks' must be a list of Label Studio tasks")
+        if len(tasks) > self.settings.max_tasks:
+            raise TooLarge(f"{len(tasks)} tasks in one request; this backend takes at most {self.settings.max_tasks} "
+                           "(MOLAL_MAX_TASKS). Retrieve predictions for fewer tasks at a time, or push them all in "
+                           "bulk with `molal sync --project N`")
         pid, state, spec = self.checked_project(payload.get("project"), payload.get("label_config"))
-        check_tasks(tasks, spec)  # refuse bad batches before any state is created or changed
+        check_tasks(tasks, spec, self.settings.max_text_chars)  # refuse bad batches before any state is created
         state = state or self.project(pid)
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
@@ -365,7 +398,7 @@ class Service:
             raise BadRequest(f"unknown action {action[:60]!r}; Label Studio actions are: {', '.join(sorted(LS_ACTIONS))}")
         self.count(webhook_requests=1)
         if action == "START_TRAINING":
-            pid = self._project_from(payload)
+            pid = self.known_project(self._project_from(payload)).id
             job, created = self.submit(pid, "train", source="START_TRAINING")
             return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
         if action in ANNOTATION_ACTIONS:
@@ -377,7 +410,10 @@ class Service:
             else:
                 raise BadRequest(f"{action}: field 'annotation' must be an annotation object")
             pid = self._project_from(payload, anns[0])
-            state = self.project(pid)
+            state = self.store.existing(pid)
+            if state is None:  # Label Studio calls /setup when the model is connected: not this backend's project
+                return {"status": "ignored", "action": action, "project": pid,
+                        "reason": "project not known to this backend"}
             counted = [a for a in anns if not a.get("was_cancelled")]
             n = state.incr("new_annotations", len(counted)) if counted else state.get("new_annotations", 0)
             every = self.project_settings(state).train_every
@@ -394,7 +430,7 @@ class Service:
         the job pulls the labelled tasks itself, so the annotations in the payload are not needed."""
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'project'")
-        pid = self._project_from({"action": "train", **payload})
+        pid = self.known_project(self._project_from({"action": "train", **payload})).id
         self.count(webhook_requests=1)
         job, created = self.submit(pid, "train", source="/train")
         return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
@@ -429,18 +465,26 @@ class Service:
         raise NotFound(f"unknown job kind {kind!r}")
 
     def job(self, job_id: str) -> dict:
+        """One job as HTTP shows it (:func:`molal.service.jobs.public_job`: no payload, no traceback)."""
         if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 32:
             raise BadRequest("bad job id")
         row = self.jobs.get(job_id)
         if row is None:
             raise NotFound(f"no job {job_id}")
-        return row
+        return public_job(row)
+
+    def project_jobs(self, project: object, limit: int = 50) -> list[dict]:
+        """The newest jobs of one known project, as HTTP shows them."""
+        state = self.known_project(project)
+        return [public_job(r) for r in self.jobs.list(project=state.id, limit=limit)]
 
     # -- info ------------------------------------------------------------------------------------------
     def versions(self, project: object | None) -> dict:
+        """Label Studio's ``GET /versions`` (it sends no project: an empty list); ``?project=N`` lists the
+        published versions of a known project. Which projects exist is not shown."""
         if project is None:
-            return {"versions": [], "projects": self.store.project_ids()}
-        state = self.project(project)
+            return {"versions": []}
+        state = self.known_project(project)
         cur = state.current()
         out = []
         for v in state.versions():
@@ -463,8 +507,12 @@ class Service:
             **c,
         }
 
-    def project_info(self, project: object) -> dict:
-        state = self.project(project)
+    def project_info(self, project: object, public: bool = False) -> dict:
+        """Settings, current model, versions of a project (``molal project show``; ``GET /projects/N`` with
+        ``public``: the project must exist, and the mixture config is named by its file name, not its path)."""
+        state = self.known_project(project) if public else self.project(project)
         d = state.summary(self.settings)
         d["settings"] = asdict(self.project_settings(state))
+        if public and d["settings"].get("mixture"):
+            d["settings"]["mixture"] = Path(d["settings"]["mixture"]).name
         return d

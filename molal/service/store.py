@@ -26,6 +26,8 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -98,40 +100,85 @@ def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteDB:
-    """One connection per (process, thread); schema applied on first connect."""
+class Rows(list):
+    """The rows of one statement, fetched before its connection went back to the pool."""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def fetchone(self) -> sqlite3.Row | None:
+        return self[0] if self else None
+
+    def fetchall(self) -> list[sqlite3.Row]:
+        return list(self)
+
+
+class SQLiteDB:
+    """A small pool of connections to one SQLite file (schema applied by the first connection).
+
+    A statement borrows a connection and returns it with its rows already fetched, so the number of open
+    files does not grow with the number of threads that ever touched the database: at most ``max_idle``
+    connections (3 file descriptors each: the database, its WAL and shared-memory files) stay open between
+    statements. :meth:`close` closes the idle ones; connections still lent out are closed when returned."""
+
+    def __init__(self, path: Path, schema: str, max_idle: int = 2) -> None:
         self.path = Path(path)
         self.schema = schema
-        self._local = threading.local()
+        self.max_idle = max_idle
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._schema_done = False
+        self._closed = False
 
-    def conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is not None and getattr(self._local, "pid", None) == os.getpid():
-            return c
+    def _take(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours to use or close
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+            first = not self._schema_done
         c = connect_sqlite(self.path)
-        c.executescript(self.schema)
-        self._local.conn, self._local.pid = c, os.getpid()
+        if first:
+            c.executescript(self.schema)
+            self._schema_done = True
         return c
 
-    def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
-        return self.conn().execute(sql, params)
+    def _give(self, c: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed and self._pid == os.getpid() and len(self._idle) < self.max_idle \
+                    and not c.in_transaction:
+                self._idle.append(c)
+                return
+        c.close()
 
-    def transaction(self) -> _Tx:
-        return _Tx(self.conn())
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        c = self._take()
+        try:
+            yield c
+        finally:
+            self._give(c)
 
+    def execute(self, sql: str, params: tuple | list = ()) -> Rows:
+        with self.connection() as c:
+            return Rows(c.execute(sql, params).fetchall())
 
-class _Tx:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on an exception) on one borrowed connection."""
+        with self.connection() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
 
 
 _PROJECT_SCHEMA = """
@@ -244,9 +291,14 @@ class ProjectState:
         self.dir = ensure_dir(Path(model_dir) / "projects" / str(self.id))
         os.chmod(self.dir, 0o700)
         self.models_dir = ensure_dir(self.dir / "models")
-        self.db = SQLiteDB(self.dir / "state.db", _PROJECT_SCHEMA)
+        self.db = SQLiteDB(self.dir / "state.db", _PROJECT_SCHEMA, max_idle=1)
+        self.db.execute("SELECT 1")  # the file and its schema exist from here on (ServiceStore.exists)
         self._pointer_stat: tuple[int, int] | None = None
         self._pointer: dict | None = None
+
+    def close(self) -> None:
+        """Close the idle database connections (a later use reopens them)."""
+        self.db.close()
 
     # -- settings ----------------------------------------------------------------------------------
     def settings(self, env: Any) -> ProjectSettings:
@@ -286,14 +338,11 @@ class ProjectState:
 
     # -- Label Studio connection (from /setup) -------------------------------------------------------
     def save_connection(self, hostname: str | None, access_token: str | None) -> None:
-        """Remember what LS sent in /setup (fallback when LABEL_STUDIO_URL/API_KEY are unset). 0600 file."""
+        """Remember the hostname and token Label Studio sent in /setup (0600 file). Callers store them only
+        when :func:`molal.service.lstrust.setup_usable` says the trust rule can use them."""
         if not hostname and not access_token:
             return
-        from molal.logging import register_secret
-
-        register_secret(access_token)
-        row = self.connection()
-        if row == (hostname, access_token):
+        if self.connection() == (hostname, access_token):
             return
         self.db.execute(
             "INSERT OR REPLACE INTO connection(id, hostname, access_token, updated) VALUES(1, ?, ?, ?)",
@@ -304,9 +353,6 @@ class ProjectState:
         row = self.db.execute("SELECT hostname, access_token FROM connection WHERE id=1").fetchone()
         if not row:
             return (None, None)
-        from molal.logging import register_secret
-
-        register_secret(row["access_token"])
         return (row["hostname"], row["access_token"])
 
     # -- model versions ------------------------------------------------------------------------------
@@ -454,14 +500,20 @@ class ProjectState:
 
 
 class ServiceStore:
-    """The root of ``MODEL_DIR``: project states (cached per process), the shared cache path."""
+    """The root of ``MODEL_DIR``: project states (an LRU per process), the shared cache path.
+
+    Only :meth:`project` creates a project's directory; read paths use :meth:`existing`."""
+
+    #: project states kept open per process (each holds up to 2 idle SQLite connections)
+    max_open_projects = 64
 
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        from molal.lru import LRU
+
         self.root = ensure_dir(Path(model_dir).expanduser().resolve())
         os.chmod(self.root, 0o700)
         ensure_dir(self.root / "projects")  # 0700 (a parent made by mkdir(parents=True) would get 0755)
-        self._projects: dict[int, ProjectState] = {}
-        self._lock = threading.Lock()
+        self._projects: LRU[int, ProjectState] = LRU(self.max_open_projects, on_evict=lambda _k, st: st.close())
 
     @property
     def cache_path(self) -> Path:
@@ -472,12 +524,21 @@ class ServiceStore:
         return self.root / "jobs.db"
 
     def project(self, project_id: object) -> ProjectState:
+        """The project's state, created on first use."""
         pid = parse_project_id(project_id)
-        with self._lock:
-            st = self._projects.get(pid)
-            if st is None:
-                st = self._projects[pid] = ProjectState(self.root, pid)
+        return self._projects.setdefault(pid, lambda: ProjectState(self.root, pid))
+
+    def exists(self, project_id: object) -> bool:
+        return (self.root / "projects" / str(parse_project_id(project_id)) / "state.db").is_file()
+
+    def existing(self, project_id: object) -> ProjectState | None:
+        """The project's state if it was ever created (by /setup, /predict, a webhook, the CLI), else None —
+        nothing is created."""
+        pid = parse_project_id(project_id)
+        st = self._projects.get(pid)
+        if st is not None or not self.exists(pid):
             return st
+        return self.project(pid)
 
     def project_ids(self) -> list[int]:
         d = self.root / "projects"

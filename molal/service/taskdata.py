@@ -4,8 +4,8 @@ When .txt files are uploaded into a Label Studio project, the task's ``data.text
 the Label Studio server — ``/data/upload/<project>/<uuid>-<name>.txt`` (relative), or the same path on an
 absolute ``http(s)://<LS host>`` URL; local-files storage gives ``/data/local-files/?d=<path>``. Classifying
 that string would classify a URL, so :func:`resolve_text` fetches the file — but only when it is a
-Label Studio data path on **the Label Studio the service talks to** (``LABEL_STUDIO_URL``, else the
-``hostname`` Label Studio sent in ``/setup``): same scheme, host and port, no userinfo, a path under
+Label Studio data path on **the Label Studio the service talks to** (the one rule of
+:mod:`molal.service.lstrust`: ``LABEL_STUDIO_URL``; a ``/setup`` hostname only where the operator allows it): same scheme, host and port, no userinfo, a path under
 ``/data/upload/`` or ``/data/local-files/`` (after the LS URL's own path prefix, if any), no ``..``.
 Everything else (other hosts, ``file:``, ``ftp:``, ``data:``, ``s3:``, ``http://ls@evil/``,
 ``http://evil/?x=ls``, …) is never fetched: the value is the task's text as it stands.
@@ -21,12 +21,13 @@ with a timeout, no redirects except to another data path on the same origin (at 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
+
+from molal.lru import LRU
+from molal.service.lstrust import _DEFAULT_PORTS, access_for, origin
 
 if TYPE_CHECKING:
     from molal.service.pipeline import Service
@@ -38,7 +39,6 @@ DATA_PATHS = ("/data/upload/", "/data/local-files/")
 DEFAULT_MAX_BYTES = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 3
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class FetchError(Exception):
@@ -46,21 +46,6 @@ class FetchError(Exception):
 
 
 # -- what may be fetched ------------------------------------------------------------------------------------
-def _origin(url: str) -> tuple[str, str, int, str] | None:
-    """(scheme, host, port, path prefix) of an http(s) URL without userinfo; None for anything else."""
-    if not isinstance(url, str) or any(c.isspace() or c == "\\" for c in url) or len(url) > 4096:
-        return None
-    try:
-        p = urlsplit(url)
-        port = p.port
-    except ValueError:
-        return None
-    scheme = p.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not p.hostname or "@" in p.netloc:
-        return None
-    return scheme, p.hostname.lower(), port or _DEFAULT_PORTS[scheme], p.path.rstrip("/")
-
-
 def _data_path(path: str, prefix: str) -> bool:
     """``path`` is a Label Studio data path (optionally under the LS URL's path prefix) without dot segments."""
     if any(seg in (".", "..") for seg in unquote(path).split("/")):
@@ -75,14 +60,14 @@ def ls_file_url(value: str, ls_url: str | None) -> str | None:
     v = value.strip()
     if not v or len(v) > 4096 or any(c.isspace() or c == "\\" or ord(c) < 32 for c in v):
         return None
-    ls = _origin(ls_url) if ls_url else None
+    ls = origin(ls_url) if ls_url else None
     if v.startswith("/") and not v.startswith("//"):
         if ls is None or not _data_path(urlsplit(v).path, ls[3]):
             return None
         rel = urlsplit(v)
         path, query = rel.path, rel.query
     else:
-        o = _origin(v)
+        o = origin(v)
         if o is None or ls is None or o[:3] != ls[:3]:
             return None
         p = urlsplit(v)
@@ -103,38 +88,10 @@ def looks_like_ls_file(value: object) -> bool:
 
 
 # -- fetching -----------------------------------------------------------------------------------------------
-class _LRU:
-    def __init__(self, entries: int = 512, max_bytes: int = 64_000_000) -> None:
-        self.entries, self.max_bytes = entries, max_bytes
-        self.d: OrderedDict[str, str] = OrderedDict()
-        self.size = 0
-        self.lock = threading.Lock()
-
-    def get(self, k: str) -> str | None:
-        with self.lock:
-            v = self.d.get(k)
-            if v is not None:
-                self.d.move_to_end(k)
-            return v
-
-    def put(self, k: str, v: str) -> None:
-        with self.lock:
-            if k in self.d:
-                self.size -= len(self.d.pop(k))
-            self.d[k] = v
-            self.size += len(v)
-            while self.d and (len(self.d) > self.entries or self.size > self.max_bytes):
-                self.size -= len(self.d.popitem(last=False)[1])
-
-    def clear(self) -> None:
-        with self.lock:
-            self.d.clear()
-            self.size = 0
-
-
-CACHE = _LRU()
-_AUTH: dict[tuple[str, str], object] = {}
-_AUTH_LOCK = threading.Lock()
+#: texts read from Label Studio, per process: at most 512 files and 64 MB
+CACHE: LRU[str, str] = LRU(512, max_size=64_000_000, sizeof=len)
+#: SDK clients (they hold the JWT access token exchanged for a personal access token), per (URL, key)
+_AUTH: LRU[tuple[str, str], object] = LRU(8)
 
 
 def auth_header(ls_url: str, api_key: str) -> str:
@@ -143,13 +100,11 @@ def auth_header(ls_url: str, api_key: str) -> str:
 
     from molal.logging import register_secret
 
-    register_secret(api_key)
-    with _AUTH_LOCK:
-        client = _AUTH.get((ls_url, api_key))
-        if client is None:
-            client = _AUTH[(ls_url, api_key)] = LabelStudio(base_url=ls_url.rstrip("/"), api_key=api_key)
+    client = _AUTH.setdefault((ls_url, api_key),
+                              lambda: LabelStudio(base_url=ls_url.rstrip("/"), api_key=api_key))
     h = client._client_wrapper.get_headers()["Authorization"]  # type: ignore[attr-defined]
-    register_secret(h.split(" ", 1)[-1])
+    if h != f"Token {api_key}":  # an access token exchanged for the key: as secret as the key itself
+        register_secret(h.split(" ", 1)[-1])
     return h
 
 
@@ -229,17 +184,9 @@ def resolve_text(value: str, ls_url: str | None, api_key: str | None, max_bytes:
 
 # -- for the service ----------------------------------------------------------------------------------------
 def ls_source(svc: Service, state: ProjectState | None) -> tuple[str | None, str | None]:
-    """(Label Studio URL, key) to read task files from: LABEL_STUDIO_URL (+ LABEL_STUDIO_API_KEY), else the
-    hostname + token from /setup. The configured key is only sent to the configured URL."""
-    s = svc.settings
-    key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key is not None else None
-    host, token = state.connection() if state is not None else (None, None)
-    if s.label_studio_url:
-        same = host is not None and _origin(host) is not None and _origin(host) == _origin(s.label_studio_url)
-        if not key and same and token:
-            key = token  # the /setup token only for the same Label Studio
-        return s.label_studio_url, key
-    return host, token
+    """(Label Studio URL, key) to read task files from: :func:`molal.service.lstrust.access_for`."""
+    a = access_for(svc.settings, state)
+    return a.url, a.key
 
 
 def resolve_texts(svc: Service, state: ProjectState | None, texts: list[str | None],

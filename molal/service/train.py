@@ -39,6 +39,7 @@ import numpy as np
 
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
+from molal.service.lstrust import access_for
 from molal.service.predict import entry, llm_entries, mean_probs
 from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
@@ -68,6 +69,7 @@ class Pool:
     human: dict[int, int] = field(default_factory=dict)
     prediction_versions: list[list[str]] = field(default_factory=list)
     skipped: int = 0
+    too_long: int = 0  # of ``skipped``: over the text length limit
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -93,9 +95,11 @@ def human_label(annotations: list, spec: LabelSpec) -> int | None:
     return best
 
 
-def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None) -> Pool:
+def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None,
+                    max_chars: int | None = None) -> Pool:
     """``resolve`` maps a task's text value to the text to use (a Label Studio-hosted file's content), None
-    to skip the task; ``data`` keeps the value as Label Studio holds it."""
+    to skip the task; ``data`` keeps the value as Label Studio holds it. Texts over ``max_chars`` characters
+    (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``)."""
     pool = Pool([], [], [])
     for t in tasks:
         data = t.get("data") or {}
@@ -104,6 +108,10 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
             text = resolve(text)
         if not isinstance(text, str) or not text.strip():
             pool.skipped += 1
+            continue
+        if max_chars is not None and len(text) > max_chars:
+            pool.skipped += 1
+            pool.too_long += 1
             continue
         row = len(pool.texts)
         pool.task_ids.append(int(t["id"]))
@@ -117,19 +125,11 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
 
 
 def client_for(svc: Service, state: ProjectState) -> LSClient:
-    """SDK client from LABEL_STUDIO_URL/API_KEY, else from what Label Studio sent in /setup."""
-    s = svc.settings
-    url = s.label_studio_url
-    key = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key is not None else None
-    if not url or not key:
-        host, token = state.connection()
-        url, key = url or host, key or token
-    if not url or not key:
-        raise LSConnectionError(
-            f"project {state.id}: no Label Studio URL/API key (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
-            "or connect the backend in Label Studio so /setup sends them)"
-        )
-    return LSClient(url, key)
+    """The SDK client for the project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`."""
+    a = access_for(svc.settings, state)
+    if not a.url or not a.key:
+        raise LSConnectionError(f"project {state.id}: {a.missing}")
+    return LSClient(a.url, a.key)
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
@@ -422,7 +422,8 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
         spec = svc.spec_for(state, client.label_config(state.id))
     if pool is None:
         ctx.progress(0.05, "pulling tasks from Label Studio")
-        pool = pool_from_tasks(client.tasks(state.id), spec)
+        pool = pool_from_tasks(client.tasks(state.id), spec, resolve=task_text_resolver(svc, state),
+                               max_chars=svc.settings.max_text_chars)
     m = svc.loaded_model(state)
     student = svc.student_of(state, m) if m is not None else None
     if student is None:
@@ -477,9 +478,11 @@ def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
         state.put("label_config", config)
     spec = svc.spec_for(state, config)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc, state))
+    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc, state), max_chars=svc.settings.max_text_chars)
+    too_long = (f" ({pool.too_long} over MOLAL_MAX_TEXT_CHARS={svc.settings.max_text_chars} characters)"
+                if pool.too_long else "")
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
-                       f"{pool.skipped} without text")
+                       f"{pool.skipped} without a usable text{too_long}")
     return client, spec, pool
 
 
