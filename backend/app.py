@@ -87,14 +87,14 @@ def allowed_host(name: str, allowed: frozenset[str] | None) -> bool:
 
 
 def preload() -> float:
-    """Import what /setup and /predict need before the worker takes requests (a cold worker otherwise spent
-    3-16 s of Label Studio's 3 s /setup budget importing the label-config parser, the annotators, MoLAM)."""
+    """Import what /setup needs before the worker takes requests (a cold worker otherwise spent 3-16 s of
+    Label Studio's 3 s /setup budget importing the label-config parser, the annotators, MoLAM). Loading a
+    published MoLAM needs neither scikit-learn nor XGBoost (~4 s): an XGBoost candidate's booster is built
+    at its first prediction (/predict has 100 s)."""
     import time
 
     t0 = time.perf_counter()
     import label_studio_sdk.label_interface  # noqa: F401  (the label-config parser: ~2.5 s cold)
-    import sklearn.linear_model  # noqa: F401  (loading a published MoLAM: its candidates' models)
-    import xgboost  # noqa: F401
 
     import molal.annotators.embedding  # noqa: F401
     import molal.annotators.mixture  # noqa: F401

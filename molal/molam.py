@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 import zlib
@@ -475,29 +476,50 @@ def _xgb_fit(x: np.ndarray, y: np.ndarray, k: int, lr: float, depth: int, trees:
     return booster, present
 
 
-def _xgb_predict(booster, present: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
-    import xgboost as xgb
+class _SavedBooster:
+    """An XGBoost booster kept as its saved JSON and built on first use. Importing xgboost costs ~4 s (it
+    imports scikit-learn): a published model loaded to answer Label Studio's /setup (3 s budget) must not
+    pay it; the first prediction does."""
 
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+        self._booster = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._booster is None:
+                import xgboost as xgb
+
+                b = xgb.Booster()
+                b.load_model(bytearray(self.raw.encode("utf-8")))
+                self._booster = b
+            return self._booster
+
+
+def _xgb_predict(booster, present: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     out = np.zeros((len(x), k))
     if booster is None:
         out[:, present] = 1.0
         return out
+    import xgboost as xgb
+
+    if isinstance(booster, _SavedBooster):
+        booster = booster.get()
     out[:, present] = booster.predict(xgb.DMatrix(x)).reshape(len(x), len(present))
     return out
 
 
 def _booster_to_str(booster) -> str | None:
-    return None if booster is None else bytes(booster.save_raw("json")).decode("utf-8")
-
-
-def _booster_from_str(s: str | None):
-    if s is None:
+    if booster is None:
         return None
-    import xgboost as xgb
+    if isinstance(booster, _SavedBooster):
+        return booster.raw
+    return bytes(booster.save_raw("json")).decode("utf-8")
 
-    b = xgb.Booster()
-    b.load_model(bytearray(s.encode("utf-8")))
-    return b
+
+def _booster_from_str(s: str | None) -> _SavedBooster | None:
+    return None if s is None else _SavedBooster(s)
 
 
 class PaperXGBoost(Aggregator):

@@ -503,8 +503,32 @@ def test_the_request_path_is_imported_before_the_first_request(tmp_path):
     code = ("import sys; from backend.app import create_app; from molal.config import get_settings; "
             f"create_app(get_settings(model_dir={str(tmp_path / 'd')!r}), start_worker=False); "
             "print(all(m in sys.modules for m in ('label_studio_sdk.label_interface', 'molal.molam', "
-            "'molal.annotators.embedding', 'xgboost')))")
+            "'molal.annotators.embedding')))")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.stdout.strip().splitlines()[-1] == "True", p.stderr[-2000:]
 
+
+
+def test_loading_a_published_molam_imports_neither_xgboost_nor_sklearn(tmp_path, trec_outputs, trec_gold):
+    """What /setup does with a trained project (load the model to answer its version) stays cheap: an
+    XGBoost candidate's booster is built at its first prediction."""
+    import numpy as np
+
+    from molal.molam import MoLAM
+
+    idx = np.arange(60)
+    m = MoLAM(candidates=["xgb"], n_repeats=1, n_folds=2).fit(trec_outputs, labeled_idx=idx, labels=trec_gold[idx])
+    m.save(tmp_path / "molam.json")
+    ref = m.predict_proba(trec_outputs)[:50]
+    code = (
+        "import sys, numpy as np; from molal.molam import MoLAM; "
+        f"m = MoLAM.load({str(tmp_path / 'molam.json')!r}); "
+        "print('xgboost' in sys.modules or 'sklearn' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.strip().splitlines()[-1] == "False", p.stderr[-2000:]
+    again = MoLAM.load(tmp_path / "molam.json")
+    assert np.allclose(again.predict_proba(trec_outputs)[:50], ref)
+    assert MoLAM.load(tmp_path / "molam.json").to_dict() == m.to_dict()  # saving a loaded model keeps it
