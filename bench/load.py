@@ -4,6 +4,14 @@ each) and webhooks for D seconds against gunicorn with 2 workers, while a real t
     .venv/bin/python bench/load.py [--duration 60] [--clients 50] [--tasks 10] [--workers 2] [--no-train]
                                    [--write-results]
 
+    .venv/bin/python bench/load.py --scenario slow [--slow-clients 8] [--duration 30] [--write-results]
+
+The ``slow`` scenario: N clients each open a connection, send a /predict request's headers (Content-Length
+100 kB) and then one byte a second (reconnecting when the server drops them), while one client polls
+``/health`` and one sends ``/predict`` (10 cached tasks) back to back. It runs twice in one go, against
+gunicorn's plain ``gthread`` worker and against molal's ``backend.worker.BufferingThreadWorker`` (same
+config otherwise), and reports p50/p99/max latency and failures of /health and /predict for each.
+
 Setup: a fresh MODEL_DIR; the default mixture (replay of the 5 recorded TREC LLMs) and the annotation cache
 are warmed with every text the clients send, so /predict is served from the cache. A fake Label Studio (a
 real HTTP server on 127.0.0.1, in this process) holds --pool (300) TREC tasks, --labeled (60) annotated; a
@@ -88,8 +96,148 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def warm(url: str, texts: list[str]) -> None:
+    """Label config, default mixture decided on TREC texts, every text annotated into the cache."""
+    import httpx
+
+    with httpx.Client(timeout=120) as c:
+        assert c.post(url + "/setup", json={"project": "7.1", "schema": CONFIG}).status_code == 200
+        for s in range(0, len(texts), 100):
+            tasks = [{"id": s + i + 1, "data": {"text": t}} for i, t in enumerate(texts[s : s + 100])]
+            r = c.post(url + "/predict", json={"project": "7.1", "label_config": CONFIG, "tasks": tasks})
+            assert r.status_code == 200 and all(r.json()["results"]), r.text[:300]
+
+
+def slow_body_client(port: int, stop: threading.Event, counts: dict) -> None:
+    """Holds one connection that sends a request's headers, then a byte a second; reconnects when dropped."""
+    import socket
+
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{")
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(head)
+                counts["connections"] += 1
+                while not stop.wait(1.0):
+                    s.sendall(b" ")
+        except OSError:
+            counts["dropped"] += 1
+            stop.wait(0.2)
+
+
+def probe(ep: str, url: str, texts: list[str], n_tasks: int, stop: threading.Event, lat: list, fails: list) -> None:
+    """Request ``ep`` (health | predict) over and over on fresh connections until ``stop``."""
+    import httpx
+
+    i = 0
+    while not stop.is_set():
+        i += 1
+        t = time.perf_counter()
+        try:
+            with httpx.Client(timeout=10) as c:
+                if ep == "health":
+                    r = c.get(url + "/health")
+                else:
+                    s0 = (i * n_tasks) % (len(texts) - n_tasks)
+                    tasks = [{"id": s0 + j + 1, "data": {"text": texts[s0 + j]}} for j in range(n_tasks)]
+                    r = c.post(url + "/predict", json={"project": "7.1", "label_config": CONFIG, "tasks": tasks})
+            if r.status_code == 200:
+                lat.append(time.perf_counter() - t)
+            else:
+                fails.append(f"HTTP {r.status_code}")
+        except httpx.HTTPError as exc:
+            fails.append(type(exc).__name__)
+        stop.wait(0.1 if ep == "health" else 0.0)
+
+
+def slow_run(args, texts: list[str], extra: list[str]) -> dict:
+    """One server (gunicorn args ``extra``) under ``args.slow_clients`` slow-body clients."""
+    env = {"LOG_LEVEL": "warning", "REDIS_URL": None, "MOLAL_REQUEST_TIMEOUT_S": str(args.request_timeout)}
+    tmp = Path(tempfile.mkdtemp(prefix="molal-slow-"))
+    log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115
+    proc = None
+    try:
+        proc, url = start_gunicorn(tmp / "state", env, workers=args.workers, threads=args.threads, log=log,
+                                   extra_args=extra)
+        warm(url, texts)
+        port = int(url.rsplit(":", 1)[1])
+        stop = threading.Event()
+        counts = {"connections": 0, "dropped": 0}
+        slow = [threading.Thread(target=slow_body_client, args=(port, stop, counts), daemon=True)
+                for _ in range(args.slow_clients)]
+        for t in slow:
+            t.start()
+        time.sleep(2.0)  # let them take hold
+        lat: dict[str, list[float]] = {"health": [], "predict": []}
+        fails: dict[str, list[str]] = {"health": [], "predict": []}
+        probes = [threading.Thread(target=probe, args=(ep, url, texts, args.tasks, stop, lat[ep], fails[ep]),
+                                   daemon=True) for ep in ("health", "predict")]
+        for t in probes:
+            t.start()
+        time.sleep(args.duration)
+        stop.set()
+        for t in probes + slow:
+            t.join(15)
+        out = {ep: {"ok": len(lat[ep]), "failed": len(fails[ep]),
+                    "p50_ms": round(1000 * pct(lat[ep], 0.5), 1), "p99_ms": round(1000 * pct(lat[ep], 0.99), 1),
+                    "max_ms": round(1000 * max(lat[ep]), 1) if lat[ep] else None,
+                    "failure_samples": sorted(set(fails[ep]))[:3]}
+               for ep in ("health", "predict")}
+        out["slow_connections_opened"] = counts["connections"]
+        return out
+    finally:
+        if proc is not None:
+            stop_gunicorn(proc)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def slow_scenario(args, rows: list[dict]) -> dict:
+    """/health and /predict latency with ``args.slow_clients`` slow-body clients, per worker class."""
+    texts = [r["text"] for r in rows]
+    out: dict = {"slow_clients": args.slow_clients, "duration_s": args.duration, "workers": args.workers,
+                 "threads": args.threads, "tasks_per_predict": args.tasks, "runs": {}}
+    for name, extra in (("gunicorn gthread", ["-k", "gthread"]), ("molal BufferingThreadWorker", [])):
+        out["runs"][name] = slow_run(args, texts, extra)
+        print(name, json.dumps(out["runs"][name]), flush=True)
+    return out
+
+
+def write_slow_results(res: dict) -> None:
+    import platform
+
+    lines = [
+        "## slow clients (bench/load.py --scenario slow)", "",
+        f"Command: `.venv/bin/python bench/load.py --scenario slow --slow-clients {res['slow_clients']} --duration "
+        f"{res['duration_s']:.0f} --write-results` (python {platform.python_version()}, {os.cpu_count()} CPU cores "
+        f"shared by the clients and the server; loopback). gunicorn {res['workers']} workers x {res['threads']} "
+        f"threads; {res['slow_clients']} clients each send a /predict request's headers (Content-Length 100 kB) and "
+        "then one byte a second, reconnecting when dropped; meanwhile one client polls /health every 0.1 s and "
+        f"one sends /predict ({res['tasks_per_predict']} cached tasks) back to back, each on a new connection with "
+        "a 10 s timeout. Both worker classes in the same run, same config otherwise.", "",
+        "| worker class | /health ok / failed | /health p50 / p99 / max | /predict ok / failed | /predict p50 / p99 / max |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in res["runs"].items():
+        h, p = r["health"], r["predict"]
+        lines.append(f"| {name} | {h['ok']} / {h['failed']} | {h['p50_ms']} / {h['p99_ms']} / {h['max_ms']} ms | "
+                     f"{p['ok']} / {p['failed']} | {p['p50_ms']} / {p['p99_ms']} / {p['max_ms']} ms |")
+    lines.append("")
+    path = REPO / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    section = "\n".join(lines)
+    m = re.search(r"^## slow clients \(bench/load\.py --scenario slow\).*?(?=^## |\Z)", text, flags=re.S | re.M)
+    text = text[: m.start()] + section + "\n" + text[m.end():] if m else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=("load", "slow"), default="load")
+    ap.add_argument("--slow-clients", type=int, default=8, help="slow scenario: clients trickling a request body")
+    ap.add_argument("--request-timeout", type=float, default=30.0,
+                    help="slow scenario: MOLAL_REQUEST_TIMEOUT_S of the server")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--tasks", type=int, default=10)
@@ -106,6 +254,12 @@ def main() -> None:
     import httpx
 
     rows = [json.loads(line) for line in (REPO / "molal" / "assets" / "trec.jsonl").read_text().splitlines()[: args.pool]]
+    if args.scenario == "slow":
+        res = slow_scenario(args, rows)
+        print(json.dumps(res, indent=1))
+        if args.write_results:
+            write_slow_results(res)
+        return
     ls = FakeLS(rows, n_labeled=args.labeled)
     tmp = Path(tempfile.mkdtemp(prefix="molal-load-"))
     env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": "bench-key-0123456789", "LOG_LEVEL": "warning",
@@ -119,14 +273,8 @@ def main() -> None:
             proc, url = start_gunicorn(tmp / "state", env, workers=args.workers, threads=args.threads, log=log)
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from None
-        # warm: label config, default mixture decided on TREC texts, every text annotated into the cache
         texts = [r["text"] for r in rows]
-        with httpx.Client(timeout=120) as c:
-            assert c.post(url + "/setup", json={"project": "7.1", "schema": CONFIG}).status_code == 200
-            for s in range(0, len(texts), 100):
-                tasks = [{"id": s + i + 1, "data": {"text": t}} for i, t in enumerate(texts[s : s + 100])]
-                r = c.post(url + "/predict", json={"project": "7.1", "label_config": CONFIG, "tasks": tasks})
-                assert r.status_code == 200 and all(r.json()["results"]), r.text[:300]
+        warm(url, texts)
         print(f"warm: {len(texts)} texts cached in {time.monotonic() - t0:.1f} s", flush=True)
 
         stop = threading.Event()
