@@ -532,3 +532,25 @@ def test_loading_a_published_molam_imports_neither_xgboost_nor_sklearn(tmp_path,
     again = MoLAM.load(tmp_path / "molam.json")
     assert np.allclose(again.predict_proba(trec_outputs)[:50], ref)
     assert MoLAM.load(tmp_path / "molam.json").to_dict() == m.to_dict()  # saving a loaded model keeps it
+
+
+def test_the_job_table_stays_bounded(tmp_path, monkeypatch):
+    """Finished jobs beyond the newest KEEP_FINISHED of a project are deleted; a succeeded annotate job drops
+    its texts; a queued annotate job absorbs at most MAX_ANNOTATE_TEXTS texts from later requests."""
+    from molal.service import jobs as J
+
+    monkeypatch.setattr(J, "KEEP_FINISHED", 5)
+    monkeypatch.setattr(J, "MAX_ANNOTATE_TEXTS", 30)
+    q = J.JobQueue(tmp_path / "jobs.db")
+    for i in range(12):
+        job, _ = q.enqueue(7, "annotate", {"texts": [f"text {i}"], "classes": ["a", "b"]})
+        assert q.claim(job["id"]) is not None
+        q.finish(job["id"], ok=i % 2 == 0, error=None if i % 2 == 0 else "boom")
+    rows = q.list(project=7, limit=100)
+    assert len(rows) == 5
+    assert all(r["payload"] == {} for r in rows if r["status"] == "succeeded")
+    assert any(r["payload"] for r in rows if r["status"] == "failed")  # kept for a retry
+    job, _ = q.enqueue(8, "annotate", {"texts": [f"t{i}" for i in range(20)], "classes": ["a", "b"]})
+    for k in range(5):
+        q.enqueue(8, "annotate", {"texts": [f"u{k}-{i}" for i in range(20)], "classes": ["a", "b"]})
+    assert len(q.get(job["id"])["payload"]["texts"]) == 30

@@ -32,8 +32,23 @@ from molal.service.store import SQLiteDB, parse_project_id
 log = logging.getLogger("molal.jobs")
 
 KINDS = ("train", "sync", "query", "annotate")
-#: texts one queued annotate job accumulates from /predict requests that ran out of budget
+#: texts (and characters) one queued annotate job accumulates from /predict requests that ran out of budget
 MAX_ANNOTATE_TEXTS = 20_000
+MAX_ANNOTATE_CHARS = 32_000_000
+#: finished jobs kept per project (older ones are deleted when a job finishes); an annotate job's texts
+#: are dropped once it has succeeded
+KEEP_FINISHED = 200
+
+
+def bounded_texts(texts: list[str]) -> list[str]:
+    """The first texts within :data:`MAX_ANNOTATE_TEXTS` and :data:`MAX_ANNOTATE_CHARS`."""
+    out, n = [], 0
+    for t in texts[:MAX_ANNOTATE_TEXTS]:
+        n += len(t)
+        if n > MAX_ANNOTATE_CHARS:
+            break
+        out.append(t)
+    return out
 STALE_S = 60.0
 HEARTBEAT_S = 5.0
 RQ_QUEUE = "molal"
@@ -148,7 +163,7 @@ class JobQueue:
                     if payload and kind == "annotate":  # merge texts to annotate, up to a bound
                         old = json.loads(r["payload"] or "{}")
                         merged = list(dict.fromkeys(list(old.get("texts", [])) + list(payload.get("texts", []))))
-                        old["texts"] = merged[:MAX_ANNOTATE_TEXTS]  # the rest: queued again by a later /predict
+                        old["texts"] = bounded_texts(merged)  # the rest: queued again by a later /predict
                         c.execute("UPDATE jobs SET payload=? WHERE id=?", (json.dumps(old), r["id"]))
                     return _row(c.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone()), False
             jid = uuid.uuid4().hex[:16]
@@ -196,12 +211,20 @@ class JobQueue:
         """Record the end of a job. ``message`` (default: the first line of ``error``) is what people see."""
         status = "succeeded" if ok else "failed"
         msg = "done" if ok else scrub((message or error or "failed").splitlines()[0])[:500]
-        self.db.execute(
-            "UPDATE jobs SET status=?, finished=?, progress=CASE WHEN ? THEN 1 ELSE progress END, message=?, "
-            "result=?, error=? WHERE id=? AND status='running'",
-            (status, time.time(), ok, msg, json.dumps(result) if result is not None else None,
-             scrub(error)[:4000] if error else None, job_id),
-        )
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET status=?, finished=?, progress=CASE WHEN ? THEN 1 ELSE progress END, message=?, "
+                "result=?, error=?, payload=CASE WHEN ? AND kind='annotate' THEN '{}' ELSE payload END "
+                "WHERE id=? AND status='running'",
+                (status, time.time(), ok, msg, json.dumps(result) if result is not None else None,
+                 scrub(error)[:4000] if error else None, ok, job_id),
+            )
+            # keep the newest KEEP_FINISHED finished jobs of the project: the table does not grow forever
+            c.execute(
+                "DELETE FROM jobs WHERE project=(SELECT project FROM jobs WHERE id=?) "
+                "AND status IN ('succeeded', 'failed') AND id NOT IN (SELECT id FROM jobs WHERE "
+                "project=(SELECT project FROM jobs WHERE id=?) AND status IN ('succeeded', 'failed') "
+                "ORDER BY finished DESC LIMIT ?)", (job_id, job_id, KEEP_FINISHED))
 
     def reap_stale(self, stale_s: float = STALE_S) -> int:
         """Mark running jobs with a dead heartbeat (or a dead pid on this host) as failed."""
