@@ -29,6 +29,24 @@ from pathlib import Path
 
 import numpy as np
 
+#: fidelity variants of the loop (molal.learner): the default is the paper's code (MoLLIA)
+VARIANTS = {
+    "paper": {},  # weights kept from the querying round, λ counts the seed round as 1
+    "each_round": {"weights": "each_round"},
+    "offset0": {"round_offset": 0},
+    "molal-2026-11": {"weights": "each_round", "round_offset": 0},  # molal's simulate before the learner
+}
+
+
+def variant_of(config: dict) -> str:
+    """The name of the fidelity variant a result was run with."""
+    for name, kw in VARIANTS.items():
+        if all(config.get(k, {"weights": "at_add", "round_offset": 1}[k]) == v
+               for k, v in {"weights": "at_add", "round_offset": 1, **kw}.items()):
+            return name
+    return "?"
+
+
 PRESETS = {
     "finetune": {"freeze_encoder": False, "lr": 5e-5, "epochs": 2, "batch_size": 16},
     "frozen": {"freeze_encoder": True, "lr": 2e-3, "epochs": 40, "batch_size": 16},
@@ -40,15 +58,19 @@ def summarize(results) -> list[dict]:
     for r in results:
         c = r.config
         preset = "frozen" if c.get("freeze_encoder") else "finetune"
-        groups.setdefault((preset, c["strategy"], r.mode_label), []).append(r)
+        groups.setdefault((preset, c["strategy"], r.mode_label, variant_of(c)), []).append(r)
     rows = []
-    for (preset, strategy, mode), runs in sorted(groups.items()):
+    for (preset, strategy, mode, variant), runs in sorted(groups.items()):
         f1 = np.array([r.final["micro_f1"] for r in runs])
         maf1 = np.array([r.final["macro_f1"] for r in runs])
         lab = np.array([r.final["train_label_acc"] for r in runs])
         secs = np.array([r.metadata.get("seconds", np.nan) for r in runs])
+        stops = [next((x for x in r.records if x.get("stop_rule_met")), None) for r in runs]
         rows.append({
-            "preset": preset, "strategy": strategy, "mode": mode, "seeds": sorted(r.config["seed"] for r in runs),
+            "preset": preset, "strategy": strategy, "mode": mode, "variant": variant,
+            "seeds": sorted(r.config["seed"] for r in runs),
+            "stop_round": [s["round"] if s else None for s in stops],
+            "stop_micro_f1_mean": round(float(np.mean([(s or r.final)["micro_f1"] for s, r in zip(stops, runs, strict=True)])), 4),
             "rounds": runs[0].final["round"], "train_size": runs[0].final["train_size"],
             "micro_f1_mean": round(float(f1.mean()), 4), "micro_f1_std": round(float(f1.std()), 4),
             "macro_f1_mean": round(float(maf1.mean()), 4),
@@ -58,14 +80,17 @@ def summarize(results) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = f"{'preset':<9}{'strategy':<16}{'mode':<12}{'seeds':<10}{'n':>5}{'micro-F1':>18}{'macro-F1':>10}{'label acc':>11}{'s/run':>8}"
+    hdr = (f"{'preset':<9}{'strategy':<16}{'mode':<12}{'variant':<15}{'seeds':<10}{'n':>5}{'micro-F1':>18}"
+           f"{'macro-F1':>10}{'label acc':>11}{'stop at':>12}{'F1 there':>10}{'s/run':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         seeds = ",".join(map(str, r["seeds"]))
-        print(f"{r['preset']:<9}{r['strategy']:<16}{r['mode']:<12}{seeds:<10}{r['train_size']:>5}"
-              f"{r['micro_f1_mean']:>10.4f} ± {r['micro_f1_std']:.4f}{r['macro_f1_mean']:>10.4f}"
-              f"{r['label_acc_mean']:>11.4f}{r['seconds_per_run']:>8.0f}")
+        stop = ",".join("-" if x is None else str(x) for x in r.get("stop_round", []))
+        print(f"{r['preset']:<9}{r['strategy']:<16}{r['mode']:<12}{r.get('variant', 'paper'):<15}{seeds:<10}"
+              f"{r['train_size']:>5}{r['micro_f1_mean']:>10.4f} ± {r['micro_f1_std']:.4f}{r['macro_f1_mean']:>10.4f}"
+              f"{r['label_acc_mean']:>11.4f}{stop:>12}{r.get('stop_micro_f1_mean', float('nan')):>10.4f}"
+              f"{r['seconds_per_run']:>8.0f}")
 
 
 def time_round(n: int, preset_name: str, epochs: int | None, threads: int | None) -> int:
@@ -119,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", default="random,coreset")
     ap.add_argument("--modes", default="molam,oracle,majority")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=11, help="rounds after the seed round (11: the paper's 50 -> 600)")
+    ap.add_argument("--variants", default="paper",
+                    help=f"fidelity variants of the loop, comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ap.add_argument("--candidates", type=int, default=None, help="unlabelled candidates scored per round")
@@ -147,30 +174,35 @@ def main(argv: list[str] | None = None) -> int:
         preset["epochs"] = a.epochs
     data = None
     results = []
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        for strategy in a.strategies.split(","):
-            for mode in a.modes.split(","):
-                text = a.molam_text_features if mode in ("molam", "hybrid") else None
-                path = out_dir / f"{a.preset}-{strategy}-{mode_label(mode, text)}-s{seed}.json"
-                if a.skip_existing and path.exists():
-                    results.append(SimulationResult.load(path))
-                    continue
-                cfg = SimulationConfig(
-                    strategy=strategy, mode=mode, seed=seed, rounds=a.rounds, budget=a.budget,  # type: ignore[arg-type]
-                    candidates=a.candidates, threads=a.threads, progress=False, molam_text_features=text, **preset,
-                )
-                data = data or load_simulation_data(cfg)
-                t0 = time.perf_counter()
-                res = run_simulation(cfg, data=data)
-                res.save(path)
-                results.append(res)
-                f = res.final
-                print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode_label(mode, text),
-                                  "seed": seed,
-                                  "micro_f1": round(f["micro_f1"], 4), "macro_f1": round(f["macro_f1"], 4),
-                                  "label_acc": round(f["train_label_acc"], 4), "train_size": f["train_size"],
-                                  "seconds": round(time.perf_counter() - t0, 1),
-                                  "max_round_train_s": max(r["seconds_train"] for r in res.records)}), flush=True)
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    for seed, strategy, mode, variant in [(int(s), st, m, v) for s in a.seeds.split(",") for st in a.strategies.split(",")
+                                          for m in a.modes.split(",") for v in variants]:
+        text = a.molam_text_features if mode in ("molam", "hybrid") else None
+        tag = "" if variant == "paper" else f"-{variant}"
+        path = out_dir / f"{a.preset}-{strategy}-{mode_label(mode, text)}{tag}-s{seed}.json"
+        if a.skip_existing and path.exists():
+            results.append(SimulationResult.load(path))
+            continue
+        cfg = SimulationConfig(
+            strategy=strategy, mode=mode, seed=seed, rounds=a.rounds, budget=a.budget,  # type: ignore[arg-type]
+            candidates=a.candidates, threads=a.threads, progress=False, molam_text_features=text, **preset,
+            **VARIANTS[variant],
+        )
+        data = data or load_simulation_data(cfg)
+        t0 = time.perf_counter()
+        res = run_simulation(cfg, data=data)
+        res.save(path)
+        results.append(res)
+        f = res.final
+        print(json.dumps({"preset": a.preset, "strategy": strategy, "mode": mode_label(mode, text),
+                          "variant": variant, "seed": seed,
+                          "micro_f1": round(f["micro_f1"], 4), "macro_f1": round(f["macro_f1"], 4),
+                          "label_acc": round(f["train_label_acc"], 4), "train_size": f["train_size"],
+                          "seconds": round(time.perf_counter() - t0, 1),
+                          "max_round_train_s": max(r["seconds_train"] for r in res.records)}), flush=True)
     rows = summarize(results)
     print()
     print_table(rows)

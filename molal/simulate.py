@@ -2,10 +2,13 @@
 
 Cold start: ``n_initial`` random items of the pool get their gold labels (the seeds) → the labeller (MoLAM,
 or a baseline) is trained on them once → round 0 trains the student on the seeds → each round t = 1..R:
-the query strategy picks ``budget`` unlabelled items with the current student, the labeller labels them
+the query strategy picks ``budget`` unlabelled items with the last round's student, the labeller labels them
 (no gold), the student is re-trained from its start weights on everything labelled so far with the paper's
-noise-robust loss (λ_t, discrepancy weights against the previous round's student, negative labels of the
-LLM-labelled items), and is evaluated on the test split.
+noise-robust loss (λ_t, discrepancy weights, negative labels of the LLM-labelled items), and is evaluated on
+the test split. Each round is :class:`molal.learner.Learner`'s, the code the Label Studio training job runs
+(``weights``/``round_offset`` choose between the paper's code and molal's earlier loop; the stopping rule is
+reported per round: ``stop_kappa``, ``stop_rule_met``). R = 11 by default: 50 → 600 items, the paper's 12
+rounds counting the seed round.
 
 Label modes (``mode``):
 
@@ -60,13 +63,16 @@ class SimulationConfig:
     test: str | None = None  # JSONL test split (default: the dataset's test.jsonl)
     strategy: str = "random"
     mode: Literal["molam", "oracle", "best_llm", "majority", "hybrid"] = "molam"
-    rounds: int = 10
+    rounds: int = 11  # after the seed round: 50 -> 600 items, the paper's 12 rounds
     budget: int = 50
     n_initial: int = 50
     human_per_round: int = 10  # hybrid mode: gold labels per round
     seed: int = 0
     # molam / hybrid modes: MoLAM's transductive text model (a sentence encoder, e.g. "minilm"; None = off)
     molam_text_features: str | None = None
+    # MoLAM's candidate aggregators, comma-separated (e.g. "lr_0.1,ds,best_single"; None = all), as the
+    # project setting molam_candidates of the backend
+    molam_candidates: str | None = None
     # student
     encoder: str = "minilm"
     max_length: int = 64  # TREC questions are <= 41 MiniLM tokens: 64 is lossless there
@@ -80,6 +86,14 @@ class SimulationConfig:
     # loss
     loss: Literal["robust", "ce"] = "robust"
     alpha: float = 0.5
+    # fidelity to the paper's code (molal.learner): "at_add" keeps each machine label's discrepancy weight from
+    # the round that queried it (MoLLIA); "each_round" recomputes it against the previous round's student
+    weights: Literal["at_add", "each_round"] = "at_add"
+    round_offset: int = 1  # λ_t counts the seed round as round 1 (MoLLIA); 0 = molal before 2026-12
+    # the stopping rule (molal.learner.StoppingRule): reported per round, never enforced here
+    stop_kappa: float = 0.99
+    stop_window: int = 3
+    stop_set: int = 1000
     neg_threshold: float = 1e-3
     lambda_base: float = 0.4
     lambda_step: float = 0.06
@@ -107,6 +121,12 @@ class SimulationConfig:
             raise ValueError("molam_text_features must be an encoder name/folder (e.g. 'minilm') or None")
         if self.candidates is not None and self.candidates < self.budget:
             raise ValueError(f"candidates ({self.candidates}) must be >= budget ({self.budget})")
+        if self.weights not in ("at_add", "each_round"):
+            raise ValueError(f"weights must be 'at_add' or 'each_round', got {self.weights!r}")
+        if self.round_offset < 0:
+            raise ValueError(f"round_offset must be >= 0, got {self.round_offset}")
+        if not 0 < self.stop_kappa <= 1 or self.stop_window < 1 or self.stop_set < 0:
+            raise ValueError("stop_kappa must be in (0, 1], stop_window >= 1, stop_set >= 0")
 
 
 def mode_label(mode: str, molam_text_features: str | None) -> str:
@@ -268,9 +288,11 @@ def _labeller(mode: str, config: SimulationConfig | None = None):
     from molal import molam
 
     if mode in ("molam", "hybrid"):
+        cands = [c.strip() for c in config.molam_candidates.split(",") if c.strip()] \
+            if config is not None and config.molam_candidates else None
         if config is not None and config.molam_text_features:
-            return molam.MoLAM(text_features=config.molam_text_features, text_device=config.device)
-        return molam.MoLAM()
+            return molam.MoLAM(candidates=cands, text_features=config.molam_text_features, text_device=config.device)
+        return molam.MoLAM(candidates=cands)
     if mode == "majority":
         return molam.MajorityVote()
     if mode == "best_llm":
@@ -285,10 +307,10 @@ def _f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
 
 
 def run_simulation(config: SimulationConfig, data: SimulationData | None = None, console: Any = None) -> SimulationResult:
-    """Run the loop of the module docstring; returns per-round records (round 0 = seeds only)."""
+    """Run the loop of the module docstring; returns per-round records (round 0 = seeds only). Each round
+    is :class:`molal.learner.Learner`'s — the same code the Label Studio training job runs."""
     config.validate()
-    from molal.loss import discrepancy_weights
-    from molal.query import build_pool, get_strategy
+    from molal.learner import Learner, StoppingRule, TrainingSet
     from molal.student import Student
 
     if config.threads:
@@ -324,7 +346,10 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
 
         negatives_all = np.asarray(negative_labels(out, threshold=config.neg_threshold, predicted=label_probs), dtype=bool)
 
-    strategy = get_strategy(config.strategy)
+    learner = Learner(config.strategy, budget=config.budget,
+                      human_per_round=config.human_per_round if config.mode == "hybrid" else 0,
+                      alpha=config.alpha, weights=config.weights, round_offset=config.round_offset, loss=config.loss,
+                      candidates=config.candidates)
     student = Student(
         out.class_names,
         encoder=config.encoder,
@@ -340,10 +365,13 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
         lambda_base=config.lambda_base,
         lambda_step=config.lambda_step,
     )
-    labeled: list[int] = [int(i) for i in seeds]
-    assigned = {int(i): int(gold[i]) for i in seeds}
-    human = {int(i) for i in seeds}
-    prev_pred = np.full(n, -1, dtype=np.int64)  # previous round's student prediction per pool item
+    ts = TrainingSet()
+    for i in seeds:
+        ts.add_human(int(i), int(gold[i]))
+    stop_rule = StoppingRule(kappa=config.stop_kappa, window=config.stop_window, size=config.stop_set)
+    stop_rows = stop_rule.stop_set(n, seed=config.seed)
+    prev_stop_pred: dict[int, int] | None = None
+    kappas: list[float | None] = []
     result = SimulationResult(
         config=asdict(config),
         notes=list(data.notes),
@@ -354,97 +382,66 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
             "test_size": len(data.test_texts),
             "class_names": out.class_names,
             "labeller": labeller_meta,
+            "learner": learner.params(),
             "seeds": [int(i) for i in seeds],
         },
     )
     if config.mode == "oracle":
         result.notes.append("ORACLE: every label is gold, all items count as human-labelled (loss = plain CE)")
 
+    batch: list[int] = []
+    q_seconds = 0.0
     for t in range(config.rounds + 1):
         t_round = time.perf_counter()
-        q_seconds = 0.0
-        batch = np.zeros(0, dtype=np.int64)
-        batch_acc = None
-        if t > 0:
-            tq = time.perf_counter()
-            is_lab = np.zeros(n, dtype=bool)
-            is_lab[labeled] = True
-            cand = np.flatnonzero(~is_lab)
-            if config.candidates is not None and len(cand) > config.candidates:
-                cand = np.sort(rng.choice(cand, size=config.candidates, replace=False))
-            cand_texts = [texts[i] for i in cand]
-            if strategy.name == "random":
-                from molal.query import QueryPool
-
-                pool = QueryPool(probs=np.full((len(cand), k), 1.0 / k))
-            else:
-                pool = build_pool(strategy, student, cand_texts, [texts[i] for i in labeled])
-                prev_pred[cand] = pool.probs.argmax(1)
-            batch = cand[strategy.select(pool, config.budget, rng)]
-            if strategy.name == "random" and config.loss == "robust":  # previous student's view of the batch
-                prev_pred[batch] = student.predict([texts[i] for i in batch])
-            q_seconds = time.perf_counter() - tq
-            # label the batch
-            to_human: set[int] = set()
-            if config.mode == "oracle":
-                to_human = {int(i) for i in batch}
-            elif config.mode == "hybrid" and config.human_per_round > 0:
-                from molal.molam import least_confident
-
-                to_human = {int(i) for i in batch[least_confident(label_probs[batch], config.human_per_round)]}
-            for i in batch:
-                i = int(i)
-                assigned[i] = int(gold[i]) if i in to_human else int(llm_label[i])
-            human |= to_human
-            labeled.extend(int(i) for i in batch)
-            batch_acc = float(np.mean([assigned[int(i)] == gold[i] for i in batch]))
-
-        idx = np.asarray(labeled)
-        y = np.asarray([assigned[i] for i in labeled])
-        is_h = np.asarray([i in human for i in labeled])
-        weights = discrepancy_weights(prev_pred[idx] if t > 0 else None, y, is_h, alpha=config.alpha)
-        if config.loss == "ce":
-            weights = np.ones_like(weights)
-        negs = negatives_all[idx] & ~is_h[:, None]
-        h_idx = idx[is_h]
         tt = time.perf_counter()
-        student.fit(
-            [texts[i] for i in idx],
-            y,
-            weights=weights,
-            negatives=negs,
-            round_t=t,
-            val_texts=[texts[i] for i in h_idx],
-            val_labels=gold[h_idx],
-            progress=config.progress,
-        )
+        d = learner.fit(student, texts, ts, t, val_labels={r: int(gold[r]) for r in ts.human},
+                        progress=config.progress)
         train_seconds = time.perf_counter() - tt
-        # the student's predictions on its training items, for the next round's discrepancy weights
-        if config.rounds > t and config.loss == "robust":
-            prev_pred[idx] = student.predict([texts[i] for i in idx])
         te = time.perf_counter()
         pred = student.predict(data.test_texts)
         micro, macro = _f1(data.test_labels, pred)
+        kappa = None
+        if len(stop_rows):
+            stop_pred = dict(zip(stop_rows.tolist(), student.predict([texts[r] for r in stop_rows]).tolist(), strict=True))
+            kappa = stop_rule.agreement(prev_stop_pred, stop_pred, k)
+            prev_stop_pred = stop_pred
+        kappas.append(kappa)
         rec = {
             "round": t,
-            "train_size": len(labeled),
-            "n_human": int(is_h.sum()),
-            "n_llm_labeled": int((~is_h).sum()),
-            "batch_label_acc": batch_acc,
-            "train_label_acc": float((y == gold[idx]).mean()),
-            "n_downweighted": int((weights < 1).sum()),
-            "n_with_negatives": int(negs.any(1).sum()),
+            "train_size": len(d.rows),
+            "n_human": int(d.is_human.sum()),
+            "n_llm_labeled": int((~d.is_human).sum()),
+            "batch_label_acc": float(np.mean([(ts.human[r] if r in ts.human else ts.machine[r].label) == gold[r]
+                                              for r in batch])) if batch else None,
+            "train_label_acc": float((d.y == gold[d.rows]).mean()),
+            "n_downweighted": int((d.weights < 1).sum()),
+            "n_with_negatives": int(d.negatives.any(1).sum()),
             "micro_f1": micro,
             "macro_f1": macro,
             "best_epoch": student.metadata.get("best_epoch"),
+            "stop_kappa": kappa,
+            "stop_rule_met": stop_rule.check(kappas),
             "seconds_query": round(q_seconds, 2),
             "seconds_train": round(train_seconds, 2),
             "seconds_eval": round(time.perf_counter() - te, 2),
-            "seconds_total": round(time.perf_counter() - t_round, 2),
+            "seconds_total": round(time.perf_counter() - t_round + q_seconds, 2),
         }
         result.records.append(rec)
         if console is not None:
             console(rec)
+        if t == config.rounds:
+            break
+        # the next round's batch, queried by this round's student and labelled
+        tq = time.perf_counter()
+        q = learner.query(student, texts, ts, label_probs, rng)
+        if config.mode == "oracle":  # every queried row goes to the simulated person
+            q.to_machine, q.to_human = [], list(q.rows)
+        learner.label_batch(ts, q, label_probs, negatives_all, t, human={r: int(gold[r]) for r in q.to_human})
+        batch = q.rows
+        q_seconds = time.perf_counter() - tq
+    stopped = next((r["round"] for r in result.records if r["stop_rule_met"]), None)
+    result.metadata["stop_rule"] = {"kappa": stop_rule.kappa, "window": stop_rule.window, "stop_set": len(stop_rows),
+                                    "first_round_met": stopped}
     result.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
     return result
 

@@ -267,3 +267,46 @@ def test_prediction_versions_from_light_and_full_tasks():
     assert _prediction_versions({"predictions": [{"model_version": "v2"}, {"model_version": None}, "x",
                                                  {"model_version": "v1"}]}) == ["v1", "v2"]
     assert _prediction_versions({}) == []
+
+
+def test_stopping_rule_is_reported_and_optionally_enforced(tmp_path, rows, monkeypatch):
+    """Each training job reports κ between its student's and the last student's predictions on a fixed
+    sample of tasks (job info, GET /projects/N); with stop_when_stable the human-free loop stops querying
+    once the rule is met."""
+    from molal.learner import StoppingRule
+
+    svc = service(tmp_path)
+    state = project(svc, 6)
+    for k, v in {"loop_mode": "human_free", "strategy": "random", "query_batch": 5}.items():
+        state.set_setting(k, v)
+    pool = make_pool(rows[:60], 60, 20, seed=2)
+    r1 = fit_round(svc, state, SPEC, pool, None, job_id="s1")
+    assert r1.info["stop"]["kappa"] is None and r1.info["stop"]["met"] is False
+    assert r1.info["stop"]["stop_set"] == 60 and len(state.get("stop_set")) == 60
+    r2 = fit_round(svc, state, SPEC, pool, None, job_id="s2")
+    assert -1.0 <= r2.info["stop"]["kappa"] <= 1.0 and len(r2.new_auto) == 5
+    assert state.summary(svc.settings)["stop_kappas"] == [None, r2.info["stop"]["kappa"]]
+    monkeypatch.setattr(StoppingRule, "check", lambda self, kappas: True)
+    state.set_setting("stop_when_stable", "true")
+    n_auto = len(state.auto_labels())
+    r3 = fit_round(svc, state, SPEC, pool, None, job_id="s3")
+    assert r3.info.get("stopped") is True and r3.new_auto == [] and len(state.auto_labels()) == n_auto
+
+
+def test_stop_check_kappa_over_the_kept_stop_set(tmp_path):
+    from molal.service.train import stop_check
+
+    class Fixed:
+        def __init__(self, shift):
+            self.shift = shift
+
+        def predict(self, texts):
+            return np.array([(int(t[1:]) + self.shift) % 3 for t in texts])
+
+    svc = service(tmp_path)
+    state = svc.store.project(9)
+    texts = [f"t{i}" for i in range(30)]
+    pool = Pool(task_ids=list(range(500, 530)), texts=texts, data=[{"text": t} for t in texts], human={})
+    outs = [stop_check(state, Fixed(s), pool, 3) for s in (0, 0, 1, 1, 1, 1)]
+    assert [o["kappa"] for o in outs] == [None, 1.0, pytest.approx(-0.5), 1.0, 1.0, 1.0]
+    assert [o["met"] for o in outs] == [False, False, False, False, False, True]

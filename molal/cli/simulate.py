@@ -18,11 +18,13 @@ def _round_table_row(rec: dict) -> list[str]:
         f"{rec['train_label_acc']:.3f}",
         f"{rec['micro_f1']:.4f}",
         f"{rec['macro_f1']:.4f}",
+        "-" if rec.get("stop_kappa") is None else f"{rec['stop_kappa']:.3f}" + (" stop" if rec.get("stop_rule_met") else ""),
         f"{rec['seconds_total']:.1f}",
     ]
 
 
-COLUMNS = ["round", "train size", "batch label acc", "all labels acc", "micro-F1", "macro-F1", "time (s)"]
+COLUMNS = ["round", "train size", "batch label acc", "all labels acc", "micro-F1", "macro-F1", "κ (stop rule)",
+           "time (s)"]
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
         test: str | None = typer.Option(None, help="JSONL test split (default: shared/data/<dataset>/test.jsonl)"),
         strategy: str = typer.Option("random", help="query strategy (see molal.query.STRATEGIES)"),
         mode: str = typer.Option("molam", help=MODES_HELP),
-        rounds: int = typer.Option(10, help="AL rounds after the cold start"),
+        rounds: int = typer.Option(11, help="AL rounds after the seed round (11: the paper's 50 -> 600 items)"),
         budget: int = typer.Option(50, help="items queried per round"),
         initial: int = typer.Option(50, help="random seed items with gold labels (cold start)"),
         human_per_round: int = typer.Option(10, help="hybrid mode: gold labels per round"),
@@ -62,6 +64,11 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(5e-5, help="student AdamW learning rate"),
         freeze_encoder: bool = typer.Option(False, help="fast preset: train only the head on frozen embeddings"),
         loss: str = typer.Option("robust", help="robust (the paper's loss) or ce (plain cross-entropy)"),
+        weights: str = typer.Option("at_add", help="discrepancy weight of a MoLAM label: at_add (kept from the "
+                                                   "round that queried it, as the paper's code) | each_round"),
+        round_offset: int = typer.Option(1, help="λ_t counts the seed round as round 1 (paper's code); 0 = λ 0.4 there"),
+        stop_kappa: float = typer.Option(0.99, help="stopping rule: κ between successive rounds' predictions"),
+        stop_window: int = typer.Option(3, help="stopping rule: rounds in a row at or above --stop-kappa"),
         candidates: int | None = typer.Option(None, help="score only N random unlabelled candidates per round"),
         pool_limit: int | None = typer.Option(None, help="use a fixed random subset of N pool rows"),
         test_limit: int | None = typer.Option(None, help="use only the first N test rows"),
@@ -89,7 +96,8 @@ def register(app: typer.Typer) -> None:
             rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
             molam_text_features=molam_text_features,
             encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
-            freeze_encoder=freeze_encoder, loss=loss,  # type: ignore[arg-type]
+            freeze_encoder=freeze_encoder, loss=loss, weights=weights,  # type: ignore[arg-type]
+            round_offset=round_offset, stop_kappa=stop_kappa, stop_window=stop_window,
             candidates=candidates, pool_limit=pool_limit, test_limit=test_limit, device=device, threads=threads,
             progress=progress,
         )

@@ -215,6 +215,7 @@ class ProjectSettings:
     student: bool = True  # train the student in each training job
     molam_candidates: str | None = None  # comma list of MoLAM candidates (e.g. "lr_0.1,ds,best_single"); None = all
     molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
+    stop_when_stable: bool = False  # human_free loop: query no more tasks once the stopping rule is met
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -496,6 +497,9 @@ class ProjectState:
             "auto_labels": len(self.auto_labels()),
             "new_annotations": self.get("new_annotations", 0),
             "for_humans": self.get(FOR_HUMANS_KEY, []),
+            # the stopping rule (molal.learner.StoppingRule): κ between successive students' predictions on a
+            # fixed sample of tasks, one per training job (the last 10)
+            "stop_kappas": self.get("stop_kappas", [])[-10:],
         }
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from molal.learner import Learner, StoppingRule
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
 from molal.service.lstrust import access_for
@@ -194,8 +195,8 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
               job_id: str = "manual", on_annotated: Callable[[np.ndarray, Any], None] | None = None) -> RoundResult:
     """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it.
     ``on_annotated(rows, outputs)`` is called once the mixture's outputs are there (before MoLAM)."""
-    from molal.loss import discrepancy_weights
-    from molal.molam import MoLAM, least_confident, negative_labels
+    from molal.learner import MachineLabel, TrainingSet
+    from molal.molam import MoLAM, negative_labels
 
     ps = svc.project_settings(state)
     s = svc.settings
@@ -232,7 +233,7 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     y_molam = P.argmax(axis=1)
     neg = np.asarray(negative_labels(outputs, predicted=P), dtype=bool)
 
-    # -- previous student (discrepancy weights) ------------------------------------------------------------
+    # -- previous student (discrepancy weights in review mode) ----------------------------------------------
     prev = None
     try:
         old = svc.loaded_model(state)
@@ -263,67 +264,60 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     if ps.student:
         from molal.student import Student
 
-        # training set: human rows (weight 1, no negatives) + MoLAM rows
-        if ps.loop_mode == "review":
-            mol_rows = [r for r in rows.tolist() if r not in pool.human]
-        else:
-            mol_rows = [row_of_task[t] for t in auto if t in row_of_task and row_of_task[t] not in pool.human
-                        and row_of_task[t] in pos]
-        tr_rows = human_rows + mol_rows
-        negatives = np.zeros((len(tr_rows), K), dtype=bool)
-        if ps.loop_mode == "review":  # MoLAM's current labels (refit on every correction)
-            mol_y = [int(y_molam[pos[r]]) for r in mol_rows]
-            for i, r in enumerate(mol_rows):
-                negatives[len(human_rows) + i] = neg[pos[r]]
-        else:  # the labels (and negatives) MoLAM gave when the task was queried, as in the paper's loop
-            mol_y = [auto[pool.task_ids[r]]["label"] for r in mol_rows]
-            for i, r in enumerate(mol_rows):
-                negatives[len(human_rows) + i, auto[pool.task_ids[r]]["negatives"]] = True
-        y = np.array([pool.human[r] for r in human_rows] + mol_y, dtype=np.int64)
-        is_human = np.array([True] * len(human_rows) + [False] * len(mol_rows))
-        if ps.loop_mode == "human_free":
-            w_stored = np.array([1.0] * len(human_rows) + [auto[pool.task_ids[r]]["weight"] for r in mol_rows])
-            weights = w_stored.astype(np.float32)
-        else:
-            prev_pred = None
-            if prev is not None and mol_rows:
-                prev_pred = np.full(len(tr_rows), -1, dtype=np.int64)
-                prev_pred[len(human_rows):] = prev.predict([pool.texts[r] for r in mol_rows])
-            weights = discrepancy_weights(prev_pred, y, is_human=is_human)
+        # MoLAM's probabilities and negatives indexed by pool row (rows without mixture outputs stay 0)
+        P_rows = np.zeros((len(pool), K))
+        P_rows[rows] = P
+        neg_rows = np.zeros((len(pool), K), dtype=bool)
+        neg_rows[rows] = neg
+        learner = round_learner(ps)
+        ts = TrainingSet()
+        for r in human_rows:  # human labels first (weight 1, no negatives) ...
+            ts.add_human(r, pool.human[r])
+        if ps.loop_mode == "review":  # ... then MoLAM's current labels of every other row (refit on every correction)
+            for r in rows.tolist():
+                if r not in pool.human:
+                    ts.add_machine(r, MachineLabel(int(y_molam[pos[r]]), 1.0,
+                                                   tuple(np.flatnonzero(neg[pos[r]]).tolist()), round_t))
+            mol_rows = [r for r in ts.rows() if r not in ts.human]
+            if prev is not None and mol_rows:  # weights against the last published student
+                ts.prev_pred.update(zip(mol_rows, prev.predict([pool.texts[r] for r in mol_rows]).tolist(),
+                                        strict=True))
+        else:  # ... or the labels MoLAM gave when the row was queried, as in the paper's loop
+            for t, a in auto.items():
+                r = row_of_task.get(t)
+                if r is not None and r not in pool.human and r in pos:
+                    ts.add_machine(r, MachineLabel(a["label"], a["weight"], tuple(a["negatives"]), a["round"]))
+        n_mol = len(ts) - len(ts.human)
         if ctx is not None:
-            ctx.progress(0.5, f"training the student on {len(human_rows)} human + {len(mol_rows)} MoLAM labels "
+            ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
                               f"(round {round_t}, {s.student_epochs} epochs)")
         student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
                           epochs=s.student_epochs, device=s.device, freeze_encoder=s.student_freeze_encoder)
-        student.fit([pool.texts[r] for r in tr_rows], y, weights=weights, negatives=negatives, round_t=round_t,
-                    val_texts=[pool.texts[r] for r in human_rows], val_labels=labels,
-                    progress=sys.stderr.isatty())  # a rich bar for `molal train` in a terminal
+        learner.fit(student, pool.texts, ts, round_t, progress=sys.stderr.isatty())  # a rich bar in a terminal
         student.save(staging / "student")
         info["student"] = True
-        info["student_train"] = {"human": len(human_rows), "molam": len(mol_rows)}
+        info["student_train"] = {"human": len(ts.human), "molam": n_mol}
+        info["learner"] = learner.params()
 
-        if ps.loop_mode == "human_free":
-            # one AL round: query b tasks among the rows neither human- nor MoLAM-labelled yet
+        info["stop"] = stop_check(state, student, pool, K)
+        if info["stop"]["met"] and ps.loop_mode == "human_free" and ps.stop_when_stable:
+            state.put(FOR_HUMANS_KEY, [])
+            info["stopped"] = True
+            if ctx is not None:
+                ctx.progress(0.8, f"stopping rule met (κ >= {info['stop']['threshold']} for {info['stop']['window']} "
+                                  "rounds): no new tasks queried (stop_when_stable)")
+        elif ps.loop_mode == "human_free":
+            # one AL round: query among the rows neither human- nor MoLAM-labelled yet
             if ctx is not None:
                 ctx.progress(0.8, f"querying {ps.query_batch} tasks with {ps.strategy}")
-            taken = set(human_rows) | set(mol_rows)
-            cand = [r for r in rows.tolist() if r not in taken]
-            order = rank_rows(student, [pool.texts[r] for r in cand], ps.strategy, budget=ps.query_batch,
-                              seed=round_t, labeled_texts=[pool.texts[r] for r in tr_rows])
-            new_auto = [cand[i] for i in order[: ps.query_batch]]
-            if ps.human_per_round and new_auto:  # hybrid: MoLAM's least confident labels go to people
-                pick = least_confident(P[[pos[r] for r in new_auto]], ps.human_per_round)
-                to_human = [new_auto[i] for i in pick]
-                sent = set(to_human)
-                new_auto = [r for r in new_auto if r not in sent]
+            q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t), pool_rows=rows)
+            to_human = q.to_human  # hybrid: MoLAM's least confident labels go to people
             state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
             info["to_human"] = len(to_human)
-            sp = student.predict([pool.texts[r] for r in new_auto]) if new_auto else np.zeros(0, dtype=np.int64)
-            yq = np.array([int(y_molam[pos[r]]) for r in new_auto], dtype=np.int64)
-            wq = discrepancy_weights(sp, yq) if new_auto else np.zeros(0)
+            new_auto = learner.label_batch(ts, q, P_rows, neg_rows, round_t)
             state.add_auto_labels([
-                (pool.task_ids[r], int(yq[i]), float(wq[i]), np.flatnonzero(neg[pos[r]]).tolist(), round_t)
-                for i, r in enumerate(new_auto)
+                (pool.task_ids[r], ts.machine[r].label, ts.machine[r].weight, list(ts.machine[r].negatives),
+                 ts.machine[r].round) for r in new_auto
             ])
             info["queried"] = len(new_auto)
     state.put("round", round_t + 1)
@@ -340,6 +334,37 @@ def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
                        rows=rows, probs=np.asarray(probs), llm_outputs=outputs, new_auto=new_auto,
                        to_human=to_human, student=student, info=info)
+
+
+def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: StoppingRule | None = None) -> dict:
+    """The stopping rule of :class:`molal.learner.StoppingRule` for a project: the stop set (task ids drawn at
+    the first job, kept), this job's student's predictions on it, κ against the last job's; the history is
+    kept in the project's state (``GET /projects/N`` shows it)."""
+    rule = rule or StoppingRule()
+    tasks = state.get("stop_set")
+    if not tasks:
+        tasks = [pool.task_ids[r] for r in rule.stop_set(len(pool), seed=state.id).tolist()]
+        state.put("stop_set", tasks)
+    row_of = {t: i for i, t in enumerate(pool.task_ids)}
+    rows = [row_of[t] for t in tasks if t in row_of]
+    pred = student.predict([pool.texts[r] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+    now = {pool.task_ids[r]: int(p) for r, p in zip(rows, pred.tolist(), strict=True)}
+    prev = {int(t): int(p) for t, p in (state.get("stop_pred") or {}).items()}
+    kappa = rule.agreement(prev, now, n_classes)
+    history = [*state.get("stop_kappas", []), None if kappa is None else round(kappa, 4)]
+    state.put("stop_pred", now)
+    state.put("stop_kappas", history[-50:])
+    return {"kappa": history[-1], "met": rule.check(history), "threshold": rule.kappa, "window": rule.window,
+            "stop_set": len(rows)}
+
+
+def round_learner(ps) -> Learner:
+    """The :class:`molal.learner.Learner` of a project's training job: its strategy and batch, the hybrid
+    split, and the weighting: in review mode MoLAM relabels every row each job, so a label's weight is
+    recomputed against the last student (``each_round``); in the human-free loop it is kept from the round
+    that queried the row (``at_add``, as the paper's code)."""
+    return Learner(ps.strategy, budget=ps.query_batch, human_per_round=ps.human_per_round,
+                   weights="each_round" if ps.loop_mode == "review" else "at_add")
 
 
 # -- query ----------------------------------------------------------------------------------------------------
@@ -521,6 +546,8 @@ def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
         flagged = client.update_task_data(upd)
     out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
                            "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool)}
+    if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
+        out["stop"] = rr.info["stop"]
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
         auto = state.auto_labels()
