@@ -35,14 +35,28 @@ VARIANTS = {
     "each_round": {"weights": "each_round"},
     "offset0": {"round_offset": 0},
     "molal-2026-11": {"weights": "each_round", "round_offset": 0},  # molal's simulate before the learner
+    # the query strategies as molal ran them before 2026-12 (NoiseStability: no normalisation, biases
+    # perturbed too; BEMPS: no per-model variance term); the loop as the paper's
+    "old-strategies": {"strategy_options": "old"},
 }
+OLD_STRATEGY_OPTIONS = {"noise_stability": {"normalize": False, "weights_only": False},
+                        "bemps": {"variance_term": False}}
+
+
+def variant_config(name: str, strategy: str) -> dict:
+    """SimulationConfig fields of a fidelity variant for ``strategy``."""
+    kw = dict(VARIANTS[name])
+    if kw.get("strategy_options") == "old":
+        kw["strategy_options"] = OLD_STRATEGY_OPTIONS.get(strategy, {})
+    return kw
 
 
 def variant_of(config: dict) -> str:
     """The name of the fidelity variant a result was run with."""
-    for name, kw in VARIANTS.items():
-        if all(config.get(k, {"weights": "at_add", "round_offset": 1}[k]) == v
-               for k, v in {"weights": "at_add", "round_offset": 1, **kw}.items()):
+    defaults = {"weights": "at_add", "round_offset": 1, "strategy_options": {}}
+    for name in VARIANTS:
+        want = {**defaults, **variant_config(name, config["strategy"])}
+        if all(config.get(k, defaults[k]) == v for k, v in want.items()):
             return name
     return "?"
 
@@ -189,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SimulationConfig(
             strategy=strategy, mode=mode, seed=seed, rounds=a.rounds, budget=a.budget,  # type: ignore[arg-type]
             candidates=a.candidates, threads=a.threads, progress=False, molam_text_features=text, **preset,
-            **VARIANTS[variant],
+            **variant_config(variant, strategy),
         )
         data = data or load_simulation_data(cfg)
         t0 = time.perf_counter()

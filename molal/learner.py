@@ -128,14 +128,17 @@ class Learner:
         round_offset: added to the round number in λ_t (1 = MoLLIA).
         loss: ``"robust"`` (weights and negatives) or ``"ce"`` (plain cross-entropy on all labels).
         candidates: score at most this many random unlabelled rows per query (None = all).
+        strategy_options: keyword arguments of the strategy (e.g. ``{"variance_term": False}`` for BEMPS).
     """
 
     def __init__(self, strategy: str = "random", *, budget: int = 50, human_per_round: int = 0,
                  alpha: float = 0.5, weights: Literal["at_add", "each_round"] = "at_add", round_offset: int = 1,
-                 loss: Literal["robust", "ce"] = "robust", candidates: int | None = None) -> None:
+                 loss: Literal["robust", "ce"] = "robust", candidates: int | None = None,
+                 strategy_options: dict[str, Any] | None = None) -> None:
         from molal.query import get_strategy
 
-        self.strategy = get_strategy(strategy)  # a clear error naming the valid strategies
+        self.strategy_options = dict(strategy_options or {})
+        self.strategy = get_strategy(strategy, **self.strategy_options)  # a clear error naming the valid ones
         if int(budget) < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         if not 0 <= int(human_per_round) <= int(budget):
@@ -159,7 +162,8 @@ class Learner:
         self.candidates = None if candidates is None else int(candidates)
 
     def params(self) -> dict[str, Any]:
-        return {"strategy": self.strategy.name, "budget": self.budget, "human_per_round": self.human_per_round,
+        return {"strategy": self.strategy.name, "strategy_options": self.strategy_options, "budget": self.budget,
+                "human_per_round": self.human_per_round,
                 "alpha": self.alpha, "weights": self.weights, "round_offset": self.round_offset, "loss": self.loss,
                 "candidates": self.candidates}
 

@@ -233,20 +233,30 @@ class CoreSetStrategy(Strategy):
 
 
 class NoiseStabilityStrategy(Strategy):
-    """Output change under ``n_perturb`` relative weight perturbations of scale ``scale``."""
+    """Output change under ``n_perturb`` relative weight perturbations of scale ``scale`` (Li et al. 2024), as
+    the paper's code runs it: only weight matrices are perturbed (no biases; ``weights_only``), and each item's
+    change is divided by the norm of its unperturbed output (``normalize``); k-center greedy on the changes
+    picks the batch, the largest change first. ``normalize=False, weights_only=False`` is molal's version
+    before 2026-12."""
 
     name = "noise_stability"
     needs = ("perturbed_probs",)
 
-    def __init__(self, n_perturb: int = 5, scale: float = 1e-3) -> None:
+    def __init__(self, n_perturb: int = 5, scale: float = 1e-3, normalize: bool = True, weights_only: bool = True) -> None:
         self.n_perturb = int(n_perturb)
         self.scale = float(scale)
+        self.normalize = bool(normalize)
+        self.weights_only = bool(weights_only)
 
     def _select(self, pool, b, rng):
         if pool.perturbed_probs is None and pool.model is not None and pool.texts is not None:
-            pool.perturbed_probs = np.asarray(pool.model.perturbed_probs(pool.texts, n=self.n_perturb, scale=self.scale))
+            pool.perturbed_probs = np.asarray(pool.model.perturbed_probs(pool.texts, n=self.n_perturb, scale=self.scale,
+                                                                         weights_only=self.weights_only))
         pert = pool.require("perturbed_probs", self.name)
-        change = (pert - pool.probs[None]).transpose(1, 0, 2).reshape(pool.n, -1)  # (n, P*K)
+        diff = pert - pool.probs[None]  # (P, n, K)
+        if self.normalize:
+            diff = diff / np.maximum(np.linalg.norm(pool.probs, axis=1), 1e-12)[None, :, None]
+        change = diff.transpose(1, 0, 2).reshape(pool.n, -1)  # (n, P*K)
         norms = (change**2).sum(1)
         return k_center_greedy(change, b, first=int(np.argmax(norms)), rng=rng)
 
@@ -255,19 +265,25 @@ class BEMPSStrategy(Strategy):
     """CoreMSE (BEMPS) with MC-dropout samples as the posterior over models.
 
     For candidate x, sample θ_e (e=1..E, uniform prior) and estimation points x' (a random subset of the
-    pool of size ``n_estimation``): the score vector s(x)[x'] = Σ_y p(y|x) Σ_ŷ (p(ŷ|x') − p(ŷ|x', L+(x,y)))²
-    where p(ŷ|x', L+(x,y)) = Σ_e p(θ_e|x,y) p(ŷ|θ_e,x'), p(θ_e|x,y) ∝ p(y|θ_e,x). The top ``top_frac``
-    items by mean score are clustered (k-means, ``budget`` clusters) on their L2-normalised score vectors;
-    the item nearest each centroid is picked (clusters ordered by their best item's score)."""
+    pool of size ``n_estimation``): the score vector, as the paper's code computes it, is
+    s(x)[x'] = Σ_y p(y|x) Σ_e Σ_ŷ (p(ŷ|θ_e,x') − p(ŷ|x', L+(x,y)))² where p(ŷ|x', L+(x,y)) =
+    Σ_e p(θ_e|x,y) p(ŷ|θ_e,x'), p(θ_e|x,y) ∝ p(y|θ_e,x). Since Σ_e (q_e − new)² = Σ_e (q_e − q̄)² + E (q̄ − new)²,
+    that is E × molal's earlier vector Σ_y p(y|x) Σ_ŷ (q̄ − new)² plus the per-model variance at x', a term
+    the same for every x: it leaves the ranking (the top ``top_frac`` by mean score) unchanged but not the
+    L2-normalised vectors the k-means clusters (``budget`` clusters; the item nearest each centroid is
+    picked, clusters ordered by their best item's score). ``variance_term=False`` is molal's version before
+    2026-12."""
 
     name = "bemps"
     needs = ("mc_probs",)
 
-    def __init__(self, n_samples: int = 10, n_estimation: int = 200, top_frac: float = 0.5, chunk: int = 1024) -> None:
+    def __init__(self, n_samples: int = 10, n_estimation: int = 200, top_frac: float = 0.5, chunk: int = 1024,
+                 variance_term: bool = True) -> None:
         self.n_samples = int(n_samples)
         self.n_estimation = int(n_estimation)
         self.top_frac = float(top_frac)
         self.chunk = int(chunk)
+        self.variance_term = bool(variance_term)
 
     def score_vectors(self, mc: np.ndarray, est_idx: np.ndarray) -> np.ndarray:
         e, n, k = mc.shape
@@ -276,6 +292,7 @@ class BEMPSStrategy(Strategy):
         q_mean = q.mean(0).reshape(-1)  # (m*K,)
         qf = q.reshape(e, m * k)
         out = np.zeros((n, m), dtype=np.float32)
+        var = ((q - q.mean(0, keepdims=True)) ** 2).sum((0, 2)) if self.variance_term else None  # (m,)
         for s in range(0, n, self.chunk):
             p = mc[:, s : s + self.chunk, :].transpose(1, 2, 0)  # (c, K, E): p(y|θ_e, x)
             c = p.shape[0]
@@ -283,7 +300,8 @@ class BEMPSStrategy(Strategy):
             post = p / np.maximum(p.sum(2, keepdims=True), 1e-12)  # (c, K, E): p(θ_e|x, y)
             new = (post.reshape(c * k, e) @ qf).reshape(c, k, m, k)  # p(ŷ|x', L+(x,y))
             mse = ((new - q_mean.reshape(1, 1, m, k)) ** 2).sum(3)  # (c, K, m)
-            out[s : s + c] = (p_y[:, :, None] * mse).sum(1)
+            reduction = (p_y[:, :, None] * mse).sum(1)  # (c, m)
+            out[s : s + c] = reduction if var is None else e * reduction + var[None, :]
         return out
 
     def _select(self, pool, b, rng):

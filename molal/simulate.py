@@ -62,6 +62,7 @@ class SimulationConfig:
     pool_labels: str | None = None  # JSONL with the gold labels of the pool rows (same order)
     test: str | None = None  # JSONL test split (default: the dataset's test.jsonl)
     strategy: str = "random"
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the strategy
     mode: Literal["molam", "oracle", "best_llm", "majority", "hybrid"] = "molam"
     rounds: int = 11  # after the seed round: 50 -> 600 items, the paper's 12 rounds
     budget: int = 50
@@ -107,7 +108,7 @@ class SimulationConfig:
     def validate(self) -> None:
         from molal.query import get_strategy
 
-        get_strategy(self.strategy)  # clear error listing the valid names
+        get_strategy(self.strategy, **self.strategy_options)  # clear error listing the valid names/options
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
         for name in ("rounds", "budget", "n_initial"):
@@ -349,7 +350,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
     learner = Learner(config.strategy, budget=config.budget,
                       human_per_round=config.human_per_round if config.mode == "hybrid" else 0,
                       alpha=config.alpha, weights=config.weights, round_offset=config.round_offset, loss=config.loss,
-                      candidates=config.candidates)
+                      candidates=config.candidates, strategy_options=config.strategy_options)
     student = Student(
         out.class_names,
         encoder=config.encoder,

@@ -502,9 +502,11 @@ class Student:
         out = [_softmax(self._forward_all(model, texts, train_mode=True, seed=self.seed + 1000 + i)[0]) for i in range(n)]
         return np.stack(out)
 
-    def perturbed_probs(self, texts: Sequence[str], n: int = 5, scale: float = 1e-3) -> np.ndarray:
+    def perturbed_probs(self, texts: Sequence[str], n: int = 5, scale: float = 1e-3,
+                        weights_only: bool = True) -> np.ndarray:
         """(n, N, K) probabilities of ``n`` copies of the model whose every weight tensor W got Gaussian
-        noise of norm ``scale·‖W‖`` (NoiseStability, Li et al. 2024)."""
+        noise of norm ``scale·‖W‖`` (NoiseStability, Li et al. 2024). ``weights_only``: only parameters named
+        ``*.weight`` (as the paper's code: biases are left alone); else every parameter."""
         torch = _torch()
         if n < 1 or scale <= 0:
             raise StudentError("need n >= 1 and scale > 0")
@@ -515,9 +517,11 @@ class Student:
             for i in range(n):
                 g = torch.Generator().manual_seed(self.seed + 2000 + i)
                 with torch.no_grad():
-                    for p in model.parameters():
+                    for name, p in model.named_parameters():
                         if self.freeze_encoder and not p.requires_grad:
                             continue  # frozen encoder: only the trained head is perturbed
+                        if weights_only and not name.endswith("weight"):
+                            continue
                         noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
                         nn_ = noise.norm()
                         if nn_ > 0:

@@ -126,6 +126,19 @@ def test_noise_stability_picks_unstable_and_diverse():
     pool = QueryPool(probs=probs, perturbed_probs=pert)
     idx = get_strategy("noise_stability").select(pool, 3, 0)
     assert sorted(idx.tolist()) == unstable
+    assert sorted(get_strategy("noise_stability", normalize=False).select(pool, 3, 0).tolist()) == unstable
+
+
+def test_noise_stability_divides_by_the_output_norm_as_the_papers_code():
+    """Two items with the same absolute output change: the one whose output vector is shorter (less
+    confident) changed more relative to it and is picked first."""
+    probs = np.array([[1.0, 0.0, 0.0], [0.34, 0.33, 0.33], [0.5, 0.5, 0.0]])
+    pert = np.repeat(probs[None], 2, axis=0).copy()
+    pert[:, 0] += [0.0, 0.05, -0.05]
+    pert[:, 1] += [0.0, 0.05, -0.05]
+    pool = QueryPool(probs=probs, perturbed_probs=pert)
+    assert get_strategy("noise_stability").select(pool, 1, 0).tolist() == [1]
+    assert get_strategy("noise_stability", normalize=False).select(pool, 1, 0).tolist() == [0]  # a tie: first
 
 
 def test_bemps_scores_and_diversity():
@@ -139,7 +152,9 @@ def test_bemps_scores_and_diversity():
     s = BEMPSStrategy(n_estimation=50)
     vec = s.score_vectors(mc, np.arange(0, n, 2))
     assert vec.shape == (n, 60) and (vec >= -1e-9).all()
-    assert vec[:60].mean() < 0.1 * vec[60:].mean()
+    # the expected error reduction (without the per-model variance at x', the same for every x)
+    red = BEMPSStrategy(variance_term=False).score_vectors(mc, np.arange(0, n, 2))
+    assert red[:60].mean() < 0.1 * red[60:].mean() and vec[:60].mean() < vec[60:].mean()
     pool = QueryPool(probs=mc.mean(0), mc_probs=mc)
     idx = s.select(pool, 10, np.random.default_rng(0))
     assert (idx >= 60).all()  # only disagreeing items (top 50%) are candidates
@@ -151,16 +166,22 @@ def test_bemps_score_matches_naive_formula():
     mc = np.stack([_dirichlet(n, k, rng) for _ in range(e)])
     est = np.array([0, 2, 4])
     vec = BEMPSStrategy().score_vectors(mc, est)
+    old = BEMPSStrategy(variance_term=False).score_vectors(mc, est)
     for x in range(n):
         for a, xp in enumerate(est):
             base = mc[:, xp, :].mean(0)
-            total = 0.0
+            total = paper = 0.0
             for y in range(k):
                 p_y = mc[:, x, y].mean()
                 w = mc[:, x, y] / mc[:, x, y].sum()
                 new = (w[:, None] * mc[:, xp, :]).sum(0)
                 total += p_y * ((base - new) ** 2).sum()
-            assert vec[x, a] == pytest.approx(total, rel=1e-5, abs=1e-9)
+                # the paper's code (MoLLIA bemps_coremse_batch): Σ_e Σ_ŷ (p(ŷ|θ_e,x') − p(ŷ|x',L+(x,y)))²
+                paper += p_y * ((mc[:, xp, :] - new[None]) ** 2).sum()
+            assert old[x, a] == pytest.approx(total, rel=1e-5, abs=1e-9)
+            assert vec[x, a] == pytest.approx(paper, rel=1e-5, abs=1e-9)
+    # the variance term is the same for every x: the ranking by mean score does not change
+    assert (np.argsort(vec.mean(1)) == np.argsort(old.mean(1))).all()
 
 
 def test_min_sq_dist_chunked_equals_dense():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-MODES_HELP = "molam (paper) | oracle (gold) | best_llm | majority | hybrid (k least-confident MoLAM labels → gold)"
+MODES_HELP = "molam (labels from molal's MoLAM aggregator, the paper's loop) | oracle (gold) | best_llm | majority | hybrid (k least-confident MoLAM labels → gold)"
 
 
 def _round_table_row(rec: dict) -> list[str]:
