@@ -52,7 +52,9 @@ def main() -> None:
     from tests.llm_server import TinyLMServer, build_tiny_lm
 
     rows = [json.loads(line) for line in asset_path("trec.jsonl").read_text().splitlines()]
-    classes = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+    from molal.datasets import CLASS_NAMES
+
+    classes = list(CLASS_NAMES["trec"])
     texts = [r["text"] for r in rows[: args.n]]
     gold = [classes.index(r["label"]) for r in rows[: args.n]]
     tmp = Path(tempfile.mkdtemp(prefix="molal-bench-"))

@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molal.datasets import CLASS_NAMES
+from molal.service.lsclient import VIEW_TITLE
 from molal.service.lsprocess import BackendProcess, LabelStudioProcess, free_port
 
-VIEW_TITLE = "molal: next to label"
 STATE_FILE = "demo-state.json"
 DEFAULT_USER = "admin@molal.local"
 #: class order of the bundled TREC sample (as in its recorded LLM outputs)
-TREC_CLASSES = ("abbreviation", "entity", "description", "human", "location", "numeric")
+TREC_CLASSES = tuple(CLASS_NAMES["trec"])
 
 
 # -- data ------------------------------------------------------------------------------------------------------

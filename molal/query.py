@@ -2,7 +2,7 @@
 
 ``get_strategy(name, **kw).select(pool, budget, rng)`` returns ``min(budget, n)`` unique indices into the
 pool, most useful first. Strategies are pure numpy over a :class:`QueryPool` of model outputs; the ones that
-need extra forward passes say so in ``needs`` and read the arrays the :class:`molal.student.Student` produces
+need extra forward passes read the arrays :func:`build_pool` computes with the :class:`molal.student.Student`
 (or call its methods through ``pool.model``/``pool.texts`` when the arrays are missing):
 
 ==================  =====================================================================================
@@ -101,8 +101,6 @@ class Strategy:
     """Base class: ``select(pool, budget, rng)`` → ordered unique indices, ``len == min(budget, n)``."""
 
     name: ClassVar[str] = ""
-    #: QueryPool fields this strategy reads besides ``probs``
-    needs: ClassVar[tuple[str, ...]] = ()
 
     def select(self, pool: QueryPool, budget: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
         if not isinstance(pool, QueryPool):
@@ -225,7 +223,6 @@ def k_center_greedy(
 
 class CoreSetStrategy(Strategy):
     name = "coreset"
-    needs = ("embeddings",)
 
     def _select(self, pool, b, rng):
         emb = pool.require("embeddings", self.name)
@@ -240,7 +237,6 @@ class NoiseStabilityStrategy(Strategy):
     before 2026-12."""
 
     name = "noise_stability"
-    needs = ("perturbed_probs",)
 
     def __init__(self, n_perturb: int = 5, scale: float = 1e-3, normalize: bool = True, weights_only: bool = True) -> None:
         self.n_perturb = int(n_perturb)
@@ -275,7 +271,6 @@ class BEMPSStrategy(Strategy):
     2026-12."""
 
     name = "bemps"
-    needs = ("mc_probs",)
 
     def __init__(self, n_samples: int = 10, n_estimation: int = 200, top_frac: float = 0.5, chunk: int = 1024,
                  variance_term: bool = True) -> None:
@@ -343,7 +338,6 @@ class BadgeStrategy(Strategy):
     """k-means++ seeding on gradient embeddings g = emb ⊗ (p − onehot(argmax p)), first = largest ‖g‖."""
 
     name = "badge"
-    needs = ("embeddings",)
 
     def _select(self, pool, b, rng):
         emb = pool.require("embeddings", self.name)

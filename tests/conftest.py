@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from molal.datasets import CLASS_NAMES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,7 +28,7 @@ def _shared_data() -> Path:
 
 
 SHARED_DATA = _shared_data()
-TREC_CLASSES = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+TREC_CLASSES = list(CLASS_NAMES["trec"])
 TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
 #: a Label Studio text-classification config over the TREC classes (single choice)
 TREC_CONFIG = (

@@ -27,7 +27,9 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CLASSES = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+from molal.datasets import CLASS_NAMES
+
+CLASSES = list(CLASS_NAMES["trec"])
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from molal.config import get_settings
 from tests.conftest import TREC_CLASSES, TREC_CONFIG
 from tests.harness import JSONServer, kill_group, start_gunicorn, stop_gunicorn
@@ -200,7 +198,6 @@ def _train(model_dir: Path, rows_path: Path, student: bool, seed: int, **kw) -> 
 
 
 def test_training_job_sigkilled_midway_previous_model_keeps_serving(tmp_path):
-    pytest.importorskip("molal.molam", reason="MoLAM (molal/molam.py) is not in this tree yet")
     from backend.app import create_app
     from molal.resources import asset_path
     from molal.service.jobs import JobQueue

@@ -176,3 +176,36 @@ def test_one_round_is_the_same_in_simulate_and_in_the_training_job(tmp_path, mon
             sorted(zip(b["texts"], b["y"], b["w"], b["neg"], b["human"], strict=True))
     assert sim_calls["fit"][0] == calls["fit"][0]  # round 0: the seeds, in the same order here
     assert sum(not h for h in calls["fit"][1]["human"]) == 6  # the 6 machine-labelled rows, with weights/negatives
+
+
+# -- the service's arrows point one way ----------------------------------------------------------------------------
+def test_service_modules_never_import_the_service_from_below():
+    """molal/service: the Service (pipeline.py) sits on top; the runtime, the jobs and handlers below it take a
+    Runtime and import neither pipeline.py nor each other upwards (no lazy imports holding a circle together)."""
+    import ast
+    from pathlib import Path
+
+    import molal.service
+
+    root = Path(molal.service.__file__).parent
+    below = {"molal.service.pipeline"}
+    rules = {  # module -> molal.service modules it must not import (at any depth, TYPE_CHECKING included)
+        "runtime": below | {"molal.service.predict", "molal.service.train"},
+        "predict": below | {"molal.service.train"},
+        "train": below,
+        "jobs": below | {"molal.service.runtime", "molal.service.train", "molal.service.predict"},
+        "store": below | {"molal.service.runtime", "molal.service.jobs"},
+        "taskdata": below | {"molal.service.runtime"},
+        "lstrust": below | {"molal.service.runtime", "molal.service.jobs"},
+        "lsclient": below | {"molal.service.runtime"},
+        "labelconfig": below | {"molal.service.runtime", "molal.service.store"},
+    }
+    for mod, banned in rules.items():
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert not imported & banned, (mod, imported & banned)

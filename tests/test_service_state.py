@@ -117,7 +117,19 @@ def test_enqueue_coalesces_only_queued_jobs(tmp_path):
     q.finish(a["id"], True, {"ok": 1})
     assert q.claim()["id"] == d["id"]
     with pytest.raises(JobError):
-        q.enqueue(1, "dance")
+        q.enqueue(1, "dance; drop table jobs")
+
+
+def test_the_service_queues_only_the_job_kinds_it_can_run(tmp_path):
+    from molal.config import get_settings
+    from molal.service.errors import BadRequest
+    from molal.service.pipeline import Service
+    from molal.service.train import JOBS
+
+    svc = Service(get_settings(model_dir=tmp_path / "state"))
+    assert svc.kinds == tuple(JOBS) == ("train", "sync", "query", "annotate")
+    with pytest.raises(BadRequest, match="unknown job kind 'dance'"):
+        svc.submit(1, "dance")
 
 
 def _claimer(path, out, n):

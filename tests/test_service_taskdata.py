@@ -225,7 +225,7 @@ def test_training_pull_uses_the_fetched_text_and_keeps_task_data(servers):
     tasks = [{"id": 1, "data": {"text": "/data/upload/1/q.txt"}},
              {"id": 2, "data": {"text": "/data/upload/1/missing.txt"}},
              {"id": 3, "data": {"text": f"{evil.url}/secret.txt"}}]
-    pool = pool_from_tasks(tasks, spec, resolve=taskdata.task_text_resolver(Svc(), State()))
+    pool = pool_from_tasks(tasks, spec, resolve=taskdata.task_text_resolver(Svc.settings, State()))
     assert pool.texts == [Q_TEXT, f"{evil.url}/secret.txt"] and pool.task_ids == [1, 3] and pool.skipped == 1
     assert pool.data[0] == {"text": "/data/upload/1/q.txt"}  # written back to LS as it was
     assert evil.hits == [] and _auth_ok(ls)
@@ -247,9 +247,9 @@ def test_setup_hostname_is_used_only_when_the_operator_allows_it(servers, tmp_pa
             return (ls.url, "setup-token-123456")
 
     # by default a hostname that arrived in a request is never contacted
-    assert taskdata.ls_source(Svc(), State()) == (None, None)
+    assert taskdata.ls_source(Svc.settings, State()) == (None, None)
     # allowed explicitly: with the token of that same /setup, never the configured key
-    assert taskdata.ls_source(Trusting(), State()) == (ls.url, "setup-token-123456")
+    assert taskdata.ls_source(Trusting.settings, State()) == (ls.url, "setup-token-123456")
 
     class Configured:
         settings = get_settings(label_studio_url=ls.url)
@@ -259,6 +259,6 @@ def test_setup_hostname_is_used_only_when_the_operator_allows_it(servers, tmp_pa
             return (evil.url, "setup-token-123456")
 
     # a configured URL wins; a /setup token is only used for that same Label Studio
-    assert taskdata.ls_source(Configured(), EvilSetup()) == (ls.url, None)
-    assert taskdata.ls_source(Configured(), State()) == (ls.url, "setup-token-123456")
+    assert taskdata.ls_source(Configured.settings, EvilSetup()) == (ls.url, None)
+    assert taskdata.ls_source(Configured.settings, State()) == (ls.url, "setup-token-123456")
     assert json.dumps([evil.hits, ls.hits]) == "[[], []]"

@@ -218,12 +218,12 @@ def test_changed_mixture_falls_back_to_mixture_mean(tmp_path, rows):
                    '[[annotator]]\ntype = "replay"\nname = "yi"\nsource = "bundled:trec"\n')
     state.set_setting("mixture", str(cfg))
     srv = svc.serving(state, SPEC)
-    assert srv["kind"] == "mixture-mean" and srv["version"].startswith("mixture-mean-")
+    assert srv.kind == "mixture-mean" and srv.version.startswith("mixture-mean-")
     out = svc.predict({"project": 4, "tasks": [{"id": 1, "data": {"text": rows[0]["text"]}}], "label_config": CONFIG})
-    assert out["model_version"] == srv["version"] != rr.version
+    assert out["model_version"] == srv.version != rr.version
     assert [e["model_version"] for e in out["results"][0][1:]] == ["llm:qwen", "llm:yi"]
     state.unset_setting("mixture")
-    assert svc.serving(state, SPEC)["version"] == rr.version
+    assert svc.serving(state, SPEC).version == rr.version
 
 
 @pytest.mark.slow

@@ -41,12 +41,13 @@ from molal.annotators.base import (
     validate_classes,
     validate_texts,
 )
+from molal.datasets import CLASS_NAMES
 
 if TYPE_CHECKING:
     from molal.cache import AnnotationCache
     from molal.data import LLMOutputs
 
-TREC_CLASSES = ["abbreviation", "entity", "description", "human", "location", "numeric"]
+TREC_CLASSES = list(CLASS_NAMES["trec"])
 TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
 
 

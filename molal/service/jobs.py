@@ -6,7 +6,9 @@
   identical one is queued is *coalesced* into it (``coalesced`` counts the merged requests).
 * In-process mode (default): :class:`JobWorker` is a daemon thread per server process that claims queued
   jobs and runs them. With ``REDIS_URL`` set, :func:`submit` also pushes the job id to the RQ queue
-  ``molal`` and ``molal worker`` (an RQ worker) runs :func:`run_job_by_id` — the same library function.
+  ``molal`` and ``molal worker`` (an RQ worker) runs :func:`molal.service.pipeline.run_job_by_id` — the
+  same function the worker thread runs. This module only queues and executes; which function runs a kind is
+  :data:`molal.service.train.JOBS`.
 * A job found ``running`` whose heartbeat is older than ``STALE_S`` (or whose pid is gone, same host) is
   marked failed (:meth:`JobQueue.reap_stale`). A failed or killed job never touches the serving model:
   publishing is the last step of a training job (see molal.service.store).
@@ -31,7 +33,6 @@ from molal.service.store import SQLiteDB, parse_project_id
 
 log = logging.getLogger("molal.jobs")
 
-KINDS = ("train", "sync", "query", "annotate")
 #: texts (and characters) one queued annotate job accumulates from /predict requests that ran out of budget
 MAX_ANNOTATE_TEXTS = 20_000
 MAX_ANNOTATE_CHARS = 32_000_000
@@ -149,8 +150,8 @@ class JobQueue:
         project and kind absorbs this request (``created`` is False); a running one does not (the new
         request needs a fresh run that sees the new data)."""
         project = parse_project_id(project)
-        if kind not in KINDS:
-            raise JobError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
+        if not isinstance(kind, str) or not kind.isidentifier() or len(kind) > 32:
+            raise JobError(f"bad job kind {kind!r}")
         payload = payload or {}
         with self.db.transaction() as c:
             if coalesce:
@@ -361,27 +362,5 @@ def rq_queue(redis_url: str):
 def submit_rq(redis_url: str, job: dict, model_dir: str) -> None:
     """Hand a queued job to the RQ workers (``molal worker``)."""
     q = rq_queue(redis_url)
-    q.enqueue("molal.service.jobs.run_job_by_id", job["id"], str(model_dir), job_timeout=24 * 3600,
+    q.enqueue("molal.service.pipeline.run_job_by_id", job["id"], str(model_dir), job_timeout=24 * 3600,
               job_id=f"molal-{job['id']}", description=f"molal {job['kind']} project {job['project']}")
-
-
-def run_job_by_id(job_id: str, model_dir: str, wait_s: float = 24 * 3600) -> dict | None:
-    """Entry point of RQ workers: claim job ``job_id`` (waiting while its project has another job
-    running) and run it with :func:`molal.service.pipeline.run_job`."""
-    from molal.config import get_settings
-    from molal.service.pipeline import Service
-
-    settings = get_settings(model_dir=model_dir)
-    svc = Service(settings)
-    deadline = time.monotonic() + wait_s
-    while True:
-        job = svc.jobs.claim(job_id)
-        if job is not None:
-            return execute(svc.jobs, job, svc.run_job)
-        row = svc.jobs.get(job_id)
-        if row is None or row["status"] != "queued":
-            return row  # already run elsewhere, coalesced or failed
-        if time.monotonic() > deadline:
-            return row
-        svc.jobs.reap_stale()
-        time.sleep(1.0)

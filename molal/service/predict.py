@@ -34,7 +34,7 @@ from molal.service.labelconfig import LabelSpec
 from molal.service.taskdata import resolve_texts
 
 if TYPE_CHECKING:
-    from molal.service.pipeline import Service
+    from molal.service.runtime import Runtime
     from molal.service.store import ProjectState
 
 log = logging.getLogger("molal.predict")
@@ -88,14 +88,14 @@ def check_tasks(tasks: list, spec: LabelSpec, max_chars: int | None = None) -> t
     return texts, errors
 
 
-def _annotate(mixture, texts: list[str], spec: LabelSpec, svc: Service, deadline: float):
+def _annotate(mixture, texts: list[str], spec: LabelSpec, svc: Runtime, deadline: float):
     try:
         return mixture.annotate(texts, list(spec.classes), cache=svc.cache, deadline=deadline)
     except ValueError as exc:  # the annotators' contract: the class list does not suit them
         raise Unprocessable(f"the mixture cannot annotate the label config's classes: {exc}") from None
 
 
-def annotate_by(mixture, texts: list[str], spec: LabelSpec, svc: Service, deadline: float):
+def annotate_by(mixture, texts: list[str], spec: LabelSpec, svc: Runtime, deadline: float):
     """:func:`_annotate` that returns by ``deadline`` (+ :data:`DEADLINE_GRACE_S`) even when one model call
     runs longer: the call goes on in the predict pool and lands in the cache; the answer is what the cache
     holds at the deadline."""
@@ -138,11 +138,11 @@ def mean_probs(outputs) -> np.ndarray:
     return outputs.normalized_probs().mean(axis=1)
 
 
-def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: list, deadline: float) -> dict[str, Any]:
+def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: list, deadline: float) -> dict[str, Any]:
     ps = svc.project_settings(state)
     max_chars = svc.settings.max_text_chars
     texts, errors = check_tasks(tasks, spec, max_chars)
-    texts = resolve_texts(svc, state, texts, errors)  # Label Studio-hosted .txt files → their text
+    texts = resolve_texts(svc.settings, state, texts, errors)  # Label Studio-hosted .txt files → their text
     for i, t in enumerate(texts):
         if t is not None and len(t) > max_chars:  # a file's content is held to the same limit
             texts[i] = None
@@ -150,19 +150,18 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
     if tasks and all(t is None for t in texts):
         raise Unprocessable(f"no task has a text to annotate: {'; '.join(sorted(set(errors.values())))[:300]}")
     if not tasks:
-        srv = svc.serving(state, spec)
-        return {"results": [], "model_version": srv["version"], "pending": 0}
+        return {"results": [], "model_version": svc.serving(state, spec).version, "pending": 0}
     good = [i for i, t in enumerate(texts) if t is not None]
     good_texts = [texts[i] for i in good]
     srv = svc.serving(state, spec, good_texts)
-    mixture = srv["mixture"]
+    mixture = srv.mixture
     results: list[Any] = [[] for _ in tasks]
     pending: list[int] = []
     main_probs: dict[int, np.ndarray] = {}
     per_llm: dict[int, list[dict]] = {}
 
-    if srv["kind"] == "student":
-        student = svc.student_of(state, srv["model"])
+    if not srv.needs_llms:  # the student serves
+        student = svc.student_of(state, srv.model)
         got, late = student_probs(student, good_texts, deadline)
         for j, p in got.items():
             main_probs[good[j]] = p
@@ -177,10 +176,7 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
         res = annotate_by(mixture, good_texts, spec, svc, deadline)
         done = res.done_idx.tolist()
         if done:
-            if srv["kind"] == "molam":
-                P = srv["model"].molam.predict_proba(res.outputs)
-            else:
-                P = mean_probs(res.outputs)
+            P = srv.probs_from_outputs(res.outputs)
             llm_p = res.outputs.normalized_probs() if ps.per_llm_predictions else None
             for r, jj in enumerate(done):
                 main_probs[good[jj]] = np.asarray(P[r], dtype=np.float64)
@@ -191,9 +187,9 @@ def predict_tasks(svc: Service, state: ProjectState, spec: LabelSpec, tasks: lis
         pending = [good[jj] for jj in res.pending_idx.tolist()]
 
     for i, p in main_probs.items():
-        results[i] = [entry(spec, p, srv["version"]), *per_llm.get(i, [])]
-    out: dict[str, Any] = {"results": results, "model_version": srv["version"], "pending": len(pending)}
-    if pending and srv["kind"] != "student":  # the student needs no LLM call: Label Studio asks again later
+        results[i] = [entry(spec, p, srv.version), *per_llm.get(i, [])]
+    out: dict[str, Any] = {"results": results, "model_version": srv.version, "pending": len(pending)}
+    if pending and srv.needs_llms:  # the student needs no LLM call: Label Studio asks again later
         ptexts = list(dict.fromkeys(texts[i] for i in pending))
         job, _ = svc.submit(state.id, "annotate", {"texts": ptexts, "classes": list(spec.classes)},
                             source="predict deadline")

@@ -30,7 +30,6 @@ from molal.lru import LRU
 from molal.service.lstrust import _DEFAULT_PORTS, access_for, origin
 
 if TYPE_CHECKING:
-    from molal.service.pipeline import Service
     from molal.service.store import ProjectState
 
 log = logging.getLogger("molal.taskdata")
@@ -183,22 +182,22 @@ def resolve_text(value: str, ls_url: str | None, api_key: str | None, max_bytes:
 
 
 # -- for the service ----------------------------------------------------------------------------------------
-def ls_source(svc: Service, state: ProjectState | None) -> tuple[str | None, str | None]:
+def ls_source(settings, state: ProjectState | None) -> tuple[str | None, str | None]:
     """(Label Studio URL, key) to read task files from: :func:`molal.service.lstrust.access_for`."""
-    a = access_for(svc.settings, state)
+    a = access_for(settings, state)
     return a.url, a.key
 
 
-def resolve_texts(svc: Service, state: ProjectState | None, texts: list[str | None],
+def resolve_texts(settings, state: ProjectState | None, texts: list[str | None],
                   errors: dict[int, str]) -> list[str | None]:
     """``texts`` with Label Studio-hosted files replaced by their content; a failed one becomes None and its
-    reason goes to ``errors`` (position -> reason). Values that are no LS file cost nothing."""
+    reason goes to ``errors`` (position -> reason). Values that are no LS file cost nothing. ``settings``:
+    :class:`molal.config.Settings` (the Label Studio URL and key, the file size and time limits)."""
     if not any(isinstance(t, str) and ("/data/" in t) for t in texts):
         return texts
-    ls_url, key = ls_source(svc, state)
-    s = svc.settings
-    max_bytes = getattr(s, "task_file_max_bytes", DEFAULT_MAX_BYTES)
-    timeout_s = getattr(s, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
+    ls_url, key = ls_source(settings, state)
+    max_bytes = getattr(settings, "task_file_max_bytes", DEFAULT_MAX_BYTES)
+    timeout_s = getattr(settings, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
     out: list[str | None] = []
     for i, t in enumerate(texts):
         if t is None:
@@ -212,13 +211,12 @@ def resolve_texts(svc: Service, state: ProjectState | None, texts: list[str | No
     return out
 
 
-def task_text_resolver(svc: Service, state: ProjectState | None):
+def task_text_resolver(settings, state: ProjectState | None):
     """A ``value -> text | None`` function for the training pull: failures are logged (path and reason, no
     token) and the task is skipped like one without text."""
-    ls_url, key = ls_source(svc, state)
-    s = svc.settings
-    max_bytes = getattr(s, "task_file_max_bytes", DEFAULT_MAX_BYTES)
-    timeout_s = getattr(s, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
+    ls_url, key = ls_source(settings, state)
+    max_bytes = getattr(settings, "task_file_max_bytes", DEFAULT_MAX_BYTES)
+    timeout_s = getattr(settings, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
 
     def resolve(value: str) -> str | None:
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,10 +47,8 @@ from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from molal.service.jobs import JobContext
-    from molal.service.pipeline import Service
+    from molal.service.runtime import Runtime
     from molal.service.store import ProjectState
 
 log = logging.getLogger("molal.train")
@@ -125,7 +124,7 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
     return pool
 
 
-def client_for(svc: Service, state: ProjectState) -> LSClient:
+def client_for(svc: Runtime, state: ProjectState) -> LSClient:
     """The SDK client for the project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`."""
     a = access_for(svc.settings, state)
     if not a.url or not a.key:
@@ -134,7 +133,7 @@ def client_for(svc: Service, state: ProjectState) -> LSClient:
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
-def annotate_pool(svc: Service, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
+def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
                   lo: float = 0.0, hi: float = 0.4):
     """Mixture outputs for ``texts`` (cached). Returns the MixtureResult."""
     mixture = svc.mixture_for(state, spec.classes, texts)
@@ -159,7 +158,7 @@ def annotate_pool(svc: Service, state: ProjectState, spec: LabelSpec, texts: lis
     return mixture, res
 
 
-def annotate_texts(svc: Service, state: ProjectState, ctx: JobContext, payload: dict) -> dict:
+def annotate_texts(svc: Runtime, state: ProjectState, ctx: JobContext, payload: dict) -> dict:
     """The ``annotate`` job (rows /predict could not finish within its budget)."""
     texts = payload.get("texts")
     classes = payload.get("classes")
@@ -191,7 +190,7 @@ class RoundResult:
     info: dict = field(default_factory=dict)
 
 
-def fit_round(svc: Service, state: ProjectState, spec: LabelSpec, pool: Pool, ctx: JobContext | None,
+def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ctx: JobContext | None,
               job_id: str = "manual", on_annotated: Callable[[np.ndarray, Any], None] | None = None) -> RoundResult:
     """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it.
     ``on_annotated(rows, outputs)`` is called once the mixture's outputs are there (before MoLAM)."""
@@ -437,7 +436,7 @@ def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int]
     return {"priorities_written": n, "view": view}
 
 
-def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: str | None = None,
+def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
                   client: LSClient | None = None, pool: Pool | None = None, spec: LabelSpec | None = None) -> dict:
     """The ``query`` job: rank every unlabeled task with the current student and write the priorities."""
     ps = svc.project_settings(state)
@@ -447,7 +446,7 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
         spec = svc.spec_for(state, client.label_config(state.id))
     if pool is None:
         ctx.progress(0.05, "pulling tasks from Label Studio")
-        pool = pool_from_tasks(client.tasks(state.id), spec, resolve=task_text_resolver(svc, state),
+        pool = pool_from_tasks(client.tasks(state.id), spec, resolve=task_text_resolver(svc.settings, state),
                                max_chars=svc.settings.max_text_chars)
     m = svc.loaded_model(state)
     student = svc.student_of(state, m) if m is not None else None
@@ -466,7 +465,7 @@ def query_project(svc: Service, state: ProjectState, ctx: JobContext, strategy: 
 
 
 # -- pushing predictions ---------------------------------------------------------------------------------------
-def push_predictions(svc: Service, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
+def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
                      ctx: JobContext | None = None) -> int:
     """Bulk-import the serving model's prediction (and per-LLM ones not yet there) for unlabeled rows.
@@ -495,7 +494,7 @@ def push_predictions(svc: Service, client: LSClient, state: ProjectState, spec: 
     return n
 
 
-def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
+def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
     client = client_for(svc, state)
     ctx.progress(0.01, f"pulling project {state.id} from Label Studio")
     config = client.label_config(state.id)
@@ -503,7 +502,7 @@ def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
         state.put("label_config", config)
     spec = svc.spec_for(state, config)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc, state), max_chars=svc.settings.max_text_chars)
+    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state), max_chars=svc.settings.max_text_chars)
     too_long = (f" ({pool.too_long} over MOLAL_MAX_TEXT_CHARS={svc.settings.max_text_chars} characters)"
                 if pool.too_long else "")
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
@@ -511,7 +510,7 @@ def _pull(svc: Service, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     return client, spec, pool
 
 
-def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
+def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``)."""
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
@@ -563,26 +562,41 @@ def train_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
     return out
 
 
-def sync_project(svc: Service, state: ProjectState, ctx: JobContext) -> dict:
+def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     """The ``sync`` job: pull tasks, annotate the pool (cache), push the serving model's predictions."""
-    from molal.service.predict import mean_probs as _mean
-
     client, spec, pool = _pull(svc, state, ctx)
     if len(pool) == 0:
         return {"n_tasks": 0}
     _, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.8)
     srv = svc.serving(state, spec, pool.texts)
     rows = res.done_idx.tolist()
-    if srv["kind"] == "molam":
-        probs = srv["model"].molam.predict_proba(res.outputs)
-    elif srv["kind"] == "student":
-        probs = svc.student_of(state, srv["model"]).predict_proba([pool.texts[r] for r in rows])
+    if srv.needs_llms:
+        probs = srv.probs_from_outputs(res.outputs)
     else:
-        probs = _mean(res.outputs)
-    n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv["version"], res.outputs, ctx)
-    ctx.progress(1.0, f"pushed {n} predictions ({srv['version']})")
-    return {"version": srv["version"], "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
+        probs = svc.student_of(state, srv.model).predict_proba([pool.texts[r] for r in rows])
+    n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs, ctx)
+    ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
+    return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}
 
 
-__all__ = ["Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "rank_rows"]
+def query_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
+    """The ``query`` job (``molal query``): :func:`query_project` with the strategy of the job's payload."""
+    return query_project(svc, state, ctx, strategy=ctx.job["payload"].get("strategy"))
+
+
+def annotate_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
+    """The ``annotate`` job: :func:`annotate_texts` on the job's payload."""
+    return annotate_texts(svc, state, ctx, ctx.job["payload"])
+
+
+#: every job kind and the function that runs it (the one list: the service runs and validates kinds by it)
+JOBS: dict[str, Callable[[Runtime, ProjectState, JobContext], dict]] = {
+    "train": train_project,
+    "sync": sync_project,
+    "query": query_job,
+    "annotate": annotate_job,
+}
+
+
+__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "rank_rows"]
