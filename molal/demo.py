@@ -2,7 +2,7 @@
 
 Steps (each one is a function, reused by the end-to-end tests):
 
-1. start Label Studio (:class:`molal.service.lsprocess.LabelStudioProcess`, data under ``<dir>/label-studio``)
+1. start Label Studio (:class:`molal.lsprocess.LabelStudioProcess`, data under ``<dir>/label-studio``)
    and the backend under gunicorn (``<dir>/backend`` is its ``MODEL_DIR``);
 2. create a text-classification project (``<Choices>`` + ``<Text>``) and import the tasks;
 3. connect the backend (``ml.create``); Label Studio registers the webhook itself;
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from molal.datasets import CLASS_NAMES
+from molal.lsprocess import BackendProcess, LabelStudioProcess, free_port
 from molal.service.lsclient import VIEW_TITLE
-from molal.service.lsprocess import BackendProcess, LabelStudioProcess, free_port
 
 STATE_FILE = "demo-state.json"
 DEFAULT_USER = "admin@molal.local"
@@ -334,7 +334,7 @@ class Demo:
                      "token": secrets.token_hex(20)}
         elif o.password and o.password != state["password"]:
             raise ValueError("this data directory's admin already has another password; use --fresh to start over")
-        from molal.service.lsprocess import port_free
+        from molal.lsprocess import port_free
 
         def _port(wanted: int | None, saved: int | None) -> int:
             if wanted:

@@ -907,7 +907,7 @@ class MoLAM(Aggregator):
         return (1.0 - _TEXT_FLOOR) * out + _TEXT_FLOOR / k
 
     def _fit_select(self, outputs, idx, labels):
-        from rich.progress import Progress
+        from molal.progress import progress_bar
 
         k = outputs.n_classes
         _, self.ds_prior, self.ds_logpi = _ds_em(_ds_observations(outputs), idx, labels)
@@ -925,8 +925,8 @@ class MoLAM(Aggregator):
         acc = {n: [] for n in names}
         ll = {n: [] for n in names}
         can_cv = len(idx) >= 2 * n_folds
-        with Progress(disable=not self.progress, transient=True) as bar:
-            task = bar.add_task("MoLAM model selection", total=self.n_repeats * n_folds * len(names) if can_cv else 1)
+        total = self.n_repeats * n_folds * len(names) if can_cv else 1
+        with progress_bar("MoLAM model selection", total, enabled=self.progress) as bar:
             if can_cv:
                 for _ in range(self.n_repeats):
                     fold = _stratified_folds(labels, n_folds, rng)
@@ -938,8 +938,8 @@ class MoLAM(Aggregator):
                                 continue
                             m = self._fit_candidate(n, outputs, x, ds_post, idx[tr], labels[tr])
                             oof[n][te] = self._predict_candidate(m, outputs, x, ds_post, idx[te])
-                            bar.advance(task)
-                        bar.advance(task)
+                            bar.advance()
+                        bar.advance()
                     if "avg" in names:
                         oof["avg"] = np.mean([_normalize_rows(np.clip(oof[m], 0, None)) for m in members], axis=0)
                     for n in names:

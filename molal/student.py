@@ -28,7 +28,6 @@ embeddings = the head's input), :meth:`Student.infer` (probs + embeddings in one
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -44,6 +43,7 @@ import numpy as np
 
 from molal.io import DIR_MODE, atomic_write_json
 from molal.loss import lambda_t, noise_robust_loss
+from molal.progress import progress_bar
 
 FORMAT = "molal.Student"
 FORMAT_VERSION = 1
@@ -371,7 +371,7 @@ class Student:
         history: list[dict[str, float]] = []
         best: tuple[float, float, int] | None = None
         best_state = None
-        with progress_bar(enabled=progress, description="student fit", total=total) as bar:
+        with progress_bar("student fit", total, enabled=progress) as bar:
             for epoch in range(epochs):
                 model.train()
                 lengths = None if self.freeze_encoder else [len(f["input_ids"]) for f in feats]
@@ -606,37 +606,6 @@ class Student:
         st._fitted = True
         st.metadata = meta.get("training", {})
         return st
-
-
-class _Bar:
-    def __init__(self, progress=None, task=None) -> None:
-        self._p, self._t = progress, task
-
-    def advance(self, k: int = 1) -> None:
-        if self._p is not None:
-            self._p.advance(self._t, k)
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, description: str, total: int):
-    """A rich progress bar (transient) when ``enabled``; yields an object with ``advance()``."""
-    if not enabled:
-        yield _Bar()
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        transient=True,
-    ) as prog:
-        yield _Bar(prog, prog.add_task(description, total=total))
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

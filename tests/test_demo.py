@@ -23,7 +23,7 @@ def _run_demo(data_dir: Path, *extra: str, timeout: float = 900) -> subprocess.C
 
 
 def test_demo_no_wait_then_reuse(tmp_path):
-    from molal.service.lsprocess import LabelStudioProcess
+    from molal.lsprocess import LabelStudioProcess
 
     data = tmp_path / "demo"
     password = "demo-pass-4821"

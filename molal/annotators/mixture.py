@@ -18,6 +18,7 @@ YAML: ``annotators: [{type: ..., name: ...}, ...]`` (``annotator`` is accepted t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -308,27 +309,14 @@ class Mixture:
         total_steps = nu * n_llm
         steps = sum(per[a.name]["cache_hits"] for a in self.annotators)
         deadline_hit = False
-        bar = None
-        if progress and total_steps:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+        from molal.progress import progress_bar
 
-            bar = Progress(
-                TextColumn("[bold]annotate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-            )
-            bar.start()
-            task = bar.add_task("", total=total_steps, completed=steps)
+        stack = contextlib.ExitStack()  # the bar lives until the waves are done (closed in the finally below)
+        bar = stack.enter_context(progress_bar("annotate", total_steps, enabled=bool(progress and total_steps),
+                                               transient=False, completed=steps))
 
         def report(name: str) -> None:
-            if bar is not None:
-                bar.update(task, completed=steps, description=name)
+            bar.update(completed=steps, description=f"annotate {name}")
             if on_progress is not None:
                 on_progress(steps, total_steps)
 
@@ -448,8 +436,7 @@ class Mixture:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar.stop()
+            stack.close()
 
         # assemble
         u_done = [u for u in range(nu) if u not in u_failed and np.isfinite(probs[u]).all()]

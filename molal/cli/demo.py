@@ -44,10 +44,10 @@ def register(app: typer.Typer) -> None:
 
         Keeps serving until Ctrl-C (or exits at once with --no-wait) and stops both processes cleanly."""
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
         from molal.demo import Demo, DemoOptions
+        from molal.progress import progress_bar
 
         console = Console()
         opts = DemoOptions(data_dir=data_dir, dataset=dataset, labels=_labels(labels), mixture=mixture,
@@ -65,17 +65,16 @@ def register(app: typer.Typer) -> None:
         try:
             console.print(f"[cyan]•[/cyan] data directory: [bold]{data_dir.resolve()}[/bold]")
             console.print("[cyan]•[/cyan] starting Label Studio and the molal backend on 127.0.0.1 …")
-            with Progress(TextColumn("[cyan]•[/cyan] training job"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                          transient=False) as prog:
-                bar = prog.add_task("waiting", total=1.0)
+            with progress_bar("[cyan]•[/cyan] training job: waiting", 1.0, fraction=True, transient=False,
+                              console=console) as bar:
 
                 def on_progress(job: dict) -> None:
-                    prog.update(bar, completed=float(job.get("progress") or 0.0),
-                                description=str(job.get("message") or job.get("status"))[:70])
+                    bar.update(completed=float(job.get("progress") or 0.0),
+                               description="[cyan]•[/cyan] training job: "
+                                           + str(job.get("message") or job.get("status"))[:70])
 
                 res = d.run(progress=on_progress)
-                prog.update(bar, completed=1.0)
+                bar.update(completed=1.0)
             total = time.monotonic() - t0
             ev = res.evaluation["accuracy"]
             console.print()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from molal.service.lsprocess import BackendProcess, LabelStudioProcess
+from molal.lsprocess import BackendProcess, LabelStudioProcess
 
 #: small student settings so a training job stays short on 2 shared cores
 E2E_ENV = {

@@ -1,4 +1,4 @@
-"""molal.service.lsprocess against real processes: port checks and clean stops."""
+"""molal.lsprocess against real processes: port checks and clean stops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from molal.service.lsprocess import BackendProcess, LabelStudioProcess, ProcessStartError, port_free
+from molal.lsprocess import BackendProcess, LabelStudioProcess, ProcessStartError, port_free
 
 
 def test_busy_port_is_refused_not_silently_moved(label_studio, tmp_path):
