@@ -86,7 +86,7 @@ def ceiling(outputs: LLMOutputs, gold: np.ndarray, draws: int, n_seeds: int) -> 
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    from molal.molam import _features
+    from molal.aggregation.signals import general_features as _features
 
     x = _features(outputs)
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, gold))

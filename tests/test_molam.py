@@ -204,10 +204,10 @@ def test_avg_candidate_roundtrip(trec_outputs, trec_gold, tmp_path):
     idx = np.arange(40) * 30
     m = MoLAM(candidates=["avg", "lr_0.1", "xgb", "ds", "best_single"], **FAST).fit(sub, idx, trec_gold[idx])
     assert m.choice == "avg" or m.metadata["cv"]["avg"]["accuracy"] is not None
-    m.model = m._fit_candidate("avg", sub, m._x(sub, m._ds(sub)), m._ds(sub), idx, trec_gold[idx],
-                               members=["lr_0.1", "xgb", "ds", "best_single"])
-    m.choice = "avg"
-    assert [x["type"] for x in m.model["members"]] == ["lr", "xgb", "ds", "best_single"]
+    m.model_ = m._candidate("avg", members=["lr_0.1", "xgb", "ds", "best_single"]).fit(m._data(sub), idx,
+                                                                                      trec_gold[idx])
+    m.choice_ = "avg"
+    assert [x["type"] for x in m.model_.state()["members"]] == ["lr", "xgb", "ds", "best_single"]
     m2 = MoLAM.load(m.save(tmp_path / "avg.json"))
     assert np.array_equal(m.predict_proba(sub), m2.predict_proba(sub))
 

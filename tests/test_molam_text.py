@@ -35,7 +35,9 @@ def fake_encoder(monkeypatch):
         calls.append(len(texts))
         return _bow(texts)
 
-    monkeypatch.setattr(molam_mod, "embed_texts_cached", fake)
+    import molal.aggregation.text_model as text_model
+
+    monkeypatch.setattr(text_model, "embed_texts_cached", fake)
     return calls
 
 
@@ -62,11 +64,11 @@ def test_fit_predict_metadata_and_effect(pool, fake_encoder):
     np.testing.assert_allclose(m._predict_base(out), base.predict_proba(out), atol=1e-12)
     meta = m.metadata["text"]
     assert meta["encoder"] == "minilm" and 0.0 <= meta["changed_share_non_seed"] <= 1.0
-    assert len(m.text_model) == m.text_folds == 5
+    assert len(m.text_model_.models_) == m.text_folds == 5
     assert m.metadata["params"]["text_features"] == "minilm"
     # defaults: embeddings + 4,096 hashed n-grams, C 3, 3 self-training rounds
     assert (m.text_ngrams, m.text_c, m.text_rounds) == (4096, 3.0, 3)
-    assert m.text_model[0]["coef"].shape == (out.n_classes, DIM + 4096)
+    assert m.text_model_.models_[0]["coef"].shape == (out.n_classes, DIM + 4096)
     assert fake_encoder  # the texts were embedded
     # the text model does move some labels, and text_weight=0 is exactly the LLM-only MoLAM
     assert (p.argmax(1) != base.predict(out)).any()
@@ -74,7 +76,7 @@ def test_fit_predict_metadata_and_effect(pool, fake_encoder):
     np.testing.assert_allclose(z.predict_proba(out), base.predict_proba(out), atol=1e-9)
     # embeddings only, one round: another text model, same API
     r2 = MoLAM(text_features="minilm", text_rounds=1, text_ngrams=0, **FAST).fit(out, idx, y)
-    assert r2.metadata["params"]["text_rounds"] == 1 and r2.text_model[0]["coef"].shape == (out.n_classes, DIM)
+    assert r2.metadata["params"]["text_rounds"] == 1 and r2.text_model_.models_[0]["coef"].shape == (out.n_classes, DIM)
     assert not np.allclose(r2.predict_proba(out), p)
 
 
@@ -82,10 +84,10 @@ def test_cross_fitting_folds_follow_the_text(pool, fake_encoder):
     out, gold = pool
     idx, y = _seeds(gold)
     m = MoLAM(text_features="minilm", text_folds=4, text_rounds=1, text_ngrams=0, **FAST).fit(out, idx, y)
-    f = m._text_fold(out.texts)
+    f = m.text_model_.fold_of(out.texts)
     assert set(np.unique(f)) <= set(range(4)) and len(np.unique(f)) == 4
-    np.testing.assert_array_equal(f, m._text_fold(list(out.texts)))  # deterministic
-    assert (m._text_fold(["What is a dog ?"] * 3) == m._text_fold(["What is a dog ?"])[0]).all()  # duplicates share
+    np.testing.assert_array_equal(f, m.text_model_.fold_of(list(out.texts)))  # deterministic
+    assert (m.text_model_.fold_of(["What is a dog ?"] * 3) == m.text_model_.fold_of(["What is a dog ?"])[0]).all()  # duplicates share
     # an item's text distribution comes from the fold model that did not train on it: scoring a subset (or
     # the items in another order) gives the same rows as scoring the whole pool
     p = m.predict_proba(out)
@@ -97,10 +99,14 @@ def test_cross_fitting_folds_follow_the_text(pool, fake_encoder):
     y2 = y.copy()
     y2[0] = (y[0] + 1) % out.n_classes
     emb = _bow(out.texts)
-    m._fit_text(out, idx, y, emb, 0.0)
-    t1 = m._text_proba(emb, f, out.n_classes)
-    m._fit_text(out, idx, y2, emb, 0.0)
-    t2 = m._text_proba(emb, f, out.n_classes)
+    from molal.aggregation.signals import normalize_rows
+
+    base = normalize_rows(np.clip(m._predict_base(out), 0, None))
+    tm = m.text_model_
+    tm.fit(out.texts, base, idx, y, emb=emb)
+    t1 = tm.proba(emb, f, out.n_classes)
+    tm.fit(out.texts, base, idx, y2, emb=emb)
+    t2 = tm.proba(emb, f, out.n_classes)
     np.testing.assert_array_equal(t1[i], t2[i])
     np.testing.assert_array_equal(t1[f == f[i]], t2[f == f[i]])
     assert not np.allclose(t1[f != f[i]], t2[f != f[i]])
@@ -120,7 +126,7 @@ def test_save_load_roundtrip_and_old_files(pool, fake_encoder, tmp_path):
     assert not any(k.startswith("text_") for k in d["params"]) and "text_model" not in d["state"]
     (tmp_path / "plain.json").write_text(json.dumps(d))
     old = load_aggregator(tmp_path / "plain.json")
-    assert old.text_model is None and old.text_features is None
+    assert old.text_model_ is None and old.text_features is None
     np.testing.assert_allclose(old.predict_proba(out), plain.predict_proba(out), atol=1e-12)
     # a file whose text model lost its encoder name is refused
     bad = m.to_dict()
@@ -135,7 +141,7 @@ def test_hashed_ngrams_roundtrip(pool, fake_encoder, tmp_path):
     out, gold = pool
     idx, y = _seeds(gold)
     m = MoLAM(text_features="minilm", text_ngrams=256, text_rounds=2, **FAST).fit(out, idx, y)
-    assert m.text_model[0]["coef"].shape == (out.n_classes, DIM + 256)
+    assert m.text_model_.models_[0]["coef"].shape == (out.n_classes, DIM + 256)
     p = m.predict_proba(out)
     np.testing.assert_allclose(p.sum(1), 1.0)
     m2 = load_aggregator(m.save(tmp_path / "ng.json"))
@@ -156,8 +162,8 @@ def test_errors(pool, fake_encoder):
         m.predict_proba(no_text)
     for kw in ({"text_features": ""}, {"text_features": 3}, {"text_weight": -1}, {"text_c": 0},
                {"text_folds": 1}, {"text_seed_weight": 0}, {"text_rounds": 0}, {"text_ngrams": -1}, {"text_max_length": 2}):
-        with pytest.raises(MoLAMError):
-            MoLAM(**kw)
+        with pytest.raises(MoLAMError, match=next(iter(kw))):  # checked by fit (scikit-learn's convention)
+            MoLAM(**kw).fit(out, idx, y)
 
 
 def test_real_minilm_small_pool(trec_outputs, trec_gold):

@@ -237,7 +237,7 @@ def test_molam_text_features_setting_trains_and_serves(tmp_path, rows):
     pool = make_pool(rows, 200, 50)
     rr = fit_round(svc, state, SPEC, pool, None, job_id="t1")
     loaded = svc.loaded_model(state)
-    assert loaded.molam.text_features == "minilm" and loaded.molam.text_model
+    assert loaded.molam.text_features == "minilm" and loaded.molam.text_model_
     gold = np.array([TREC.index(r["label"]) for r in rows[:200]])
     unl = [i for i, r in enumerate(rr.rows.tolist()) if r not in pool.human]
     assert float((rr.probs[unl].argmax(1) == gold[rr.rows[unl]]).mean()) > 0.7

@@ -227,7 +227,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     molam = MoLAM(candidates=cands, text_features=ps.molam_text_features, text_device=s.device).fit(
         outputs, labeled_idx, labels)
     if ctx is not None:
-        ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {getattr(molam, 'choice', '?')})")
+        ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {molam.choice_})")
     P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
     y_molam = P.argmax(axis=1)
     neg = np.asarray(negative_labels(outputs, predicted=P), dtype=bool)
