@@ -18,7 +18,6 @@ YAML: ``annotators: [{type: ..., name: ...}, ...]`` (``annotator`` is accepted t
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import threading
@@ -158,6 +157,229 @@ class MixtureResult:
         return np.array([i for i in range(n) if i not in done], dtype=np.int64)
 
 
+class _AnnotationRun:
+    """One :meth:`Mixture.annotate` call: the unique texts, the (annotator, text) results so far, the
+    per-annotator stats, and the steps that fill them (cache lookup, waves of model calls, assembly)."""
+
+    def __init__(self, mixture: Mixture, texts: list[str], names: list[str], desc: dict[str, str],
+                 cache: AnnotationCache | None, deadline: float | None) -> None:
+        self.annotators = mixture.annotators
+        self.llm_names = mixture.llm_names
+        self.texts, self.names, self.desc, self.cache, self.deadline = texts, names, desc, cache, deadline
+        self.t0 = time.perf_counter()
+        self.failed: dict[int, str] = dict(validate_texts(texts))  # row -> reason
+        self.uniq: dict[str, list[int]] = {}  # unique text -> its rows
+        for i, t in enumerate(texts):
+            if i not in self.failed:
+                self.uniq.setdefault(t, []).append(i)
+        self.u_texts = list(self.uniq)
+        nu, n_llm, k = len(self.u_texts), len(self.annotators), len(names)
+        self.probs = np.full((nu, n_llm, k), np.nan)
+        self.cons = np.full((nu, n_llm, k), np.nan)
+        self.has_cons = [a.samples > 0 for a in self.annotators]
+        self.u_failed: dict[int, list[str]] = {}  # unique text -> "annotator: reason" of each failure
+        self.per: dict[str, dict[str, Any]] = {
+            a.name: {"cache_hits": 0, "cache_misses": 0, "annotated": 0, "failed": 0, "seconds": 0.0, "tokens": None}
+            for a in self.annotators}
+        self.idents = [mixture.cache_identity(a, names, desc) for a in self.annotators]
+        self.dead: dict[int, str] = {}  # annotator -> why it is unavailable for the rest of the run
+        self.steps = 0  # (annotator, unique text) pairs done or cached
+        self.deadline_hit = False
+        self.lock = threading.Lock()
+
+    def from_cache(self) -> list[list[int]]:
+        """Fill what the cache holds; returns, per annotator, the unique texts still to annotate."""
+        nu, k = len(self.u_texts), len(self.names)
+        todo: list[list[int]] = []
+        for j, a in enumerate(self.annotators):
+            st = self.per[a.name]
+            miss = list(range(nu))
+            if self.cache is not None and nu:
+                miss = []
+                for u, g in enumerate(self.cache.get_many(self.idents[j], self.u_texts, n_classes=k)):
+                    if g is None:
+                        miss.append(u)
+                        continue
+                    self.probs[u, j] = g[0]
+                    if g[1] is not None:
+                        self.cons[u, j] = g[1]
+                        self.has_cons[j] = True
+                st["cache_hits"] = nu - len(miss)
+            st["cache_misses"] = len(miss)
+            todo.append(miss)
+        self.steps = sum(s["cache_hits"] for s in self.per.values())
+        return todo
+
+    def plan(self, todo: list[list[int]]) -> list[list[tuple[int, list[int]]]]:
+        """The work as waves of (annotator, unique rows) steps: chunk-major (rows complete early, good under a
+        deadline) unless an annotator needs the accelerator to itself (vLLM in-process), then annotator-major
+        so each model is loaded once."""
+        waves: list[list[tuple[int, list[int]]]] = []
+        if self.exclusive:
+            for j, miss in enumerate(todo):
+                bs = self.annotators[j].batch_size
+                waves += [[(j, miss[s : s + bs])] for s in range(0, len(miss), bs)]
+            return waves
+        chunk = min(256, max(a.batch_size for a in self.annotators))
+        pos = [0] * len(self.annotators)
+        for start in range(0, len(self.u_texts), chunk):
+            wave = []
+            for j, miss in enumerate(todo):
+                part = []
+                while pos[j] < len(miss) and miss[pos[j]] < start + chunk:
+                    part.append(miss[pos[j]])
+                    pos[j] += 1
+                bs = self.annotators[j].batch_size
+                wave += [(j, part[s : s + bs]) for s in range(0, len(part), bs)]
+            if wave:
+                waves.append(wave)
+        return waves
+
+    @property
+    def exclusive(self) -> bool:
+        return any(getattr(a, "exclusive", False) for a in self.annotators)
+
+    def fail(self, j: int, us: list[int], reason: str) -> None:
+        name = self.annotators[j].name
+        with self.lock:
+            for u in us:
+                self.u_failed.setdefault(u, []).append(f"{name}: {reason}")
+            self.per[name]["failed"] += len(us)
+
+    def step(self, j: int, us: list[int]) -> bool:
+        """Annotate rows ``us`` with annotator j (results cached); False when skipped because the deadline
+        passed or cut the call short (the rows stay pending, not failed)."""
+        a = self.annotators[j]
+        st = self.per[a.name]
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        if j in self.dead:
+            self.fail(j, us, self.dead[j])
+            return True
+        ta = time.perf_counter()
+        res = None
+        try:
+            with deadline_scope(self.deadline):
+                res = a.annotate([self.u_texts[u] for u in us], self.names, self.desc)
+        except DeadlineReached:
+            with self.lock:
+                st["seconds"] += time.perf_counter() - ta
+            return False
+        except AnnotatorUnavailable as exc:
+            with self.lock:
+                self.dead.setdefault(j, str(exc))
+            res = getattr(exc, "partial", None)  # rows answered before the backend went away: keep them
+            if res is None:
+                self.fail(j, us, self.dead[j])
+        except AnnotatorError as exc:
+            self.fail(j, us, str(exc))
+        with self.lock:
+            st["seconds"] += time.perf_counter() - ta
+        if res is None:
+            return True
+        ok = [m for m in range(len(us)) if m not in res.failed]
+        for m, reason in res.failed.items():
+            self.fail(j, [us[m]], reason)
+        if ok:
+            rows = [us[m] for m in ok]
+            self.probs[rows, j] = res.probs[ok]
+            if res.consistency is not None:
+                self.cons[rows, j] = res.consistency[ok]
+            if self.cache is not None:
+                self.cache.put_many(self.idents[j], [self.u_texts[u] for u in rows], res.probs[ok],
+                                    None if res.consistency is None else res.consistency[ok])
+        with self.lock:
+            st["annotated"] += len(ok)
+            if res.tokens is not None:
+                st["tokens"] = (st["tokens"] or 0) + res.tokens
+        return True
+
+    def run(self, waves: list[list[tuple[int, list[int]]]], report: Callable[[str], None]) -> None:
+        """Run the waves until done or the deadline. Within a wave, remote annotators (HTTP servers) run
+        concurrently with each other and with the local ones; local ones run one after another."""
+        remote = [bool(getattr(a, "remote", False)) for a in self.annotators]
+        exclusive = self.exclusive
+        pool = ThreadPoolExecutor(max_workers=max(1, sum(remote))) if any(remote) and not exclusive else None
+
+        def done(j: int, us: list[int], ok: bool) -> None:
+            if ok:
+                self.steps += len(us)
+                report(self.annotators[j].name)
+            else:
+                self.deadline_hit = True
+
+        try:
+            report("")
+            for w, wave in enumerate(waves):
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self.deadline_hit = True
+                    break
+                futures = {pool.submit(self.step, j, us): (j, us) for j, us in wave if remote[j]} if pool else {}
+                for j, us in wave:
+                    if pool is None or not remote[j]:
+                        done(j, us, self.step(j, us))
+                for f in as_completed(futures):
+                    done(*futures[f], f.result())
+                if exclusive:
+                    j = wave[0][0]
+                    if w + 1 == len(waves) or waves[w + 1][0][0] != j:
+                        self.annotators[j].close()  # free the accelerator before the next model
+                if self.deadline_hit:
+                    break
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def result(self) -> MixtureResult:
+        """The rows every annotator answered (as LLMOutputs), the failed rows and the stats."""
+        from molal.data import LLMOutputs
+
+        texts, n, nu = self.texts, len(self.texts), len(self.u_texts)
+        n_llm, k = len(self.annotators), len(self.names)
+        failed = self.failed
+        u_done = [u for u in range(nu) if u not in self.u_failed and np.isfinite(self.probs[u]).all()]
+        for u, reasons in self.u_failed.items():
+            for i in self.uniq[self.u_texts[u]]:
+                failed[i] = "; ".join(reasons)
+        row_u = {i: u for u, t in enumerate(self.u_texts) for i in self.uniq[t]}
+        done_set = set(u_done)
+        done_idx = np.array([i for i in range(n) if i in row_u and row_u[i] in done_set], dtype=np.int64)
+        sel = [row_u[i] for i in done_idx]
+        p = self.probs[sel] if sel else np.zeros((0, n_llm, k))
+        c = None
+        if any(self.has_cons):
+            c = self.cons[sel] if sel else np.zeros((0, n_llm, k))
+            for j in range(n_llm):  # annotators without sampling: argmax one-hot (as LLMOutputs.concat_llms)
+                missing = ~np.isfinite(c[:, j]).all(axis=1)  # only rows without sampled answers
+                if missing.any():
+                    oh = np.zeros((int(missing.sum()), k))
+                    oh[np.arange(len(oh)), p[missing, j].argmax(axis=1)] = 1.0
+                    c[missing, j] = oh
+        outputs = LLMOutputs(p, c, class_names=self.names, llm_names=self.llm_names, texts=[texts[i] for i in done_idx])
+        per = self.per
+        secs = time.perf_counter() - self.t0
+        model_secs = sum(s["seconds"] for s in per.values())
+        tokens = [s["tokens"] for s in per.values() if s["tokens"] is not None]
+        stats = {
+            "n_texts": n,
+            "n_unique": nu,
+            "done": int(len(done_idx)),
+            "failed": len(failed),
+            "pending": n - len(done_idx) - len(failed),
+            "cache_hits": sum(s["cache_hits"] for s in per.values()),
+            "cache_misses": sum(s["cache_misses"] for s in per.values()),
+            "annotated": sum(s["annotated"] for s in per.values()),
+            "seconds": secs,
+            "model_seconds": model_secs,
+            "texts_per_s": len(done_idx) / secs if secs > 0 else float("inf"),
+            "tokens": sum(tokens) if tokens else None,
+            "tokens_per_s": (sum(tokens) / model_secs) if tokens and model_secs > 0 else None,
+            "deadline_reached": self.deadline_hit,
+            "per_annotator": per,
+        }
+        return MixtureResult(outputs=outputs, done_idx=done_idx, failed=failed, stats=stats)
+
+
 class Mixture:
     """An ordered list of annotators with unique names (the LLMOutputs ``llm_names``)."""
 
@@ -264,221 +486,24 @@ class Mixture:
         ``deadline`` (a ``time.monotonic()`` value): no model call starts after it; rows not complete
         then are neither in ``done_idx`` nor in ``failed``. Failed rows are never cached.
         ``on_progress(done_steps, total_steps)`` is called as (annotator, text) pairs complete."""
-        from molal.data import LLMOutputs
+        from molal.progress import progress_bar
 
         names = validate_classes(class_names, descriptions)
         desc = dict(self.descriptions)
         desc.update(descriptions or {})
-        desc = {c: d for c, d in desc.items() if c in names}
-        texts = list(texts)
-        n, k, n_llm = len(texts), len(names), len(self.annotators)
-        t0 = time.perf_counter()
-        failed: dict[int, str] = dict(validate_texts(texts))
-        uniq: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            if i not in failed:
-                uniq.setdefault(t, []).append(i)
-        u_texts = list(uniq)
-        nu = len(u_texts)
-        probs = np.full((nu, n_llm, k), np.nan)
-        cons = np.full((nu, n_llm, k), np.nan)
-        has_cons = [False] * n_llm
-        u_failed: dict[int, list[str]] = {}
-        per: dict[str, dict[str, Any]] = {}
-        idents = [self.cache_identity(a, names, desc) for a in self.annotators]
-        todo: list[list[int]] = []
-        for j, a in enumerate(self.annotators):
-            st = per[a.name] = {"cache_hits": 0, "cache_misses": 0, "annotated": 0, "failed": 0, "seconds": 0.0, "tokens": None}
-            miss = list(range(nu))
-            if cache is not None and nu:
-                got = cache.get_many(idents[j], u_texts, n_classes=k)
-                miss = []
-                for u, g in enumerate(got):
-                    if g is None:
-                        miss.append(u)
-                        continue
-                    probs[u, j] = g[0]
-                    if g[1] is not None:
-                        cons[u, j] = g[1]
-                        has_cons[j] = True
-                st["cache_hits"] = nu - len(miss)
-            st["cache_misses"] = len(miss)
-            todo.append(miss)
-            has_cons[j] = has_cons[j] or a.samples > 0
+        run = _AnnotationRun(self, list(texts), names, {c: d for c, d in desc.items() if c in names}, cache, deadline)
+        todo = run.from_cache()
+        total = len(run.u_texts) * len(self.annotators)
+        with progress_bar("annotate", total, enabled=bool(progress and total), transient=False,
+                          completed=run.steps) as bar:
 
-        total_steps = nu * n_llm
-        steps = sum(per[a.name]["cache_hits"] for a in self.annotators)
-        deadline_hit = False
-        from molal.progress import progress_bar
+            def report(name: str) -> None:
+                bar.update(completed=run.steps, description=f"annotate {name}")
+                if on_progress is not None:
+                    on_progress(run.steps, total)
 
-        stack = contextlib.ExitStack()  # the bar lives until the waves are done (closed in the finally below)
-        bar = stack.enter_context(progress_bar("annotate", total_steps, enabled=bool(progress and total_steps),
-                                               transient=False, completed=steps))
-
-        def report(name: str) -> None:
-            bar.update(completed=steps, description=f"annotate {name}")
-            if on_progress is not None:
-                on_progress(steps, total_steps)
-
-        # work plan, as waves of (annotator, unique rows) steps: chunk-major (complete rows early, good under
-        # a deadline) unless an annotator needs the accelerator to itself (vLLM in-process), then
-        # annotator-major so each model is loaded once. Within a wave, remote annotators (HTTP servers) run
-        # concurrently with each other and with the local ones; local ones run one after another.
-        exclusive = any(getattr(a, "exclusive", False) for a in self.annotators)
-        chunk = min(256, max(a.batch_size for a in self.annotators))
-        waves: list[list[tuple[int, list[int]]]] = []
-        if exclusive:
-            for j, miss in enumerate(todo):
-                bs = self.annotators[j].batch_size
-                waves += [[(j, miss[s : s + bs])] for s in range(0, len(miss), bs)]
-        else:
-            pos = [0] * n_llm
-            for start in range(0, nu, chunk):
-                wave = []
-                for j, miss in enumerate(todo):
-                    part = []
-                    while pos[j] < len(miss) and miss[pos[j]] < start + chunk:
-                        part.append(miss[pos[j]])
-                        pos[j] += 1
-                    bs = self.annotators[j].batch_size
-                    wave += [(j, part[s : s + bs]) for s in range(0, len(part), bs)]
-                if wave:
-                    waves.append(wave)
-        dead: dict[int, str] = {}
-        lock = threading.Lock()
-
-        def fail(j: int, us: list[int], reason: str) -> None:
-            name = self.annotators[j].name
-            with lock:
-                for u in us:
-                    u_failed.setdefault(u, []).append(f"{name}: {reason}")
-                per[name]["failed"] += len(us)
-
-        def do_step(j: int, us: list[int]) -> bool:
-            """Annotate rows ``us`` with annotator j; False when skipped because the deadline passed."""
-            a = self.annotators[j]
-            st = per[a.name]
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            if j in dead:
-                fail(j, us, dead[j])
-                return True
-            ta = time.perf_counter()
-            res = None
-            try:
-                with deadline_scope(deadline):
-                    res = a.annotate([u_texts[u] for u in us], names, desc)
-            except DeadlineReached:
-                with lock:
-                    st["seconds"] += time.perf_counter() - ta
-                return False  # not failed: pending, like rows the deadline kept from starting
-            except AnnotatorUnavailable as exc:
-                with lock:
-                    dead.setdefault(j, str(exc))
-                res = getattr(exc, "partial", None)  # rows answered before the backend went away: keep them
-                if res is None:
-                    fail(j, us, dead[j])
-            except AnnotatorError as exc:
-                fail(j, us, str(exc))
-            with lock:
-                st["seconds"] += time.perf_counter() - ta
-            if res is None:
-                return True
-            ok = [m for m in range(len(us)) if m not in res.failed]
-            for m, reason in res.failed.items():
-                fail(j, [us[m]], reason)
-            if ok:
-                rows = [us[m] for m in ok]
-                probs[rows, j] = res.probs[ok]
-                if res.consistency is not None:
-                    cons[rows, j] = res.consistency[ok]
-                if cache is not None:
-                    cache.put_many(
-                        idents[j], [u_texts[u] for u in rows], res.probs[ok],
-                        None if res.consistency is None else res.consistency[ok],
-                    )
-            with lock:
-                st["annotated"] += len(ok)
-                if res.tokens is not None:
-                    st["tokens"] = (st["tokens"] or 0) + res.tokens
-            return True
-
-        remote = [bool(getattr(a, "remote", False)) for a in self.annotators]
-        pool = ThreadPoolExecutor(max_workers=max(1, sum(remote))) if any(remote) and not exclusive else None
-        try:
-            report("")
-            for w, wave in enumerate(waves):
-                if deadline is not None and time.monotonic() >= deadline:
-                    deadline_hit = True
-                    break
-                futures = {pool.submit(do_step, j, us): (j, us) for j, us in wave if remote[j]} if pool else {}
-                for j, us in wave:
-                    if pool is not None and remote[j]:
-                        continue
-                    if do_step(j, us):
-                        steps += len(us)
-                        report(self.annotators[j].name)
-                    else:
-                        deadline_hit = True
-                for f in as_completed(futures):
-                    j, us = futures[f]
-                    if f.result():
-                        steps += len(us)
-                        report(self.annotators[j].name)
-                    else:
-                        deadline_hit = True
-                if exclusive:
-                    j = wave[0][0]
-                    if w + 1 == len(waves) or waves[w + 1][0][0] != j:
-                        self.annotators[j].close()  # free the accelerator before the next model
-                if deadline_hit:
-                    break
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            stack.close()
-
-        # assemble
-        u_done = [u for u in range(nu) if u not in u_failed and np.isfinite(probs[u]).all()]
-        for u, reasons in u_failed.items():
-            for i in uniq[u_texts[u]]:
-                failed[i] = "; ".join(reasons)
-        row_u = {i: u for u, t in enumerate(u_texts) for i in uniq[t]}
-        done_set = set(u_done)
-        done_idx = np.array([i for i in range(n) if i in row_u and row_u[i] in done_set], dtype=np.int64)
-        sel = [row_u[i] for i in done_idx]
-        p = probs[sel] if sel else np.zeros((0, n_llm, k))
-        c = None
-        if any(has_cons):
-            c = cons[sel] if sel else np.zeros((0, n_llm, k))
-            for j in range(n_llm):  # annotators without sampling: argmax one-hot (as LLMOutputs.concat_llms)
-                missing = ~np.isfinite(c[:, j]).all(axis=1)  # only rows without sampled answers
-                if missing.any():
-                    oh = np.zeros((int(missing.sum()), k))
-                    oh[np.arange(len(oh)), p[missing, j].argmax(axis=1)] = 1.0
-                    c[missing, j] = oh
-        outputs = LLMOutputs(p, c, class_names=names, llm_names=self.llm_names, texts=[texts[i] for i in done_idx])
-        secs = time.perf_counter() - t0
-        model_secs = sum(s["seconds"] for s in per.values())
-        tokens = [s["tokens"] for s in per.values() if s["tokens"] is not None]
-        stats = {
-            "n_texts": n,
-            "n_unique": nu,
-            "done": int(len(done_idx)),
-            "failed": len(failed),
-            "pending": n - len(done_idx) - len(failed),
-            "cache_hits": sum(s["cache_hits"] for s in per.values()),
-            "cache_misses": sum(s["cache_misses"] for s in per.values()),
-            "annotated": sum(s["annotated"] for s in per.values()),
-            "seconds": secs,
-            "model_seconds": model_secs,
-            "texts_per_s": len(done_idx) / secs if secs > 0 else float("inf"),
-            "tokens": sum(tokens) if tokens else None,
-            "tokens_per_s": (sum(tokens) / model_secs) if tokens and model_secs > 0 else None,
-            "deadline_reached": deadline_hit,
-            "per_annotator": per,
-        }
-        return MixtureResult(outputs=outputs, done_idx=done_idx, failed=failed, stats=stats)
+            run.run(run.plan(todo), report)
+        return run.result()
 
     def identity(self) -> list[dict[str, Any]]:
         return [a.identity() for a in self.annotators]
