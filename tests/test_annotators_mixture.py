@@ -332,3 +332,41 @@ def test_mixed_sampling_keeps_recorded_consistency(bundled: LLMOutputs, trec_out
     np.testing.assert_allclose(c[:, 0], trec_outputs.consistency[:40, TREC_LLMS.index("yi")])
     onehot = np.eye(6)[res.outputs.probs[:, 1].argmax(1)]
     np.testing.assert_array_equal(c[:, 1], onehot)  # a non-sampling annotator: its argmax as a one-hot
+
+
+# -- dataset prompt presets ------------------------------------------------------------------------------------
+def test_prompt_presets_cover_their_datasets_and_explicit_options_win():
+    from molal.annotators.presets import PRESETS
+    from molal.annotators.prompts import DEFAULT_TEMPLATE, Prompt
+    from molal.datasets import CLASS_NAMES
+
+    for name, p in PRESETS.items():
+        classes = CLASS_NAMES.get(name)
+        if classes is not None and p["descriptions"]:  # a preset describes exactly its dataset's classes
+            assert sorted(p["descriptions"]) == sorted(classes), name
+        pr = Prompt.build(preset=name)
+        body = pr.plain("Who wrote Hamlet ?", classes or ["a", "b"])
+        assert "Who wrote Hamlet ?" in body and "{" not in body, name
+    pr = Prompt.build(preset="trec")
+    body = pr.messages("Who wrote Hamlet ?", TREC_CLASSES)[1]["content"]
+    assert "- human: the answer is a person" in body and "kind of answer" in body
+    # the caller's descriptions win per class; explicit options win over the preset
+    body = pr.plain("x ?", TREC_CLASSES, {"human": "a person"})
+    assert "- human: a person\n" in body and "- location: the answer is a place" in body
+    assert Prompt.build(template="T: {text}", preset="trec").template == "T: {text}"
+    # the cache identity of prompts without a preset is what it was (no descriptions key)
+    assert "descriptions" not in Prompt.build().identity() and Prompt.build().template == DEFAULT_TEMPLATE
+    assert Prompt.build(preset="trec").identity() != Prompt.build().identity()
+    with pytest.raises(ValueError, match="unknown prompt preset 'trek'; known: ag_news, banking77"):
+        Prompt.build(preset="trek")
+
+
+def test_annotator_specs_take_a_preset(tmp_path):
+    from molal.annotators.mixture import build_annotator
+
+    a = build_annotator({"type": "openai", "name": "q", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                         "preset": "ag_news"})
+    assert "newspaper" in a.prompt.template and a.prompt.descriptions["Sports"].startswith("sport")
+    with pytest.raises(ConfigError, match="unknown prompt preset"):
+        build_annotator({"type": "openai", "name": "q", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                         "preset": "nope"})

@@ -36,9 +36,6 @@ from molal.annotators.base import (
 )
 from molal.annotators.local import LocalLMAnnotator, release_memory
 from molal.annotators.prompts import (
-    DEFAULT_ANSWER_PREFIX,
-    DEFAULT_SYSTEM,
-    DEFAULT_TEMPLATE,
     render_label_ids,
     render_prompt_ids,
     uses_chat,
@@ -71,11 +68,12 @@ class HFAnnotator(LocalLMAnnotator):
         self,
         name: str,
         model: str,
-        template: str = DEFAULT_TEMPLATE,
-        system: str = DEFAULT_SYSTEM,
-        answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+        template: str | None = None,
+        system: str | None = None,
+        answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
         examples: list[dict[str, str]] | None = None,
+        preset: str | None = None,
         chat: str | bool = "auto",
         scoring: str = "auto",
         samples: int = 0,
@@ -93,7 +91,7 @@ class HFAnnotator(LocalLMAnnotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a local model folder")
         self.model = model
-        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset)
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         self.scoring = scoring

@@ -28,14 +28,15 @@ class LocalLMAnnotator(Annotator):
 
     def _init_prompt(
         self,
-        template: str,
-        system: str,
-        answer_prefix: str,
+        template: str | None,
+        system: str | None,
+        answer_prefix: str | None,
         verbalizers: dict[str, str] | None,
         examples: list[dict[str, str]] | None,
         chat: str | bool,
+        preset: str | None = None,
     ) -> None:
-        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
+        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
         self.chat = check_chat(chat)
 
     def _init_sampling(self, samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> None:

@@ -50,7 +50,7 @@ from molal.annotators.base import (
     consistency_from_answers,
     current_deadline,
 )
-from molal.annotators.prompts import DEFAULT_ANSWER_PREFIX, DEFAULT_SYSTEM, DEFAULT_TEMPLATE, Prompt
+from molal.annotators.prompts import Prompt
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -150,11 +150,12 @@ class OpenAIAnnotator(Annotator):
         api: str = "chat",
         api_key: str | None = None,
         api_key_env: str | None = None,
-        template: str = DEFAULT_TEMPLATE,
-        system: str = DEFAULT_SYSTEM,
-        answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+        template: str | None = None,
+        system: str | None = None,
+        answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
         examples: list[dict[str, str]] | None = None,
+        preset: str | None = None,
         scoring: str = "auto",
         top_logprobs: int = 20,
         samples: int = 0,
@@ -189,7 +190,7 @@ class OpenAIAnnotator(Annotator):
             from molal.logging import register_secret
 
             register_secret(api_key)
-        self.prompt = Prompt(template, system, answer_prefix, verbalizers or {}, examples or [])
+        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
         if scoring == "auto":
             scoring = "echo" if api == "completions" else "top_logprobs"
         if scoring not in ("echo", "top_logprobs"):

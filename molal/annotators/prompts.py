@@ -6,6 +6,9 @@ assistant's reply should be the verbalizer alone). Its :meth:`Prompt.identity` g
 
 Template placeholders: ``{text}``, ``{labels}`` (comma-separated verbalizers), ``{descriptions}`` (one
 "- label: description" line per described class, or empty), ``{examples}`` (few-shot block or empty).
+An annotator's ``preset = "<dataset>"`` (:mod:`molal.annotators.presets`: trec, ag_news, sst2, imdb,
+pubmed-20k-rct, banking77) brings that dataset's task framing and class descriptions; options given
+explicitly win.
 
 The annotators that tokenize prompts themselves (HF transformers, vLLM) also share :func:`check_chat`,
 :func:`uses_chat`, :func:`render_prompt_ids` and :func:`render_label_ids` (any HF-style tokenizer).
@@ -38,6 +41,8 @@ class Prompt:
     answer_prefix: appended (on a new line) to plain prompts; the answer follows after one space.
     verbalizers: class name -> the words the model should answer (default: the class name itself).
     examples: few-shot examples, each ``{"text": ..., "label": <class name>}``.
+    descriptions: class name -> description, rendered in ``{descriptions}`` unless the caller describes
+        that class itself (a dataset preset's, :mod:`molal.annotators.presets`).
     """
 
     template: str = DEFAULT_TEMPLATE
@@ -45,6 +50,8 @@ class Prompt:
     answer_prefix: str = DEFAULT_ANSWER_PREFIX
     verbalizers: dict[str, str] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
+    #: class descriptions of the prompt itself (a preset's); the caller's descriptions override them per class
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or "{text}" not in self.template:
@@ -67,6 +74,27 @@ class Prompt:
                 raise ValueError(f"examples[{i}] must be a table with string fields 'text' and 'label'")
             ex.append({"text": e["text"], "label": e["label"]})
         self.examples = ex
+        if not isinstance(self.descriptions, Mapping) or not all(
+                isinstance(v, str) for v in self.descriptions.values()):
+            raise ValueError("descriptions must be a table class name -> description")
+        self.descriptions = dict(self.descriptions)
+
+    @classmethod
+    def build(cls, template: str | None = None, system: str | None = None, answer_prefix: str | None = None,
+              verbalizers: Mapping[str, str] | None = None, examples: Sequence[Mapping[str, str]] | None = None,
+              preset: str | None = None) -> Prompt:
+        """A prompt from an annotator's options: the defaults, then the dataset ``preset``'s template, system
+        message and class descriptions (:mod:`molal.annotators.presets`), then every option given."""
+        kw: dict[str, Any] = {}
+        if preset is not None:
+            from molal.annotators.presets import preset as get_preset
+
+            p = get_preset(preset)
+            kw = {"template": p["template"], "system": p["system"], "descriptions": p["descriptions"]}
+        for key, value in (("template", template), ("system", system), ("answer_prefix", answer_prefix)):
+            if value is not None:
+                kw[key] = value
+        return cls(**kw, verbalizers=dict(verbalizers or {}), examples=list(examples or []))
 
     def check_classes(self, class_names: Sequence[str]) -> None:
         """Verbalizers and few-shot labels must name classes of the project."""
@@ -86,6 +114,7 @@ class Prompt:
     def _body(self, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None) -> str:
         words = self.label_words(class_names)
         desc = ""
+        descriptions = {**self.descriptions, **{c: d for c, d in (descriptions or {}).items() if d}}
         if descriptions:
             lines = [f"- {w}: {descriptions[c]}" for c, w in zip(class_names, words, strict=True) if descriptions.get(c)]
             desc = "Categories:\n" + "\n".join(lines) + "\n" if lines else ""
@@ -109,25 +138,23 @@ class Prompt:
         return msgs
 
     def identity(self) -> dict[str, Any]:
-        return {
+        out = {
             "template": self.template,
             "system": self.system,
             "answer_prefix": self.answer_prefix,
             "verbalizers": dict(sorted(self.verbalizers.items())),
             "examples": self.examples,
         }
+        if self.descriptions:  # only then: prompts without descriptions keep their cache identity
+            out["descriptions"] = dict(sorted(self.descriptions.items()))
+        return out
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Prompt:
-        """Build from annotator spec fields ``prompt``/``template``, ``system``, ``answer_prefix``,
-        ``verbalizers``, ``examples`` (missing ones take the defaults)."""
-        kw: dict[str, Any] = {}
-        if "template" in spec:
-            kw["template"] = spec["template"]
-        for key in ("system", "answer_prefix", "verbalizers", "examples"):
-            if key in spec:
-                kw[key] = spec[key]
-        return cls(**kw)
+        """Build from annotator spec fields ``preset``, ``template``, ``system``, ``answer_prefix``,
+        ``verbalizers``, ``examples`` (:meth:`build`)."""
+        return cls.build(**{k: spec[k] for k in ("template", "system", "answer_prefix", "verbalizers", "examples",
+                                                  "preset") if k in spec})
 
 
 # -- token ids (annotators that tokenize prompts themselves: HF transformers, vLLM) ---------------------------

@@ -33,9 +33,6 @@ from molal.annotators.base import (
 )
 from molal.annotators.local import LocalLMAnnotator, release_memory
 from molal.annotators.prompts import (
-    DEFAULT_ANSWER_PREFIX,
-    DEFAULT_SYSTEM,
-    DEFAULT_TEMPLATE,
     render_label_ids,
     render_prompt_ids,
     uses_chat,
@@ -112,11 +109,12 @@ class VLLMAnnotator(LocalLMAnnotator):
         self,
         name: str,
         model: str,
-        template: str = DEFAULT_TEMPLATE,
-        system: str = DEFAULT_SYSTEM,
-        answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+        template: str | None = None,
+        system: str | None = None,
+        answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
         examples: list[dict[str, str]] | None = None,
+        preset: str | None = None,
         chat: str | bool = "auto",
         samples: int = 0,
         temperature: float = 0.7,
@@ -134,7 +132,7 @@ class VLLMAnnotator(LocalLMAnnotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a model folder or name")
         self.model = model
-        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset)
         self._init_sampling(samples, temperature, top_p, max_new_tokens, seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.dtype = str(dtype)
