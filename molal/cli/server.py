@@ -135,10 +135,14 @@ def register(app: typer.Typer) -> None:
     def train(
         project: int = typer.Option(..., "--project", help="Label Studio project id."),
         queue: bool = typer.Option(False, "--queue", help="Only queue the job for the server / RQ workers."),
+        force: bool = typer.Option(False, "--force", help="Train even without new or changed human labels."),
         model_dir: Path | None = _MODEL_DIR,
     ) -> None:
-        """One training round: MoLAM on the human labels, the student, publish, push predictions, query."""
-        _run_job("train", project, model_dir, queue)
+        """One training round: MoLAM on the human labels, the student, publish, push predictions, query.
+
+        In review mode a round without new or changed human labels since the serving model does nothing
+        (--force retrains)."""
+        _run_job("train", project, model_dir, queue, payload={"force": True} if force else None)
 
     @app.command()
     def query(

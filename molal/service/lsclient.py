@@ -179,6 +179,31 @@ class LSClient:
             log.warning("could not set project %s model_version to %s: %s", project, version, type(exc).__name__)
             return False
 
+    def model_versions(self, project: int) -> dict[str, int]:
+        """The model versions of the project's predictions and how many each has (Label Studio's
+        ``GET /api/projects/<id>/model-versions/``, what Settings → Predictions lists)."""
+        try:
+            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
+                f"api/projects/{int(project)}/model-versions/", method="GET")
+            r.raise_for_status()
+        except Exception as exc:
+            raise self.explain(f"listing the model versions of project {project}", exc) from exc
+        data = r.json()
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def delete_model_version(self, project: int, version: str) -> int:
+        """Delete every prediction of ``version`` in the project (never an annotation); returns how many.
+        One request (``DELETE /api/projects/<id>/model-versions/``, what Settings → Predictions uses)."""
+        try:
+            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
+                f"api/projects/{int(project)}/model-versions/", method="DELETE", json={"model_version": version},
+                request_options={"timeout_in_seconds": 600})
+            r.raise_for_status()
+        except Exception as exc:
+            raise self.explain(f"deleting the predictions of {version} in project {project}", exc) from exc
+        data = r.json()
+        return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
+
     def set_uncertainty_sampling(self, project: int) -> None:
         self.client.projects.update(id=project, sampling="Uncertainty sampling")
 

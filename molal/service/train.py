@@ -255,7 +255,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         "classes": list(spec.classes), "from_name": spec.from_name, "mixture": repr(mixture),
         "mixture_fingerprint": mixture.fingerprint(), "llm_names": list(outputs.llm_names),
         "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
-        "round": round_t, "job_id": job_id, "student": False,
+        "round": round_t, "job_id": job_id, "student": False, "labels_fingerprint": labels_fingerprint(pool, spec),
     }
     if hasattr(molam, "metadata") and isinstance(getattr(molam, "metadata", None), dict):
         info["molam"] = {k: v for k, v in molam.metadata.items() if isinstance(v, (int, float, str, bool))}
@@ -494,6 +494,27 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     return n
 
 
+#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
+SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
+
+
+def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None) -> dict[str, int]:
+    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
+    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction. Predictions
+    of other models and every annotation stay. Returns version -> predictions deleted."""
+    try:
+        old = [v for v in client.model_versions(project) if v.startswith(SERVED_PREFIXES) and v != version]
+        out = {v: client.delete_model_version(project, v) for v in old}
+    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
+        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
+        if ctx is not None:
+            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
+        return {}
+    if out and ctx is not None:
+        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
+    return out
+
+
 def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
     client = client_for(svc, state)
     ctx.progress(0.01, f"pulling project {state.id} from Label Studio")
@@ -510,10 +531,42 @@ def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     return client, spec, pool
 
 
+def labels_fingerprint(pool: Pool, spec: LabelSpec) -> str:
+    """sha256 of the project's human labels (task id, class) and classes: what a review-mode round learns from."""
+    import hashlib
+    import json
+
+    labels = sorted((pool.task_ids[r], spec.classes[c]) for r, c in pool.human.items())
+    return hashlib.sha256(json.dumps([list(spec.classes), labels]).encode()).hexdigest()
+
+
+def nothing_new(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool) -> dict | None:
+    """In review mode, the serving model when it was trained on exactly these human labels (a new round would
+    publish the same model again and rewrite the priorities); else None. The human-free loop always runs
+    (each round queries and labels new tasks)."""
+    if svc.project_settings(state).loop_mode != "review":
+        return None
+    try:
+        m = svc.loaded_model(state)
+    except Exception:  # noqa: BLE001 - an unusable model: train a new one
+        return None
+    if m is None or m.manifest.get("info", {}).get("labels_fingerprint") != labels_fingerprint(pool, spec):
+        return None
+    return m.pointer
+
+
 def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
-    """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``)."""
+    """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``). Without new or
+    changed human labels since the serving model (review mode) it says so and publishes nothing, unless the
+    job's payload says ``force``."""
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
+    same = None if ctx.job.get("payload", {}).get("force") else nothing_new(svc, state, spec, pool)
+    if same is not None:
+        msg = (f"no new or changed human labels since {same['molam']} was trained: nothing to do "
+               "(molal train --force retrains anyway)")
+        ctx.progress(1.0, msg)
+        return {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
     # The per-LLM votes (llm:<name>) do not depend on the model being trained: Label Studio imports them
     # while MoLAM and the student train (its server and this job each keep a core busy).
     early: list[Future] = []
@@ -532,6 +585,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     rows = rr.rows.tolist()
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
                                None if early else rr.llm_outputs, ctx)
+    retired = retire_superseded(client, state.id, rr.version, ctx)
     flagged = 0
     if rr.new_auto:
         auto = state.auto_labels()
@@ -544,7 +598,8 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
             pool.data[r] = d
         flagged = client.update_task_data(upd)
     out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
-                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool)}
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
+                           "predictions_retired": sum(retired.values())}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
     if rr.student is not None:
@@ -575,6 +630,7 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     else:
         probs = svc.student_of(state, srv.model).predict_proba([pool.texts[r] for r in rows])
     n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs, ctx)
+    retire_superseded(client, state.id, srv.version, ctx)
     ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
     return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}

@@ -163,6 +163,36 @@ def test_retrieve_predictions_after_training_uses_new_version(ls_client, project
     assert backend.get("/metrics") != before  # the backend served that /predict
 
 
+def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_client, project, trained, backend,
+                                                                          label_studio):
+    """Start Training without new labels publishes nothing; after a person corrects a label the next job
+    publishes a new version and the superseded version's predictions are gone (annotations untouched)."""
+    from molal.service.lsclient import LSClient
+
+    pid = project["id"]
+    n_versions = len(backend.get(f"/versions?project={pid}")["versions"])
+    job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
+    assert job["status"] == "succeeded" and "no new or changed human labels" in job["result"]["skipped"], job
+    assert job["result"]["version"] == trained["version"]
+    assert len(backend.get(f"/versions?project={pid}")["versions"]) == n_versions
+    # a person labels one more task: a new round, a new version
+    task = next(t for t in project["ids"] if t not in trained["seeds"])
+    label_seeds(ls_client, [task], project["gold"])
+    job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
+    assert job["status"] == "succeeded" and "skipped" not in job["result"], job
+    new = job["result"]["version"]
+    assert new != trained["version"] and job["result"]["predictions_retired"] > 0
+    versions = LSClient(label_studio.url, label_studio.token).model_versions(pid)
+    served = [v for v in versions if not v.startswith("llm:")]
+    assert served == [new], versions  # one current MoLAM prediction per task; the per-LLM votes stay
+    assert {f"llm:{n}" for n in LLMS} <= set(versions)
+    tasks = all_tasks(ls_client, pid)
+    assert sum(1 for t in tasks if t.get("annotations")) == N_SEEDS + 1  # no annotation was touched
+    for t in tasks:
+        if not t.get("annotations"):
+            assert [p["model_version"] for p in t["predictions"]].count(new) == 1, t["id"]
+
+
 def test_human_free_round_with_a_human_budget(ls_client, project, trained, backend):
     """loop_mode=human_free with human_per_round=5 (the hybrid loop): a training job queries 20 tasks,
     auto-labels the 15 MoLAM is surest of (``data.molal_auto_label``) and puts the other 5 at the head of
