@@ -10,7 +10,7 @@ Steps (each one is a function, reused by the end-to-end tests):
 5. press "Start Training" (``ml.train``): Label Studio sends START_TRAINING, the backend runs a train job
    (annotate → MoLAM → student → predictions for every unlabeled task → query priorities);
 6. report MoLAM's accuracy on the other tasks (from the predictions stored in Label Studio), each LLM's
-   accuracy (its ``llm:<name>`` predictions), and the head of the "molal: next to label" tab.
+   accuracy (its ``llm:<name>`` predictions), and the head of the "molal queue" tab.
 
 State (project id, API token, password) is kept in ``<dir>/demo-state.json`` (mode 0600) so that a second
 run reuses the servers' data (fast restart); ``fresh=True`` starts over.
@@ -111,24 +111,50 @@ def create_project(client, title: str, classes: list[str], rows: list[dict]) -> 
     return pid, ids
 
 
-def connect_backend(client, project: int, url: str, title: str = "molal") -> int:
-    """Connect the backend (``ml.create``); an existing connection (a previous demo run) is pointed at ``url``."""
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message is one line for a person (no headers, cookies or tokens)."""
+
+
+def brief(exc: BaseException) -> str:
+    """One line about a failed Label Studio call: its status and the reason Label Studio gave, never the
+    response headers (they carry session cookies) nor anything secret."""
+    from molal.logging import scrub
+
+    status = getattr(exc, "status_code", None)
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        reason = body.get("detail") or body.get("validation_errors") or body.get("message") or body
+        text = reason if isinstance(reason, str) else json.dumps(reason, default=str)
+    elif isinstance(body, str):
+        text = body
+    else:
+        text = f"{type(exc).__name__}: {exc}" if status is None else ""
+    text = scrub(" ".join(str(text).split()))[:240]
+    return f"HTTP {status}: {text}" if status is not None else text
+
+
+def connect_backend(client, project: int, url: str, title: str = "molal", deadline_s: float = 120.0) -> int:
+    """Connect the backend (``ml.create``); an existing connection (a previous demo run) is pointed at ``url``.
+
+    Label Studio checks the backend when it connects it (``/health`` within 1 s, ``/setup`` within 3 s); on a
+    loaded machine that can fail although the backend is fine, so failed tries are repeated with growing
+    pauses (1, 2, 4 … 15 s) for up to ``deadline_s``. A final failure is one :class:`DemoError` line."""
     for b in client.ml.list(project=project):
         b = _plain(b)
         if b.get("url", "").rstrip("/") != url.rstrip("/"):
             client.ml.update(id=int(b["id"]), url=url)
         return int(b["id"])
-    for attempt in range(3):
+    t_end = time.monotonic() + deadline_s
+    delay = 1.0
+    while True:
         try:
-            ml = client.ml.create(project=project, url=url, title=title)
-            return int(ml.id)
-        except Exception as exc:
-            # Label Studio gives the backend's first /setup 3 s; a fresh backend process imports the mixture
-            # code on that request, which can take longer on a busy machine: the next try finds it loaded.
-            if attempt == 2 or "timed out" not in str(exc):
-                raise
-            time.sleep(1.0)
-    raise AssertionError("unreachable")
+            return int(client.ml.create(project=project, url=url, title=title).id)
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiError or httpx errors
+            if getattr(exc, "status_code", None) in (401, 403, 404) or time.monotonic() + delay > t_end:
+                raise DemoError(f"Label Studio could not connect the molal backend at {url} ({brief(exc)}); "
+                                "if the machine is busy, run the demo again") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
 
 
 def choice_result(label: str, from_name: str = "label", to_name: str = "text") -> list[dict]:
@@ -421,6 +447,10 @@ class Demo:
 
         ps = ProjectState(get_settings(model_dir=self.backend.model_dir).model_dir, pid)
         ps.set_setting("priority_top", o.priority_top)
+        ps.set_setting("review_panel", True)  # the training job puts the review panel into the label config
+        from molal.service.review import INSTRUCTIONS
+
+        client.projects.update(id=pid, expert_instruction=INSTRUCTIONS, show_instruction=True)
         t = time.monotonic()
         timings["backend_s"] = self.wait_backend()  # its own start-up, overlapped with the steps above
         timings["backend_wait_s"] = time.monotonic() - t

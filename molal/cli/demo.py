@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
                 tab.add_row(name, f"{a['acc']:.3f}" if a["acc"] is not None else "-", str(a["n"]))
             console.print(tab)
             if res.next_tasks:
-                nt = Table(title='first tasks of the "molal: next to label" tab')
+                nt = Table(title='first tasks of the "molal queue" tab')
                 nt.add_column("task")
                 nt.add_column("priority", justify="right")
                 nt.add_column("text")
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
                           + f", total {total:.1f}s" + (" (reused data directory)" if res.reused else ""))
             console.print()
             console.print("[bold]In the UI:[/bold] open the URL, log in, open the project; in the Data Manager pick "
-                          "the tab [bold]molal: next to label[/bold] and press [bold]Label Tasks As Displayed[/bold]. "
+                          "the tab [bold]molal queue[/bold] and press [bold]Label Tasks As Displayed[/bold]. "
                           "Each task shows MoLAM's label pre-filled (and one prediction per LLM, llm:<name>). "
                           "Settings → Model shows the connected backend and its Start Training button.")
             if no_wait:
@@ -121,9 +121,10 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             console.print("stopping …")
         except Exception as exc:
-            from molal.logging import scrub
+            from molal.demo import brief
 
-            console.print(f"[red]demo failed:[/red] {scrub(str(exc))}")
+            # one line: a Label Studio error's status and reason, never its response headers (session cookies)
+            console.print(f"[red]demo failed:[/red] {brief(exc)}")
             raise typer.Exit(1) from None
         finally:
             d.stop()

@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
         queue: bool = typer.Option(False, "--queue", help="Only queue the job for the server / RQ workers."),
         model_dir: Path | None = _MODEL_DIR,
     ) -> None:
-        """Rank unlabeled tasks with the student and write data.<priority field> + the tab "molal: next to label".
+        """Rank unlabeled tasks with the student and write data.<priority field> + the tab "molal queue".
 
         Annotators open that tab and press "Label Tasks As Displayed" (plain "Label All Tasks" ignores tabs)."""
         if strategy is not None:
@@ -227,6 +227,42 @@ def register(app: typer.Typer) -> None:
         """Settings (env defaults + stored), current model, versions."""
         svc = _service(model_dir)
         typer.echo(json.dumps(svc.project_info(project), indent=1, default=str))
+
+    @project_app.command("review-panel")
+    def project_review_panel(
+        project: int = typer.Option(..., "--project"),
+        remove: bool = typer.Option(False, "--remove", help="Take the panel out again (and stop keeping it)."),
+        instructions: bool = typer.Option(False, "--instructions",
+                                          help="Also set the project's labeling instructions to molal's."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Add molal's read-only review panel (its label, confidence, the LLM votes, a flag when it overrides the
+        LLMs) above the text in the project's label config in Label Studio, and keep it there (project setting
+        review_panel). It adds no control: annotations and exports are unchanged. --remove takes it out."""
+        from molal.service.labelconfig import LabelConfigError
+        from molal.service.lsclient import LSConnectionError
+        from molal.service.review import INSTRUCTIONS
+        from molal.service.train import client_for, ensure_review_panel
+
+        svc = _service(model_dir)
+        state = svc.project(project)
+        try:
+            client = client_for(svc, state)
+            done = ensure_review_panel(client, project, remove=remove)
+            if instructions and not remove:
+                client.set_instructions(project, INSTRUCTIONS)
+        except LabelConfigError as exc:
+            typer.echo(f"error: the project's label config is not one molal serves, so it gets no panel: {exc}",
+                       err=True)
+            raise typer.Exit(2) from None
+        except LSConnectionError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        if remove:
+            state.unset_setting("review_panel")
+        else:
+            state.set_setting("review_panel", True)
+        typer.echo(json.dumps({"project": project, "review_panel": done, "instructions": instructions and not remove}))
 
     @project_app.command("set")
     def project_set(

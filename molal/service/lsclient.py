@@ -15,7 +15,18 @@ from typing import Any
 
 log = logging.getLogger("molal.lsclient")
 
-VIEW_TITLE = "molal: next to label"
+#: the Data Manager tab molal keeps ordered by priority (short: Label Studio cuts tab titles at ~14 characters)
+VIEW_TITLE = "molal queue"
+#: its earlier title (a tab of that name is renamed, not duplicated)
+OLD_VIEW_TITLES = ("molal: next to label",)
+#: the tab's columns people need, left to right as Label Studio lists them; every other known column is hidden
+#: (so Label Studio also computes the prediction score it shows: it skips columns when no list is given)
+REVIEW_COLUMNS = ("id", "predictions_score", "data.molal_label", "data.molal_confidence", "data.molal_votes",
+                  "data.molal_flag", "data.molal_uncertainty")
+_SYSTEM_COLUMNS = ("inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions",
+                   "annotators", "annotations_results", "annotations_ids", "predictions_model_versions",
+                   "predictions_results", "file_upload", "storage_filename", "created_at", "updated_at",
+                   "updated_by", "avg_lead_time", "draft_exists", "data.molal_review", "data.molal_agreement")
 AUTO_FLAG = "molal_auto_label"
 #: what the first pass of :meth:`LSClient.tasks` asks Label Studio for
 LIGHT_FIELDS = "id,data,predictions_model_versions"
@@ -150,24 +161,50 @@ class LSClient:
             list(ex.map(one, updates))
         return len(updates)
 
-    def ensure_view(self, project: int, field: str, title: str = VIEW_TITLE) -> int:
-        """Create or update the Data Manager tab ordered by ``-tasks:data.<field>`` (numeric)."""
+    def ensure_view(self, project: int, field: str, title: str = VIEW_TITLE, value_key: str = "text") -> int:
+        """Create or update the Data Manager tab ``title``: unlabeled tasks only (no annotation), ordered by
+        ``-tasks:data.<field>`` (numeric), the text and molal's review fields first, internal columns hidden."""
         column = f"tasks:data.{field}"
+        hidden = [f"tasks:{c}" for c in _SYSTEM_COLUMNS if c not in REVIEW_COLUMNS]
         data = {
             "title": title,
             "ordering": [f"-{column}"],
             "type": "list",
             "target": "tasks",
-            "columnsDisplayType": {column: "Number"},
-            "filters": {"conjunction": "and", "items": []},
+            "columnsDisplayType": {column: "Number", "tasks:data.molal_confidence": "Number",
+                                   "tasks:data.molal_uncertainty": "Number"},
+            "columnsWidth": {"tasks:id": 70, "tasks:predictions_score": 110, f"tasks:data.{value_key}": 420,
+                             "tasks:data.molal_label": 120, "tasks:data.molal_confidence": 120,
+                             "tasks:data.molal_votes": 240, "tasks:data.molal_flag": 130,
+                             "tasks:data.molal_uncertainty": 120, column: 90},
+            "hiddenColumns": {"explore": hidden, "labeling": hidden},
+            "filters": {"conjunction": "and", "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]},
         }
-        for v in self.client.views.list(project=project):
-            vd = _plain(v)
-            if (vd.get("data") or {}).get("title") == title:
-                self.client.views.update(id=str(vd["id"]), data=data, project=project)
-                return int(vd["id"])
-        v = self.client.views.create(project=project, data=data)
+        try:
+            for v in self.client.views.list(project=project):
+                vd = _plain(v)
+                if (vd.get("data") or {}).get("title") in (title, *OLD_VIEW_TITLES):
+                    self.client.views.update(id=str(vd["id"]), data=data, project=project)
+                    return int(vd["id"])
+            v = self.client.views.create(project=project, data=data)
+        except Exception as exc:
+            raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
         return int(_plain(v)["id"])
+
+    def set_label_config(self, project: int, config: str) -> None:
+        """Replace the project's label config (Label Studio checks it against the existing annotations)."""
+        try:
+            self.client.projects.update(id=project, label_config=config)
+        except Exception as exc:
+            raise self.explain(f"updating the label config of project {project}", exc) from exc
+
+    def set_instructions(self, project: int, html: str, show: bool = True) -> None:
+        """The project's labeling instructions (shown before labeling when ``show``)."""
+        try:
+            self.client.projects.update(id=project, expert_instruction=html, show_instruction=show)
+        except Exception as exc:
+            raise self.explain(f"updating the instructions of project {project}", exc) from exc
 
     def set_model_version(self, project: int, version: str) -> bool:
         """Set the project's model_version (so ``predictions_score`` and Uncertainty sampling use it).

@@ -24,7 +24,7 @@ from molal.service.jobs import JobContext, execute, public_job
 from molal.service.lstrust import setup_usable
 from molal.service.predict import check_tasks, predict_tasks
 from molal.service.runtime import Runtime
-from molal.service.store import ProjectIdError, parse_project_id
+from molal.service.store import ProjectIdError, parse_project_id, version_name
 from molal.service.train import JOBS
 
 log = logging.getLogger("molal.service")
@@ -184,9 +184,9 @@ class Service(Runtime):
         cur = state.current()
         out = []
         for v in state.versions():
-            out.append(f"molam-{v['version']}")
+            out.append(version_name("molam", v["version"]))
             if v["info"].get("student"):
-                out.append(f"student-{v['version']}")
+                out.append(version_name("student", v["version"]))
         return {"versions": out, "current": cur}
 
     def metrics(self) -> dict:

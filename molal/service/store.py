@@ -193,6 +193,14 @@ CREATE TABLE IF NOT EXISTS auto_labels (task_id INTEGER PRIMARY KEY, label INTEG
 """
 
 
+def version_name(kind: str, model_dir: str) -> str:
+    """The model version predictions of a published model carry: ``molam-3-9f2c`` for directory
+    ``3-9f2c41d0`` (the round number and 4 hex digits of the content hash: short enough that Label Studio
+    shows it whole, and a model published again after its state was lost still gets a new name)."""
+    n, digest = str(model_dir).split("-", 1)
+    return f"{kind}-{n}-{digest[:4]}"
+
+
 FOR_HUMANS_KEY = "for_humans"  # task ids the last human-free round sent to people (human_per_round)
 
 
@@ -216,6 +224,7 @@ class ProjectSettings:
     molam_candidates: str | None = None  # comma list of MoLAM candidates (e.g. "lr_0.1,ds,best_single"); None = all
     molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
     stop_when_stable: bool = False  # human_free loop: query no more tasks once the stopping rule is met
+    review_panel: bool = False  # keep the read-only review panel (molal.service.review) in the label config
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -391,8 +400,8 @@ class ProjectState:
         pointer = {
             "dir": name,
             "n": n,
-            "molam": f"molam-{name}",
-            "student": f"student-{name}" if has_student else None,
+            "molam": version_name("molam", name),
+            "student": version_name("student", name) if has_student else None,
             "published": time.time(),
             **(extra or {}),
         }

@@ -15,10 +15,10 @@ A training job, step by step (each step reports progress to the job table and th
      they are marked in Label Studio (a prediction + ``data.molal_auto_label``) for audit, and a human
      annotation on such a task always overrides MoLAM's label. With ``human_per_round`` = k > 0 (the
      *hybrid* loop of ``molal simulate``), the k queried tasks with MoLAM's least confident labels go to
-     people instead: they are not auto-labelled and head the "molal: next to label" tab until the next round;
+     people instead: they are not auto-labelled and head the "molal queue" tab until the next round;
 5. publish a new model version atomically (files → manifest with checksums → ``current.json``);
 6. push fresh predictions for unlabeled tasks (bulk import), set the project's model_version, and write
-   the query priorities (``data.<priority_field>`` + the Data Manager tab "molal: next to label").
+   the query priorities (``data.<priority_field>`` + the Data Manager tab "molal queue").
    The per-LLM predictions (``llm:<name>``, when enabled) do not depend on the trained model: they are
    imported in a background thread from step 3 on, while MoLAM and the student train.
 
@@ -357,6 +357,21 @@ def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: S
             "stop_set": len(rows)}
 
 
+def ensure_review_panel(client: LSClient, project: int, remove: bool = False) -> str:
+    """Add (or remove) the review panel of :mod:`molal.service.review` in the project's label config in
+    Label Studio; the config must be one molal serves. Returns "added", "removed" or "unchanged"."""
+    from molal.service.labelconfig import parse_label_config
+    from molal.service.review import add_review_panel, remove_review_panel
+
+    config = client.label_config(project)
+    parse_label_config(config)  # a config molal cannot serve gets no panel (LabelConfigError says why)
+    new = remove_review_panel(config) if remove else add_review_panel(config)
+    if new == config:
+        return "unchanged"
+    client.set_label_config(project, new)
+    return "removed" if remove else "added"
+
+
 def round_learner(ps) -> Learner:
     """The :class:`molal.learner.Learner` of a project's training job: its strategy and batch, the hybrid
     split, and the weighting: in review mode MoLAM relabels every row each job, so a label's weight is
@@ -404,36 +419,74 @@ def for_humans_first(pool: Pool, rows: list[int], prio: np.ndarray, task_ids: li
     return out
 
 
-def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0) -> list[tuple[int, dict]]:
-    """(task id, full new data) for every task whose ``data.<field>`` must change. ``rows`` (unlabeled
-    pool rows) get ``prio``; any other row (labelled since) gets 0. With ``top`` > 0 only the ``top``
-    highest rows keep their priority, the rest get 0. A missing value counts as 0."""
+def head_priorities(rows: list[int], prio: np.ndarray, top: int = 0) -> dict[int, int]:
+    """Row -> priority to write: ``rows`` get ``prio``; with ``top`` > 0 only the ``top`` highest keep it,
+    the rest get 0 (the head of the queue)."""
     new = {r: int(p) for r, p in zip(rows, np.asarray(prio).tolist(), strict=True)}
     if top and len(new) > top:
         cut = sorted(new.values(), reverse=True)[top - 1]
         new = {r: (p if p >= cut else 0) for r, p in new.items()}
+    return new
+
+
+def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0,
+                     fields: dict[int, dict] | None = None) -> list[tuple[int, dict]]:
+    """(task id, full new data) for every task whose ``data.<field>`` or review ``fields`` (row -> the
+    :mod:`molal.service.review` fields, for the head of the queue) must change. ``rows`` (unlabeled pool
+    rows) get ``prio`` (:func:`head_priorities`); any other row (labelled since) gets 0. A missing value
+    counts as 0. When ``fields`` is given (a new model), tasks outside it lose the review fields an older
+    model wrote: a reviewer never reads a previous model's label next to the current prediction."""
+    from molal.service.review import FIELDS
+
+    new = head_priorities(rows, prio, top)
     updates: list[tuple[int, dict]] = []
     for r in range(len(pool)):
         old = pool.data[r].get(field)
         want = new.get(r, 0)
-        if old == want or (want == 0 and old in (None, 0)):
+        extra = {k: v for k, v in (fields or {}).get(r, {}).items() if pool.data[r].get(k) != v}
+        stale = [k for k in FIELDS if k in pool.data[r]] if fields is not None and r not in fields else []
+        if (old == want or (want == 0 and old in (None, 0))) and not extra and not stale:
             continue
         d = dict(pool.data[r])
-        d[field] = want
+        for k in stale:
+            del d[k]
+        d.update(extra)
+        d.pop(field, None)
+        d[field] = want  # the last data key: the Data Manager lists molal's fields before the priority
         updates.append((pool.task_ids[r], d))
     return updates
 
 
 def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
-                     field: str, ctx: JobContext | None = None, top: int = 0) -> dict:
-    """Write the changed priorities (:func:`priority_updates`; one PATCH per task, Label Studio has no bulk
-    update of task data) and create/update the tab "molal: next to label" ordered by them."""
-    updates = priority_updates(pool, rows, prio, field, top)
+                     field: str, ctx: JobContext | None = None, top: int = 0,
+                     fields: dict[int, dict] | None = None, value_key: str = "text") -> dict:
+    """Write the changed priorities and review fields (:func:`priority_updates`; one PATCH per task, Label
+    Studio has no bulk update of task data) and create/update the tab :data:`VIEW_TITLE` ordered by them."""
+    updates = priority_updates(pool, rows, prio, field, top, fields)
     if ctx is not None:
-        ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})")
+        ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})"
+                           + (" with the review fields" if fields else ""))
     n = client.update_task_data(updates)
-    view = client.ensure_view(project, field)
+    view = client.ensure_view(project, field, value_key=value_key)
     return {"priorities_written": n, "view": view}
+
+
+def head_fields(rr: RoundResult, pool: Pool, spec: LabelSpec, rows: list[int], prio: np.ndarray,
+                top: int) -> dict[int, dict]:
+    """The review fields (:func:`molal.service.review.review_fields`) of the rows at the head of the queue
+    (those whose priority is written): the served label and confidence, the LLM votes, the student's
+    uncertainty."""
+    from molal.service.review import review_fields
+
+    head = [r for r, p in head_priorities(rows, prio, top).items() if p > 0]
+    if not head:
+        return {}
+    at = {int(r): i for i, r in enumerate(rr.rows.tolist())}
+    head = [r for r in head if r in at]
+    idx = [at[r] for r in head]
+    llm = rr.llm_outputs.normalized_probs()[idx] if rr.llm_outputs is not None else None
+    student = rr.student.predict_proba([pool.texts[r] for r in head]) if rr.student is not None else None
+    return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student), strict=True))
 
 
 def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
@@ -459,7 +512,8 @@ def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: 
     order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled,
                       budget=ps.priority_top or None)
     prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
-    out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top)
+    out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top,
+                           value_key=spec.value_key)
     out.update({"strategy": strategy, "ranked": len(unl)})
     return out
 
@@ -609,9 +663,13 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
                           labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
         prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+        fields = head_fields(rr, pool, spec, unl, prio, ps.priority_top)
         out.update(write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx,
-                                    top=ps.priority_top))
+                                    top=ps.priority_top, fields=fields, value_key=spec.value_key))
         out["to_human"] = len(rr.to_human)
+        out["review_fields_written"] = len(fields)
+    if ps.review_panel:
+        out["review_panel"] = ensure_review_panel(client, state.id)
     state.put("new_annotations", 0)
     ctx.progress(1.0, f"done: serving {rr.version}")
     return out

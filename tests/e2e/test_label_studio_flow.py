@@ -3,7 +3,7 @@
 project (Choices + Text) → import TREC tasks (replay = real recorded LLM answers) → connect the backend →
 "Retrieve predictions" (LS calls /predict) → 50 gold seeds through the API → Start Training (LS sends
 START_TRAINING) → job succeeds → MoLAM pre-annotations + per-LLM votes on unlabeled tasks → the
-"molal: next to label" tab and /next?view= follow data.priority → Retrieve predictions after training.
+"molal queue" tab and /next?view= follow data.priority → Retrieve predictions after training.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_cli
 def test_human_free_round_with_a_human_budget(ls_client, project, trained, backend):
     """loop_mode=human_free with human_per_round=5 (the hybrid loop): a training job queries 20 tasks,
     auto-labels the 15 MoLAM is surest of (``data.molal_auto_label``) and puts the other 5 at the head of
-    the "molal: next to label" tab, without an auto-label, for people."""
+    the "molal queue" tab, without an auto-label, for people."""
     from molal.service.lsclient import AUTO_FLAG
     from molal.service.store import FOR_HUMANS_KEY, ProjectState
 

@@ -1,0 +1,115 @@
+"""What a reviewer sees of molal in Label Studio: task data fields, the opt-in review panel in the label
+config, and the labeling instructions.
+
+**Fields** (written into a task's data by the training job, in the same request as its priority, for the
+tasks at the head of the queue: every task whose priority is written; a new model removes them from tasks
+that left the head). The Data Manager can show, sort and filter them; the review panel displays
+``molal_review``:
+
+==================  ====================================================================================
+``molal_label``      the label molal pre-fills (the serving model's top class: MoLAM's, or the student's)
+``molal_confidence`` its probability, 0–1 (2 decimals)
+``molal_votes``      the LLMs' votes, most voted first: ``description 5/5`` or ``entity 3/5 · human 2/5``
+``molal_agreement``  the share of LLMs that vote the LLMs' majority label, 0–1
+``molal_flag``       ``overrides LLMs`` where molal's label is not the LLMs' majority label, else empty
+``molal_uncertainty`` the student's predictive entropy, 0 (sure) – 1 (uniform): what uncertainty-based
+                     query strategies rank by
+``molal_review``     one line for people: the pre-fill, its confidence, the votes, and the flag
+==================  ====================================================================================
+
+**Review panel** (opt-in: ``molal project review-panel --project N``, or the project setting
+``review_panel=true``): a read-only block at the top of the label config that shows ``$molal_review``
+above the text. It adds no control tag, so it never enters an annotation or an export, and leaves the
+``<Choices>`` and every annotation alone. It sits between two XML comments, so it can be removed exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+FIELDS = ("molal_label", "molal_confidence", "molal_votes", "molal_agreement", "molal_flag", "molal_uncertainty",
+          "molal_review")
+OVERRIDE_FLAG = "overrides LLMs"
+PANEL_BEGIN = "<!-- molal:review-panel -->"
+PANEL_END = "<!-- /molal:review-panel -->"
+PANEL = (
+    f"{PANEL_BEGIN}<View style=\"padding: 6px 10px; margin-bottom: 8px; background: #f4f6fb; border-left: 4px solid "
+    f"#5b7bd5\"><Header value=\"$molal_review\" size=\"6\" underline=\"false\"/></View>{PANEL_END}"
+)
+INSTRUCTIONS = (
+    "<p><b>Pre-filled labels come from molal</b>, not from a person: MoLAM, a model that combines several "
+    "LLMs, suggests one class per task. The line above each text says how sure it is (its probability), "
+    "how the LLMs voted, and flags <i>overrides LLMs</i> where MoLAM's label is not the LLMs' majority: "
+    "look at those twice.</p><p>Accept the pre-filled label if it is right, change it if it is not, then "
+    "submit. Every submitted label is a person's label: the next training round learns from it.</p>"
+)
+
+
+def _votes(llm_labels: Sequence[int], classes: Sequence[str]) -> tuple[str, int, int]:
+    """(``"a 3/5 · b 2/5"``, the majority class, its count); ties go to the class listed first."""
+    counts = np.bincount(np.asarray(llm_labels, dtype=np.int64), minlength=len(classes))
+    order = sorted(range(len(classes)), key=lambda c: (-counts[c], c))
+    n = len(llm_labels)
+    text = " · ".join(f"{classes[c]} {counts[c]}/{n}" for c in order if counts[c] > 0)
+    return text, order[0], int(counts[order[0]])
+
+
+def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Sequence[str],
+                  student: np.ndarray | None = None) -> list[dict]:
+    """The fields of the module docstring for n tasks: ``served`` (n, K) the pre-fill's probabilities,
+    ``llm_probs`` (n, L, K) each LLM's (None: no LLM votes, e.g. a student-only project), ``student`` (n, K)
+    the student's (for the uncertainty; None: left out)."""
+    served = np.asarray(served, dtype=np.float64)
+    k = len(classes)
+    out = []
+    for i in range(len(served)):
+        lab = int(served[i].argmax())
+        conf = float(served[i, lab])
+        f: dict = {"molal_label": classes[lab], "molal_confidence": round(conf, 2)}
+        review = f"molal pre-filled {classes[lab]} ({conf:.0%})"
+        if llm_probs is not None and np.asarray(llm_probs).shape[1] > 0:
+            votes, major, n_major = _votes(np.asarray(llm_probs[i]).argmax(axis=1), classes)
+            n_llm = np.asarray(llm_probs).shape[1]
+            f["molal_votes"] = votes
+            f["molal_agreement"] = round(n_major / n_llm, 2)
+            f["molal_flag"] = OVERRIDE_FLAG if major != lab else ""
+            review += f" · LLM votes: {votes}"
+            if major != lab:
+                review += f" · overrides the LLMs' majority ({classes[major]})"
+        if student is not None:
+            p = np.clip(np.asarray(student[i], dtype=np.float64), 1e-12, 1.0)
+            f["molal_uncertainty"] = round(float(-(p * np.log(p)).sum() / np.log(k)), 2) if k > 1 else 0.0
+        f["molal_review"] = review
+        out.append(f)
+    return out
+
+
+# -- the review panel -------------------------------------------------------------------------------------
+_PANEL_RE = re.compile(re.escape(PANEL_BEGIN) + r".*?" + re.escape(PANEL_END), re.S)
+_ROOT_RE = re.compile(r"<View\b[^>]*?(?<!/)>", re.S)
+
+
+def has_review_panel(config: str) -> bool:
+    return PANEL_BEGIN in config
+
+
+def add_review_panel(config: str) -> str:
+    """``config`` with the review panel as the first child of its root ``<View>`` (unchanged if present)."""
+    if has_review_panel(config):
+        return config
+    m = _ROOT_RE.search(config)
+    if m is None:
+        raise ValueError("the label config has no root <View> to put the review panel in")
+    return config[: m.end()] + PANEL + config[m.end():]
+
+
+def remove_review_panel(config: str) -> str:
+    """``config`` without the review panel: exactly the text :func:`add_review_panel` started from."""
+    return _PANEL_RE.sub("", config)
+
+
+__all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "add_review_panel", "has_review_panel",
+           "remove_review_panel", "review_fields"]

@@ -1,0 +1,106 @@
+"""What a reviewer sees of molal (molal.service.review): the task data fields, the opt-in review panel in a
+label config, and how the training job writes the fields with the priorities (head of the queue only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from molal.service.labelconfig import LabelConfigError, parse_label_config
+from molal.service.review import (
+    FIELDS,
+    OVERRIDE_FLAG,
+    add_review_panel,
+    has_review_panel,
+    remove_review_panel,
+    review_fields,
+)
+from tests.conftest import TREC_CLASSES, TREC_CONFIG
+
+
+def test_fields_say_what_molal_prefilled_how_the_llms_voted_and_when_it_overrides_them():
+    classes = TREC_CLASSES
+    served = np.array([[0.05, 0.58, 0.30, 0.03, 0.02, 0.02],   # MoLAM: entity 58 %
+                       [0.01, 0.01, 0.90, 0.04, 0.02, 0.02]])  # MoLAM: description 90 %
+    llm = np.zeros((2, 5, 6))
+    llm[0, :, 2] = 1.0  # all five LLMs: description ("What is tyvek ?")
+    llm[1, :3, 2] = 1.0
+    llm[1, 3:, 1] = 1.0  # three say description, two entity
+    student = np.array([[1 / 6] * 6, [1.0, 0, 0, 0, 0, 0]])
+    a, b = review_fields(served, llm, classes, student)
+    assert a["molal_label"] == "entity" and a["molal_confidence"] == 0.58
+    assert a["molal_votes"] == "description 5/5" and a["molal_agreement"] == 1.0
+    assert a["molal_flag"] == OVERRIDE_FLAG and "overrides the LLMs' majority (description)" in a["molal_review"]
+    assert a["molal_review"].startswith("molal pre-filled entity (58%) · LLM votes: description 5/5")
+    assert a["molal_uncertainty"] == 1.0 and b["molal_uncertainty"] == 0.0
+    assert b["molal_votes"] == "description 3/5 · entity 2/5" and b["molal_agreement"] == 0.6
+    assert b["molal_flag"] == "" and "overrides" not in b["molal_review"]
+    assert set(a) == set(FIELDS)
+    # without LLM votes (a project served by its student alone) or without a student: what is known
+    (c,) = review_fields(served[:1], None, classes)
+    assert set(c) == {"molal_label", "molal_confidence", "molal_review"}
+
+
+def test_review_panel_is_added_once_removed_exactly_and_adds_no_control():
+    cfg = "<View>\n  " + TREC_CONFIG[len("<View>"):]
+    with_panel = add_review_panel(cfg)
+    assert has_review_panel(with_panel) and with_panel.count("$molal_review") == 1
+    assert add_review_panel(with_panel) == with_panel  # idempotent
+    assert remove_review_panel(with_panel) == cfg  # exactly what it was
+    assert remove_review_panel(cfg) == cfg
+    spec = parse_label_config(with_panel)
+    assert spec == parse_label_config(cfg)  # the same Choices, Text and classes
+    from label_studio_sdk.label_interface import LabelInterface
+
+    controls = {c.name for c in LabelInterface(with_panel).controls}
+    assert controls == {"label"}  # no control tag: nothing enters an annotation or an export
+    with pytest.raises(ValueError, match="root <View>"):
+        add_review_panel("<Text name='t' value='$text'/>")
+
+
+def test_the_job_writes_the_fields_with_the_priorities_for_the_head_only():
+    from molal.service.train import Pool, priority_updates
+
+    texts = [f"t{i}" for i in range(6)]
+    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={0: 1})
+    rows = [1, 2, 3, 4, 5]
+    prio = np.array([5, 4, 3, 2, 1])
+    fields = {1: {"molal_label": "entity"}, 2: {"molal_label": "human"}}  # the head (top 2)
+    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields=fields))
+    assert set(ups) == {11, 12}  # rows 3-5 get priority 0 = their current (missing) value: no request
+    assert ups[11] == {"text": "t1", "priority": 5, "molal_label": "entity"}
+    # unchanged priority but a new label: one request; nothing changed: none
+    pool.data[1].update(ups[11])
+    pool.data[2].update(ups[12])
+    assert priority_updates(pool, rows, prio, "priority", top=2, fields=fields) == []
+    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields={1: {"molal_label": "numeric"}}))
+    assert ups[11]["molal_label"] == "numeric" and ups[11]["priority"] == 5
+    # a task the new model wrote no fields for loses the old model's (no stale label next to a new prediction)
+    assert ups[12] == {"text": "t2", "priority": 4}
+    # a priority-only rewrite (the query job, same model) keeps them
+    assert priority_updates(pool, rows, prio, "priority", top=2) == []
+
+
+def test_a_config_molal_cannot_serve_gets_no_panel():
+    from molal.service.train import ensure_review_panel
+
+    class FakeClient:  # the label config Label Studio would hand back; nothing is written
+        def __init__(self, config):
+            self.config, self.written = config, []
+
+        def label_config(self, project):
+            return self.config
+
+        def set_label_config(self, project, config):
+            self.written.append(config)
+
+    multi = TREC_CONFIG.replace('choice="single"', 'choice="multiple"')
+    c = FakeClient(multi)
+    with pytest.raises(LabelConfigError, match="multiple"):
+        ensure_review_panel(c, 1)
+    assert c.written == []
+    c = FakeClient(TREC_CONFIG)
+    assert ensure_review_panel(c, 1) == "added" and has_review_panel(c.written[-1])
+    c.config = c.written[-1]
+    assert ensure_review_panel(c, 1) == "unchanged" and ensure_review_panel(c, 1, remove=True) == "removed"
+    assert c.written[-1] == TREC_CONFIG
