@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")
+    student_lr: float | None = Field(
+        None, gt=0, validation_alias="MOLAL_STUDENT_LR",
+        description="the student's learning rate; unset = 5e-5 when fine-tuning, 1e-3 for a frozen encoder's head",
+    )
     student_freeze_encoder: bool = Field(
         False, validation_alias="MOLAL_STUDENT_FREEZE_ENCODER",
         description="train only the classification head on frozen encoder embeddings (fast CPU preset)",

@@ -294,7 +294,8 @@ class DemoOptions:
     backend_port: int | None = None
     fresh: bool = False
     seed: int = 0
-    student_epochs: int = 1
+    #: None: 30 for the head on frozen embeddings (≈1 s), 1 when the whole encoder is fine-tuned (minutes)
+    student_epochs: int | None = None
     student_max_length: int = 32
     #: the demo trains the student's head on frozen MiniLM embeddings (seconds instead of minutes on a CPU);
     #: `molal demo --full-student` fine-tunes the whole encoder as a production backend does.
@@ -373,7 +374,8 @@ class Demo:
         be_port = _port(o.backend_port, state.get("backend_port"))
         state.update({"ls_port": ls_port, "backend_port": be_port})
         _write_state(spath, state)
-        env = {"MOLAL_STUDENT_EPOCHS": str(o.student_epochs), "MOLAL_STUDENT_MAX_LENGTH": str(o.student_max_length),
+        epochs = o.student_epochs or (30 if o.student_freeze_encoder else 1)
+        env = {"MOLAL_STUDENT_EPOCHS": str(epochs), "MOLAL_STUDENT_MAX_LENGTH": str(o.student_max_length),
                "MOLAL_STUDENT_FREEZE_ENCODER": "true" if o.student_freeze_encoder else "false",
                "MOLAL_PER_LLM_PREDICTIONS": "true", **o.extra_env}
         if not state.get("version"):  # this run trains: import the training stack while Label Studio starts

@@ -18,7 +18,10 @@ with the paper's noise-robust loss (:mod:`molal.loss`).
 
 ``freeze_encoder=True`` is a fast preset for CPU-bound simulations: the encoder stays at its start weights
 (its embeddings are computed once and cached per text) and only the linear head is trained, with the same
-loss/optimiser/schedule (use a larger lr, e.g. 1e-3, and more epochs, e.g. 30). It is a weaker student
+loss/optimiser/schedule; ``lr`` left unset is then 1e-3 (:data:`HEAD_LR`; 5e-5, :data:`FINETUNE_LR`, when
+fine-tuning), and it wants more epochs, e.g. 30 (≈1 s for 250 texts): a head trained 1 epoch at 5e-5 stays
+near uniform (trained on 250 TREC questions, tested on 50: 28% accuracy, normalised entropy 0.997, against
+70% and 0.73 at 1e-3 × 30 epochs). It is a weaker student
 than full fine-tuning; results obtained with it are labelled as such.
 
 Extra outputs for the query strategies (:mod:`molal.query`): :meth:`Student.embed` (pooled encoder
@@ -47,6 +50,8 @@ from molal.progress import progress_bar
 
 FORMAT = "molal.Student"
 FORMAT_VERSION = 1
+FINETUNE_LR = 5e-5  # default lr when the encoder is fine-tuned
+HEAD_LR = 1e-3  # default lr when only the head is trained (freeze_encoder)
 
 
 class StudentError(ValueError):
@@ -129,7 +134,7 @@ class Student:
         max_length: int = 128,
         epochs: int = 3,
         batch_size: int = 16,
-        lr: float = 5e-5,
+        lr: float | None = None,
         warmup: float = 0.1,
         device: str = "auto",
         seed: int = 0,
@@ -151,6 +156,8 @@ class Student:
                 raise StudentError(f"{name} must be >= {lo}, got {val}")
         if not 0 <= warmup < 1:
             raise StudentError(f"warmup must be a fraction in [0, 1), got {warmup}")
+        if lr is None:  # the preset for the mode: fine-tuning a transformer vs. training a linear head
+            lr = HEAD_LR if freeze_encoder else FINETUNE_LR
         if lr <= 0:
             raise StudentError(f"lr must be > 0, got {lr}")
         self.class_names = class_names

@@ -177,3 +177,21 @@ def test_min_steps_extends_small_trainings(tiny_encoder):
     big, yb = toy_data(40, seed=9)
     st = _student(tiny_encoder, epochs=2, batch_size=8, min_steps=4).fit(big, yb, progress=False)
     assert st.metadata["epochs"] == 2  # already >= min_steps
+
+
+def test_unset_lr_follows_the_mode_and_the_frozen_default_learns_on_real_minilm():
+    """lr left unset is 1e-3 for a head on frozen embeddings, 5e-5 for fine-tuning; the frozen default (the
+    demo's and a CPU backend's preset) learns on real TREC questions with the bundled MiniLM: at 5e-5 the head
+    stayed near uniform and every task read the same uncertainty in the reviewer's tab."""
+    from molal.demo import load_rows
+    from molal.student import FINETUNE_LR, HEAD_LR
+
+    assert Student(CLASSES).lr == FINETUNE_LR and Student(CLASSES, freeze_encoder=True).lr == HEAD_LR
+    assert Student(CLASSES, freeze_encoder=True, lr=0.01).lr == 0.01
+    rows, classes = load_rows(None, None, n=300, seed=1)
+    texts = [r["text"] for r in rows]
+    y = np.array([classes.index(r["label"]) for r in rows])
+    st = Student(classes, max_length=32, epochs=30, freeze_encoder=True).fit(texts[:250], y[:250], progress=False)
+    p = st.predict_proba(texts[250:])
+    entropy = -(p * np.log(p)).sum(1) / np.log(len(classes))
+    assert (p.argmax(1) == y[250:]).mean() > 0.55 and entropy.min() < 0.8

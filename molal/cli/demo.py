@@ -34,7 +34,10 @@ def register(app: typer.Typer) -> None:
         backend_port: int | None = typer.Option(None, "--backend-port", help="Backend port (default: a free one)."),
         fresh: bool = typer.Option(False, "--fresh", help="Delete --data-dir first and start over."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Exit after showing the results (stops both servers)."),
-        student_epochs: int = typer.Option(1, "--student-epochs", help="Student epochs in the demo's training job."),
+        student_epochs: int | None = typer.Option(
+            None, "--student-epochs", min=1,
+            help="Student epochs in the demo's training job (default: 30 for the head on frozen embeddings, 1 with --full-student).",
+        ),
         full_student: bool = typer.Option(
             False, "--full-student",
             help="Fine-tune the whole student encoder (minutes on a CPU) instead of its head on frozen embeddings.",

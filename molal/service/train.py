@@ -291,7 +291,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
                               f"(round {round_t}, {s.student_epochs} epochs)")
         student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
-                          epochs=s.student_epochs, device=s.device, freeze_encoder=s.student_freeze_encoder)
+                          epochs=s.student_epochs, lr=s.student_lr, device=s.device,
+                          freeze_encoder=s.student_freeze_encoder)
         learner.fit(student, pool.texts, ts, round_t, progress=sys.stderr.isatty())  # a rich bar in a terminal
         student.save(staging / "student")
         info["student"] = True
