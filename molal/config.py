@@ -36,6 +36,11 @@ class Settings(BaseSettings):
                     "go to people instead of being auto-labelled (the hybrid loop of molal simulate)",
     )
     priority_field: str = Field("priority", validation_alias="MOLAL_PRIORITY_FIELD")
+    priority_top: int = Field(
+        200, ge=0, validation_alias="MOLAL_PRIORITY_TOP",
+        description="write the priority and the review fields for the top N unlabeled tasks only (0 = every "
+                    "task): Label Studio updates task data one PATCH at a time, ~0.1 s each",
+    )
     per_llm_predictions: bool = Field(True, validation_alias="MOLAL_PER_LLM_PREDICTIONS")
     predict_time_budget_s: float = Field(60.0, validation_alias="MOLAL_PREDICT_BUDGET_S")
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")

@@ -123,13 +123,17 @@ def brief(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
-        reason = body.get("detail") or body.get("validation_errors") or body.get("message") or body
+        reason = body.get("validation_errors") or body.get("detail") or body.get("message") or body
+        if isinstance(reason, dict):  # {"url": ["Can't connect to ML backend …"]}: the messages themselves
+            reason = "; ".join(str(m) for v in reason.values() for m in (v if isinstance(v, list) else [v]))
         text = reason if isinstance(reason, str) else json.dumps(reason, default=str)
     elif isinstance(body, str):
         text = body
     else:
         text = f"{type(exc).__name__}: {exc}" if status is None else ""
-    text = scrub(" ".join(str(text).split()))[:240]
+    text = scrub(" ".join(str(text).split()))
+    if len(text) > 300:
+        text = text[:300].rsplit(" ", 1)[0] + " …"
     return f"HTTP {status}: {text}" if status is not None else text
 
 

@@ -65,3 +65,18 @@ def test_demo_no_wait_then_reuse(tmp_path):
     assert r2.returncode == 0, out2[-4000:]
     assert "reused data directory" in out2
     assert json.loads((data / "demo-state.json").read_text())["project"] == state["project"]
+
+
+def test_brief_is_one_line_with_the_reason_and_never_headers():
+    """What the demo prints for a failed Label Studio call: status + Label Studio's reason, no headers."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    from molal.demo import brief
+
+    err = ApiError(status_code=400, headers={"set-cookie": "sessionid=abc123; csrftoken=def"},
+                   body={"detail": "Validation error", "validation_errors": {"url": ["Can't connect:\n read timed out"]}})
+    assert brief(err) == "HTTP 400: Can't connect: read timed out"
+    long = brief(ApiError(status_code=502, headers={}, body="x " * 400))
+    assert long.startswith("HTTP 502: x x") and long.endswith(" …") and len(long) < 320
+    assert brief(ConnectionError("refused")) == "ConnectionError: refused"
+    assert "abc123" not in brief(err) and "sessionid" not in str(err.body)

@@ -152,7 +152,7 @@ def test_one_round_is_the_same_in_simulate_and_in_the_training_job(tmp_path, mon
     sim_calls, calls = calls, {"fit": [], "query": []}
 
     svc = Service(get_settings(model_dir=tmp_path / "state", student_epochs=1, student_max_length=32,
-                               student_freeze_encoder=True, device="cpu"))
+                               student_freeze_encoder=True, student_lr=5e-5, device="cpu"))
     state = svc.store.project(3)
     for k, v in {"loop_mode": "human_free", "strategy": "entropy", "query_batch": 8, "human_per_round": 2,
                  "molam_candidates": "ds,best_single"}.items():

@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``): the browser tests save a screenshot
+    when their call phase failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     ls = LabelStudioProcess(tmp_path_factory.mktemp("e2e") / "label-studio", username="e2e@molal.local")
