@@ -215,6 +215,10 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     def job(job_id: str):
         return jsonify(svc.job(job_id))
 
+    @app.post("/job_status")
+    def job_status():
+        return jsonify(svc.job_status(_json_body()))
+
     @app.get("/jobs")
     def jobs():
         project = request.args.get("project")

@@ -264,6 +264,10 @@ def test_start_training_without_annotation_queues_one_job_and_coalesces(app, cli
     j = client.get(f"/jobs/{job_id}")
     assert j.status_code == 200 and j.json["kind"] == "train" and j.json["coalesced"] == 1
     assert client.get("/jobs?project=7").json["jobs"][0]["id"] == job_id
+    # Label Studio keeps the training response's "job" and asks POST /job_status {"job": id} for its state
+    s = client.post("/job_status", json={"job": job_id})
+    assert s.status_code == 200 and s.json["job_status"] in ("queued", "started", "finished", "failed")
+    assert s.json["id"] == job_id and "payload" not in s.json
 
 
 def test_start_training_without_project_is_400(client):
@@ -319,6 +323,11 @@ def test_jobs_errors(client):
     assert client.get("/jobs?limit=x").status_code == 400
     assert client.get("/nope").status_code == 404
     assert client.get("/predict").status_code == 405
+    gone = client.post("/job_status", json={"job": "0123456789abcdef"})
+    assert gone.status_code == 410 and "no job" in gone.json["error"]  # Label Studio reads 410 as "removed"
+    assert client.post("/job_status", json={"job": 3}).status_code == 400
+    assert client.post("/job_status", json={"job": "../x"}).status_code == 400
+    assert client.post("/job_status", json=[1]).status_code == 400
 
 
 # -- basic auth ----------------------------------------------------------------------------------------------

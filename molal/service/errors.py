@@ -26,6 +26,10 @@ class NotFound(ServiceError):
     status = 404
 
 
+class Gone(ServiceError):
+    status = 410
+
+
 class Forbidden(ServiceError):
     status = 403
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from molal.config import Settings
-from molal.service.errors import BadRequest, NotFound, TooLarge
+from molal.service.errors import BadRequest, Gone, NotFound, TooLarge
 from molal.service.jobs import JobContext, execute, public_job
 from molal.service.lstrust import setup_usable
 from molal.service.predict import check_tasks, predict_tasks
@@ -168,6 +168,22 @@ class Service(Runtime):
         if row is None:
             raise NotFound(f"no job {job_id}")
         return public_job(row)
+
+    #: molal's job states as Label Studio's train-job protocol names them (``POST /job_status``)
+    LS_JOB_STATUS = {"queued": "queued", "running": "started", "succeeded": "finished", "failed": "failed"}
+
+    def job_status(self, body: dict) -> dict:
+        """``POST /job_status`` ``{"job": "<id>"}``: Label Studio records the ``job`` of a training response
+        (``MLBackendTrainJob``) and asks this for its status: ``{"job_status": queued|started|finished|failed,
+        ...}`` with the public job. An unknown job is :class:`Gone` (410: Label Studio reads "removed")."""
+        job_id = body.get("job") if isinstance(body, dict) else None
+        if not isinstance(job_id, str):
+            raise BadRequest('send {"job": "<job id>"}')
+        try:
+            job = self.job(job_id)
+        except NotFound:
+            raise Gone(f"no job {job_id} (finished jobs are pruned; GET /jobs?project=N lists the kept ones)") from None
+        return {"job_status": self.LS_JOB_STATUS.get(job["status"], job["status"]), **job}
 
     def project_jobs(self, project: object, limit: int = 50) -> list[dict]:
         """The newest jobs of one known project, as HTTP shows them."""
