@@ -64,9 +64,15 @@ class TinyLMServer:
     Supports: completions (prompt str|list, echo, logprobs=int, max_tokens>=0, n, temperature, top_p, seed)
     and chat completions (messages, logprobs, top_logprobs, n, max_tokens...). ``fail_next(k, status)``
     makes the next k requests answer ``status`` (429/500...) to test retries. ``requests`` counts calls.
+
+    Faults of real servers, to test that molal notices them: ``echo_shift`` echoes prompt logprobs shifted by
+    one token as llama-cpp-python's server 0.3.36 does (the entry of a token carries the next position's
+    logprob); ``one_prompt`` answers 400 to a prompt list (that server again); ``no_logprobs`` ignores
+    ``logprobs``/``top_logprobs`` (servers without logprob support).
     """
 
-    def __init__(self, model_dir: str | Path, api_key: str | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, model_dir: str | Path, api_key: str | None = None, delay_s: float = 0.0,
+                 echo_shift: bool = False, one_prompt: bool = False, no_logprobs: bool = False) -> None:
         import torch
         from flask import Flask, jsonify, request
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,6 +83,7 @@ class TinyLMServer:
         self.model_name = "tiny-llama"
         self.api_key = api_key
         self.delay_s = delay_s
+        self.echo_shift, self.one_prompt, self.no_logprobs = echo_shift, one_prompt, no_logprobs
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []
         self.spans: list[tuple[float, float]] = []  # (start, end) wall times of answered requests
@@ -121,6 +128,8 @@ class TinyLMServer:
             body = guard()
             if not isinstance(body, dict):
                 return body
+            if self.one_prompt and isinstance(body["prompt"], list) and len(body["prompt"]) != 1:
+                return jsonify({"error": {"message": "only one prompt per request is supported"}}), 400
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             choices = []
             usage = 0
@@ -202,7 +211,7 @@ class TinyLMServer:
         gen = self._generate(ids, body) if int(body.get("max_tokens", 16)) > 0 else []
         text = self.tok.decode(gen)
         choice: dict[str, Any] = {"text": (prompt + text) if body.get("echo") else text, "finish_reason": "length"}
-        n_lp = body.get("logprobs")
+        n_lp = None if self.no_logprobs else body.get("logprobs")
         if n_lp is not None:
             n_lp = int(n_lp)
             all_ids = ids + gen
@@ -214,7 +223,10 @@ class TinyLMServer:
             for p in range(start, len(all_ids)):
                 tok_s = self.tok.decode([all_ids[p]])
                 tokens.append(tok_s)
-                token_lps.append(None if p == 0 else float(lp[p - 1, all_ids[p]]))
+                if self.echo_shift and body.get("echo") and p < len(ids):  # the next position's logprob
+                    token_lps.append(float(lp[p, all_ids[p + 1]]) if p + 1 < len(all_ids) else None)
+                else:
+                    token_lps.append(None if p == 0 else float(lp[p - 1, all_ids[p]]))
                 tops.append(None if p == 0 else (self._top(lp[p - 1], n_lp) if n_lp > 0 else {}))
                 if p < len(ids):
                     offsets.append(offs[p])
@@ -231,7 +243,7 @@ class TinyLMServer:
             "message": {"role": "assistant", "content": self.tok.decode(gen, skip_special_tokens=True)},
             "finish_reason": "length",
         }
-        if body.get("logprobs"):
+        if body.get("logprobs") and not self.no_logprobs:
             k = int(body.get("top_logprobs", 0))
             lp = self._logprobs(ids + gen)
             content = []

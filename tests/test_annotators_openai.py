@@ -36,7 +36,10 @@ def server(model_dir: Path):
 def test_echo_scoring_equals_full_label_logprob(server: TinyLMServer, model_dir: Path) -> None:
     import torch
 
-    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", prompts_per_request=4, concurrency=2)
+    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", scoring="echo", prompts_per_request=4,
+                        concurrency=2)
+    found = a.check_server()  # the echo is verified first (once per process and server)
+    assert found["echo_aligned"] and "prompts_per_request" not in found
     before = server.requests
     res = a.annotate(TEXTS, CLASSES)
     assert not res.failed and res.tokens and res.tokens > 0
@@ -93,7 +96,8 @@ def test_class_mass_rules() -> None:
 
 
 def test_retries_on_429_and_500_then_success(server: TinyLMServer) -> None:
-    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", backoff=0.01, max_retries=4, concurrency=1)
+    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", scoring="echo", backoff=0.01, max_retries=4, concurrency=1)
+    a.check_server()
     server.fail_next(1, 429)
     server.fail_next(1, 500)
     before = server.requests
@@ -103,7 +107,8 @@ def test_retries_on_429_and_500_then_success(server: TinyLMServer) -> None:
 
 
 def test_retries_exhausted_nothing_cached(server: TinyLMServer, tmp_path: Path) -> None:
-    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", backoff=0.01, max_retries=2, concurrency=1)
+    a = OpenAIAnnotator("c", server.base_url, "tiny-llama", api="completions", scoring="echo", backoff=0.01, max_retries=2, concurrency=1)
+    a.check_server()
     server.fail_next(3, 503)
     with pytest.raises(AnnotatorError, match="HTTP 503.*gave up after 3 attempt"):
         a.annotate(TEXTS[:1], CLASSES)
@@ -130,12 +135,12 @@ def test_api_key_from_env_sent_never_in_identity_or_errors(model_dir: Path, monk
     secret = "sk-test-very-secret-1234"
     with TinyLMServer(model_dir, api_key=secret) as srv:
         monkeypatch.setenv("MOLAL_TEST_KEY", secret)
-        a = OpenAIAnnotator("k", srv.base_url, "tiny-llama", api="completions", api_key_env="MOLAL_TEST_KEY")
+        a = OpenAIAnnotator("k", srv.base_url, "tiny-llama", api="completions", scoring="echo", api_key_env="MOLAL_TEST_KEY")
         assert not a.annotate(TEXTS[:1], CLASSES).failed
         assert srv.auth_headers[-1] == f"Bearer {secret}"
         assert secret not in repr(a.identity())
         monkeypatch.setenv("MOLAL_TEST_KEY", "sk-wrong-key-5678")
-        b = OpenAIAnnotator("k", srv.base_url, "tiny-llama", api="completions", api_key_env="MOLAL_TEST_KEY")
+        b = OpenAIAnnotator("k", srv.base_url, "tiny-llama", api="completions", scoring="echo", api_key_env="MOLAL_TEST_KEY")
         with pytest.raises(AnnotatorUnavailable, match="refused the API key") as ei:
             b.annotate(TEXTS[:1], CLASSES)
         assert "sk-wrong-key-5678" not in str(ei.value) and secret not in str(ei.value)
@@ -149,7 +154,7 @@ def test_openai_from_config_and_bad_fields(server: TinyLMServer, tmp_path: Path)
 
     p = tmp_path / "m.toml"
     p.write_text(f'[[annotator]]\ntype = "openai"\nname = "qwen"\nbase_url = "{server.base_url}"\nmodel = "tiny-llama"\n'
-                 'api = "completions"\nsamples = 2\nmax_tokens = 2\n')
+                 'api = "completions"\nscoring = "echo"\nsamples = 2\nmax_tokens = 2\n')
     mix = Mixture.from_config(p)
     res = mix.annotate(TEXTS[:2], CLASSES)
     assert len(res.done_idx) == 2 and res.outputs.consistency is not None
@@ -165,7 +170,7 @@ def test_timeout_is_retried_then_bounded(model_dir: Path) -> None:
     import time
 
     with TinyLMServer(model_dir, delay_s=0.6) as slow:
-        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", timeout=0.2, backoff=0.01, max_retries=10,
+        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", scoring="echo", timeout=0.2, backoff=0.01, max_retries=10,
                             max_total_s=1.0, concurrency=1)
         t0 = time.monotonic()
         with pytest.raises(AnnotatorUnavailable, match="ReadTimeout.*gave up"):
@@ -176,7 +181,7 @@ def test_timeout_is_retried_then_bounded(model_dir: Path) -> None:
 
 def test_prompt_carries_descriptions_examples_verbalizers(server: TinyLMServer) -> None:
     a = OpenAIAnnotator(
-        "fs", server.base_url, "tiny-llama", api="completions",
+        "fs", server.base_url, "tiny-llama", api="completions", scoring="echo",
         verbalizers={"numeric": "number"}, examples=[{"text": "Who is he ?", "label": "human"}],
     )
     res = a.annotate(TEXTS[:1], CLASSES, descriptions={"location": "a place"})
@@ -191,8 +196,8 @@ def test_prompt_carries_descriptions_examples_verbalizers(server: TinyLMServer) 
 def test_mixture_queries_remote_annotators_concurrently(model_dir: Path, tmp_path: Path) -> None:
     with TinyLMServer(model_dir, delay_s=0.3) as s1, TinyLMServer(model_dir, delay_s=0.3) as s2:
         mix = Mixture([
-            OpenAIAnnotator("a", s1.base_url, "tiny-llama", api="completions", concurrency=1),
-            OpenAIAnnotator("b", s2.base_url, "tiny-llama", api="completions", concurrency=1),
+            OpenAIAnnotator("a", s1.base_url, "tiny-llama", api="completions", scoring="echo", concurrency=1),
+            OpenAIAnnotator("b", s2.base_url, "tiny-llama", api="completions", scoring="echo", concurrency=1),
         ])
         res = mix.annotate(TEXTS, CLASSES, cache=AnnotationCache(tmp_path / "c.sqlite"))
         assert len(res.done_idx) == 3 and not res.failed
@@ -244,7 +249,7 @@ def test_deadline_caps_requests_rows_pending_not_failed(model_dir: Path, tmp_pat
 
     cache = AnnotationCache(tmp_path / "c.sqlite")
     with TinyLMServer(model_dir, delay_s=2.0) as slow:
-        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", timeout=30, max_retries=5)
+        a = OpenAIAnnotator("s", slow.base_url, "tiny-llama", api="completions", scoring="echo", timeout=30, max_retries=5)
         t0 = time.monotonic()
         res = Mixture([a]).annotate(TEXTS, CLASSES, cache=cache, deadline=t0 + 0.5)
         took = time.monotonic() - t0

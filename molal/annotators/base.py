@@ -170,22 +170,69 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
+#: the calibrations an LLM annotator may apply (``calibrate = ...``)
+CALIBRATIONS = ("content_free",)
+#: inputs without content whose predicted distribution is the model's bias (Zhao et al., 2021, "Calibrate
+#: before use"); "" is not an allowed text, so a lone dash stands in for the empty input
+CONTENT_FREE_TEXTS = ("N/A", "[MASK]", "-")
+
+
+def check_calibrate(value: Any) -> str | None:
+    """``calibrate``: None (off) or ``"content_free"`` (divide by the classes' probabilities on content-free
+    inputs, then renormalise: removes a model's prior for some label words)."""
+    if value is None or value in CALIBRATIONS:
+        return value
+    raise ValueError(f"calibrate must be one of {list(CALIBRATIONS)} or omitted, got {value!r}")
+
+
 class Annotator:
     """Base class. Subclasses set ``name``/``samples`` and implement :meth:`_annotate` and :meth:`_identity`.
 
     ``batch_size`` is how many texts the mixture hands over per call (and per cache transaction).
+    ``calibrate = "content_free"`` (LLM annotators) divides each row by the mean distribution the model gives
+    :data:`CONTENT_FREE_TEXTS` under the same prompt and classes (computed once per class list), then
+    renormalises.
     """
 
     type: str = "base"
+    #: what the member is, as reviewers see it in its predictions' model version ``<kind>:<name>``:
+    #: ``"llm"`` for language models (live or recorded), ``"scorer"`` for embedding similarity scorers
+    kind: str = "llm"
     name: str
     samples: int = 0
     batch_size: int = 16
+    calibrate: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes this annotator's answers (backend, model, prompt, params): the cache key."""
         ident = {"type": self.type, **self._identity()}
         ident["samples"] = int(self.samples)
+        if self.calibrate:  # only then: uncalibrated annotators keep their cache identity
+            ident["calibrate"] = self.calibrate
         return ident
+
+    def content_free_probs(self, class_names: list[str], descriptions: dict[str, str]) -> np.ndarray:
+        """The model's mean distribution over the classes for content-free inputs (cached per class list)."""
+        memo = self.__dict__.setdefault("_content_free", {})
+        key = (tuple(class_names), tuple(sorted(descriptions.items())))
+        if key not in memo:
+            res = self._annotate(list(CONTENT_FREE_TEXTS), class_names, descriptions)
+            ok = [i for i in range(len(CONTENT_FREE_TEXTS)) if i not in res.failed and np.isfinite(res.probs[i]).all()]
+            if not ok:
+                raise AnnotatorError(f"annotator {self.name!r}: calibration failed: no answer for the content-free inputs "
+                                     f"({'; '.join(sorted(set(res.failed.values()))) or 'no probabilities'})")
+            p = res.probs[ok].mean(axis=0)
+            memo[key] = np.maximum(p / p.sum(), 1e-6)
+        return memo[key]
+
+    def _calibrated(self, res: AnnotatorResult, class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
+        if not self.calibrate:
+            return res
+        cf = self.content_free_probs(class_names, descriptions)
+        with np.errstate(invalid="ignore"):
+            q = res.probs / cf[None, :]
+            q = q / q.sum(axis=1, keepdims=True)
+        return AnnotatorResult(probs=q, consistency=res.consistency, failed=res.failed, tokens=res.tokens)
 
     def _identity(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -207,12 +254,15 @@ class Annotator:
         if good:
             try:
                 res = self._annotate([texts[i] for i in good], names, dict(descriptions or {}))
+                res = self._calibrated(res, names, dict(descriptions or {}))
             except AnnotatorError as exc:
                 part = getattr(exc, "partial", None)  # rows finished before the backend failed
+                exc.partial = None
                 if isinstance(part, AnnotatorResult) and len(good) == len(part.probs):
-                    exc.partial = self._assemble(n, k, good, dict(bad), part)
-                else:
-                    exc.partial = None
+                    try:  # calibrated like any other row, or not kept at all
+                        exc.partial = self._assemble(n, k, good, dict(bad), self._calibrated(part, names, dict(descriptions or {})))
+                    except AnnotatorError:
+                        pass
                 raise
             return self._assemble(n, k, good, dict(bad), res)
         return AnnotatorResult(probs=probs, consistency=cons, failed=failed, tokens=tokens)

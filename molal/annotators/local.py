@@ -1,6 +1,6 @@
 """What the annotators that run a model in this process share (HF transformers :mod:`molal.annotators.hf`,
 vLLM :mod:`molal.annotators.vllm`): the prompt options (template, system message, answer prefix, label
-verbalizers, few-shot examples, chat or plain prompts), the self-consistency sampling options (samples,
+verbalizers, few-shot examples, chat or plain prompts, a prefilled answer prefix), the self-consistency sampling options (samples,
 temperature, top_p, max_new_tokens, seed), their part of the cache identity, and freeing the model's memory.
 
 Each backend keeps its own explicit constructor signature (the mixture config's fields are read from it)
@@ -21,6 +21,7 @@ class LocalLMAnnotator(Annotator):
 
     prompt: Prompt
     chat: str | bool
+    prefill: bool = False
     temperature: float
     top_p: float
     max_new_tokens: int
@@ -35,9 +36,13 @@ class LocalLMAnnotator(Annotator):
         examples: list[dict[str, str]] | None,
         chat: str | bool,
         preset: str | None = None,
+        prefill: bool = False,
     ) -> None:
         self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
         self.chat = check_chat(chat)
+        if not isinstance(prefill, bool):
+            raise ValueError(f"prefill must be true or false, got {prefill!r}")
+        self.prefill = prefill
 
     def _init_sampling(self, samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> None:
         """Self-consistency: ``samples`` answers per text (0 = off), sampled with these parameters."""
@@ -49,7 +54,7 @@ class LocalLMAnnotator(Annotator):
 
     def _prompt_identity(self) -> dict[str, Any]:
         """The prompt and sampling options' part of the cache identity."""
-        return {
+        out = {
             "prompt": self.prompt.identity(),
             "chat": self.chat,
             "temperature": self.temperature,
@@ -57,6 +62,9 @@ class LocalLMAnnotator(Annotator):
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
         }
+        if self.prefill:  # only then: annotators without it keep their cache identity
+            out["prefill"] = True
+        return out
 
 
 def release_memory() -> None:

@@ -1,20 +1,39 @@
 """OpenAI-compatible HTTP annotator (``vllm serve``, Ollama, llama.cpp server, hosted APIs), over httpx.
 
 Class scores (``scoring``):
-  * ``"echo"`` (completions API only; the default there): for every (text, class) the request scores
+  * ``"top_logprobs"`` (the default for both APIs): one generated token with its ``top_logprobs``; every
+    top token whose stripped, lower-cased text is a non-empty prefix of a class verbalizer gives its
+    probability to that class. A token that is a prefix of several verbalizers (an ambiguous first token of
+    multi-token names, e.g. "n" for "numeric"/"number"): with the completions API it is *followed* — the
+    prompt plus that token is sent again and the next token's top logprobs split its mass
+    (:func:`walk_class_mass`, up to 4 tokens deep); with the chat API (which cannot continue a partial
+    answer portably) it is split equally among those classes. The class masses are renormalised. A row
+    where no top token starts any class is *failed* ("no class among the top-N tokens"), never silently
+    uniform.
+  * ``"echo"`` (completions API only; opt-in): for every (text, class) the request scores
     ``prompt + " " + verbalizer`` with ``echo=true, logprobs=0``; log P(label | prompt) is the sum of the
     logprobs of the echoed tokens at or after the end of the prompt (by ``text_offset``; a token that
     straddles the boundary counts as a label token), then a softmax over the classes. Exact for multi-token
-    class names. Several prompts go in one request (``prompt`` as a list, ``prompts_per_request``).
-  * ``"top_logprobs"`` (chat API, or completions servers without echo): one generated token with its
-    ``top_logprobs``; every top token whose stripped, lower-cased text is a non-empty prefix of a class
-    verbalizer gives its probability to that class. A token that is a prefix of several verbalizers (an
-    ambiguous first token of multi-token names, e.g. "n" for "numeric"/"number"): with the completions
-    API it is *followed* — the prompt plus that token is sent again and the next token's top logprobs
-    split its mass (:func:`walk_class_mass`, up to 4 tokens deep); with the chat API (which cannot
-    continue a partial answer portably) it is split equally among those classes. The class masses are
-    renormalised. A row where no top token starts any class is *failed* ("no class among the top-N
-    tokens"), never silently uniform.
+    class names, but only as right as the server's echo: llama-cpp-python's server (0.3.36) returns echoed
+    logprobs shifted by one token, so echo is never the default and is **verified** before use (below).
+
+Server features each path needs, checked once per (server, model, path) before the first request that
+relies on them (:meth:`OpenAIAnnotator.check_server`, also ``molal annotate --check``), each failure a
+clear :class:`~molal.annotators.base.AnnotatorError` naming the feature — never silent garbage:
+
+  ============================  ==========================================================================
+  path                          needs
+  ============================  ==========================================================================
+  chat + top_logprobs           ``logprobs: true`` and ``top_logprobs`` (depth ``top_logprobs``; fewer
+                                returned than asked is allowed and logged: OpenAI caps it at 20)
+  completions + top_logprobs    ``logprobs: N`` returning ``top_logprobs`` per generated token
+  completions + echo            ``echo: true`` with prompt logprobs and ``text_offset``, **aligned**: the
+                                echoed logprob of a token equals the logprob the server gives the same
+                                token when it generates it (a probe prompt; off by one -> error). Several
+                                prompts per request (``prompts_per_request``) when the server takes a
+                                list; a server that refuses a list gets one prompt per request (logged)
+  samples > 0                   ``n`` returning n choices (else the row fails naming ``n``)
+  ============================  ==========================================================================
 
 Self-consistency (``samples = T > 0``): one request with ``n=T`` (temperature, top_p, max_tokens), the
 answers matched to classes with :func:`molal.annotators.base.match_answer`.
@@ -44,6 +63,7 @@ from molal.annotators.base import (
     AnnotatorResult,
     AnnotatorUnavailable,
     DeadlineReached,
+    check_calibrate,
     check_float,
     check_name,
     check_positive_int,
@@ -54,6 +74,15 @@ from molal.annotators.prompts import Prompt
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+#: probe prompts for the echo check: each is sent once to be continued by one greedy token T, then
+#: ``prompt + T`` is echoed; the echoed logprob of T must equal the logprob the server gave T as it generated it
+ECHO_PROBES = ("The capital of France is", "My favourite colour is", "Once upon a time, there was a",
+               "The cat sat on the")
+ECHO_TOLERANCE = 0.05  # nats: kernels may differ slightly between a prompt pass and a generation step
+#: results of :meth:`OpenAIAnnotator.check_server`, per (base_url, model, path, options): one check per process
+_CHECKED: dict[tuple[Any, ...], dict[str, Any]] = {}
+_CHECK_LOCK = threading.Lock()
 
 
 def label_logprob_from_echo(logprobs: dict[str, Any], prompt_len: int, full_len: int) -> float:
@@ -74,6 +103,26 @@ def label_logprob_from_echo(logprobs: dict[str, Any], prompt_len: int, full_len:
     if used == 0:
         raise ValueError("no echoed token covers the label")
     return total
+
+
+def chat_top_logprobs(resp: dict[str, Any]) -> dict[str, float]:
+    """Token text -> logprob at the first generated position of a chat/completions response (OpenAI's
+    ``choices[0].logprobs.content[0]``: the token and its ``top_logprobs`` list; vLLM, llama.cpp's server and
+    Ollama answer in this shape). Raises KeyError/IndexError/TypeError/ValueError on another shape."""
+    content = resp["choices"][0]["logprobs"]["content"][0]
+    top = {str(d["token"]): float(d["logprob"]) for d in content["top_logprobs"]}
+    top.setdefault(str(content["token"]), float(content["logprob"]))
+    return top
+
+
+def completion_top_logprobs(resp: dict[str, Any]) -> dict[str, float]:
+    """Token text -> logprob at the first generated position of a (legacy) completions response
+    (``choices[0].logprobs.top_logprobs[0]``, a table; OpenAI, vLLM and llama.cpp's server). Raises on
+    another shape, and on an empty table (a server that ignored ``logprobs``)."""
+    top = resp["choices"][0]["logprobs"]["top_logprobs"][0]
+    if not isinstance(top, dict) or not top:
+        raise ValueError("no top_logprobs table")
+    return {str(t): float(v) for t, v in top.items()}
 
 
 def class_mass_from_top(top: dict[str, float], words: list[str]) -> np.ndarray:
@@ -157,6 +206,7 @@ class OpenAIAnnotator(Annotator):
         examples: list[dict[str, str]] | None = None,
         preset: str | None = None,
         scoring: str = "auto",
+        calibrate: str | None = None,
         top_logprobs: int = 20,
         samples: int = 0,
         temperature: float = 0.7,
@@ -191,13 +241,14 @@ class OpenAIAnnotator(Annotator):
 
             register_secret(api_key)
         self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
-        if scoring == "auto":
-            scoring = "echo" if api == "completions" else "top_logprobs"
+        if scoring == "auto":  # echo is exact but servers get it wrong silently: opt-in and verified
+            scoring = "top_logprobs"
         if scoring not in ("echo", "top_logprobs"):
             raise ValueError(f"scoring must be 'auto', 'echo' or 'top_logprobs', got {scoring!r}")
         if scoring == "echo" and api == "chat":
             raise ValueError("scoring='echo' needs api='completions' (chat APIs cannot echo the prompt)")
         self.scoring = scoring
+        self.calibrate = check_calibrate(calibrate)
         self.top_logprobs = check_positive_int(top_logprobs, "top_logprobs")
         self.samples = check_positive_int(samples, "samples", 0)
         self.temperature = check_float(temperature, "temperature", 0.0, 10.0)
@@ -322,12 +373,141 @@ class OpenAIAnnotator(Annotator):
             log.info("annotator %s: retry %d in %.2fs (%s)", self.name, attempt, wait, err)
             time.sleep(wait)
 
+    # -- server check --------------------------------------------------------------------------------
+    def _check_key(self) -> tuple[Any, ...]:
+        return (self.base_url, self.model, self.api, self.scoring, self.top_logprobs, self.samples > 0)
+
+    def check_server(self, deadline: float | None = None) -> dict[str, Any]:
+        """Check, once per process for this server, model and path, that the server has the features this
+        annotator's scoring needs (module docstring's table) and that they answer correctly. Returns what
+        was found (e.g. ``{"path": "completions+echo", "echo_aligned": True, "prompts_per_request": 1}``);
+        raises :class:`AnnotatorError` naming the missing or wrong feature. Called before the first
+        annotation; ``molal annotate --check`` calls it for every remote annotator of a mixture."""
+        key = self._check_key()
+        with _CHECK_LOCK:
+            found = _CHECKED.get(key)
+        if found is None:
+            found = self._probe(deadline)
+            with _CHECK_LOCK:
+                _CHECKED[key] = found
+        if found.get("prompts_per_request"):
+            self.prompts_per_request = min(self.prompts_per_request, int(found["prompts_per_request"]))
+        return dict(found)
+
+    def _feature_error(self, what: str, hint: str) -> AnnotatorError:
+        return AnnotatorError(f"annotator {self.name!r}: the server at {self.base_url} (model {self.model!r}) {what}; {hint}")
+
+    def _probe(self, deadline: float | None) -> dict[str, Any]:
+        found: dict[str, Any] = {"path": f"{self.api}+{self.scoring}"}
+        if self.scoring == "echo":
+            found.update(self._probe_echo(deadline))
+        elif self.api == "chat":
+            body = {"model": self.model, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 1,
+                    "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
+            resp = self.post("chat/completions", body, deadline=deadline)
+            try:
+                depth = len(resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
+                chat_top_logprobs(resp)
+            except (KeyError, IndexError, TypeError, ValueError):
+                depth = 0
+            if depth == 0:
+                raise self._feature_error(
+                    f"returned no top_logprobs on chat/completions (sent logprobs=true, top_logprobs={self.top_logprobs})",
+                    "molal's chat scoring needs them: use a server that returns them (vLLM, llama.cpp's server, OpenAI) or api='completions'")
+            found["top_logprobs_depth"] = depth
+        else:
+            body = {"model": self.model, "prompt": ECHO_PROBES[0], "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
+            resp = self.post("completions", body, deadline=deadline)
+            try:
+                depth = len(completion_top_logprobs(resp))
+            except (KeyError, IndexError, TypeError, ValueError):
+                depth = 0
+            if depth == 0:
+                raise self._feature_error(
+                    f"returned no top_logprobs on completions (sent logprobs={self.top_logprobs})",
+                    "molal's completions scoring needs them: use a server that returns them, or api='chat'")
+            found["top_logprobs_depth"] = depth
+        if found.get("top_logprobs_depth", self.top_logprobs) < self.top_logprobs:
+            log.warning("annotator %s: the server returns %d top logprobs where %d were asked; classes whose first token "
+                        "is rarer get no mass", self.name, found["top_logprobs_depth"], self.top_logprobs)
+        if self.samples > 0:
+            if self.api == "chat":
+                body = {"model": self.model, "messages": [{"role": "user", "content": "Name a colour."}]}
+                path = "chat/completions"
+            else:
+                body = {"model": self.model, "prompt": ECHO_PROBES[1]}
+                path = "completions"
+            body.update(n=2, max_tokens=1, temperature=max(self.temperature, 0.1), top_p=self.top_p)
+            got = len(self.post(path, body, deadline=deadline).get("choices") or [])
+            if got != 2:
+                raise self._feature_error(f"returned {got} choice(s) for n=2", "self-consistency (samples > 0) needs n: set samples = 0 for this server")
+            found["n"] = True
+        log.info("annotator %s: server check passed: %s", self.name, found)
+        return found
+
+    def _probe_echo(self, deadline: float | None) -> dict[str, Any]:
+        """Echo must return prompt logprobs aligned with their tokens, and may or may not take a prompt list."""
+        checked, informative = 0, 0
+        for probe in ECHO_PROBES:
+            gen = self.post("completions", {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0.0,
+                                            "logprobs": 1}, deadline=deadline)
+            try:
+                ch = gen["choices"][0]
+                token = ch["text"]
+                want = float(ch["logprobs"]["token_logprobs"][0])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise self._feature_error("returned no logprobs for a generated token on completions (sent logprobs=1)",
+                                          "scoring='echo' needs them: use scoring='top_logprobs'") from None
+            if not token or not token.strip() or not np.isfinite(want):
+                continue
+            full = probe + token
+            echo = self.post("completions", {"model": self.model, "prompt": full, "echo": True, "logprobs": 0,
+                                             "max_tokens": 1, "temperature": 0.0}, deadline=deadline)
+            try:
+                lp = echo["choices"][0]["logprobs"]
+                offs, lps, toks = lp["text_offset"], lp["token_logprobs"], lp["tokens"]
+            except (KeyError, IndexError, TypeError):
+                raise self._feature_error("returned no echoed prompt logprobs (sent echo=true, logprobs=0)",
+                                          "use scoring='top_logprobs'") from None
+            at = [j for j, o in enumerate(offs) if o == len(probe) and j < len(toks) and toks[j] == token]
+            if not at or lps[at[0]] is None:
+                continue  # the echo tokenised prompt+T differently: this probe cannot tell; try the next
+            got = float(lps[at[0]])
+            if abs(got - want) > ECHO_TOLERANCE:
+                raise self._feature_error(
+                    f"echoes prompt logprobs that do not match its own: {token!r} after {probe!r} is generated with "
+                    f"logprob {want:.3f} but echoed with {got:.3f} (the echoed logprobs look shifted by a token)",
+                    "scores built on them would be silently wrong; use scoring='top_logprobs'")
+            checked += 1
+            informative += abs(want) > 0.1
+            if checked >= 2 and informative:
+                break
+        if not checked or not informative:
+            raise self._feature_error("could not be verified for echo (no probe token could be matched, or every one was "
+                                      "certain)", "use scoring='top_logprobs'")
+        out: dict[str, Any] = {"echo_aligned": True}
+        if self.prompts_per_request > 1:
+            try:
+                resp = self.post("completions", {"model": self.model, "prompt": list(ECHO_PROBES[:2]), "echo": True,
+                                                 "logprobs": 0, "max_tokens": 1, "temperature": 0.0}, deadline=deadline)
+                batched = len(resp.get("choices") or []) == 2
+            except AnnotatorError as exc:
+                if not getattr(exc, "row_level", False):
+                    raise
+                batched = False
+            if not batched:
+                log.warning("annotator %s: %s takes one prompt per request: echo scoring sends one (text, class) per request",
+                            self.name, self.base_url)
+                out["prompts_per_request"] = 1
+        return out
+
     # -- scoring ---------------------------------------------------------------------------------------
     def _annotate(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
         self.prompt.check_classes(class_names)
         words = self.prompt.label_words(class_names)
         n, k = len(texts), len(class_names)
         dl = current_deadline()  # jobs run in worker threads: capture the caller's deadline here
+        self.check_server(dl)  # once per process and server: a missing or wrong feature is an error, not garbage
 
         def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
             return self.post(path, body, deadline=dl)
@@ -393,16 +573,14 @@ class OpenAIAnnotator(Annotator):
                     resp = post("chat/completions", body)
                     count(resp)
                     try:
-                        content = resp["choices"][0]["logprobs"]["content"][0]
-                        top = {d["token"]: float(d["logprob"]) for d in content["top_logprobs"]}
-                        top.setdefault(content["token"], float(content["logprob"]))
-                    except (KeyError, IndexError, TypeError):
+                        top = chat_top_logprobs(resp)
+                    except (KeyError, IndexError, TypeError, ValueError):
                         failed[i] = "no top_logprobs in the response"
                         return
                 else:
                     try:
                         mass = walk_class_mass(self._completion_top(count, dl), self.prompt.plain(texts[i], class_names, descriptions), words)
-                    except (KeyError, IndexError, TypeError, AttributeError):
+                    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
                         failed[i] = "no top_logprobs in the response"
                         return
                     if mass.sum() <= 0:
@@ -473,7 +651,7 @@ class OpenAIAnnotator(Annotator):
             body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
             resp = self.post("completions", body, deadline=deadline)
             count(resp)
-            return {t: float(v) for t, v in resp["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+            return completion_top_logprobs(resp)
 
         return top
 

@@ -173,21 +173,29 @@ def uses_chat(tokenizer: Any, chat: str | bool) -> bool:
 
 
 def render_prompt_ids(
-    tokenizer: Any, prompt: Prompt, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None, chat: bool
+    tokenizer: Any, prompt: Prompt, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None,
+    chat: bool, prefill: bool = False,
 ) -> list[int]:
-    """Token ids of the prompt: chat template (with generation prompt) or plain prompt with special tokens."""
+    """Token ids of the prompt: chat template (with generation prompt) or plain prompt with special tokens.
+
+    ``prefill`` (chat only): the assistant's reply is started with the answer prefix (``Category:``), so the
+    class name is the very next word. Without it a small chat model tends to talk first ("The text is…")
+    and the first-token probabilities of the class names mean little."""
     if chat:
         s = tokenizer.apply_chat_template(prompt.messages(text, class_names, descriptions), add_generation_prompt=True, tokenize=False)
+        if prefill and prompt.answer_prefix:
+            s += prompt.answer_prefix
         return list(tokenizer(s, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt.plain(text, class_names, descriptions), add_special_tokens=True)["input_ids"])
 
 
 def render_label_ids(
-    tokenizer: Any, words: Sequence[str], chat: bool, class_names: Sequence[str] | None = None
+    tokenizer: Any, words: Sequence[str], chat: bool, class_names: Sequence[str] | None = None, prefill: bool = False,
 ) -> list[list[int]]:
-    """Token ids of each class verbalizer as a continuation (a leading space after plain prompts). An empty
-    tokenization is an error naming the verbalizer, or its class when ``class_names`` are given."""
-    sep = "" if chat else " "
+    """Token ids of each class verbalizer as a continuation (a leading space after plain prompts and after a
+    prefilled answer prefix). An empty tokenization is an error naming the verbalizer, or its class when
+    ``class_names`` are given."""
+    sep = "" if chat and not prefill else " "
     out = [list(tokenizer(sep + w, add_special_tokens=False)["input_ids"]) for w in words]
     for i, (w, ids) in enumerate(zip(words, out, strict=True)):
         if not ids:

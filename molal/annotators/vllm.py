@@ -25,6 +25,7 @@ from molal.annotators.base import (
     AnnotatorError,
     AnnotatorResult,
     AnnotatorUnavailable,
+    check_calibrate,
     check_float,
     check_name,
     check_positive_int,
@@ -116,6 +117,8 @@ class VLLMAnnotator(LocalLMAnnotator):
         examples: list[dict[str, str]] | None = None,
         preset: str | None = None,
         chat: str | bool = "auto",
+        prefill: bool = False,
+        calibrate: str | None = None,
         samples: int = 0,
         temperature: float = 0.7,
         top_p: float = 0.9,
@@ -132,7 +135,8 @@ class VLLMAnnotator(LocalLMAnnotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a model folder or name")
         self.model = model
-        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset, prefill)
+        self.calibrate = check_calibrate(calibrate)
         self._init_sampling(samples, temperature, top_p, max_new_tokens, seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.dtype = str(dtype)
@@ -187,8 +191,8 @@ class VLLMAnnotator(LocalLMAnnotator):
         llm = self._load()
         tok = llm.get_tokenizer()
         chat = uses_chat(tok, self.chat)
-        prompts = [render_prompt_ids(tok, self.prompt, t, class_names, descriptions, chat) for t in texts]
-        labels = render_label_ids(tok, self.prompt.label_words(class_names), chat)
+        prompts = [render_prompt_ids(tok, self.prompt, t, class_names, descriptions, chat, self.prefill) for t in texts]
+        labels = render_label_ids(tok, self.prompt.label_words(class_names), chat, None, self.prefill)
         reqs, meta = build_scoring_requests(prompts, labels)
         params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = llm.generate(reqs, params, use_tqdm=False)

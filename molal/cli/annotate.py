@@ -70,6 +70,8 @@ def annotate_command(
     ),
     time_budget: float | None = typer.Option(None, "--time-budget", help="Stop calling models after this many seconds."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    check: bool = typer.Option(False, "--check", help="Only check that each server has the features its scoring needs "
+                               "(logprobs, top_logprobs depth, an aligned echo, n, prompt lists), then exit."),
 ) -> None:
     """Annotate a pool with a mixture of LLMs (cache first) and save their probabilities/consistency."""
     import time
@@ -100,6 +102,19 @@ def annotate_command(
     except ConfigError as exc:
         console.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
+    if check:
+        bad = 0
+        for a in mixture.annotators:
+            if not hasattr(a, "check_server"):
+                console.print(f"{a.name}: runs in this process (nothing to check)")
+                continue
+            try:
+                console.print(f"{a.name}: [green]ok[/] {a.check_server()}")
+            except AnnotatorError as exc:
+                bad += 1
+                console.print(f"{a.name}: [red]failed[/] {exc}")
+        mixture.close()
+        raise typer.Exit(1 if bad else 0)
     desc = None
     if descriptions is not None:
         try:

@@ -1,5 +1,5 @@
 """The ``molal`` command line. Each area registers its commands from its own module in this package
-(annotate, molam, simulate, server, demo); heavy imports happen inside the commands, not here."""
+(annotate, molam, simulate, server, demo, models); heavy imports happen inside the commands, not here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 #: modules of molal.cli that define ``register(app)``; order = order in --help
-COMMAND_MODULES = ["annotate", "molam", "simulate", "server", "demo"]
+COMMAND_MODULES = ["annotate", "molam", "simulate", "server", "demo", "models"]
 
 
 def _version_callback(value: bool) -> None:

