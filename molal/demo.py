@@ -10,7 +10,7 @@ Steps (each one is a function, reused by the end-to-end tests):
 5. press "Start Training" (``ml.train``): Label Studio sends START_TRAINING, the backend runs a train job
    (annotate → MoLAM → student → predictions for every unlabeled task → query priorities);
 6. report MoLAM's accuracy on the other tasks (from the predictions stored in Label Studio), each LLM's
-   accuracy (its ``llm:<name>`` predictions), and the head of the "molal queue" tab.
+   accuracy (its ``llm:<name>`` predictions; embedding scorers' are ``scorer:<name>``), and the head of the "molal queue" tab.
 
 State (project id, API token, password) is kept in ``<dir>/demo-state.json`` (mode 0600) so that a second
 run reuses the servers' data (fast restart); ``fresh=True`` starts over.
@@ -254,8 +254,8 @@ def _choice(pred: dict) -> str | None:
 
 
 def evaluate(tasks: list[dict], gold: dict[int, str | None], version: str, seeds: set[int]) -> dict:
-    """Accuracy of the served version and of each ``llm:<name>`` on the non-seed tasks with a gold label,
-    read from the predictions stored in Label Studio."""
+    """Accuracy of the served version and of each member (``llm:<name>``, ``scorer:<name>``) on the non-seed
+    tasks with a gold label, read from the predictions stored in Label Studio."""
     hits: dict[str, list[int]] = {}
     n_tasks = 0
     for t in tasks:
@@ -266,7 +266,7 @@ def evaluate(tasks: list[dict], gold: dict[int, str | None], version: str, seeds
         n_tasks += 1
         for p in t.get("predictions") or []:
             mv = p.get("model_version") or ""
-            if mv == version or mv.startswith("llm:"):
+            if mv == version or mv.startswith(("llm:", "scorer:")):
                 key = "MoLAM" if mv == version else mv
                 hits.setdefault(key, [0, 0])
                 hits[key][0] += int(_choice(p) == g)

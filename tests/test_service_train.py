@@ -310,3 +310,34 @@ def test_stop_check_kappa_over_the_kept_stop_set(tmp_path):
     outs = [stop_check(state, Fixed(s), pool, 3) for s in (0, 0, 1, 1, 1, 1)]
     assert [o["kappa"] for o in outs] == [None, 1.0, pytest.approx(-0.5), 1.0, 1.0, 1.0]
     assert [o["met"] for o in outs] == [False, False, False, False, False, True]
+
+
+def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
+    """An embedding scorer's own predictions say what it is (scorer:<name>), an LLM's say llm:<name>; a
+    scorer's predictions from before the rename (llm:<name>) are removed with the superseded versions."""
+    from molal.annotators import Mixture
+    from molal.service.train import retire_superseded
+
+    cfg = tmp_path / "mixed.toml"
+    cfg.write_text('[[annotator]]\ntype = "replay"\nname = "qwen"\nsource = "bundled:trec"\n\n'
+                   '[[annotator]]\ntype = "embedding"\nname = "emb-minilm"\n')
+    assert Mixture.from_config(cfg).member_versions() == ["llm:qwen", "scorer:emb-minilm"]
+    svc = service(tmp_path)
+    state = project(svc, 5)
+    state.set_setting("mixture", str(cfg))
+    out = svc.predict({"project": 5, "tasks": [{"id": 1, "data": {"text": rows[0]["text"]}}], "label_config": CONFIG})
+    assert [e["model_version"] for e in out["results"][0][1:]] == ["llm:qwen", "scorer:emb-minilm"]
+
+    class Client:  # records what would be deleted (the LS API itself is covered by tests/e2e)
+        deleted: list[str] = []
+
+        def model_versions(self, project):
+            return ["molam-1-aa", "molam-2-bb", "llm:qwen", "llm:emb-minilm", "scorer:emb-minilm", "other-model"]
+
+        def delete_model_version(self, project, v):
+            self.deleted.append(v)
+            return 3
+
+    c = Client()
+    out = retire_superseded(c, 5, "molam-2-bb", None, ["llm:qwen", "scorer:emb-minilm"])
+    assert sorted(out) == ["llm:emb-minilm", "molam-1-aa"] and sorted(c.deleted) == sorted(out)

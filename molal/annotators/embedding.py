@@ -44,6 +44,7 @@ class EmbeddingAnnotator(Annotator):
     """
 
     type = "embedding"
+    kind = "scorer"  # not a language model: its predictions say so (model version scorer:<name>)
 
     def __init__(
         self,

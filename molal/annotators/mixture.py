@@ -398,6 +398,11 @@ class Mixture:
     def llm_names(self) -> list[str]:
         return [a.name for a in self.annotators]
 
+    def member_versions(self) -> list[str]:
+        """The model version of each member's own predictions in Label Studio: ``llm:<name>`` for a language
+        model, ``scorer:<name>`` for an embedding scorer (so a reviewer can tell them apart)."""
+        return [f"{a.kind}:{a.name}" for a in self.annotators]
+
     def __len__(self) -> int:
         return len(self.annotators)
 

@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
             console.print()
             console.print("[bold]In the UI:[/bold] open the URL, log in, open the project; in the Data Manager pick "
                           "the tab [bold]molal queue[/bold] and press [bold]Label Tasks As Displayed[/bold]. "
-                          "Each task shows MoLAM's label pre-filled (and one prediction per LLM, llm:<name>). "
+                          "Each task shows MoLAM's label pre-filled (and one prediction per LLM, llm:<name>; embedding scorers are scorer:<name>). "
                           "Settings → Model shows the connected backend and its Start Training button.")
             if no_wait:
                 return

@@ -2,7 +2,8 @@
 
 Each entry is a list: the serving model's prediction (MoLAM, the student, or — before MoLAM is trained —
 the mixture's mean probabilities, version ``mixture-mean-<hash>``) and, when the project's
-``per_llm_predictions`` is on, one prediction per LLM (``model_version = "llm:<name>"``).
+``per_llm_predictions`` is on, one prediction per member of the mixture (``model_version = "llm:<name>"``, or
+``"scorer:<name>"`` for an embedding scorer, which is not a language model).
 
 Time budget: the mixture annotates under ``deadline`` (``MOLAL_PREDICT_BUDGET_S``, well under Label
 Studio's 100 s predict timeout). Everything annotated is cached, so a retried batch costs nothing. Tasks
@@ -127,10 +128,13 @@ def entry(spec: LabelSpec, probs: np.ndarray, version: str) -> dict:
     return {"result": [spec.result(spec.classes[k], score)], "score": score, "model_version": version}
 
 
-def llm_entries(spec: LabelSpec, llm_names: list[str], probs: np.ndarray) -> list[dict]:
-    """One prediction (model_version ``llm:<name>``) per LLM from one row ``probs`` (L, K) of
-    ``LLMOutputs.normalized_probs()`` (normalise once per batch, not per row)."""
-    return [entry(spec, probs[j], f"llm:{name}") for j, name in enumerate(llm_names)]
+def llm_entries(spec: LabelSpec, versions: list[str], probs: np.ndarray) -> list[dict]:
+    """One prediction per member of the mixture (``versions``: :meth:`Mixture.member_versions`, in the order
+    of the outputs) from one row ``probs`` (L, K) of ``LLMOutputs.normalized_probs()`` (normalise once per
+    batch, not per row)."""
+    if len(versions) != len(probs):
+        raise ValueError(f"{len(versions)} member versions for {len(probs)} members")
+    return [entry(spec, probs[j], v) for j, v in enumerate(versions)]
 
 
 def mean_probs(outputs) -> np.ndarray:
@@ -171,7 +175,7 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
             res = _annotate(mixture, good_texts, spec, svc, deadline=time.monotonic())
             llm_p = res.outputs.normalized_probs() if len(res.done_idx) else None
             for r, jj in enumerate(res.done_idx.tolist()):
-                per_llm[good[jj]] = llm_entries(spec, res.outputs.llm_names, llm_p[r])
+                per_llm[good[jj]] = llm_entries(spec, mixture.member_versions(), llm_p[r])
     else:
         res = annotate_by(mixture, good_texts, spec, svc, deadline)
         done = res.done_idx.tolist()
@@ -181,7 +185,7 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
             for r, jj in enumerate(done):
                 main_probs[good[jj]] = np.asarray(P[r], dtype=np.float64)
                 if llm_p is not None:
-                    per_llm[good[jj]] = llm_entries(spec, res.outputs.llm_names, llm_p[r])
+                    per_llm[good[jj]] = llm_entries(spec, mixture.member_versions(), llm_p[r])
         for jj, why in res.failed.items():
             errors[good[jj]] = f"annotation failed: {why}"
         pending = [good[jj] for jj in res.pending_idx.tolist()]

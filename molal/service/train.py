@@ -19,7 +19,7 @@ A training job, step by step (each step reports progress to the job table and th
 5. publish a new model version atomically (files → manifest with checksums → ``current.json``);
 6. push fresh predictions for unlabeled tasks (bulk import), set the project's model_version, and write
    the query priorities (``data.<priority_field>`` + the Data Manager tab "molal queue").
-   The per-LLM predictions (``llm:<name>``, when enabled) do not depend on the trained model: they are
+   The per-member predictions (``llm:<name>``, ``scorer:<name>``, when enabled) do not depend on the trained model: they are
    imported in a background thread from step 3 on, while MoLAM and the student train.
 
 A job that fails before step 5 changes nothing that serves (per-LLM predictions it imported stay: they are
@@ -184,6 +184,7 @@ class RoundResult:
     rows: np.ndarray  # pool rows with mixture outputs
     probs: np.ndarray  # (len(rows), K) serving model's probabilities on those rows
     llm_outputs: Any  # LLMOutputs over ``rows``
+    member_versions: list[str] = field(default_factory=list)  # model version of each member's predictions
     new_auto: list[int] = field(default_factory=list)  # pool rows MoLAM-labelled in this round (human-free)
     to_human: list[int] = field(default_factory=list)  # queried pool rows left to people (human_per_round)
     student: Any = None
@@ -191,9 +192,11 @@ class RoundResult:
 
 
 def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ctx: JobContext | None,
-              job_id: str = "manual", on_annotated: Callable[[np.ndarray, Any], None] | None = None) -> RoundResult:
+              job_id: str = "manual",
+              on_annotated: Callable[[np.ndarray, Any, list[str]], None] | None = None) -> RoundResult:
     """Steps 2–5 of the module docstring on ``pool``; publishes the new version and returns it.
-    ``on_annotated(rows, outputs)`` is called once the mixture's outputs are there (before MoLAM)."""
+    ``on_annotated(rows, outputs, member_versions)`` is called once the mixture's outputs are there (before
+    MoLAM)."""
     from molal.learner import MachineLabel, TrainingSet
     from molal.molam import MoLAM, negative_labels
 
@@ -214,7 +217,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             "task(s). Label some tasks in Label Studio (about 50 is the recipe) and train again"
         )
     if on_annotated is not None:
-        on_annotated(rows, outputs)
+        on_annotated(rows, outputs, mixture.member_versions())
     K = len(spec.classes)
 
     # -- MoLAM -------------------------------------------------------------------------------------------
@@ -332,7 +335,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     else:
         probs = P
     return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
-                       rows=rows, probs=np.asarray(probs), llm_outputs=outputs, new_auto=new_auto,
+                       rows=rows, probs=np.asarray(probs), llm_outputs=outputs,
+                       member_versions=mixture.member_versions(), new_auto=new_auto,
                        to_human=to_human, student=student, info=info)
 
 
@@ -522,10 +526,10 @@ def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: 
 # -- pushing predictions ---------------------------------------------------------------------------------------
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
-                     ctx: JobContext | None = None) -> int:
-    """Bulk-import the serving model's prediction (and per-LLM ones not yet there) for unlabeled rows.
-    ``version=None``: only the per-LLM ones (they do not depend on the model; the project's model_version
-    is left alone)."""
+                     versions: list[str] | None = None, ctx: JobContext | None = None) -> int:
+    """Bulk-import the serving model's prediction (and per-member ones not yet there, ``outputs`` with the
+    members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
+    depend on the model; the project's model_version is left alone)."""
     ps = svc.project_settings(state)
     preds: list[dict] = []
     llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None  # once
@@ -536,7 +540,7 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
         if version is not None and version not in have:
             preds.append({"task": pool.task_ids[r], **entry(spec, probs[i], version)})
         if llm_p is not None:
-            preds.extend({"task": pool.task_ids[r], **e} for e in llm_entries(spec, outputs.llm_names, llm_p[i])
+            preds.extend({"task": pool.task_ids[r], **e} for e in llm_entries(spec, versions or [], llm_p[i])
                          if e["model_version"] not in have)
     what = "predictions" if version is not None else "per-LLM predictions"
     if ctx is not None:
@@ -553,12 +557,17 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
 SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
 
 
-def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None) -> dict[str, int]:
+def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
+                      member_versions: list[str] | None = None) -> dict[str, int]:
     """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
-    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction. Predictions
-    of other models and every annotation stay. Returns version -> predictions deleted."""
+    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
+    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
+    ``scorer:<name>``). Predictions of other models and every annotation stay. Returns version ->
+    predictions deleted."""
+    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
     try:
-        old = [v for v in client.model_versions(project) if v.startswith(SERVED_PREFIXES) and v != version]
+        old = [v for v in client.model_versions(project)
+               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed]
         out = {v: client.delete_model_version(project, v) for v in old}
     except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
         log.warning("project %s: could not remove superseded predictions: %s", project, exc)
@@ -627,10 +636,10 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     early: list[Future] = []
     llm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"molal-llm-preds-{state.id}")
 
-    def on_annotated(rows: np.ndarray, outputs: Any) -> None:
+    def on_annotated(rows: np.ndarray, outputs: Any, versions: list[str]) -> None:
         if ps.per_llm_predictions:
             early.append(llm_pool.submit(push_predictions, svc, client, state, spec, pool, rows.tolist(), None,
-                                         None, outputs, ctx))
+                                         None, outputs, versions, ctx))
 
     try:
         rr = fit_round(svc, state, spec, pool, ctx, job_id=ctx.id, on_annotated=on_annotated)
@@ -639,8 +648,8 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, ctx)
-    retired = retire_superseded(client, state.id, rr.version, ctx)
+                               None if early else rr.llm_outputs, rr.member_versions, ctx)
+    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions)
     flagged = 0
     if rr.new_auto:
         auto = state.auto_labels()
@@ -681,15 +690,16 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     client, spec, pool = _pull(svc, state, ctx)
     if len(pool) == 0:
         return {"n_tasks": 0}
-    _, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.8)
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.8)
     srv = svc.serving(state, spec, pool.texts)
     rows = res.done_idx.tolist()
     if srv.needs_llms:
         probs = srv.probs_from_outputs(res.outputs)
     else:
         probs = svc.student_of(state, srv.model).predict_proba([pool.texts[r] for r in rows])
-    n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs, ctx)
-    retire_superseded(client, state.id, srv.version, ctx)
+    n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs,
+                         mixture.member_versions(), ctx)
+    retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions())
     ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
     return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}
