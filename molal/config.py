@@ -42,6 +42,16 @@ class Settings(BaseSettings):
                     "task): Label Studio updates task data one PATCH at a time, ~0.1 s each",
     )
     per_llm_predictions: bool = Field(True, validation_alias="MOLAL_PER_LLM_PREDICTIONS")
+    max_annotate_usd: float | None = Field(
+        None, ge=0, validation_alias="MOLAL_MAX_ANNOTATE_USD",
+        description="refuse a training or sync job whose annotation of the project is estimated above this many "
+                    "US dollars (paid APIs priced with usd_per_mtok_prompt/_completion; unpriced ones are refused)",
+    )
+    max_annotate_hours: float | None = Field(
+        None, gt=0, validation_alias="MOLAL_MAX_ANNOTATE_HOURS",
+        description="refuse a training or sync job whose annotation is estimated above this many hours (timed on "
+                    "8 uncached texts, which are then cached)",
+    )
     predict_time_budget_s: float = Field(60.0, validation_alias="MOLAL_PREDICT_BUDGET_S")
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")

@@ -197,6 +197,16 @@ class HFAnnotator(LocalLMAnnotator):
         distinct = len({ids[0] for ids in label_ids}) == len(label_ids)
         return "first_token" if distinct and all(len(ids) == 1 for ids in label_ids) else "full"
 
+    def usage(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> dict[str, Any]:
+        """Exact token counts (this model's tokenizer) for annotating ``texts``: the prompts, the label tokens
+        run on top of them with full-label scoring, and the sampled answers at most."""
+        labels = self.label_ids(class_names)
+        ptok = sum(len(self.prompt_ids(t, class_names, descriptions)) for t in texts)
+        if self.scoring_mode(labels) == "full":
+            ptok += len(texts) * sum(len(x) for x in labels)
+        ctok = len(texts) * self.samples * self.max_new_tokens
+        return {"requests": 0, "prompt_tokens": ptok, "completion_tokens": ctok, "exact": True}
+
     # -- scoring ---------------------------------------------------------------------------------------
     def _annotate(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
         import torch

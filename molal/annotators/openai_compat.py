@@ -221,6 +221,8 @@ class OpenAIAnnotator(Annotator):
         batch_size: int = 16,
         prompts_per_request: int = 32,
         extra_body: dict[str, Any] | None = None,
+        usd_per_mtok_prompt: float | None = None,
+        usd_per_mtok_completion: float | None = None,
     ) -> None:
         self.name = check_name(name)
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -263,6 +265,11 @@ class OpenAIAnnotator(Annotator):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.prompts_per_request = check_positive_int(prompts_per_request, "prompts_per_request")
         self.extra_body = dict(extra_body or {})
+        # prices (US dollars per million tokens) for cost estimates (molal.annotators.cost); not in the identity
+        self.usd_per_mtok_prompt = None if usd_per_mtok_prompt is None else check_float(
+            usd_per_mtok_prompt, "usd_per_mtok_prompt", 0.0, 1e6)
+        self.usd_per_mtok_completion = None if usd_per_mtok_completion is None else check_float(
+            usd_per_mtok_completion, "usd_per_mtok_completion", 0.0, 1e6)
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -372,6 +379,39 @@ class OpenAIAnnotator(Annotator):
                 raise DeadlineReached(f"annotator {self.name!r}: deadline reached while retrying ({err})")
             log.info("annotator %s: retry %d in %.2fs (%s)", self.name, attempt, wait, err)
             time.sleep(wait)
+
+    # -- cost ----------------------------------------------------------------------------------------
+    def price(self) -> tuple[float | None, float | None]:
+        """(prompt, completion) US dollars per million tokens, as configured (None: not configured)."""
+        return self.usd_per_mtok_prompt, self.usd_per_mtok_completion
+
+    def usage(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> dict[str, Any]:
+        """Requests and (approximate: 4 characters a token, +8 per chat request for the template) tokens that
+        annotating ``texts`` will send: one request per text (top_logprobs; an ambiguous first token costs one
+        more), one per (text, class) with echo, and one with ``n`` answers of ``max_tokens`` when sampling."""
+        from molal.annotators.cost import approx_tokens
+
+        words = self.prompt.label_words(class_names)
+        k = len(class_names)
+        req = ptok = ctok = 0
+        for t in texts:
+            if self.api == "chat":
+                p = approx_tokens("\n".join(m["content"] for m in self.prompt.messages(t, class_names, descriptions))) + 8
+            else:
+                p = approx_tokens(self.prompt.plain(t, class_names, descriptions))
+            if self.scoring == "echo":
+                req += k
+                ptok += sum(p + approx_tokens(" " + w) for w in words)
+                ctok += k
+            else:
+                req += 1
+                ptok += p
+                ctok += 1
+            if self.samples:
+                req += 1
+                ptok += p
+                ctok += self.samples * self.max_tokens
+        return {"requests": req, "prompt_tokens": ptok, "completion_tokens": ctok, "exact": False}
 
     # -- server check --------------------------------------------------------------------------------
     def _check_key(self) -> tuple[Any, ...]:

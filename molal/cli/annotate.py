@@ -70,6 +70,14 @@ def annotate_command(
     ),
     time_budget: float | None = typer.Option(None, "--time-budget", help="Stop calling models after this many seconds."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    estimate_only: bool = typer.Option(False, "--estimate", help="Only estimate what annotating the pool will take "
+                                       "(uncached texts, tokens, money at the configured prices, time from --sample "
+                                       "texts), then exit."),
+    sample: int = typer.Option(8, "--sample", min=0, help="Texts annotated (and cached) to time the estimate."),
+    max_usd: float | None = typer.Option(None, "--max-usd", min=0, help="Refuse to annotate when the estimate is above "
+                                         "this many US dollars (paid-API annotators need usd_per_mtok_* prices)."),
+    max_hours: float | None = typer.Option(None, "--max-hours", min=0, help="Refuse when the estimate is above this "
+                                           "many hours."),
     check: bool = typer.Option(False, "--check", help="Only check that each server has the features its scoring needs "
                                "(logprobs, top_logprobs depth, an aligned echo, n, prompt lists), then exit."),
 ) -> None:
@@ -134,6 +142,26 @@ def annotate_command(
         f"[bold]{len(ds)}[/] texts, {len(ds.class_names)} classes {ds.class_names}, mixture: {mixture}"
         + (f", cache: {cache_obj.path}" if cache_obj else ", no cache")
     )
+    if estimate_only or max_usd is not None or max_hours is not None:
+        from molal.annotators.cost import estimate
+
+        try:
+            est = estimate(mixture, ds.texts, ds.class_names, cache=cache_obj, descriptions=desc,
+                           sample=sample if (estimate_only or max_hours is not None) else 0)
+        except (ValueError, AnnotatorError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            mixture.close()
+            raise typer.Exit(1) from None
+        _print_estimate(console, est)
+        why = est.over_budget(max_usd, max_hours)
+        if estimate_only or why is not None:
+            mixture.close()
+            if cache_obj is not None:
+                cache_obj.close()
+            if why is not None:
+                console.print(f"[red]over budget:[/] {why}; nothing annotated beyond the timing sample")
+                raise typer.Exit(2)
+            raise typer.Exit(0)
     deadline = time.monotonic() + time_budget if time_budget else None
     try:
         res = mixture.annotate(
@@ -204,6 +232,25 @@ def annotate_command(
     if st["pending"]:
         console.print(f"[yellow]time budget reached: {st['pending']} rows pending; rerun to continue.[/]")
         raise typer.Exit(3)
+
+
+def _print_estimate(console, est) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"estimate for {est.n_texts} texts" + (f" (timed on {est.sampled})" if est.sampled else ""))
+    for col in ("annotator", "to annotate", "requests", "prompt tok", "completion tok", "USD", "time"):
+        t.add_column(col, justify="left" if col == "annotator" else "right")
+    for a in est.annotators:
+        tok = (lambda v: "-" if v is None else f"{v:,}" + ("" if a.tokens_exact else " ~"))
+        usd = f"{a.usd:.4f}" if a.usd is not None else ("no price" if a.billed else "free")
+        tm = f"{a.seconds / 60:.1f} min" if a.seconds is not None else "-"
+        t.add_row(a.name, str(a.texts_to_annotate), "-" if not a.requests else f"{a.requests:,}", tok(a.prompt_tokens),
+                  tok(a.completion_tokens), usd, tm)
+    console.print(t)
+    secs = est.seconds
+    console.print(f"total: ${est.usd:.4f}" + (f", about {secs / 60:.1f} min one annotator after another" if secs is not None else "")
+                  + (f"; no price configured for {', '.join(est.unpriced)}" if est.unpriced else "")
+                  + " (~: about 4 characters a token)")
 
 
 def register(app: typer.Typer) -> None:

@@ -148,6 +148,22 @@ def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: lis
             frac = done / total if total else 1.0
             ctx.progress(lo + (hi - lo) * frac, f"annotating: {done}/{total} (annotator, text) pairs")
 
+    s = svc.settings
+    if s.max_annotate_usd is not None or s.max_annotate_hours is not None:
+        from molal.annotators.cost import estimate
+
+        if ctx is not None:
+            ctx.progress(lo, f"estimating the cost of annotating {len(texts)} texts")
+        est = estimate(mixture, texts, list(spec.classes), cache=svc.cache,
+                       sample=8 if s.max_annotate_hours is not None else 0)
+        why = est.over_budget(s.max_annotate_usd, s.max_annotate_hours)
+        if why is not None:
+            raise TrainingError(f"project {state.id}: {why} (MOLAL_MAX_ANNOTATE_USD / MOLAL_MAX_ANNOTATE_HOURS); "
+                                "nothing was sent beyond the timing sample")
+        if ctx is not None:
+            secs = est.seconds
+            ctx.progress(lo, f"estimate within budget: ${est.usd:.2f}, {est.prompt_tokens:,} prompt tokens"
+                             + (f", {secs / 60:.1f} min" if secs is not None else ""))
     if ctx is not None:
         ctx.progress(lo, f"annotating {len(texts)} texts with {mixture!r}")
     res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
