@@ -240,12 +240,14 @@ def _print_estimate(console, est) -> None:
     t = Table(title=f"estimate for {est.n_texts} texts" + (f" (timed on {est.sampled})" if est.sampled else ""))
     for col in ("annotator", "to annotate", "requests", "prompt tok", "completion tok", "USD", "time"):
         t.add_column(col, justify="left" if col == "annotator" else "right")
+    def tok(v: int | None, exact: bool) -> str:
+        return "-" if v is None else f"{v:,}" + ("" if exact else " ~")
+
     for a in est.annotators:
-        tok = (lambda v: "-" if v is None else f"{v:,}" + ("" if a.tokens_exact else " ~"))
         usd = f"{a.usd:.4f}" if a.usd is not None else ("no price" if a.billed else "free")
         tm = f"{a.seconds / 60:.1f} min" if a.seconds is not None else "-"
-        t.add_row(a.name, str(a.texts_to_annotate), "-" if not a.requests else f"{a.requests:,}", tok(a.prompt_tokens),
-                  tok(a.completion_tokens), usd, tm)
+        t.add_row(a.name, str(a.texts_to_annotate), "-" if not a.requests else f"{a.requests:,}", tok(a.prompt_tokens, a.tokens_exact),
+                  tok(a.completion_tokens, a.tokens_exact), usd, tm)
     console.print(t)
     secs = est.seconds
     console.print(f"total: ${est.usd:.4f}" + (f", about {secs / 60:.1f} min one annotator after another" if secs is not None else "")
