@@ -214,7 +214,8 @@ class Annotator:
     def content_free_probs(self, class_names: list[str], descriptions: dict[str, str]) -> np.ndarray:
         """The model's mean distribution over the classes for content-free inputs (cached per class list)."""
         memo = self.__dict__.setdefault("_content_free", {})
-        key = (tuple(class_names), tuple(sorted(descriptions.items())))
+        # keyed by the identity too: a copy with other few-shot examples shares this dict, not the bias
+        key = (stable_hash(self.identity()), tuple(class_names), tuple(sorted(descriptions.items())))
         if key not in memo:
             res = self._annotate(list(CONTENT_FREE_TEXTS), class_names, descriptions)
             ok = [i for i in range(len(CONTENT_FREE_TEXTS)) if i not in res.failed and np.isfinite(res.probs[i]).all()]

@@ -77,7 +77,8 @@ class HFAnnotator(LocalLMAnnotator):
         system: str | None = None,
         answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
-        examples: list[dict[str, str]] | None = None,
+        examples: list[dict[str, str]] | str | None = None,
+        examples_per_class: int = 1,
         preset: str | None = None,
         chat: str | bool = "auto",
         prefill: bool = False,
@@ -98,7 +99,8 @@ class HFAnnotator(LocalLMAnnotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a local model folder")
         self.model = model
-        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset, prefill)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset, prefill,
+                          examples_per_class)
         self.calibrate = check_calibrate(calibrate)
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")

@@ -33,12 +33,13 @@ class LocalLMAnnotator(Annotator):
         system: str | None,
         answer_prefix: str | None,
         verbalizers: dict[str, str] | None,
-        examples: list[dict[str, str]] | None,
+        examples: list[dict[str, str]] | str | None,
         chat: str | bool,
         preset: str | None = None,
         prefill: bool = False,
+        examples_per_class: int = 1,
     ) -> None:
-        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
+        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset, examples_per_class)
         self.chat = check_chat(chat)
         if not isinstance(prefill, bool):
             raise ValueError(f"prefill must be true or false, got {prefill!r}")

@@ -398,6 +398,25 @@ class Mixture:
     def llm_names(self) -> list[str]:
         return [a.name for a in self.annotators]
 
+    def wants_seed_examples(self) -> bool:
+        """Whether a member's prompt takes its few-shot examples from the project's labels (``examples = "seeds"``)."""
+        return any(getattr(getattr(a, "prompt", None), "examples_from", None) == "seeds" for a in self.annotators)
+
+    def with_seed_examples(self, labelled: Sequence[Mapping[str, str]]) -> Mixture:
+        """A mixture whose ``examples = "seeds"`` prompts hold examples from ``labelled`` (``{"text", "label"}``,
+        preferred first); other members are the same objects. The members that change are shallow copies
+        (a model loaded already is shared)."""
+        import copy
+
+        out = []
+        for a in self.annotators:
+            p = getattr(a, "prompt", None)
+            if getattr(p, "examples_from", None) == "seeds":
+                a = copy.copy(a)
+                a.prompt = p.with_seed_examples(labelled)
+            out.append(a)
+        return Mixture(out, descriptions=self.descriptions)
+
     def member_versions(self) -> list[str]:
         """The model version of each member's own predictions in Label Studio: ``llm:<name>`` for a language
         model, ``scorer:<name>`` for an embedding scorer (so a reviewer can tell them apart)."""

@@ -203,7 +203,8 @@ class OpenAIAnnotator(Annotator):
         system: str | None = None,
         answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
-        examples: list[dict[str, str]] | None = None,
+        examples: list[dict[str, str]] | str | None = None,
+        examples_per_class: int = 1,
         preset: str | None = None,
         scoring: str = "auto",
         calibrate: str | None = None,
@@ -242,7 +243,7 @@ class OpenAIAnnotator(Annotator):
             from molal.logging import register_secret
 
             register_secret(api_key)
-        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset)
+        self.prompt = Prompt.build(template, system, answer_prefix, verbalizers, examples, preset, examples_per_class)
         if scoring == "auto":  # echo is exact but servers get it wrong silently: opt-in and verified
             scoring = "top_logprobs"
         if scoring not in ("echo", "top_logprobs"):

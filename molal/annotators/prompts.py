@@ -40,7 +40,10 @@ class Prompt:
     system: system message for chat models ("" for none).
     answer_prefix: appended (on a new line) to plain prompts; the answer follows after one space.
     verbalizers: class name -> the words the model should answer (default: the class name itself).
-    examples: few-shot examples, each ``{"text": ..., "label": <class name>}``.
+    examples: few-shot examples, each ``{"text": ..., "label": <class name>}``; ``"seeds"`` in a config
+        (:meth:`build`) means "the project's human-labelled tasks": ``examples_per_class`` of each class, the
+        lowest task ids first, filled in by :meth:`with_seed_examples` (the Label Studio jobs do it; until a
+        project has labels the prompt has no examples).
     descriptions: class name -> description, rendered in ``{descriptions}`` unless the caller describes
         that class itself (a dataset preset's, :mod:`molal.annotators.presets`).
     """
@@ -52,6 +55,9 @@ class Prompt:
     examples: list[dict[str, str]] = field(default_factory=list)
     #: class descriptions of the prompt itself (a preset's); the caller's descriptions override them per class
     descriptions: dict[str, str] = field(default_factory=dict)
+    #: "seeds": the examples are to come from the project's labelled tasks (:meth:`with_seed_examples`)
+    examples_from: str | None = None
+    examples_per_class: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or "{text}" not in self.template:
@@ -78,11 +84,17 @@ class Prompt:
                 isinstance(v, str) for v in self.descriptions.values()):
             raise ValueError("descriptions must be a table class name -> description")
         self.descriptions = dict(self.descriptions)
+        if self.examples_from not in (None, "seeds"):
+            raise ValueError(f"examples must be a list of examples or \"seeds\", got {self.examples_from!r}")
+        if isinstance(self.examples_per_class, bool) or not isinstance(self.examples_per_class, int) or not (
+                1 <= self.examples_per_class <= 8):
+            raise ValueError(f"examples_per_class must be an integer from 1 to 8, got {self.examples_per_class!r}")
 
     @classmethod
     def build(cls, template: str | None = None, system: str | None = None, answer_prefix: str | None = None,
-              verbalizers: Mapping[str, str] | None = None, examples: Sequence[Mapping[str, str]] | None = None,
-              preset: str | None = None) -> Prompt:
+              verbalizers: Mapping[str, str] | None = None,
+              examples: Sequence[Mapping[str, str]] | str | None = None,
+              preset: str | None = None, examples_per_class: int = 1) -> Prompt:
         """A prompt from an annotator's options: the defaults, then the dataset ``preset``'s template, system
         message and class descriptions (:mod:`molal.annotators.presets`), then every option given."""
         kw: dict[str, Any] = {}
@@ -94,7 +106,30 @@ class Prompt:
         for key, value in (("template", template), ("system", system), ("answer_prefix", answer_prefix)):
             if value is not None:
                 kw[key] = value
-        return cls(**kw, verbalizers=dict(verbalizers or {}), examples=list(examples or []))
+        if isinstance(examples, str):
+            if examples != "seeds":
+                raise ValueError(f"examples must be a list of examples or \"seeds\", got {examples!r}")
+            return cls(**kw, verbalizers=dict(verbalizers or {}), examples=[], examples_from="seeds",
+                       examples_per_class=examples_per_class)
+        return cls(**kw, verbalizers=dict(verbalizers or {}), examples=list(examples or []),
+                   examples_per_class=examples_per_class)
+
+    def with_seed_examples(self, labelled: Sequence[Mapping[str, str]]) -> Prompt:
+        """This prompt with its ``"seeds"`` examples filled in from ``labelled`` (``{"text", "label"}``, in the
+        order to prefer: the first ``examples_per_class`` of each class, in class order of first appearance).
+        A prompt with explicit examples is returned unchanged. The result's identity is that of a prompt
+        given those examples explicitly, so the cache is shared with it."""
+        if self.examples_from != "seeds":
+            return self
+        import dataclasses
+
+        per: dict[str, int] = {}
+        chosen = []
+        for e in labelled:
+            if per.get(e["label"], 0) < self.examples_per_class and isinstance(e.get("text"), str):
+                per[e["label"]] = per.get(e["label"], 0) + 1
+                chosen.append({"text": e["text"], "label": e["label"]})
+        return dataclasses.replace(self, examples=chosen, examples_from=None)
 
     def check_classes(self, class_names: Sequence[str]) -> None:
         """Verbalizers and few-shot labels must name classes of the project."""
@@ -154,6 +189,7 @@ class Prompt:
         """Build from annotator spec fields ``preset``, ``template``, ``system``, ``answer_prefix``,
         ``verbalizers``, ``examples`` (:meth:`build`)."""
         return cls.build(**{k: spec[k] for k in ("template", "system", "answer_prefix", "verbalizers", "examples",
+                                                  "examples_per_class",
                                                   "preset") if k in spec})
 
 

@@ -114,7 +114,8 @@ class VLLMAnnotator(LocalLMAnnotator):
         system: str | None = None,
         answer_prefix: str | None = None,
         verbalizers: dict[str, str] | None = None,
-        examples: list[dict[str, str]] | None = None,
+        examples: list[dict[str, str]] | str | None = None,
+        examples_per_class: int = 1,
         preset: str | None = None,
         chat: str | bool = "auto",
         prefill: bool = False,
@@ -135,7 +136,8 @@ class VLLMAnnotator(LocalLMAnnotator):
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a model folder or name")
         self.model = model
-        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset, prefill)
+        self._init_prompt(template, system, answer_prefix, verbalizers, examples, chat, preset, prefill,
+                          examples_per_class)
         self.calibrate = check_calibrate(calibrate)
         self._init_sampling(samples, temperature, top_p, max_new_tokens, seed)
         self.batch_size = check_positive_int(batch_size, "batch_size")

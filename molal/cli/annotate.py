@@ -110,6 +110,9 @@ def annotate_command(
     except ConfigError as exc:
         console.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
+    if mixture.wants_seed_examples():
+        console.print('[yellow]note:[/] examples = "seeds" takes a Label Studio project\'s labelled tasks (the training '
+                      "job fills them in); here those prompts run without examples")
     if check:
         bad = 0
         for a in mixture.annotators:

@@ -243,6 +243,15 @@ class Runtime:
         setting names a config file; otherwise ``Mixture.default`` decides once per project from a probe
         of the project's texts (stored, so every process and every later batch gets the same mixture).
         Returns None when the default is still undecided and no texts are given."""
+        base = self._base_mixture(state, classes, texts)
+        if base is None or not base.wants_seed_examples():
+            return base
+        # prompts with examples = "seeds": the project's labelled tasks the last job stored (none yet: zero-shot)
+        ex = state.get("seed_examples") or []
+        return self._mixtures.setdefault(("seeds", base.fingerprint(), _short(json.dumps(ex))),
+                                        lambda: base.with_seed_examples(ex))
+
+    def _base_mixture(self, state: ProjectState, classes, texts: list[str] | None):
         from molal.annotators import Mixture
 
         ps = self.project_settings(state)

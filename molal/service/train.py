@@ -133,9 +133,24 @@ def client_for(svc: Runtime, state: ProjectState) -> LSClient:
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
+def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8) -> list[dict[str, str]]:
+    """The project's human-labelled tasks as few-shot examples, lowest task id first, at most ``per_class`` of
+    each class: what a prompt with ``examples = "seeds"`` takes its examples from."""
+    out, per = [], {}
+    for r in sorted(pool.human, key=lambda r: pool.task_ids[r]):
+        label = spec.classes[pool.human[r]]
+        if per.get(label, 0) < per_class:
+            per[label] = per.get(label, 0) + 1
+            out.append({"text": pool.texts[r], "label": label})
+    return out
+
+
 def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
-                  lo: float = 0.0, hi: float = 0.4):
-    """Mixture outputs for ``texts`` (cached). Returns the MixtureResult."""
+                  lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None):
+    """Mixture outputs for ``texts`` (cached). ``examples``: the project's labelled tasks, kept for prompts
+    with ``examples = "seeds"`` (here and in ``/predict``). Returns (mixture, MixtureResult)."""
+    if examples is not None and examples != state.get("seed_examples"):
+        state.put("seed_examples", examples)
     mixture = svc.mixture_for(state, spec.classes, texts)
     if mixture is None:
         raise TrainingError(f"project {state.id}: no texts to annotate")
@@ -220,7 +235,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     s = svc.settings
     if len(pool) == 0:
         raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
-    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx)
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=seed_examples(pool, spec))
     rows = res.done_idx.astype(np.int64)
     outputs = res.outputs
     if len(rows) == 0:
@@ -706,6 +721,8 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     client, spec, pool = _pull(svc, state, ctx)
     if len(pool) == 0:
         return {"n_tasks": 0}
+    # the few-shot examples (examples = "seeds") stay those the serving model was trained with: only training
+    # changes them, with the model
     mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.8)
     srv = svc.serving(state, spec, pool.texts)
     rows = res.done_idx.tolist()
