@@ -9,6 +9,8 @@ time of MoLAM on 10,000 items × 5 LLMs × 6 classes (TREC rows resampled with r
         --skip-no-consistency --skip-fit-time      # MoLAM with the transductive MiniLM text model
     .venv/bin/python bench/molam_quality.py --ceiling --methods molam --skip-no-consistency --skip-fit-time
         # + how far ANY aggregator of these LLM outputs can go (supervised on all gold, 5-fold CV)
+    .venv/bin/python bench/molam_quality.py --outputs real.npz --data pool.jsonl --skip-fit-time
+        # any mixture's outputs from `molal annotate` (gold labels from the JSONL's label field, same order)
 
 Prints one JSON object, then a table.
 """
@@ -135,6 +137,9 @@ def main() -> None:
     ap.add_argument("--first-draw", type=int, default=0, help="draws first_draw .. first_draw+draws-1 (held-out draws)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (e.g. molam,molam+text)")
     ap.add_argument("--skip-fit-time", action="store_true", help="skip the 10k-item fit timing")
+    ap.add_argument("--outputs", type=Path, default=None, help="LLMOutputs .npz from molal annotate (default: the "
+                    "shared TREC recordings of 5 LLMs)")
+    ap.add_argument("--data", type=Path, default=None, help="with --outputs: the annotated JSONL (gold labels)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also: aggregators supervised on ALL gold labels (an upper bound), LLM votes per class, "
                          "MoLAM's confidence and confusions")
@@ -144,11 +149,21 @@ def main() -> None:
 
     err = Console(stderr=True)
     ds = get_dataset("trec")
-    outputs = ds.recorded_outputs()
-    # gold from the recorded files themselves (their row order is not train.jsonl's)
-    gold = load_dataset(ds.recorded_paths()[0], class_names=ds.class_names).labels
+    if args.outputs is not None:
+        if args.data is None:
+            sys.exit("--outputs needs --data (the annotated JSONL, for the gold labels)")
+        outputs = LLMOutputs.load(args.outputs)
+        stats = json.loads(args.outputs.with_name(args.outputs.name + ".stats.json").read_text())
+        labels = load_dataset(args.data, class_names=list(outputs.class_names)).labels
+        gold = labels[np.asarray(stats["done_idx"], dtype=np.int64)]  # the rows molal annotate finished
+        name = f"{args.outputs.name} ({', '.join(outputs.llm_names)})"
+    else:
+        outputs = ds.recorded_outputs()
+        # gold from the recorded files themselves (their row order is not train.jsonl's)
+        gold = load_dataset(ds.recorded_paths()[0], class_names=ds.class_names).labels
+        name = "trec"
     assert gold is not None and len(gold) == outputs.n_items
-    result: dict = {"dataset": "trec", "n_items": int(outputs.n_items), "n_seeds": args.seeds, "draws": args.draws}
+    result: dict = {"dataset": name, "n_items": int(outputs.n_items), "n_seeds": args.seeds, "draws": args.draws}
     only = args.methods.split(",") if args.methods else None
     topts = json.loads(args.text_options) if args.text_options else None
     result["text_options"] = topts

@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict] = {
     "prefill+fewshot+cal": {"preset": "trec", "prefill": True, "examples": "@fewshot", "calibrate": "content_free"},
     # the naive peer: generate up to 8 tokens greedily with the default prompt and parse the answer
     "naive-generate": {"naive": True},
+    # first-token scoring (distinct first tokens), last position's logits only vs logits at every position
+    "first-token": {"preset": "trec", "prefill": True, "scoring": "first_token"},
+    "first-token-all-logits": {"preset": "trec", "prefill": True, "scoring": "first_token", "all_logits": True},
 }
 CLASSES = ["abbreviation", "description", "entity", "human", "location", "numeric"]
 
@@ -76,6 +79,7 @@ def one(model: str, path: str, variant: str, n: int, threads: int) -> dict:
     gold = np.array([CLASSES.index(r["label"]) for r in rows])
     opts = dict(VARIANTS[variant])
     naive = opts.pop("naive", False)
+    all_logits = opts.pop("all_logits", False)
     if opts.get("examples") == "@fewshot":
         opts["examples"] = shots
     out: dict = {"model": model, "path": path, "variant": variant, "n": len(texts), "threads": threads}
@@ -87,6 +91,8 @@ def one(model: str, path: str, variant: str, n: int, threads: int) -> dict:
             t0 = time.perf_counter()
             a = HFAnnotator("m", model, batch_size=8, **opts)
             a._load()
+            if all_logits:
+                a._keep_last = False  # the forward without logits_to_keep: logits at every position (before issue 16)
             out["load_s"] = round(time.perf_counter() - t0, 2)
         else:
             from molal import shipped
