@@ -442,31 +442,27 @@ class OpenAIAnnotator(Annotator):
         found: dict[str, Any] = {"path": f"{self.api}+{self.scoring}"}
         if self.scoring == "echo":
             found.update(self._probe_echo(deadline))
-        elif self.api == "chat":
-            body = {"model": self.model, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 1,
-                    "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
-            resp = self.post("chat/completions", body, deadline=deadline)
-            try:
-                depth = len(resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
-                chat_top_logprobs(resp)
-            except (KeyError, IndexError, TypeError, ValueError):
-                depth = 0
-            if depth == 0:
-                raise self._feature_error(
-                    f"returned no top_logprobs on chat/completions (sent logprobs=true, top_logprobs={self.top_logprobs})",
-                    "molal's chat scoring needs them: use a server that returns them (vLLM, llama.cpp's server, OpenAI) or api='completions'")
-            found["top_logprobs_depth"] = depth
         else:
-            body = {"model": self.model, "prompt": ECHO_PROBES[0], "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
-            resp = self.post("completions", body, deadline=deadline)
+            chat = self.api == "chat"
+            n = self.top_logprobs
+            if chat:
+                body: dict[str, Any] = {"messages": [{"role": "user", "content": "Name a colour."}], "logprobs": True,
+                                        "top_logprobs": n}
+            else:
+                body = {"prompt": ECHO_PROBES[0], "logprobs": n}
+            body.update(model=self.model, max_tokens=1, temperature=0.0)
+            path = "chat/completions" if chat else "completions"
+            resp = self.post(path, body, deadline=deadline)
             try:
-                depth = len(completion_top_logprobs(resp))
+                depth = len(chat_top_logprobs(resp) if chat else completion_top_logprobs(resp))
             except (KeyError, IndexError, TypeError, ValueError):
                 depth = 0
             if depth == 0:
+                sent = f"logprobs=true, top_logprobs={n}" if chat else f"logprobs={n}"
                 raise self._feature_error(
-                    f"returned no top_logprobs on completions (sent logprobs={self.top_logprobs})",
-                    "molal's completions scoring needs them: use a server that returns them, or api='chat'")
+                    f"returned no top_logprobs on {path} (sent {sent})",
+                    f"molal's {self.api} scoring needs them: use a server that returns them (vLLM, llama.cpp's server, "
+                    f"OpenAI) or api='{'completions' if chat else 'chat'}'")
             found["top_logprobs_depth"] = depth
         if found.get("top_logprobs_depth", self.top_logprobs) < self.top_logprobs:
             log.warning("annotator %s: the server returns %d top logprobs where %d were asked; classes whose first token "
