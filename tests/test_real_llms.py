@@ -88,9 +88,9 @@ def test_smollm2_in_process_scores_and_keeps_only_last_logits(smollm2: Path, tre
     np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
     assert a._keep_last is True  # the forward took logits_to_keep=1
     acc = float((res.probs.argmax(axis=1) == gold).mean())
-    # 0.29 here (chance 0.17; bench/RESULTS.md has the 500 TREC test questions); the default prompt, which
-    # puts nearly every question in one class, scored 0.0-0.05
-    assert acc >= 0.25, f"accuracy {acc:.3f} on 24 balanced TREC questions"
+    # 7/24 here (chance 4/24; bench/RESULTS.md has the 500 TREC test questions); the default prompt, which
+    # puts nearly every question in one class, scored 0.03 there. Two flips of near-ties still pass.
+    assert acc >= 5 / 24, f"accuracy {acc:.3f} on 24 balanced TREC questions"
     assert len(set(res.probs.argmax(axis=1).tolist())) >= 3  # not one class for everything
     # identical scores with full logits at every position (the old path)
     b = HFAnnotator("smol", MODEL, preset="trec", prefill=True, batch_size=8)
