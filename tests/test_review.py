@@ -36,6 +36,9 @@ def test_fields_say_what_molal_prefilled_how_the_llms_voted_and_when_it_override
     assert b["molal_votes"] == "description 3/5 · entity 2/5" and b["molal_agreement"] == 0.6
     assert b["molal_flag"] == "" and "overrides" not in b["molal_review"]
     assert set(a) == set(FIELDS)
+    # embedding scorers are not called LLMs in the line a reviewer reads
+    (s,) = review_fields(served[:1], llm[:1], classes, None, voters="scorer")
+    assert "scorer votes: description 5/5" in s["molal_review"] and "the scorers' majority" in s["molal_review"]
     # without LLM votes (a project served by its student alone) or without a student: what is known
     (c,) = review_fields(served[:1], None, classes)
     assert set(c) == {"molal_label", "molal_confidence", "molal_review"}

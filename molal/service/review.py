@@ -58,10 +58,11 @@ def _votes(llm_labels: Sequence[int], classes: Sequence[str]) -> tuple[str, int,
 
 
 def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Sequence[str],
-                  student: np.ndarray | None = None) -> list[dict]:
+                  student: np.ndarray | None = None, voters: str = "LLM") -> list[dict]:
     """The fields of the module docstring for n tasks: ``served`` (n, K) the pre-fill's probabilities,
     ``llm_probs`` (n, L, K) each LLM's (None: no LLM votes, e.g. a student-only project), ``student`` (n, K)
-    the student's (for the uncertainty; None: left out)."""
+    the student's (for the uncertainty; None: left out). ``voters`` names the members in the review line:
+    ``"LLM"``, or ``"scorer"`` / ``"member"`` when embedding scorers vote (they are not LLMs)."""
     served = np.asarray(served, dtype=np.float64)
     k = len(classes)
     out = []
@@ -76,9 +77,9 @@ def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Seq
             f["molal_votes"] = votes
             f["molal_agreement"] = round(n_major / n_llm, 2)
             f["molal_flag"] = OVERRIDE_FLAG if major != lab else ""
-            review += f" · LLM votes: {votes}"
+            review += f" · {voters} votes: {votes}"
             if major != lab:
-                review += f" · overrides the LLMs' majority ({classes[major]})"
+                review += f" · overrides the {voters}s' majority ({classes[major]})"
         if student is not None:
             p = np.clip(np.asarray(student[i], dtype=np.float64), 1e-12, 1.0)
             f["molal_uncertainty"] = round(float(-(p * np.log(p)).sum() / np.log(k)), 2) if k > 1 else 0.0

@@ -522,7 +522,9 @@ def head_fields(rr: RoundResult, pool: Pool, spec: LabelSpec, rows: list[int], p
     idx = [at[r] for r in head]
     llm = rr.llm_outputs.normalized_probs()[idx] if rr.llm_outputs is not None else None
     student = rr.student.predict_proba([pool.texts[r] for r in head]) if rr.student is not None else None
-    return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student), strict=True))
+    kinds = {v.split(":", 1)[0] for v in rr.member_versions}
+    voters = {"llm": "LLM", "scorer": "scorer"}.get(next(iter(kinds)), "member") if len(kinds) == 1 else "member"
+    return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student, voters), strict=True))
 
 
 def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
