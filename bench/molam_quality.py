@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--outputs", type=Path, default=None, help="LLMOutputs .npz from molal annotate (default: the "
                     "shared TREC recordings of 5 LLMs)")
     ap.add_argument("--data", type=Path, default=None, help="with --outputs: the annotated JSONL (gold labels)")
+    ap.add_argument("--llms", default=None, help="comma-separated members of the outputs to keep (default: all)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also: aggregators supervised on ALL gold labels (an upper bound), LLM votes per class, "
                          "MoLAM's confidence and confusions")
@@ -156,6 +157,8 @@ def main() -> None:
         stats = json.loads(args.outputs.with_name(args.outputs.name + ".stats.json").read_text())
         labels = load_dataset(args.data, class_names=list(outputs.class_names)).labels
         gold = labels[np.asarray(stats["done_idx"], dtype=np.int64)]  # the rows molal annotate finished
+        if args.llms:
+            outputs = outputs.select_llms(args.llms.split(","))
         name = f"{args.outputs.name} ({', '.join(outputs.llm_names)})"
     else:
         outputs = ds.recorded_outputs()
