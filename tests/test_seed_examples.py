@@ -84,3 +84,12 @@ def test_training_job_stores_the_seeds_and_predict_uses_them(tmp_path: Path) -> 
     out = svc.predict({"project": 3, "tasks": [{"id": 100, "data": {"text": texts[29]}}], "label_config": config})
     assert out["results"][0] and out["model_version"] == rr.version  # the trained model serves: same mixture
     assert svc.cache.count() == hits0  # answered from the training job's cache entries
+    # a training job that fails keeps the examples of the model that serves (they change with the model)
+    from molal.service.train import TrainingError
+
+    bad = Pool(task_ids=list(range(30)), texts=texts, data=[{"text": t} for t in texts], human={5: 0, 6: 0},
+               prediction_versions=[[] for _ in texts])
+    with pytest.raises(TrainingError, match="at least 2 classes"):
+        fit_round(svc, state, spec, bad, None)
+    assert state.get("seed_examples") == ex
+    assert svc.mixture_for(state, spec.classes).annotators[0].prompt.examples[0]["text"] == "How many cats 1 ?"

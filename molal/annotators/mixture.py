@@ -393,6 +393,8 @@ class Mixture:
             raise ValueError(f"annotator names must be unique; duplicated: {dup}")
         self.annotators = annotators
         self.descriptions = dict(descriptions or {})
+        #: the labelled tasks :meth:`with_seed_examples` filled ``examples = "seeds"`` prompts from (else None)
+        self.seed_examples: list[dict[str, str]] | None = None
 
     @property
     def llm_names(self) -> list[str]:
@@ -415,7 +417,9 @@ class Mixture:
                 a = copy.copy(a)
                 a.prompt = p.with_seed_examples(labelled)
             out.append(a)
-        return Mixture(out, descriptions=self.descriptions)
+        mix = Mixture(out, descriptions=self.descriptions)
+        mix.seed_examples = [dict(e) for e in labelled]
+        return mix
 
     def member_versions(self) -> list[str]:
         """The model version of each member's own predictions in Label Studio: ``llm:<name>`` for a language

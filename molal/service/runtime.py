@@ -238,16 +238,18 @@ class Runtime:
         return self.parse_config(config, ps.from_name)
 
     # -- mixture ---------------------------------------------------------------------------------------
-    def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None):
+    def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None,
+                    examples: list[dict[str, str]] | None = None):
         """The project's mixture (loaded once per process). ``MOLAL_MIXTURE`` / the project's ``mixture``
         setting names a config file; otherwise ``Mixture.default`` decides once per project from a probe
         of the project's texts (stored, so every process and every later batch gets the same mixture).
-        Returns None when the default is still undecided and no texts are given."""
+        Returns None when the default is still undecided and no texts are given. Prompts with ``examples =
+        "seeds"`` get ``examples`` (a training job's), else those stored with the serving model (none yet:
+        zero-shot)."""
         base = self._base_mixture(state, classes, texts)
         if base is None or not base.wants_seed_examples():
             return base
-        # prompts with examples = "seeds": the project's labelled tasks the last job stored (none yet: zero-shot)
-        ex = state.get("seed_examples") or []
+        ex = examples if examples is not None else (state.get("seed_examples") or [])
         return self._mixtures.setdefault(("seeds", base.fingerprint(), _short(json.dumps(ex))),
                                         lambda: base.with_seed_examples(ex))
 

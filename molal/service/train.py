@@ -147,11 +147,9 @@ def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8) -> list[dict[
 
 def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
                   lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None):
-    """Mixture outputs for ``texts`` (cached). ``examples``: the project's labelled tasks, kept for prompts
-    with ``examples = "seeds"`` (here and in ``/predict``). Returns (mixture, MixtureResult)."""
-    if examples is not None and examples != state.get("seed_examples"):
-        state.put("seed_examples", examples)
-    mixture = svc.mixture_for(state, spec.classes, texts)
+    """Mixture outputs for ``texts`` (cached). ``examples``: the project's labelled tasks for prompts with
+    ``examples = "seeds"`` (default: those the serving model was trained with). Returns (mixture, result)."""
+    mixture = svc.mixture_for(state, spec.classes, texts, examples=examples)
     if mixture is None:
         raise TrainingError(f"project {state.id}: no texts to annotate")
     last = [0.0]
@@ -235,7 +233,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     s = svc.settings
     if len(pool) == 0:
         raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
-    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=seed_examples(pool, spec))
+    examples = seed_examples(pool, spec)
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=examples)
     rows = res.done_idx.astype(np.int64)
     outputs = res.outputs
     if len(rows) == 0:
@@ -358,6 +357,9 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
 
     n = state.next_version_number()
     pointer = state.publish(staging, n, info, job_id=job_id, has_student=student is not None)
+    if mixture.seed_examples is not None and mixture.seed_examples != state.get("seed_examples"):
+        # the few-shot examples go with the model they were trained with: /predict uses these from now on
+        state.put("seed_examples", mixture.seed_examples)
     if ctx is not None:
         ctx.progress(0.85, f"published {pointer['molam']}" + (f" and {pointer['student']}" if student else ""))
     serve_student = ps.serve_model == "student" and student is not None
