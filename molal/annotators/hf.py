@@ -262,6 +262,13 @@ class HFAnnotator(LocalLMAnnotator):
                 self._keep_last = False
         return self._lm(**args)
 
+    def _cache_arg(self) -> str:
+        """The forward's name for a KV cache: ``cache`` (transformers >= 5.x; ``past_key_values`` is deprecated
+        there and goes in 5.40) or ``past_key_values``."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
+
     def _first_token(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
         import torch
 
@@ -305,7 +312,7 @@ class HFAnnotator(LocalLMAnnotator):
             part = np.zeros((b, k))
             for c, ids_c in enumerate(labels):
                 part[:, c] = first[:, ids_c[0]].cpu().numpy()
-            cache = out.past_key_values
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers 5: ``cache``
             if width > 1 and not hasattr(cache, "batch_repeat_interleave"):  # a model without a usable KV cache
                 part, extra = self._full_concat(chunk, labels)
                 scores[s : s + b] = part
@@ -317,9 +324,10 @@ class HFAnnotator(LocalLMAnnotator):
                 rows_mask = torch.cat([mask.repeat_interleave(k, 0), lab_mask.repeat(b, 1)], dim=1)
                 plen = mask.sum(1).repeat_interleave(k)
                 rows_pos = plen[:, None] + torch.arange(width)[None, :]
+                kv = {self._cache_arg(): cache}
                 logits = self._lm(
                     input_ids=rows_lab.to(dev), attention_mask=rows_mask.to(dev), position_ids=rows_pos.to(dev),
-                    past_key_values=cache, use_cache=True,
+                    use_cache=True, **kv,
                 ).logits
                 lp = torch.log_softmax(logits.float(), dim=-1)  # position t predicts label token t+1
                 for c, ids_c in enumerate(labels):
