@@ -312,7 +312,9 @@ class HFAnnotator(LocalLMAnnotator):
             part = np.zeros((b, k))
             for c, ids_c in enumerate(labels):
                 part[:, c] = first[:, ids_c[0]].cpu().numpy()
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # transformers 5: ``cache``
+            cache = getattr(out, "cache", None)  # transformers 5 names it ``cache``
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
             if width > 1 and not hasattr(cache, "batch_repeat_interleave"):  # a model without a usable KV cache
                 part, extra = self._full_concat(chunk, labels)
                 scores[s : s + b] = part
