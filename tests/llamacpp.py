@@ -4,18 +4,13 @@ benchmarks: started on a free port, waited for, stopped. Needs ``pip install 'll
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 class LlamaCppServer:
@@ -23,7 +18,7 @@ class LlamaCppServer:
 
     def __init__(self, gguf: str | Path, alias: str, threads: int = 2, n_ctx: int = 2048, timeout_s: float = 90.0) -> None:
         self.gguf, self.alias, self.threads, self.n_ctx, self.timeout_s = Path(gguf), alias, threads, n_ctx, timeout_s
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.proc: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="llamacpp-", suffix=".log")[1])

@@ -121,6 +121,7 @@ class HFAnnotator(LocalLMAnnotator):
         self._tok: Any = None
         self._lm: Any = None
         self._keep_last: bool | None = None  # whether the model's forward takes logits_to_keep (unknown yet)
+        self._kv_arg: tuple[Any, str] | None = None  # (model, its forward's name for a KV cache)
 
     # -- loading ---------------------------------------------------------------------------------------
     def _load(self) -> tuple[Any, Any]:
@@ -264,10 +265,14 @@ class HFAnnotator(LocalLMAnnotator):
 
     def _cache_arg(self) -> str:
         """The forward's name for a KV cache: ``cache`` (transformers >= 5.x; ``past_key_values`` is deprecated
-        there and goes in 5.40) or ``past_key_values``."""
-        import inspect
+        there and goes in 5.40) or ``past_key_values``. Read once per loaded model, not per batch."""
+        lm = self._lm
+        if self._kv_arg is None or self._kv_arg[0] is not lm:
+            import inspect
 
-        return "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
+            name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+            self._kv_arg = (lm, name)
+        return self._kv_arg[1]
 
     def _first_token(self, prompts: list[list[int]], labels: list[list[int]]) -> tuple[np.ndarray, int]:
         import torch
