@@ -1,4 +1,4 @@
-"""The annotation cache: what each annotator said about each text, in SQLite.
+"""The annotation cache: what each annotator said about each text, in SQLite (or PostgreSQL, :mod:`molal.db`).
 
 Keyed by (sha256 of the annotator identity JSON, sha256 of the exact text). Values: the class
 probabilities and (optional) consistency as float64 blobs. The database runs in WAL mode with a busy
@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from molal.annotators.base import stable_hash
+from molal.db import DatabaseError, describe, is_url, open_database
 from molal.io import FILE_MODE, ensure_dir
 
 SCHEMA_VERSION = 1
@@ -57,80 +57,33 @@ def text_key(text: str) -> str:
 
 
 class AnnotationCache:
-    """SQLite annotation cache. Thread-safe (one connection per thread) and multi-process safe (WAL)."""
+    """The annotation cache in a SQLite file (thread- and multi-process safe: WAL) or, given a
+    ``postgresql://`` URL, in PostgreSQL tables that processes on several hosts share."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0) -> None:
-        self.path = Path(path)
         self.timeout = float(timeout)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        ensure_dir(self.path.parent)
-        if not self.path.exists():
-            # create owner-only before SQLite opens it; SQLite gives -wal/-shm the same mode
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)
-            os.close(fd)
-        conn = self._conn()
+        self.url = str(path) if is_url(path) else None
+        self.path = Path(path) if self.url is None else None
+        if self.path is not None:
+            ensure_dir(self.path.parent)
+            if not self.path.exists():
+                # create owner-only before SQLite opens it; SQLite gives -wal/-shm the same mode
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+                os.close(fd)
+        self.target = describe(path)
+        self.db = open_database(path, _SCHEMA, "cache", max_idle=4, timeout=self.timeout)
         try:
-            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise CacheError(f"{self.path}: not a usable molal annotation cache ({exc})") from exc
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT DO NOTHING",
+                                (str(SCHEMA_VERSION),))
+        except (sqlite3.DatabaseError, DatabaseError) as exc:
+            raise CacheError(f"{self.target}: not a usable molal annotation cache ({exc})") from exc
         if row is not None and int(row[0]) > SCHEMA_VERSION:
-            raise CacheError(f"{self.path}: cache schema version {row[0]} is newer than this molal ({SCHEMA_VERSION})")
-
-    # -- connections -----------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        pid = getattr(self._local, "pid", None)
-        if conn is not None and pid == os.getpid():
-            return conn
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
-                raise CacheError(f"{self.path}: cannot switch the cache to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._retry(lambda: conn.executescript(_SCHEMA))
-            self._retry(
-                lambda: conn.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            )
-        except sqlite3.DatabaseError as exc:
-            raise CacheError(f"{self.path}: not a usable molal annotation cache ({exc})") from exc
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            try:
-                if side.exists() and side.stat().st_uid == os.getuid():
-                    os.chmod(side, FILE_MODE)
-            except OSError:
-                pass
-        self._local.conn, self._local.pid = conn, os.getpid()
-        with self._lock:
-            self._conns.append(conn)
-        return conn
-
-    def _retry(self, fn, attempts: int = 20):
-        """Run ``fn``, retrying 'database is locked' beyond the busy timeout (rare under WAL)."""
-        for i in range(attempts):
-            try:
-                return fn()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
-                    raise
-                time.sleep(min(0.05 * 2**i, 1.0))
-        return None  # pragma: no cover
+            raise CacheError(f"{self.target}: cache schema version {row[0]} is newer than this molal ({SCHEMA_VERSION})")
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._conns:
-                try:
-                    c.close()
-                except sqlite3.Error:  # pragma: no cover
-                    pass
-            self._conns.clear()
-        self._local = threading.local()
+        self.db.close()
 
     def __enter__(self) -> AnnotationCache:
         return self
@@ -146,7 +99,6 @@ class AnnotationCache:
         ident = identity_key(identity)
         hashes = [text_key(t) for t in texts]
         found: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        conn = self._conn()
         uniq = list(dict.fromkeys(hashes))
         for s in range(0, len(uniq), _CHUNK):
             part = uniq[s : s + _CHUNK]
@@ -154,13 +106,13 @@ class AnnotationCache:
                 "SELECT text_hash, n_classes, probs, consistency FROM annotations WHERE ident=? AND text_hash IN "
                 f"({','.join('?' * len(part))})"
             )
-            rows = self._retry(lambda q=q, part=part: conn.execute(q, [ident, *part]).fetchall())
+            rows = self.db.retry(lambda q=q, part=part: self.db.execute(q, [ident, *part]))
             for th, k, p, c in rows:
                 if n_classes is not None and k != n_classes:
                     continue
                 found[th] = (
-                    np.frombuffer(p, dtype=np.float64).copy(),
-                    None if c is None else np.frombuffer(c, dtype=np.float64).copy(),
+                    np.frombuffer(bytes(p), dtype=np.float64).copy(),
+                    None if c is None else np.frombuffer(bytes(c), dtype=np.float64).copy(),
                 )
         return [found.get(h) for h in hashes]
 
@@ -195,27 +147,24 @@ class AnnotationCache:
             for i, t in enumerate(texts)
         ]
         ident_json = json.dumps(identity, sort_keys=True, default=str) if not isinstance(identity, str) else None
-        conn = self._conn()
+        rows.sort(key=lambda r: r[1])  # one key order for every writer: concurrent upserts cannot deadlock
 
         def tx() -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            # not exclusive: rows are upserted by key, so writers need no lock beyond the rows they touch
+            with self.db.transaction(exclusive=self.db.dialect == "sqlite") as c:
                 if ident_json is not None:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO identities(ident, identity_json, created) VALUES(?,?,?)",
+                    c.execute(
+                        "INSERT INTO identities(ident, identity_json, created) VALUES(?,?,?) ON CONFLICT DO NOTHING",
                         (ident, ident_json, now),
                     )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO annotations(ident, text_hash, n_classes, probs, consistency, created) "
-                    "VALUES(?,?,?,?,?,?)",
+                c.executemany(
+                    "INSERT INTO annotations(ident, text_hash, n_classes, probs, consistency, created) "
+                    "VALUES(?,?,?,?,?,?) ON CONFLICT (ident, text_hash) DO UPDATE SET n_classes=excluded.n_classes, "
+                    "probs=excluded.probs, consistency=excluded.consistency, created=excluded.created",
                     rows,
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
-        self._retry(tx)
+        self.db.retry(tx)
         return len(rows)
 
     def get(self, identity: Mapping[str, Any] | str, text: str) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -229,21 +178,21 @@ class AnnotationCache:
         )
 
     def count(self, identity: Mapping[str, Any] | str | None = None) -> int:
-        conn = self._conn()
         if identity is None:
-            return int(conn.execute("SELECT COUNT(*) FROM annotations").fetchone()[0])
-        return int(conn.execute("SELECT COUNT(*) FROM annotations WHERE ident=?", (identity_key(identity),)).fetchone()[0])
+            return int(self.db.execute("SELECT COUNT(*) FROM annotations").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM annotations WHERE ident=?",
+                                   (identity_key(identity),)).fetchone()[0])
 
     def identities(self) -> list[dict[str, Any]]:
         """The identities stored (as dicts), for inspection."""
-        rows = self._conn().execute("SELECT identity_json FROM identities ORDER BY created").fetchall()
+        rows = self.db.execute("SELECT identity_json FROM identities ORDER BY created")
         return [json.loads(r[0]) for r in rows]
 
     def clear(self, identity: Mapping[str, Any] | str | None = None) -> int:
         """Delete the rows of one identity (or everything); returns how many were deleted."""
-        conn = self._conn()
         if identity is None:
-            cur = self._retry(lambda: conn.execute("DELETE FROM annotations"))
+            cur = self.db.retry(lambda: self.db.execute("DELETE FROM annotations"))
         else:
-            cur = self._retry(lambda: conn.execute("DELETE FROM annotations WHERE ident=?", (identity_key(identity),)))
+            cur = self.db.retry(lambda: self.db.execute("DELETE FROM annotations WHERE ident=?",
+                                                        (identity_key(identity),)))
         return int(cur.rowcount)

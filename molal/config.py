@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     basic_auth_user: str | None = Field(None, validation_alias="BASIC_AUTH_USER")
     basic_auth_pass: SecretStr | None = Field(None, validation_alias="BASIC_AUTH_PASS")
     redis_url: SecretStr | None = Field(None, validation_alias="REDIS_URL")
+    database_url: SecretStr | None = Field(
+        None, validation_alias="MOLAL_DATABASE_URL",
+        description="postgresql://user:password@host:port/db: the job table, project state and annotation cache "
+                    "live in PostgreSQL (processes on several hosts share it; MODEL_DIR then holds model files "
+                    "only, on a volume every host mounts). Unset: SQLite files under MODEL_DIR (one host)",
+    )
     mixture: Path | None = Field(None, validation_alias="MOLAL_MIXTURE", description="mixture config file")
     device: str = Field("auto", validation_alias="MOLAL_DEVICE", description="auto|cpu|cuda")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
@@ -52,6 +58,18 @@ class Settings(BaseSettings):
         description="refuse a training or sync job whose annotation is estimated above this many hours (timed on "
                     "8 uncached texts, which are then cached)",
     )
+    engine: Literal["local", "ray"] = Field(
+        "local", validation_alias="MOLAL_ENGINE",
+        description="how training, sync and annotate jobs annotate a project: 'local' (in the job's process) or "
+                    "'ray' (Ray Data actors, pip install 'molal[ray]'; for pools of at least MOLAL_ENGINE_MIN_TEXTS)",
+    )
+    engine_min_texts: int = Field(2000, ge=0, validation_alias="MOLAL_ENGINE_MIN_TEXTS",
+                                  description="smaller pools are annotated in the job's process even with engine=ray")
+    ray_address: str | None = Field(None, validation_alias="MOLAL_RAY_ADDRESS",
+                                    description="a running Ray cluster ('auto', 'ray://head:10001'); unset: a local one")
+    ray_workers: int = Field(2, ge=1, le=4096, validation_alias="MOLAL_RAY_WORKERS",
+                             description="annotation actors (each loads the mixture's models once)")
+    ray_gpus_per_worker: float = Field(0.0, ge=0, validation_alias="MOLAL_RAY_GPUS_PER_WORKER")
     predict_time_budget_s: float = Field(60.0, validation_alias="MOLAL_PREDICT_BUDGET_S")
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")

@@ -449,9 +449,9 @@ class Demo:
         timings["project_s"] = time.monotonic() - t
         # the backend's MODEL_DIR is ours: set the project's settings before Label Studio connects
         from molal.config import get_settings
-        from molal.service.store import ProjectState
+        from molal.service.store import ServiceStore
 
-        ps = ProjectState(get_settings(model_dir=self.backend.model_dir).model_dir, pid)
+        ps = ServiceStore.from_settings(get_settings(model_dir=self.backend.model_dir)).project(pid)
         ps.set_setting("priority_top", o.priority_top)
         ps.set_setting("review_panel", True)  # the training job puts the review panel into the label config
         from molal.service.review import INSTRUCTIONS

@@ -9,11 +9,12 @@ import re
 import sys
 import threading
 
-_SECRET_ENV = ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "OPENAI_API_KEY", "REDIS_URL", "MOLAL_API_KEY")
+_SECRET_ENV = ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "OPENAI_API_KEY", "REDIS_URL", "MOLAL_API_KEY",
+               "MOLAL_DATABASE_URL")
 _PATTERNS = [
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(token|bearer|basic)\s+[^\s'\",}]+"),
     re.compile(r"(?i)((?:api[_-]?key|access_token|password|token)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}&]+"),
-    re.compile(r"(redis(?:s)?://[^:/@\s]*:)[^@\s]+(@)"),
+    re.compile(r"((?:redis|rediss|postgres|postgresql)://[^:/@\s]*:)[^@\s]+(@)"),
 ]
 #: configured secrets (keys named by a mixture config, a Label Studio access token derived from the configured
 #: key): redacted everywhere. Never values taken from a request — any caller could otherwise make any word

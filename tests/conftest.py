@@ -75,6 +75,40 @@ def redis_url(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL cluster for the session (tests/pg.py); skipped where PostgreSQL is missing unless
+    MOLAL_REQUIRE_POSTGRES=1."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+class StateDB:
+    """Where a test's state databases live: SQLite files under ``tmp_path`` or one fresh PostgreSQL database."""
+
+    def __init__(self, dialect: str, tmp_path: Path, url: str | None = None) -> None:
+        self.dialect, self.tmp_path, self.url = dialect, tmp_path, url
+
+    def target(self, name: str) -> str | Path:
+        """The ``JobQueue`` / ``AnnotationCache`` argument for a database called ``name``."""
+        return self.url if self.url is not None else self.tmp_path / f"{name}.db"
+
+    def __repr__(self) -> str:
+        return self.dialect
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def state_db(request, tmp_path) -> StateDB:
+    """Run a state test on SQLite and on a real PostgreSQL (the same code path behind molal.db)."""
+    if request.param == "sqlite":
+        return StateDB("sqlite", tmp_path)
+    server = request.getfixturevalue("postgres_server")
+    return StateDB("postgresql", tmp_path, server.new_database())
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "trec").exists():
         pytest.fail(f"shared data not found at {SHARED_DATA} (set MOLAL_SHARED_DATA)")

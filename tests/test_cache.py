@@ -20,8 +20,8 @@ from molal.cache import AnnotationCache, CacheError, identity_key, text_key
 IDENT = {"type": "test", "model": "m", "template": "t"}
 
 
-def test_put_get_roundtrip_and_miss(tmp_path: Path) -> None:
-    c = AnnotationCache(tmp_path / "c.sqlite")
+def test_put_get_roundtrip_and_miss(state_db) -> None:
+    c = AnnotationCache(state_db.target("c"))
     p = np.array([[0.2, 0.8], [0.6, 0.4]])
     cons = np.array([[0.1, 0.9], [1.0, 0.0]])
     assert c.put_many(IDENT, ["a", "b"], p, cons) == 2
@@ -49,8 +49,8 @@ def test_keys_are_sha256() -> None:
     assert text_key("a b") != text_key("a  b")  # the exact text keys the cache
 
 
-def test_refuses_failed_rows(tmp_path: Path) -> None:
-    c = AnnotationCache(tmp_path / "c.sqlite")
+def test_refuses_failed_rows(state_db) -> None:
+    c = AnnotationCache(state_db.target("c"))
     with pytest.raises(ValueError, match="non-finite"):
         c.put_many(IDENT, ["a"], np.array([[np.nan, np.nan]]))
     assert c.count() == 0
@@ -82,8 +82,8 @@ def _writer(path: str, worker: int, n: int) -> None:
     c.close()
 
 
-def test_concurrent_writers_processes(tmp_path: Path) -> None:
-    path = str(tmp_path / "c.sqlite")
+def test_concurrent_writers_processes(state_db) -> None:
+    path = str(state_db.target("c"))
     AnnotationCache(path).close()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(path, w, 40)) for w in range(4)]
@@ -100,10 +100,10 @@ def test_concurrent_writers_processes(tmp_path: Path) -> None:
         np.testing.assert_allclose(g[0], want / want.sum())
 
 
-def test_concurrent_writers_threads(tmp_path: Path) -> None:
+def test_concurrent_writers_threads(state_db) -> None:
     import threading
 
-    c = AnnotationCache(tmp_path / "c.sqlite")
+    c = AnnotationCache(state_db.target("c"))
     errors = []
 
     def work(w: int) -> None:
@@ -130,16 +130,17 @@ CRASH_SCRIPT = textwrap.dedent(
     from molal.cache import AnnotationCache
     import torch
     torch.set_num_threads(1)
-    texts = [l.rstrip("\\n") for l in open(sys.argv[2])]
+    texts = [l.rstrip("\\n") for l in open(sys.argv[1])]
+    target = sys.stdin.readline().strip()  # not in argv: a database URL's password stays out of `ps`
     mix = Mixture([EmbeddingAnnotator("e1", batch_size=2), EmbeddingAnnotator("e2", templates=["{label}"], batch_size=2)])
-    mix.annotate(texts, ["location", "human", "numeric"], cache=AnnotationCache(sys.argv[1]))
+    mix.annotate(texts, ["location", "human", "numeric"], cache=AnnotationCache(target))
     print("FINISHED")
     """
 )
 
 
 @pytest.mark.slow
-def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path) -> None:
+def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path, state_db) -> None:
     import torch
 
     from molal.annotators import Mixture
@@ -150,14 +151,17 @@ def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path) -> None:
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     script = tmp_path / "run.py"
     script.write_text(CRASH_SCRIPT)
-    db = tmp_path / "c.sqlite"
-    proc = subprocess.Popen([sys.executable, str(script), str(db), str(tmp_path / "texts.txt")], stdout=subprocess.PIPE)
+    db = state_db.target("c")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "texts.txt")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(f"{db}\n")
+    proc.stdin.flush()
     try:
         deadline = time.time() + 120
         n = 0
         while time.time() < deadline:
             time.sleep(0.05)
-            if db.exists():
+            if state_db.url is not None or Path(db).exists():
                 try:
                     n = AnnotationCache(db).count()
                 except Exception:

@@ -81,7 +81,7 @@ def service(tmp_path, url):
 
 def state_snapshot(svc) -> tuple:
     st = svc.store.project(7)
-    kv = sorted(tuple(r) for r in st.db.execute("SELECT * FROM kv"))
+    kv = sorted(tuple(r) for r in st.db.execute("SELECT * FROM project_kv"))
     return kv, st.current(), svc.cache.count()
 
 

@@ -184,7 +184,8 @@ def snapshot(app) -> tuple:
             for j in svc.jobs.list(limit=10_000)]
     st7 = svc.store.project(7)
     rows = {t: sorted(tuple(r) for r in st7.db.execute(f"SELECT * FROM {t}"))  # noqa: S608 - fixed names
-            for t in ("kv", "settings", "connection", "versions", "auto_labels")}
+            for t in ("projects", "project_kv", "project_settings", "project_connection", "model_versions",
+                      "auto_labels_v2")}
     return tree, jobs, rows, st7.current(), sorted(os.listdir(root)), svc.cache.count()
 
 

@@ -19,7 +19,10 @@ CONFIG = TREC_CONFIG
 
 
 
-def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url):
+def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url, state_db):
+    """The web process only queues; two ``molal worker`` processes run the jobs. With PostgreSQL
+    (``MOLAL_DATABASE_URL``) they share nothing but the database, Redis and the model volume: no SQLite file
+    is created anywhere under MODEL_DIR, so the processes could run on different hosts."""
     from redis import Redis
     from rq import Queue
 
@@ -27,7 +30,7 @@ def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url):
     from molal.resources import asset_path
 
     model_dir = tmp_path / "state"
-    settings = get_settings(model_dir=model_dir, redis_url=redis_url)
+    settings = get_settings(model_dir=model_dir, redis_url=redis_url, database_url=state_db.url)
     app = create_app(settings)  # with REDIS_URL no worker thread starts
     svc = app.config["MOLAL_SERVICE"]
     assert svc.worker is None
@@ -45,10 +48,14 @@ def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url):
     train_id = r.json["job"]
     assert q.count == 2
     env = dict(os.environ, MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LABEL_STUDIO_URL="",
-               LABEL_STUDIO_API_KEY="")
-    proc = subprocess.run([sys.executable, "-m", "molal.cli.main", "worker", "--burst"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+               LABEL_STUDIO_API_KEY="", MOLAL_DATABASE_URL=state_db.url or "")
+    workers = [subprocess.Popen([sys.executable, "-m", "molal.cli.main", "worker", "--burst"], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in workers:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        if state_db.url:
+            assert state_db.url.split("@")[0].split(":")[-1] not in err  # the password is never printed
     done = svc.jobs.get(job_id)
     assert done["status"] == "succeeded", done
     assert done["result"]["done"] == 6 and done["pid"] != os.getpid()
@@ -56,6 +63,8 @@ def test_jobs_go_to_rq_and_molal_worker_runs_them(tmp_path, redis_url):
     assert failed["status"] == "failed" and "LABEL_STUDIO_URL" in failed["message"]
     again = svc.predict({"project": "5.1", "tasks": tasks, "label_config": CONFIG}, budget_s=0.0)
     assert again["pending"] == 0 and all(again["results"])
+    dbs = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*.db"))
+    assert dbs == ([] if state_db.url else ["cache.db", "jobs.db", "projects/5/state.db"])
 
 
 def test_worker_without_redis_url_is_a_clear_error(tmp_path):

@@ -195,6 +195,10 @@ class Annotator:
     """
 
     type: str = "base"
+    #: what a subclass builds at run time (a loaded model, an open client, a lock) and how to start again:
+    #: ``{attribute: factory}``. Such attributes are not pickled: a copy sent to another process (a
+    #: distributed engine's workers, :mod:`molal.annotators.engine`) builds them again on first use there.
+    _runtime: dict[str, Any] = {}
     #: what the member is, as reviewers see it in its predictions' model version ``<kind>:<name>``:
     #: ``"llm"`` for language models (live or recorded), ``"scorer"`` for embedding similarity scorers
     kind: str = "llm"
@@ -202,6 +206,14 @@ class Annotator:
     samples: int = 0
     batch_size: int = 16
     calibrate: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._runtime}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for k, factory in self._runtime.items():
+            setattr(self, k, factory())
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes this annotator's answers (backend, model, prompt, params): the cache key."""

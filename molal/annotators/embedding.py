@@ -46,6 +46,8 @@ class EmbeddingAnnotator(Annotator):
     type = "embedding"
     kind = "scorer"  # not a language model: its predictions say so (model version scorer:<name>)
 
+    _runtime = {"_class_cache": dict}
+
     def __init__(
         self,
         name: str,

@@ -73,6 +73,8 @@ class HFAnnotator(LocalLMAnnotator):
     """A local causal LM via transformers. See the module docstring for prompting and scoring."""
 
     type = "hf"
+    _runtime = {"_tok": lambda: None, "_lm": lambda: None, "_dev": lambda: None, "_keep_last": lambda: None,
+                "_kv_arg": lambda: None}
 
     def __init__(
         self,

@@ -188,6 +188,8 @@ def walk_class_mass(
 class OpenAIAnnotator(Annotator):
     """One model behind an OpenAI-compatible endpoint. See the module docstring."""
 
+    _runtime = {"_client": lambda: None, "_lock": threading.Lock}
+
     type = "openai"
     remote = True  # I/O-bound: a mixture runs remote annotators concurrently
 

@@ -104,6 +104,7 @@ class VLLMAnnotator(LocalLMAnnotator):
     """A model served in-process by vLLM. See the module docstring."""
 
     type = "vllm"
+    _runtime = {"_llm": lambda: None}
     exclusive = True  # needs the GPU to itself: the mixture runs it annotator-major and frees it after
 
     def __init__(

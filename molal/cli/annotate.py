@@ -58,8 +58,9 @@ def annotate_command(
     data: Path = typer.Option(..., "--data", help="JSONL pool: one object per line with a text field (and optionally a label)."),
     out: Path = typer.Option(..., "--out", help="Where to write the LLMOutputs (.npz)."),
     config: Path | None = typer.Option(None, "--config", help="Mixture config (TOML/YAML). Default: the offline default mixture."),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Annotation cache (SQLite). Default: $MODEL_DIR/annotation_cache.sqlite."
+    cache: str | None = typer.Option(
+        None, "--cache", help="Annotation cache: a SQLite file or a postgresql:// URL. Default: $MOLAL_DATABASE_URL "
+                              "if set, else $MODEL_DIR/annotation_cache.sqlite."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the annotation cache."),
     labels: str | None = typer.Option(None, "--labels", help="Comma-separated class names, in order (default: labels in the data, sorted)."),
@@ -80,6 +81,15 @@ def annotate_command(
                                            "many hours."),
     check: bool = typer.Option(False, "--check", help="Only check that each server has the features its scoring needs "
                                "(logprobs, top_logprobs depth, an aligned echo, n, prompt lists), then exit."),
+    engine: str = typer.Option("local", "--engine", help="'local' (this process) or 'ray' (Ray Data actors writing "
+                               "the same cache; pip install 'molal[ray]')."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="With --engine ray: a running cluster ('auto', "
+                                           "'ray://head:10001'). Default: a local cluster on this machine."),
+    workers: int = typer.Option(2, "--workers", min=1, max=4096, help="With --engine ray: annotation actors."),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, max=1_000_000,
+                                   help="With --engine ray: texts per shard."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", min=0.0,
+                                          help="With --engine ray: GPUs each actor reserves."),
 ) -> None:
     """Annotate a pool with a mixture of LLMs (cache first) and save their probabilities/consistency."""
     import time
@@ -133,17 +143,33 @@ def annotate_command(
         except ValueError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
+    if engine not in ("local", "ray"):
+        console.print(f"[red]error:[/] --engine must be 'local' or 'ray', got {engine!r}")
+        raise typer.Exit(2)
+    if engine == "ray" and no_cache:
+        console.print("[red]error:[/] --engine ray writes through the annotation cache: drop --no-cache")
+        raise typer.Exit(2)
+    if engine == "ray" and time_budget:
+        console.print("[red]error:[/] --time-budget applies to --engine local only")
+        raise typer.Exit(2)
     cache_obj = None
+    cache_target: str | Path | None = None
     if not no_cache:
-        cache_path = cache or (get_settings().model_dir / "annotation_cache.sqlite")
+        settings = get_settings()
+        if cache:
+            cache_target = cache
+        elif settings.database_url is not None:
+            cache_target = settings.database_url.get_secret_value()
+        else:
+            cache_target = settings.model_dir / "annotation_cache.sqlite"
         try:
-            cache_obj = AnnotationCache(cache_path)
+            cache_obj = AnnotationCache(cache_target)
         except CacheError as exc:
             console.print(f"[red]cache error:[/] {exc}")
             raise typer.Exit(2) from None
     console.print(
         f"[bold]{len(ds)}[/] texts, {len(ds.class_names)} classes {ds.class_names}, mixture: {mixture}"
-        + (f", cache: {cache_obj.path}" if cache_obj else ", no cache")
+        + (f", cache: {cache_obj.target}" if cache_obj else ", no cache")
     )
     if estimate_only or max_usd is not None or max_hours is not None:
         from molal.annotators.cost import estimate
@@ -167,9 +193,16 @@ def annotate_command(
             raise typer.Exit(0)
     deadline = time.monotonic() + time_budget if time_budget else None
     try:
-        res = mixture.annotate(
-            ds.texts, ds.class_names, cache=cache_obj, descriptions=desc, progress=progress, deadline=deadline
-        )
+        if engine == "ray":
+            from molal.annotators.engine import RayEngine
+
+            res = RayEngine(address=ray_address, workers=workers, shard_size=shard_size,
+                            gpus_per_worker=gpus_per_worker).annotate(
+                mixture, ds.texts, ds.class_names, cache=str(cache_target), descriptions=desc, progress=progress)
+        else:
+            res = mixture.annotate(
+                ds.texts, ds.class_names, cache=cache_obj, descriptions=desc, progress=progress, deadline=deadline
+            )
     except (ValueError, AnnotatorError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -177,6 +210,10 @@ def annotate_command(
         mixture.close()
         if cache_obj is not None:
             cache_obj.close()
+        if engine == "ray":
+            from molal.annotators.engine import shutdown
+
+            shutdown()
     st = res.stats
     outputs = res.outputs
     outputs.save(out)

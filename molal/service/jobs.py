@@ -1,8 +1,9 @@
-"""Background jobs (train / sync / query / annotate) with a SQLite job table shared by all processes.
+"""Background jobs (train / sync / query / annotate) with a job table shared by all processes.
 
-* :class:`JobQueue` — the table in ``MODEL_DIR/jobs.db``: enqueue (coalescing), atomic claim, progress,
-  heartbeat, finish. At most one job per project runs at a time, across processes (the claim is one
-  ``BEGIN IMMEDIATE`` transaction that skips projects with a running job). A job request while an
+* :class:`JobQueue` — the table in ``MODEL_DIR/jobs.db`` (SQLite) or in the PostgreSQL database of
+  ``MOLAL_DATABASE_URL`` (processes on several hosts): enqueue (coalescing), atomic claim, progress,
+  heartbeat, finish. At most one job per project runs at a time, across processes and hosts (the claim is one
+  exclusive transaction — :meth:`molal.db.Database.transaction` — that skips projects with a running job). A job request while an
   identical one is queued is *coalesced* into it (``coalesced`` counts the merged requests).
 * In-process mode (default): :class:`JobWorker` is a daemon thread per server process that claims queued
   jobs and runs them. With ``REDIS_URL`` set, :func:`submit` also pushes the job id to the RQ queue
@@ -25,11 +26,11 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from molal.db import Database, describe, open_database
 from molal.logging import scrub
-from molal.service.store import SQLiteDB, parse_project_id
+from molal.service.store import parse_project_id
 
 log = logging.getLogger("molal.jobs")
 
@@ -139,9 +140,13 @@ def _pid_alive(pid: int | None) -> bool:
 class JobQueue:
     """The job table. Safe to use from several threads and processes."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.db = SQLiteDB(self.path, _SCHEMA)
+    def __init__(self, target: str | os.PathLike[str] | Database) -> None:
+        """``target``: a SQLite file, a ``postgresql://`` URL, or an open :class:`molal.db.Database`."""
+        if hasattr(target, "transaction"):
+            self.db = target  # type: ignore[assignment]
+        else:
+            self.db = open_database(target, _SCHEMA, "jobs")
+        self.target = describe(self.db.target)
 
     # -- writing -------------------------------------------------------------------------------------
     def enqueue(self, project: int, kind: str, payload: dict | None = None, source: str = "",

@@ -105,8 +105,8 @@ class Runtime:
         self.runner = runner
         self.kinds = kinds
         self.settings = settings or get_settings()
-        self.store = ServiceStore(self.settings.model_dir)
-        self.jobs = JobQueue(self.store.jobs_path)
+        self.store = ServiceStore.from_settings(self.settings)
+        self.jobs = JobQueue(self.store.jobs_target)
         self._cache = None
         # per-process caches, each bounded (a request can name any project, class list or text)
         self._mixtures: LRU[tuple, Any] = LRU(8)
@@ -148,7 +148,7 @@ class Runtime:
 
             with self._lock:
                 if self._cache is None:
-                    self._cache = AnnotationCache(self.store.cache_path)
+                    self._cache = AnnotationCache(self.store.cache_target)
         return self._cache
 
     def start_worker(self) -> JobWorker | None:

@@ -1,12 +1,15 @@
-"""Per-project state under ``MODEL_DIR`` (SQLite metadata + versioned model directories).
+"""Per-project state: settings, key/values, versions, auto-labels in a database (a SQLite file per project,
+or tables shared by all projects in PostgreSQL: :mod:`molal.db`) + versioned model directories under
+``MODEL_DIR``.
 
-Layout::
+Layout with SQLite (the default)::
 
     MODEL_DIR/
       cache.db                       shared annotation cache (molal.cache.AnnotationCache)
       jobs.db                        job table for all projects (molal.service.jobs)
       projects/<id>/                 0700, one per Label Studio project (id validated as an int)
         state.db                     0600 SQLite (WAL): settings, kv, versions, connection, labels
+                                     (with MOLAL_DATABASE_URL: tables in PostgreSQL instead, no .db files)
         models/<version>/            one published model (MoLAM + student + manifest.json)
         models/current.json          pointer to the serving version (atomically replaced)
 
@@ -23,16 +26,16 @@ import json
 import os
 import re
 import shutil
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, describe, is_url, open_database
 from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
+
+__all__ = ["FOR_HUMANS_KEY", "ProjectIdError", "ProjectSettings", "ProjectState", "Rows", "SQLiteDB",
+           "ServiceStore", "coerce_setting", "connect_sqlite", "env_defaults", "parse_project_id", "version_name"]
 
 _PROJECT_RE = re.compile(r"^\s*(\d{1,12})(?:\.\d+(?:\.\d+)?)?\s*$")
 
@@ -63,134 +66,44 @@ def parse_project_id(value: object) -> int:
     return pid
 
 
-def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
-    """Switch the database to WAL (a persistent property of the file). Switching needs an exclusive lock,
-    and SQLite answers "database is locked" at once, without the busy handler, while another connection
-    holds one: two gunicorn workers opening a fresh MODEL_DIR together hit it. Retry until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
-    """A WAL-mode SQLite connection with a busy timeout, created owner-only."""
-    ensure_dir(path.parent)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE)
-        os.close(fd)
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-    _set_wal(conn, timeout)
-    conn.execute("PRAGMA synchronous=NORMAL")
-    for suffix in ("-wal", "-shm"):
-        side = Path(str(path) + suffix)
-        try:
-            if side.exists():
-                os.chmod(side, FILE_MODE)
-        except OSError:
-            pass
-    return conn
-
-
-class Rows(list):
-    """The rows of one statement, fetched before its connection went back to the pool."""
-
-    def fetchone(self) -> sqlite3.Row | None:
-        return self[0] if self else None
-
-    def fetchall(self) -> list[sqlite3.Row]:
-        return list(self)
-
-
-class SQLiteDB:
-    """A small pool of connections to one SQLite file (schema applied by the first connection).
-
-    A statement borrows a connection and returns it with its rows already fetched, so the number of open
-    files does not grow with the number of threads that ever touched the database: at most ``max_idle``
-    connections (3 file descriptors each: the database, its WAL and shared-memory files) stay open between
-    statements. :meth:`close` closes the idle ones; connections still lent out are closed when returned."""
-
-    def __init__(self, path: Path, schema: str, max_idle: int = 2) -> None:
-        self.path = Path(path)
-        self.schema = schema
-        self.max_idle = max_idle
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._schema_done = False
-        self._closed = False
-
-    def _take(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's connections are not ours to use or close
-                self._idle, self._pid = [], os.getpid()
-            if self._idle:
-                return self._idle.pop()
-            first = not self._schema_done
-        c = connect_sqlite(self.path)
-        if first:
-            c.executescript(self.schema)
-            self._schema_done = True
-        return c
-
-    def _give(self, c: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closed and self._pid == os.getpid() and len(self._idle) < self.max_idle \
-                    and not c.in_transaction:
-                self._idle.append(c)
-                return
-        c.close()
-
-    @contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        c = self._take()
-        try:
-            yield c
-        finally:
-            self._give(c)
-
-    def execute(self, sql: str, params: tuple | list = ()) -> Rows:
-        with self.connection() as c:
-            return Rows(c.execute(sql, params).fetchall())
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on an exception) on one borrowed connection."""
-        with self.connection() as c:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                yield c
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
-
-
 _PROJECT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS connection (id INTEGER PRIMARY KEY CHECK (id = 1), hostname TEXT, access_token TEXT,
+CREATE TABLE IF NOT EXISTS projects (project INTEGER PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS project_settings (project INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (project, key));
+CREATE TABLE IF NOT EXISTS project_kv (project INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (project, key));
+CREATE TABLE IF NOT EXISTS project_connection (project INTEGER PRIMARY KEY, hostname TEXT, access_token TEXT,
     updated REAL);
-CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, n INTEGER NOT NULL, created REAL NOT NULL,
-    job_id TEXT, info TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS auto_labels (task_id INTEGER PRIMARY KEY, label INTEGER NOT NULL, weight REAL NOT NULL,
-    negatives TEXT NOT NULL, round INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS model_versions (project INTEGER NOT NULL, version TEXT NOT NULL, n INTEGER NOT NULL,
+    created REAL NOT NULL, job_id TEXT, info TEXT NOT NULL, PRIMARY KEY (project, version));
+CREATE TABLE IF NOT EXISTS auto_labels_v2 (project INTEGER NOT NULL, task_id INTEGER NOT NULL,
+    label INTEGER NOT NULL, weight REAL NOT NULL, negatives TEXT NOT NULL, round INTEGER NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (project, task_id));
 """
+#: the tables of a project's ``state.db`` before molal 0.x kept several projects in one database (PostgreSQL):
+#: the same columns without ``project``; copied into the tables above the first time a file is opened
+_LEGACY_TABLES = {
+    "settings": ("project_settings", "key, value"),
+    "kv": ("project_kv", "key, value"),
+    "connection": ("project_connection", "hostname, access_token, updated"),
+    "versions": ("model_versions", "version, n, created, job_id, info"),
+    "auto_labels": ("auto_labels_v2", "task_id, label, weight, negatives, round, created"),
+}
+
+
+def _legacy_migration(project: int):
+    """Copy a state.db written by an earlier molal (one project per file, tables without a ``project``
+    column) into the current tables, in the schema's transaction; the old tables are dropped."""
+
+    def migrate(c: Cursor) -> None:
+        have = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for old, (new, cols) in _LEGACY_TABLES.items():
+            if old in have:
+                c.execute(f"INSERT INTO {new}(project, {cols}) SELECT ?, {cols} FROM {old} "  # noqa: S608 - fixed
+                          "WHERE true ON CONFLICT DO NOTHING", (project,))
+                c.execute(f"DROP TABLE {old}")
+
+    return migrate
 
 
 def version_name(kind: str, model_dir: str) -> str:
@@ -294,57 +207,70 @@ def env_defaults(settings: Any) -> ProjectSettings:
     )
 
 
+_KV_UPSERT = ("INSERT INTO project_kv(project, key, value) VALUES(?, ?, ?) "
+              "ON CONFLICT (project, key) DO UPDATE SET value=excluded.value")
+
+
 class ProjectState:
     """State of one Label Studio project in ``MODEL_DIR/projects/<id>/``."""
 
-    def __init__(self, model_dir: Path, project_id: int) -> None:
+    def __init__(self, model_dir: Path, project_id: int, db: Database | None = None) -> None:
+        """``db``: the database shared by all projects (PostgreSQL); by default the project's own SQLite file
+        ``state.db``. Model files always live under ``model_dir`` (a volume shared by every host)."""
         self.id = parse_project_id(project_id)
         self.dir = ensure_dir(Path(model_dir) / "projects" / str(self.id))
         os.chmod(self.dir, 0o700)
         self.models_dir = ensure_dir(self.dir / "models")
-        self.db = SQLiteDB(self.dir / "state.db", _PROJECT_SCHEMA, max_idle=1)
-        self.db.execute("SELECT 1")  # the file and its schema exist from here on (ServiceStore.exists)
+        self._own_db = db is None
+        self.db: Database = db if db is not None else SQLiteDB(
+            self.dir / "state.db", _PROJECT_SCHEMA, max_idle=1, migrate=_legacy_migration(self.id))
+        # the project exists from here on (ServiceStore.exists)
+        self.db.execute("INSERT INTO projects(project, created) VALUES(?, ?) ON CONFLICT DO NOTHING",
+                        (self.id, time.time()))
         self._pointer_stat: tuple[int, int] | None = None
         self._pointer: dict | None = None
 
     def close(self) -> None:
-        """Close the idle database connections (a later use reopens them)."""
-        self.db.close()
+        """Close the idle database connections of the project's own file (a later use reopens them)."""
+        if self._own_db:
+            self.db.close()
 
     # -- settings ----------------------------------------------------------------------------------
     def settings(self, env: Any) -> ProjectSettings:
         ps = env_defaults(env)
-        for row in self.db.execute("SELECT key, value FROM settings"):
+        for row in self.db.execute("SELECT key, value FROM project_settings WHERE project=?", (self.id,)):
             if row["key"] in ProjectSettings.keys():
                 setattr(ps, row["key"], json.loads(row["value"]))
         return ps
 
     def set_setting(self, key: str, value: Any) -> Any:
         v = coerce_setting(key, value)
-        self.db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES(?, ?)", (key, json.dumps(v)))
+        self.db.execute("INSERT INTO project_settings(project, key, value) VALUES(?, ?, ?) "
+                        "ON CONFLICT (project, key) DO UPDATE SET value=excluded.value", (self.id, key, json.dumps(v)))
         return v
 
     def unset_setting(self, key: str) -> None:
         if key not in ProjectSettings.keys():
             raise ValueError(f"unknown project setting {key!r}; known: {', '.join(ProjectSettings.keys())}")
-        self.db.execute("DELETE FROM settings WHERE key=?", (key,))
+        self.db.execute("DELETE FROM project_settings WHERE project=? AND key=?", (self.id, key))
 
     def stored_settings(self) -> dict[str, Any]:
-        return {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT key, value FROM settings")}
+        return {r["key"]: json.loads(r["value"])
+                for r in self.db.execute("SELECT key, value FROM project_settings WHERE project=?", (self.id,))}
 
     # -- key/value ---------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        row = self.db.execute("SELECT value FROM project_kv WHERE project=? AND key=?", (self.id, key)).fetchone()
         return json.loads(row["value"]) if row else default
 
     def put(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", (key, json.dumps(value)))
+        self.db.execute(_KV_UPSERT, (self.id, key, json.dumps(value)))
 
     def incr(self, key: str, by: int = 1) -> int:
         with self.db.transaction() as c:
-            row = c.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+            row = c.execute("SELECT value FROM project_kv WHERE project=? AND key=?", (self.id, key)).fetchone()
             v = (json.loads(row["value"]) if row else 0) + by
-            c.execute("INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", (key, json.dumps(v)))
+            c.execute(_KV_UPSERT, (self.id, key, json.dumps(v)))
         return v
 
     # -- Label Studio connection (from /setup) -------------------------------------------------------
@@ -356,19 +282,22 @@ class ProjectState:
         if self.connection() == (hostname, access_token):
             return
         self.db.execute(
-            "INSERT OR REPLACE INTO connection(id, hostname, access_token, updated) VALUES(1, ?, ?, ?)",
-            (hostname, access_token, time.time()),
+            "INSERT INTO project_connection(project, hostname, access_token, updated) VALUES(?, ?, ?, ?) "
+            "ON CONFLICT (project) DO UPDATE SET hostname=excluded.hostname, access_token=excluded.access_token, "
+            "updated=excluded.updated",
+            (self.id, hostname, access_token, time.time()),
         )
 
     def connection(self) -> tuple[str | None, str | None]:
-        row = self.db.execute("SELECT hostname, access_token FROM connection WHERE id=1").fetchone()
+        row = self.db.execute("SELECT hostname, access_token FROM project_connection WHERE project=?",
+                              (self.id,)).fetchone()
         if not row:
             return (None, None)
         return (row["hostname"], row["access_token"])
 
     # -- model versions ------------------------------------------------------------------------------
     def next_version_number(self) -> int:
-        row = self.db.execute("SELECT MAX(n) AS m FROM versions").fetchone()
+        row = self.db.execute("SELECT MAX(n) AS m FROM model_versions WHERE project=?", (self.id,)).fetchone()
         return int(row["m"] or 0) + 1
 
     def staging_dir(self, job_id: str) -> Path:
@@ -414,8 +343,10 @@ class ProjectState:
         else:
             os.replace(staging, final)
         self.db.execute(
-            "INSERT OR REPLACE INTO versions(version, n, created, job_id, info) VALUES(?, ?, ?, ?, ?)",
-            (name, n, pointer["published"], job_id, json.dumps(info)),
+            "INSERT INTO model_versions(project, version, n, created, job_id, info) VALUES(?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (project, version) DO UPDATE SET n=excluded.n, created=excluded.created, "
+            "job_id=excluded.job_id, info=excluded.info",
+            (self.id, name, n, pointer["published"], job_id, json.dumps(info)),
         )
         atomic_write_json(self.models_dir / "current.json", pointer)
         self.prune(keep=self.keep_versions)
@@ -477,12 +408,14 @@ class ProjectState:
         return manifest
 
     def versions(self) -> list[dict]:
-        rows = self.db.execute("SELECT version, n, created, job_id, info FROM versions ORDER BY n").fetchall()
+        rows = self.db.execute("SELECT version, n, created, job_id, info FROM model_versions WHERE project=? "
+                               "ORDER BY n", (self.id,)).fetchall()
         return [{**dict(r), "info": json.loads(r["info"])} for r in rows]
 
     # -- human-free mode: MoLAM-labelled tasks added by AL rounds --------------------------------------
     def auto_labels(self) -> dict[int, dict]:
-        rows = self.db.execute("SELECT task_id, label, weight, negatives, round FROM auto_labels").fetchall()
+        rows = self.db.execute("SELECT task_id, label, weight, negatives, round FROM auto_labels_v2 WHERE project=?",
+                               (self.id,)).fetchall()
         return {
             int(r["task_id"]): {"label": int(r["label"]), "weight": float(r["weight"]),
                                 "negatives": json.loads(r["negatives"]), "round": int(r["round"])}
@@ -492,9 +425,11 @@ class ProjectState:
     def add_auto_labels(self, rows: list[tuple[int, int, float, list[int], int]]) -> None:
         with self.db.transaction() as c:
             c.executemany(
-                "INSERT OR REPLACE INTO auto_labels(task_id, label, weight, negatives, round, created) "
-                "VALUES(?, ?, ?, ?, ?, ?)",
-                [(t, lab, w, json.dumps(neg), r, time.time()) for t, lab, w, neg, r in rows],
+                "INSERT INTO auto_labels_v2(project, task_id, label, weight, negatives, round, created) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project, task_id) DO UPDATE SET label=excluded.label, "
+                "weight=excluded.weight, negatives=excluded.negatives, round=excluded.round, created=excluded.created",
+                [(self.id, int(t), int(lab), float(w), json.dumps(neg), int(r), time.time())
+                 for t, lab, w, neg, r in sorted(rows)],
             )
 
     def summary(self, env: Any) -> dict:
@@ -514,20 +449,43 @@ class ProjectState:
 
 
 class ServiceStore:
-    """The root of ``MODEL_DIR``: project states (an LRU per process), the shared cache path.
+    """The root of ``MODEL_DIR``: project states (an LRU per process), where the job table and the annotation
+    cache live.
 
-    Only :meth:`project` creates a project's directory; read paths use :meth:`existing`."""
+    By default every database is a SQLite file under ``MODEL_DIR`` (one host). With ``database_url``
+    (``postgresql://...``, ``MOLAL_DATABASE_URL``) the job table, every project's state and the annotation
+    cache are tables in that PostgreSQL database, and ``MODEL_DIR`` holds only model files (a volume every
+    host mounts). Only :meth:`project` creates a project; read paths use :meth:`existing`."""
 
     #: project states kept open per process (each holds up to 2 idle SQLite connections)
     max_open_projects = 64
 
-    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str], database_url: str | None = None) -> None:
         from molal.lru import LRU
 
+        if database_url is not None and not is_url(database_url):
+            raise ValueError(f"MOLAL_DATABASE_URL must be a postgresql:// URL, got {describe(database_url)[:80]!r}")
         self.root = ensure_dir(Path(model_dir).expanduser().resolve())
         os.chmod(self.root, 0o700)
         ensure_dir(self.root / "projects")  # 0700 (a parent made by mkdir(parents=True) would get 0755)
+        self.database_url = database_url
+        self._shared_db: Database | None = None
         self._projects: LRU[int, ProjectState] = LRU(self.max_open_projects, on_evict=lambda _k, st: st.close())
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ServiceStore:
+        """The store :class:`molal.config.Settings` describe (``MODEL_DIR``, ``MOLAL_DATABASE_URL``)."""
+        url = settings.database_url.get_secret_value() if getattr(settings, "database_url", None) else None
+        return cls(settings.model_dir, database_url=url)
+
+    @property
+    def shared_db(self) -> Database | None:
+        """The PostgreSQL database of project states (None with SQLite files)."""
+        if self.database_url is None:
+            return None
+        if self._shared_db is None:
+            self._shared_db = open_database(self.database_url, _PROJECT_SCHEMA, "project")
+        return self._shared_db
 
     @property
     def cache_path(self) -> Path:
@@ -537,13 +495,26 @@ class ServiceStore:
     def jobs_path(self) -> Path:
         return self.root / "jobs.db"
 
+    @property
+    def cache_target(self) -> str | Path:
+        """Where the annotation cache lives: the database URL, or ``MODEL_DIR/cache.db``."""
+        return self.database_url or self.cache_path
+
+    @property
+    def jobs_target(self) -> str | Path:
+        """Where the job table lives: the database URL, or ``MODEL_DIR/jobs.db``."""
+        return self.database_url or self.jobs_path
+
     def project(self, project_id: object) -> ProjectState:
         """The project's state, created on first use."""
         pid = parse_project_id(project_id)
-        return self._projects.setdefault(pid, lambda: ProjectState(self.root, pid))
+        return self._projects.setdefault(pid, lambda: ProjectState(self.root, pid, db=self.shared_db))
 
     def exists(self, project_id: object) -> bool:
-        return (self.root / "projects" / str(parse_project_id(project_id)) / "state.db").is_file()
+        pid = parse_project_id(project_id)
+        if self.shared_db is not None:
+            return self.shared_db.execute("SELECT 1 FROM projects WHERE project=?", (pid,)).fetchone() is not None
+        return (self.root / "projects" / str(pid) / "state.db").is_file()
 
     def existing(self, project_id: object) -> ProjectState | None:
         """The project's state if it was ever created (by /setup, /predict, a webhook, the CLI), else None —
@@ -555,6 +526,8 @@ class ServiceStore:
         return self.project(pid)
 
     def project_ids(self) -> list[int]:
+        if self.shared_db is not None:
+            return [int(r[0]) for r in self.shared_db.execute("SELECT project FROM projects ORDER BY project")]
         d = self.root / "projects"
         if not d.exists():
             return []

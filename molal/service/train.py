@@ -179,7 +179,16 @@ def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: lis
                              + (f", {secs / 60:.1f} min" if secs is not None else ""))
     if ctx is not None:
         ctx.progress(lo, f"annotating {len(texts)} texts with {mixture!r}")
-    res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
+    if s.engine == "ray" and len(texts) >= s.engine_min_texts:
+        from molal.annotators.engine import RayEngine
+
+        engine = RayEngine(address=s.ray_address, workers=s.ray_workers, gpus_per_worker=s.ray_gpus_per_worker)
+        if ctx is not None:
+            ctx.progress(lo, f"annotating {len(texts)} texts on Ray ({s.ray_workers} workers)")
+        res = engine.annotate(mixture, texts, list(spec.classes), cache=svc.store.cache_target,
+                              on_progress=on_progress)
+    else:
+        res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
     st = res.stats
     if ctx is not None:
         ctx.progress(hi, f"annotated {len(res.done_idx)}/{len(texts)} texts (cache hits {st.get('cache_hits')}, "
@@ -196,7 +205,8 @@ def annotate_texts(svc: Runtime, state: ProjectState, ctx: JobContext, payload: 
     spec = LabelSpec(from_name="", to_name="", value_key="", classes=tuple(str(c) for c in classes))
     _, res = annotate_pool(svc, state, spec, [str(t) for t in texts], ctx, 0.0, 1.0)
     return {"texts": len(texts), "done": int(len(res.done_idx)), "failed": len(res.failed),
-            "failed_texts": failed_texts(texts, res.failed)}
+            "engine": res.stats.get("engine", "local"), "cache_hits": int(res.stats.get("cache_hits", 0)),
+            "annotated": int(res.stats.get("annotated", 0)), "failed_texts": failed_texts(texts, res.failed)}
 
 
 def failed_texts(texts: list, failed: dict[int, str], limit: int = 200) -> list[dict]:

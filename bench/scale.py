@@ -1,0 +1,208 @@
+"""The whole cycle on a big Label Studio project: each step's time and memory at 2k, 20k, 100k tasks.
+
+    .venv/bin/python bench/scale.py --sizes 2000,20000 [--out bench/out/scale.json]
+
+One real Label Studio and one molal backend (``molal serve``, the offline default mixture: 4 MiniLM scorers,
+the frozen-encoder student as the demo trains it) serve every size. Per size, a new project:
+
+* ``import``: tasks imported through the API (1,000 per request, as ``molal demo``);
+* ``connect``: the backend connected (Label Studio calls ``/health`` and ``/setup``);
+* ``seeds``: 50 annotations through the API (Label Studio sends a webhook for each);
+* ``train``: Start Training (the START_TRAINING webhook) until the job has finished, split into the job's own
+  stages by its progress messages (pull tasks, annotate, MoLAM, student, publish, predictions import,
+  priorities): the seconds from the webhook to each message;
+* ``predict``: ``POST /predict`` with 100 unlabeled tasks, as Label Studio sends it (served from the cache);
+* ``page``: the first page (100 tasks) of the project's task list, as the data manager loads it.
+
+Memory: the peak resident set of each server's whole process group (sampled every 0.25 s) during the step.
+Texts: AG News (shared data, 4 classes); beyond its 10,000 train texts they repeat with a suffix (`` [n]``)
+so that every task is a distinct text (annotation and the cache see 100k different texts).
+Prints JSON lines as it goes, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def session_rss(sid: int) -> int:
+    """Resident bytes of every process in session ``sid`` (the servers start their own sessions)."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:  # field 6 of stat (session), counted after the command name
+                continue
+            with open(f"/proc/{d}/statm") as fh:
+                total += int(fh.read().split()[1]) * PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class Peak:
+    """Peak resident memory of some process sessions while a step runs."""
+
+    def __init__(self, sessions: dict[str, int]) -> None:
+        self.sessions = sessions
+        self.peak = {k: 0 for k in sessions}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, sid in self.sessions.items():
+                self.peak[k] = max(self.peak[k], session_rss(sid))
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> Peak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def mb(self) -> dict[str, int]:
+        return {f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()}
+
+
+def rows_for(n: int) -> tuple[list[dict], list[str]]:
+    src = REPO.parent / "shared" / "data" / "ag_news" / "train.jsonl"
+    base = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    classes = sorted({r["label"] for r in base})
+    rows = []
+    for i in range(n):
+        r = base[i % len(base)]
+        rep = i // len(base)
+        rows.append({"text": r["text"] if rep == 0 else f"{r['text']} [{rep}]", "label": r["label"]})
+    return rows, classes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="2000,20000,100000")
+    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--train-timeout", type=float, default=4 * 3600)
+    args = ap.parse_args()
+
+    import httpx
+
+    from molal.demo import (
+        connect_backend,
+        create_project,
+        label_seeds,
+        pick_seeds,
+        start_training,
+    )
+    from molal.lsprocess import BackendProcess, LabelStudioProcess
+
+    tmp = Path(tempfile.mkdtemp(prefix="molal-bench-scale-"))
+    ls = LabelStudioProcess(tmp / "ls")
+    t = time.monotonic()
+    ls.start()
+    ls_up = time.monotonic() - t
+    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64"}
+    be = BackendProcess(tmp / "backend", label_studio_url=ls.url, api_key=ls.token, workers=1, threads=4,
+                        extra_env=env)
+    be.start(timeout=180)
+    sessions = {"label_studio": os.getsid(ls.proc.pid), "backend": os.getsid(be.proc.pid)}
+    print(json.dumps({"label_studio_start_s": round(ls_up, 1), "dir": str(tmp)}), file=sys.stderr, flush=True)
+    results = []
+    try:
+        sdk = ls.client()
+        for n in [int(x) for x in args.sizes.split(",") if x]:
+            rows, classes = rows_for(n)
+            res: dict = {"tasks": n}
+            steps: dict[str, dict] = {}
+
+            def step(name: str, fn):
+                with Peak(sessions) as p:
+                    t0 = time.monotonic()
+                    out = fn()
+                    steps[name] = {"seconds": round(time.monotonic() - t0, 1), **p.mb()}
+                print(json.dumps({"tasks": n, "step": name, **steps[name]}), file=sys.stderr, flush=True)
+                return out
+
+            pid, ids = step("import", lambda rows=rows, classes=classes, n=n: create_project(
+                sdk, f"scale {n}", classes, rows))
+            gold = {t: r["label"] for t, r in zip(ids, rows, strict=True)}
+            ml_id = step("connect", lambda pid=pid: connect_backend(sdk, pid, be.url))
+            seeds = pick_seeds(gold, args.seeds, 0)
+            step("seeds", lambda seeds=seeds, gold=gold: label_seeds(sdk, seeds, gold))
+            stages: list[tuple[float, str]] = []
+
+            def train(pid=pid, ml_id=ml_id, stages=stages):
+                t0 = time.monotonic()
+                job_id = start_training(sdk, ml_id, be.url, pid)
+                last = None
+                deadline = t0 + args.train_timeout
+                while True:
+                    job = httpx.get(f"{be.url}/jobs/{job_id}", timeout=30).json()
+                    if job.get("message") != last:
+                        last = job.get("message")
+                        stages.append((round(time.monotonic() - t0, 1), str(last)[:120]))
+                    if job["status"] in ("succeeded", "failed"):
+                        return job
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"training at {n} tasks still running after {args.train_timeout:.0f} s")
+                    time.sleep(1.0)
+
+            job = step("train", train)
+            res["train_status"] = job["status"]
+            res["train_result"] = {k: v for k, v in (job.get("result") or {}).items() if not isinstance(v, dict)}
+            res["train_stages"] = stages
+            if job["status"] != "succeeded":
+                res["train_message"] = job.get("message")
+            unl = [t for t in ids if t not in set(seeds)][:100]
+            tasks = [{"id": t, "data": {"text": rows[ids.index(t)]["text"]}} for t in unl]
+            body = {"project": f"{pid}.0", "tasks": tasks, "label_config": sdk.projects.get(id=pid).label_config}
+
+            def predict(body=body):
+                r = httpx.post(f"{be.url}/predict", json=body, timeout=300)
+                r.raise_for_status()
+                return r.json()
+
+            out = step("predict", predict)
+            res["predict_results"] = len(out.get("results", []))
+            step("page", lambda pid=pid: sdk.tasks.list(project=pid, page_size=100).items[:100])
+            res["steps"] = steps
+            results.append(res)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+    finally:
+        be.stop()
+        ls.stop()
+    report = {"command": " ".join(["bench/scale.py", *sys.argv[1:]]), "cores": os.cpu_count(),
+              "load_avg_1m": os.getloadavg()[0], "label_studio_start_s": round(ls_up, 1), "results": results}
+    print(json.dumps(report, indent=1))
+    names = ["import", "connect", "seeds", "train", "predict", "page"]
+    print("\n| tasks | " + " | ".join(f"{s} s" for s in names) + " | backend peak MB | Label Studio peak MB |")
+    print("|---:|" + "---:|" * (len(names) + 2))
+    for r in results:
+        st = r["steps"]
+        print(f"| {r['tasks']:,} | " + " | ".join(str(st.get(s, {}).get("seconds", "–")) for s in names)
+              + f" | {max(v.get('backend_peak_mb', 0) for v in st.values())}"
+              + f" | {max(v.get('label_studio_peak_mb', 0) for v in st.values())} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

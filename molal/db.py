@@ -1,0 +1,474 @@
+"""molal's state databases behind one small interface: SQLite files (the embedded default) or PostgreSQL.
+
+Three things keep state in a database: the job table (:mod:`molal.service.jobs`), each project's state
+(:mod:`molal.service.store`) and the annotation cache (:mod:`molal.cache`). They all talk to a
+:class:`Database` and write one SQL text for both dialects:
+
+* placeholders are ``?`` (translated to the driver's ``%s`` for PostgreSQL);
+* upserts are ``INSERT ... ON CONFLICT (...) DO UPDATE/NOTHING`` (SQLite 3.24+ and PostgreSQL alike);
+* a schema is written once with SQLite's type names; :func:`pg_schema` maps ``INTEGER`` to ``BIGINT``,
+  ``REAL`` to ``DOUBLE PRECISION`` (PostgreSQL's ``REAL`` is 4 bytes: a ``time.time()`` would lose its
+  seconds), ``BLOB`` to ``BYTEA`` and drops ``WITHOUT ROWID``;
+* :meth:`Database.transaction` is an *exclusive* transaction by default: SQLite's ``BEGIN IMMEDIATE``
+  (one writer per file), PostgreSQL's ``BEGIN`` plus a transaction-level advisory lock named after the
+  database's namespace (``jobs``, ``project``, ``cache``), so a read-then-write (claiming a job, counting)
+  means the same on both;
+* rows read by name (``row["id"]``), by position (``row[0]``) and convert with ``dict(row)``.
+
+:func:`open_database` takes a path (SQLite) or a ``postgresql://`` URL. PostgreSQL connections come from one
+:class:`psycopg_pool.ConnectionPool` per URL and process (opened again after a fork). The URL's password is
+never printed: errors name the host and database only (:func:`describe`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from molal.io import FILE_MODE, ensure_dir
+
+T = TypeVar("T")
+
+PG_SCHEMES = ("postgresql", "postgres")
+
+
+class DatabaseError(RuntimeError):
+    """The state database cannot be used (unreachable server, missing driver, not molal's database)."""
+
+
+def is_url(target: object) -> bool:
+    """Whether ``target`` names a PostgreSQL server (``postgresql://`` or ``postgres://``) rather than a file."""
+    return isinstance(target, str) and target.split("://", 1)[0].lower() in PG_SCHEMES and "://" in target
+
+
+def describe(target: object) -> str:
+    """A database target as it may be shown: a file path, or ``postgresql://host:port/dbname`` without the user
+    and password."""
+    if not (isinstance(target, str) and "://" in target):
+        return str(target)
+    try:
+        u = urlsplit(target)
+        port = u.port
+    except ValueError:
+        return "<a database URL that cannot be parsed>"
+    host = u.hostname or "localhost"
+    return f"{u.scheme}://{host}{f':{port}' if port else ''}{u.path or ''}"
+
+
+class Row(tuple):
+    """One row of a PostgreSQL result, readable like :class:`sqlite3.Row`: by position, by column name, and
+    ``dict(row)``."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, values: Sequence[Any], names: dict[str, int]) -> Row:
+        r = super().__new__(cls, values)
+        r._names = names
+        return r
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+class Rows(list):
+    """The rows of one statement, fetched before its connection went back to the pool; ``rowcount`` is the
+    number of rows the statement changed."""
+
+    rowcount: int = -1
+
+    def fetchone(self) -> Any:
+        return self[0] if self else None
+
+    def fetchall(self) -> list:
+        return list(self)
+
+
+class Cursor(Protocol):
+    """What a transaction body may call (both dialects)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows: ...
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> None: ...
+
+
+class Database(Protocol):
+    """A state database: statements, exclusive transactions, retries of transient conflicts."""
+
+    dialect: str  # "sqlite" | "postgresql"
+    target: str  # the path, or the URL as :func:`describe` prints it
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows: ...
+
+    def transaction(self, exclusive: bool = True) -> Any: ...  # a context manager yielding a Cursor
+
+    def retry(self, fn: Callable[[], T], attempts: int = 20) -> T: ...
+
+    def close(self) -> None: ...
+
+
+# -- SQLite ----------------------------------------------------------------------------------------------------
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch the database to WAL (a persistent property of the file). Switching needs an exclusive lock,
+    and SQLite answers "database is locked" at once, without the busy handler, while another connection
+    holds one: two gunicorn workers opening a fresh MODEL_DIR together hit it. Retry until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
+                    raise DatabaseError(f"cannot switch {conn} to WAL mode (got {mode})")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def connect_sqlite(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
+    """A WAL-mode SQLite connection with a busy timeout, created owner-only."""
+    ensure_dir(path.parent)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        os.close(fd)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    _set_wal(conn, timeout)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        try:
+            if side.exists() and side.stat().st_uid == os.getuid():
+                os.chmod(side, FILE_MODE)
+        except OSError:
+            pass
+    return conn
+
+
+class _SQLiteCursor:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        cur = self.conn.execute(sql, params)
+        rows = Rows(cur.fetchall())
+        rows.rowcount = cur.rowcount
+        return rows
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, seq)
+
+
+class SQLiteDB:
+    """A small pool of connections to one SQLite file (schema applied by the first connection).
+
+    A statement borrows a connection and returns it with its rows already fetched, so the number of open
+    files does not grow with the number of threads that ever touched the database: at most ``max_idle``
+    connections (3 file descriptors each: the database, its WAL and shared-memory files) stay open between
+    statements. :meth:`close` closes the idle ones; connections still lent out are closed when returned.
+    ``migrate`` (if given) runs once, with the first connection, inside an exclusive transaction."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], schema: str, max_idle: int = 2, timeout: float = 30.0,
+                 migrate: Callable[[Cursor], None] | None = None) -> None:
+        self.path = Path(path)
+        self.target = str(self.path)
+        self.schema = schema
+        self.max_idle = max_idle
+        self.timeout = timeout
+        self.migrate = migrate
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._schema_done = False
+        self._closed = False
+
+    def _take(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours to use or close
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+            first = not self._schema_done
+        try:
+            c = connect_sqlite(self.path, self.timeout)
+            if first:
+                self.retry(lambda: self._apply_schema(c))
+                self._schema_done = True
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"{self.path}: not a usable molal database ({exc})") from exc
+        return c
+
+    def _apply_schema(self, c: sqlite3.Connection) -> None:
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(self.schema):
+                c.execute(stmt)
+            if self.migrate is not None:
+                self.migrate(_SQLiteCursor(c))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def _give(self, c: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed and self._pid == os.getpid() and len(self._idle) < self.max_idle \
+                    and not c.in_transaction:
+                self._idle.append(c)
+                return
+        c.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        c = self._take()
+        try:
+            yield c
+        finally:
+            self._give(c)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        with self.connection() as c:
+            return _SQLiteCursor(c).execute(sql, params)
+
+    @contextmanager
+    def transaction(self, exclusive: bool = True) -> Iterator[Cursor]:
+        """``BEGIN IMMEDIATE`` (``BEGIN`` if not ``exclusive``) ... ``COMMIT``, ``ROLLBACK`` on an exception."""
+        with self.connection() as c:
+            c.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
+            try:
+                yield _SQLiteCursor(c)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+
+    def retry(self, fn: Callable[[], T], attempts: int = 20) -> T:
+        """Run ``fn``, retrying 'database is locked' beyond the busy timeout (rare under WAL)."""
+        for i in range(attempts):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or i == attempts - 1:
+                    raise
+                time.sleep(min(0.05 * 2**i, 1.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------------
+_TYPE_MAP = [(re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+             (re.compile(r"\bBLOB\b"), "BYTEA"), (re.compile(r"\s*\bWITHOUT ROWID\b"), "")]
+
+
+def pg_schema(schema: str) -> str:
+    """A schema written with SQLite's type names, in PostgreSQL's."""
+    for pat, repl in _TYPE_MAP:
+        schema = pat.sub(repl, schema)
+    return schema
+
+
+def _statements(schema: str) -> list[str]:
+    return [s.strip() for s in schema.split(";") if s.strip()]
+
+
+def _pg_sql(sql: str) -> str:
+    if "%" in sql:
+        raise ValueError("molal's SQL must not contain '%' (it is the PostgreSQL driver's placeholder)")
+    return sql.replace("?", "%s")
+
+
+def _lock_key(name: str) -> int:
+    """A signed 63-bit advisory-lock key for a namespace (stable across processes and hosts)."""
+    return int.from_bytes(hashlib.sha256(f"molal:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    desc = cursor.description
+    names = {c.name: i for i, c in enumerate(desc)} if desc else {}
+    return lambda values: Row(values, names)
+
+
+_POOLS: dict[tuple[str, int], Any] = {}
+_POOLS_LOCK = threading.Lock()
+_SCHEMAS_DONE: set[tuple[str, int, str]] = set()
+
+
+def _pool(url: str, max_size: int) -> Any:
+    """The process's connection pool for ``url`` (a fresh one after a fork: a parent's sockets are not ours)."""
+    key = (url, os.getpid())
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            try:
+                from psycopg_pool import ConnectionPool
+            except ImportError as exc:
+                raise DatabaseError("a postgresql:// database needs the driver: pip install 'molal[postgres]'") \
+                    from exc
+            pool = ConnectionPool(url, min_size=0, max_size=max_size, open=True, name="molal",
+                                  kwargs={"autocommit": True, "row_factory": _row_factory},
+                                  timeout=30.0)
+            for k in [k for k in _POOLS if k[1] != os.getpid()]:
+                del _POOLS[k]  # a parent's pools: dropped, not closed (their threads are not in this process)
+            _POOLS[key] = pool
+    return pool
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pg_errors() -> Any:
+    import psycopg
+
+    return psycopg
+
+
+class _PGCursor:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        cur = self.conn.execute(_pg_sql(sql), tuple(params) if params else None)
+        rows = Rows(cur.fetchall() if cur.description else [])
+        rows.rowcount = cur.rowcount
+        return rows
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
+        seq = [tuple(p) for p in seq]
+        if seq:
+            with self.conn.cursor() as cur:
+                cur.executemany(_pg_sql(sql), seq)
+
+
+class PostgresDB:
+    """Tables of one namespace (``jobs``, ``project``, ``cache``) in a PostgreSQL database.
+
+    The schema (:func:`pg_schema` of the SQLite one) is applied once per process, under the namespace's advisory
+    lock, so processes starting together do not race on ``CREATE TABLE IF NOT EXISTS``."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, schema: str, namespace: str, max_size: int = 8,
+                 migrate: Callable[[Cursor], None] | None = None) -> None:
+        if not is_url(url):
+            raise DatabaseError(f"not a PostgreSQL URL: {describe(url)}")
+        self.url = url
+        self.target = describe(url)
+        self.schema = pg_schema(schema)
+        self.namespace = namespace
+        self.max_size = max_size
+        self.migrate = migrate
+        self._lock_key = _lock_key(namespace)
+        self._closed = False
+
+    def _pool(self) -> Any:
+        key = (self.url, os.getpid(), self.schema)
+        if key not in _SCHEMAS_DONE:
+            with _POOLS_LOCK:
+                if key not in _SCHEMAS_DONE:
+                    self._apply_schema()
+                    _SCHEMAS_DONE.add(key)
+        return _pool(self.url, self.max_size)
+
+    def _apply_schema(self) -> None:
+        """On a connection of its own, not the pool's: a pool retries a failing connection in the background
+        until its timeout, so a wrong password or a stopped server would read "no connection within 30 s";
+        here it reads what the server said, at once."""
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise DatabaseError("a postgresql:// database needs the driver: pip install 'molal[postgres]'") from exc
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=30) as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+                for stmt in _statements(self.schema):
+                    conn.execute(stmt)
+                if self.migrate is not None:
+                    self.migrate(_PGCursor(conn))
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"{self.target}: {_first_line(exc)}") from None
+
+    @contextmanager
+    def _connection(self, pool: Any) -> Iterator[Any]:
+        psycopg = _pg_errors()
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"{self.target}: {_first_line(exc)}") from None
+        except Exception as exc:
+            if type(exc).__name__ == "PoolTimeout":
+                raise DatabaseError(f"{self.target}: no database connection within 30 s ({exc})") from None
+            raise
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        with self._connection(self._pool()) as conn:
+            return _PGCursor(conn).execute(sql, params)
+
+    @contextmanager
+    def transaction(self, exclusive: bool = True) -> Iterator[Cursor]:
+        """``BEGIN`` ... ``COMMIT`` (``ROLLBACK`` on an exception); ``exclusive`` also takes the namespace's
+        advisory lock for the transaction, like SQLite's ``BEGIN IMMEDIATE`` takes the file's write lock."""
+        with self._connection(self._pool()) as conn, conn.transaction():
+            if exclusive:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            yield _PGCursor(conn)
+
+    def retry(self, fn: Callable[[], T], attempts: int = 20) -> T:
+        """Run ``fn``, retrying a deadlock or serialization failure (two transactions upserting the same keys)."""
+        psycopg = _pg_errors()
+        transient = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+        for i in range(attempts):
+            try:
+                return fn()
+            except transient:
+                if i == attempts - 1:
+                    raise
+                time.sleep(min(0.02 * 2**i, 1.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Nothing to do per object: the process's pool is shared by every database on the same URL."""
+        self._closed = True
+
+
+def open_database(target: str | os.PathLike[str], schema: str, namespace: str, *, max_idle: int = 2,
+                  timeout: float = 30.0, migrate: Callable[[Cursor], None] | None = None) -> SQLiteDB | PostgresDB:
+    """A :class:`PostgresDB` for a ``postgresql://`` URL, else a :class:`SQLiteDB` file at ``target``."""
+    if is_url(target):
+        return PostgresDB(str(target), schema, namespace, migrate=migrate)
+    return SQLiteDB(Path(target), schema, max_idle=max_idle, timeout=timeout, migrate=migrate)
+
+
+def close_pools() -> None:
+    """Close this process's PostgreSQL pools (tests, and a process about to exit)."""
+    with _POOLS_LOCK:
+        pools = [p for k, p in _POOLS.items() if k[1] == os.getpid()]
+        _POOLS.clear()
+        _SCHEMAS_DONE.clear()
+    for p in pools:
+        p.close()
