@@ -132,7 +132,7 @@ def main() -> None:
             res: dict = {"tasks": n}
             steps: dict[str, dict] = {}
 
-            def step(name: str, fn):
+            def step(name: str, fn, n=n, steps=steps):
                 with Peak(sessions) as p:
                     t0 = time.monotonic()
                     out = fn()
@@ -148,7 +148,7 @@ def main() -> None:
             step("seeds", lambda seeds=seeds, gold=gold: label_seeds(sdk, seeds, gold))
             stages: list[tuple[float, str]] = []
 
-            def train(pid=pid, ml_id=ml_id, stages=stages):
+            def train(pid=pid, ml_id=ml_id, stages=stages, n=n):
                 t0 = time.monotonic()
                 job_id = start_training(sdk, ml_id, be.url, pid)
                 last = None
