@@ -313,6 +313,7 @@ def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 
 _POOLS: dict[tuple[str, int], Any] = {}
 _POOLS_LOCK = threading.Lock()
+_INHERITED: list[Any] = []
 _SCHEMAS_DONE: set[tuple[str, int, str]] = set()
 
 
@@ -331,7 +332,10 @@ def _pool(url: str, max_size: int) -> Any:
                                   kwargs={"autocommit": True, "row_factory": _row_factory},
                                   timeout=30.0)
             for k in [k for k in _POOLS if k[1] != os.getpid()]:
-                del _POOLS[k]  # a parent's pools: dropped, not closed (their threads are not in this process)
+                # a parent's pool (before a fork, e.g. gunicorn's preload): never used nor closed here — closing
+                # would end the parent's sessions on the sockets both processes hold — and kept referenced, so
+                # that no finaliser closes it either
+                _INHERITED.append(_POOLS.pop(k))
             _POOLS[key] = pool
     return pool
 

@@ -148,6 +148,32 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
         fake.close()
 
 
+def test_predictions_are_built_one_import_request_at_a_time(texts):
+    """A generator of predictions is consumed one request's worth at a time (at 100k tasks with per-LLM
+    predictions the whole list would hold 500k dicts), and a failed request says how far it got."""
+    from molal.demo import choice_result
+    from molal.service.lsclient import LSClient, LSConnectionError
+
+    fake = FakeLS(texts)
+    try:
+        made: list[int] = []  # how many were imported when each prediction was built
+
+        def gen():
+            for t in fake.tasks:
+                made.append(len(fake.imported))
+                yield {"task": t["id"], "result": choice_result("human"), "model_version": "m"}
+
+        lsc = LSClient(fake.url, KEY)
+        assert lsc.import_predictions(7, gen(), chunk=7, total=20) == 20
+        assert fake.import_requests == 3 and [p["task"] for p in fake.imported] == [t["id"] for t in fake.tasks]
+        assert made == [0] * 7 + [7] * 7 + [14] * 6  # built after the previous request was sent, not before
+        fake.mode = 500
+        with pytest.raises(LSConnectionError, match=r"importing predictions into project 7 \(0 of 20 done\)"):
+            lsc.import_predictions(7, gen(), chunk=7, total=20)
+    finally:
+        fake.close()
+
+
 def test_train_job_without_label_studio_credentials_fails_with_the_fix_named(tmp_path):
     from molal.service.jobs import execute
     from molal.service.pipeline import Service

@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"RQ worker on queue {RQ_QUEUE!r} (MODEL_DIR={s.model_dir})", err=True)
         Worker([RQ_QUEUE], connection=conn).work(burst=burst)
 
-    project_app = typer.Typer(help="Per-project settings (stored in MODEL_DIR/projects/<id>/state.db).",
+    project_app = typer.Typer(help="Per-project settings (stored in MODEL_DIR/projects/<id>/state.db, or in MOLAL_DATABASE_URL).",
                               no_args_is_help=True)
     app.add_typer(project_app, name="project")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -130,19 +130,28 @@ class LSClient:
         return out
 
     # -- writing ---------------------------------------------------------------------------------------
-    def import_predictions(self, project: int, predictions: list[dict], chunk: int = IMPORT_CHUNK,
-                           on_chunk: Callable[[int], None] | None = None, timeout: float = 600.0) -> int:
+    def import_predictions(self, project: int, predictions: Iterable[dict], chunk: int = IMPORT_CHUNK,
+                           on_chunk: Callable[[int], None] | None = None, timeout: float = 600.0,
+                           total: int | None = None) -> int:
         """Bulk-create predictions (``POST /api/projects/<id>/import/predictions``), ``chunk`` per call
-        (each call may take a while on Label Studio's side: ``timeout`` seconds)."""
+        (each call may take a while on Label Studio's side: ``timeout`` seconds). ``predictions`` may be a
+        generator: only one request's worth is in memory at a time (``total``: its length, for messages)."""
+        import itertools
+
+        it = iter(predictions)
+        if total is None and isinstance(predictions, Sized):
+            total = len(predictions)
         n = 0
-        for i in range(0, len(predictions), chunk):
-            part = predictions[i : i + chunk]
+        while True:
+            part = list(itertools.islice(it, chunk))
+            if not part:
+                break
             try:
                 self.client.projects.import_predictions(id=project, request=part,
                                                         request_options={"timeout_in_seconds": int(timeout)})
             except Exception as exc:
-                raise self.explain(f"importing predictions into project {project} ({n} of {len(predictions)} "
-                                   "done)", exc) from exc
+                of = f" of {total}" if total is not None else ""
+                raise self.explain(f"importing predictions into project {project} ({n}{of} done)", exc) from exc
             n += len(part)
             if on_chunk is not None:
                 on_chunk(n)

@@ -576,21 +576,35 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
     depend on the model; the project's model_version is left alone)."""
     ps = svc.project_settings(state)
-    preds: list[dict] = []
     llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None  # once
+    members = list(versions or []) if llm_p is not None else []
+    # (row position, whether the served version is missing, the members missing): a pass over the rows that
+    # builds no prediction, so the predictions themselves are built one import request at a time (at 100k
+    # tasks with 4 members, 500k prediction dicts would otherwise sit in memory at once)
+    todo: list[tuple[int, bool, list[str]]] = []
     for i, r in enumerate(rows):
         if r in pool.human:
             continue
         have = set(pool.prediction_versions[r]) if r < len(pool.prediction_versions) else set()
-        if version is not None and version not in have:
-            preds.append({"task": pool.task_ids[r], **entry(spec, probs[i], version)})
-        if llm_p is not None:
-            preds.extend({"task": pool.task_ids[r], **e} for e in llm_entries(spec, versions or [], llm_p[i])
-                         if e["model_version"] not in have)
+        served = version is not None and version not in have
+        missing = [v for v in members if v not in have]
+        if served or missing:
+            todo.append((i, served, missing))
+    total = sum(int(served) + len(missing) for _, served, missing in todo)
+
+    def predictions():
+        for i, served, missing in todo:
+            task = pool.task_ids[rows[i]]
+            if served:
+                yield {"task": task, **entry(spec, probs[i], version)}
+            if missing:
+                yield from ({"task": task, **e} for e in llm_entries(spec, members, llm_p[i])
+                            if e["model_version"] in missing)
+
     what = "predictions" if version is not None else "per-LLM predictions"
     if ctx is not None:
-        ctx.progress(None, f"importing {len(preds)} {what} into Label Studio")
-    n = client.import_predictions(state.id, preds)
+        ctx.progress(None, f"importing {total} {what} into Label Studio")
+    n = client.import_predictions(state.id, predictions(), total=total)
     if ctx is not None:
         ctx.progress(None, f"imported {n} {what}")
     if version is not None and client.set_model_version(state.id, version) and ps.uncertainty_sampling:
