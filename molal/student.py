@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 
 from molal.io import DIR_MODE, atomic_write_json
 from molal.loss import lambda_t, noise_robust_loss
+from molal.lru import LRU
 from molal.progress import progress_bar
 
 FORMAT = "molal.Student"
@@ -107,8 +109,13 @@ def _build_module(encoder_model: Any, n_classes: int, dropout: float, seed: int)
     return _Classifier()
 
 
-#: frozen-encoder embeddings, per (encoder, max_length) and text (the encoder never changes in that preset)
-_FROZEN_EMB_CACHE: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+#: frozen-encoder embeddings, per (encoder, max_length) and text (the encoder never changes in that preset):
+#: an LRU of at most this many texts per encoder (≈ 1.5 kB each for MiniLM: ≈ 300 MB), so a long-running
+#: backend that trains on many projects does not grow without bound, while one job on a 100k-task project
+#: still embeds each text once for fitting and ranking
+FROZEN_EMB_CACHE_TEXTS = 200_000
+_FROZEN_EMB_CACHE: dict[tuple[str, int], LRU[str, np.ndarray]] = {}
+_FROZEN_EMB_LOCK = threading.Lock()
 
 
 def _length_bucketed_batches(n: int, batch_size: int, gen, lengths: list[int] | None, bucket: int = 50) -> list[list[int]]:
@@ -177,7 +184,8 @@ class Student:
         self.freeze_encoder = bool(freeze_encoder)
         self.min_steps = int(min_steps)
         # text -> frozen-encoder embedding (freeze_encoder only); shared by students with the same encoder
-        self._emb_cache: dict[str, np.ndarray] = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), {})
+        with _FROZEN_EMB_LOCK:
+            self._emb_cache = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), LRU(FROZEN_EMB_CACHE_TEXTS))
         self.metadata: dict[str, Any] = {}
         self._device: str | None = None
         self._tokenizer = None
@@ -256,7 +264,8 @@ class Student:
 
     def _frozen_embeddings(self, model, texts: list[str]) -> np.ndarray:
         """Embeddings of the (frozen, eval-mode) start encoder, cached per text."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._emb_cache))
+        got = {t: self._emb_cache.get(t) for t in dict.fromkeys(texts)}  # this call's, whatever the LRU evicts
+        todo = [t for t, e in got.items() if e is None]
         if todo:
             feats = self._tokenize(todo)
             order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
@@ -268,8 +277,9 @@ class Student:
                     b = self._collate([feats[i] for i in idx])
                     emb = model.pooled(**b).float().cpu().numpy()
                     for j, i in enumerate(idx):
-                        self._emb_cache[todo[i]] = emb[j]
-        return np.stack([self._emb_cache[t] for t in texts]).astype(np.float32)
+                        got[todo[i]] = emb[j]
+                        self._emb_cache.put(todo[i], emb[j])
+        return np.stack([got[t] for t in texts]).astype(np.float32)
 
     def _tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
         self._load_tokenizer()

@@ -341,3 +341,44 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
     c = Client()
     out = retire_superseded(c, 5, "molam-2-bb", None, ["llm:qwen", "scorer:emb-minilm"])
     assert sorted(out) == ["llm:emb-minilm", "molam-1-aa"] and sorted(c.deleted) == sorted(out)
+
+
+def test_a_pool_only_partly_recorded_gets_a_mixture_that_covers_it(tmp_path, rows):
+    """The default mixture is decided from a probe spread over the pool: a pool whose first texts are in the
+    bundled TREC recording and the rest not gets the embedding scorers, not a replay that fails on the rest."""
+    svc = service(tmp_path)
+    state = project(svc, 3)
+    state.set_setting("student", False)
+    pool = make_pool(rows, 120, 50)
+    for r in range(40, 120):  # from row 40 on, texts the recording does not hold
+        pool.texts[r] = pool.data[r]["text"] = pool.texts[r] + " (asked again)"
+    rr = fit_round(svc, state, SPEC, pool, None, job_id="p1")
+    assert rr.info["n_annotated"] == 120 and rr.info["unannotated"] is None
+    assert rr.info["mixture"].startswith("Mixture(embedding:")
+
+
+def test_tasks_the_mixture_cannot_annotate_are_said_in_the_job(tmp_path, rows):
+    """A mixture that fails on part of the pool (here a configured replay of the TREC recording): the round
+    trains on the rest, and the job says how many tasks got no prediction, why, and the human labels lost."""
+    from molal.service.jobs import JobContext
+
+    mix = tmp_path / "replay.toml"
+    mix.write_text("".join(f'[[annotator]]\ntype = "replay"\nname = "{m}"\nsource = "bundled:trec"\n\n'
+                           for m in ("qwen", "yi")))
+    svc = service(tmp_path)
+    state = project(svc, 4)
+    state.set_setting("student", False)
+    state.set_setting("mixture", str(mix))
+    pool = make_pool(rows, 120, 60)
+    gone = [r for r in range(90, 120)]
+    for r in gone:
+        pool.texts[r] = pool.data[r]["text"] = pool.texts[r] + " (not recorded)"
+    job, _ = svc.jobs.enqueue(4, "train")
+    ctx = JobContext(svc.jobs, svc.jobs.claim())
+    rr = fit_round(svc, state, SPEC, pool, ctx, job_id="p2")
+    lost = sum(1 for r in gone if r in pool.human)
+    assert rr.info["n_annotated"] == 90
+    msg = rr.info["unannotated"]
+    assert msg.startswith("30 of 120 tasks could not be annotated (most often: ") and "no prediction" in msg
+    assert (f"{lost} human label(s) on them are not used by MoLAM" in msg) == (lost > 0)
+    assert svc.jobs.get(job["id"])["message"] != "started"  # the progress line said it while the job ran

@@ -269,7 +269,9 @@ class Runtime:
             good = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
             if not good:
                 return None
-            probe = good[:32]
+            # spread over the texts, not the first 32: a pool whose head happens to be in the bundled recording
+            # (and the rest not) would otherwise get the replay mixture, which fails on the rest
+            probe = good[:: max(1, len(good) // 32)][:32]
             state.put("default_mixture_probe", probe)
         def make():
             m = Mixture.default(texts=probe, class_names=list(classes))

@@ -209,6 +209,19 @@ def annotate_texts(svc: Runtime, state: ProjectState, ctx: JobContext, payload: 
             "annotated": int(res.stats.get("annotated", 0)), "failed_texts": failed_texts(texts, res.failed)}
 
 
+def failure_summary(n_tasks: int, failed: dict[int, str], human_lost: int = 0) -> str | None:
+    """One line for a job whose mixture could not annotate some tasks: how many, the most common reason, and
+    how many human labels MoLAM could therefore not use (None when every task was annotated)."""
+    if not failed:
+        return None
+    from collections import Counter
+
+    reason, _ = Counter(str(v).split(";")[0][:160] for v in failed.values()).most_common(1)[0]
+    lost = f"; {human_lost} human label(s) on them are not used by MoLAM" if human_lost else ""
+    return (f"{len(failed)} of {n_tasks} tasks could not be annotated (most often: {reason}): they get no "
+            f"prediction{lost}")
+
+
 def failed_texts(texts: list, failed: dict[int, str], limit: int = 200) -> list[dict]:
     """Which texts failed and why (for job records; the first ``limit``, texts cut to 300 characters)."""
     return [{"row": int(i), "text": str(texts[i])[:300], "reason": str(why)[:500]}
@@ -251,6 +264,9 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         raise TrainingError(f"project {state.id}: the mixture annotated none of the {len(pool)} texts")
     pos = {int(r): i for i, r in enumerate(rows.tolist())}
     human_rows = [r for r in pool.human if r in pos]
+    unannotated = failure_summary(len(pool), res.failed, len(pool.human) - len(human_rows))
+    if unannotated and ctx is not None:
+        ctx.progress(None, unannotated)
     if len(human_rows) < 2 or len({pool.human[r] for r in human_rows}) < 2:
         raise TrainingError(
             f"project {state.id}: MoLAM needs human labels of at least 2 classes; have {len(human_rows)} labelled "
@@ -298,6 +314,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         "classes": list(spec.classes), "from_name": spec.from_name, "mixture": repr(mixture),
         "mixture_fingerprint": mixture.fingerprint(), "llm_names": list(outputs.llm_names),
         "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
+        "unannotated": unannotated,
         "round": round_t, "job_id": job_id, "student": False, "labels_fingerprint": labels_fingerprint(pool, spec),
     }
     if hasattr(molam, "metadata") and isinstance(getattr(molam, "metadata", None), dict):
@@ -740,7 +757,11 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if ps.review_panel:
         out["review_panel"] = ensure_review_panel(client, state.id)
     state.put("new_annotations", 0)
-    ctx.progress(1.0, f"done: serving {rr.version}")
+    if rr.info.get("unannotated"):  # the job succeeded, but the person reading its status must see this
+        out["unannotated"] = rr.info["unannotated"]
+        ctx.progress(1.0, f"done: serving {rr.version}; {rr.info['unannotated']}")
+    else:
+        ctx.progress(1.0, f"done: serving {rr.version}")
     return out
 
 
