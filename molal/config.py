@@ -48,6 +48,12 @@ class Settings(BaseSettings):
                     "task): Label Studio updates task data one PATCH at a time, ~0.1 s each",
     )
     per_llm_predictions: bool = Field(True, validation_alias="MOLAL_PER_LLM_PREDICTIONS")
+    per_llm_max_tasks: int = Field(
+        20_000, ge=0, validation_alias="MOLAL_PER_LLM_MAX_TASKS",
+        description="import per-LLM predictions only in projects of at most this many tasks (0 = any size): "
+                    "Label Studio's prediction import slows with every prediction a project holds (bench/scale.py: "
+                    "≈ 1.5 h for 4 per task at 100k tasks); the review fields still show each LLM's vote",
+    )
     max_annotate_usd: float | None = Field(
         None, ge=0, validation_alias="MOLAL_MAX_ANNOTATE_USD",
         description="refuse a training or sync job whose annotation of the project is estimated above this many "

@@ -148,6 +148,29 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
         fake.close()
 
 
+def test_per_llm_predictions_stop_above_the_project_size_limit(tmp_path, texts):
+    """MOLAL_PER_LLM_MAX_TASKS: a project above it gets the served model's prediction per task only, and the
+    job says why; at or below it, every member's too."""
+    from molal.service.jobs import execute
+
+    fake = FakeLS(texts)
+    try:
+        for limit, want_members in ((20, True), (19, False)):
+            fake.imported.clear()
+            (tmp_path / str(limit)).mkdir()
+            svc = service(tmp_path / str(limit), fake.url)
+            svc.settings.per_llm_max_tasks = limit
+            svc.store.project(7).put("label_config", CONFIG)
+            svc.submit(7, "sync", source="test")
+            row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+            assert row["status"] == "succeeded", row["error"]
+            members = [p for p in fake.imported if p["model_version"].startswith("llm:")]
+            assert bool(members) == want_members and len(members) in (0, 40)
+            assert len(fake.imported) - len(members) == 20  # the served model's, always
+    finally:
+        fake.close()
+
+
 def test_predictions_are_built_one_import_request_at_a_time(texts):
     """A generator of predictions is consumed one request's worth at a time (at 100k tasks with per-LLM
     predictions the whole list would hold 500k dicts), and a failed request says how far it got."""

@@ -593,7 +593,14 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
     depend on the model; the project's model_version is left alone)."""
     ps = svc.project_settings(state)
-    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None else None  # once
+    limit = svc.settings.per_llm_max_tasks
+    too_big = bool(ps.per_llm_predictions and outputs is not None and limit and len(pool) > limit)
+    if too_big and ctx is not None:
+        ctx.progress(None, f"per-LLM predictions not imported: {len(pool)} tasks > MOLAL_PER_LLM_MAX_TASKS={limit} "
+                           "(Label Studio's import slows with every prediction a project holds); the review fields "
+                           "still show each LLM's vote")
+    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None and not too_big \
+        else None  # once
     members = list(versions or []) if llm_p is not None else []
     # (row position, whether the served version is missing, the members missing): a pass over the rows that
     # builds no prediction, so the predictions themselves are built one import request at a time (at 100k
