@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -118,6 +119,8 @@ def main() -> None:
     )
     from molal.lsprocess import BackendProcess, LabelStudioProcess
 
+    # a terminated bench stops its servers too (they run in sessions of their own): SIGTERM runs the finally
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="molal-bench-scale-"))
     ls = LabelStudioProcess(tmp / "ls")
     t = time.monotonic()
