@@ -12,7 +12,13 @@ the frozen-encoder student as the demo trains it) serve every size. Per size, a 
   stages by its progress messages (pull tasks, annotate, MoLAM, student, publish, predictions import,
   priorities): the seconds from the webhook to each message;
 * ``predict``: ``POST /predict`` with 100 unlabeled tasks, as Label Studio sends it (served from the cache);
-* ``page``: the first page (100 tasks) of the project's task list, as the data manager loads it.
+* ``page``: the first page (100 tasks) of the project's task list, as the data manager loads it;
+* ``open head`` / ``open other``: a person opens a task (``GET /api/tasks/<id>``, what the labeling screen
+  does) at the head of the queue (its prediction was imported) and one without a prediction (beyond
+  ``predictions_top``: Label Studio asks ``/predict`` for it then);
+* ``relabel``: ``--more`` (50) further annotations, on the head of the "molal queue" tab as a reviewer would;
+* ``retrain``: a second Start Training (the cache holds every answer; the superseded version's predictions
+  are deleted).
 
 Memory: the peak resident set of each server's whole process group (sampled every 0.25 s) during the step.
 Texts: AG News (shared data, 4 classes) or ``--dataset trec`` (6 classes, short questions); beyond the data
@@ -96,6 +102,10 @@ def rows_for(n: int, dataset: str = "ag_news") -> tuple[list[dict], list[str]]:
     return rows, classes
 
 
+def job_ok(res: dict) -> bool:
+    return res.get("train_status") == "succeeded"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="2000,20000,100000")
@@ -104,6 +114,11 @@ def main() -> None:
                     "(trec: short questions, ≈ 4x cheaper to embed than ag_news's news snippets)")
     ap.add_argument("--no-per-llm", action="store_true", help="MOLAL_PER_LLM_PREDICTIONS=false: only the served "
                     "model's prediction per task (the per-LLM ones are 4 more per task with the default mixture)")
+    ap.add_argument("--predictions-top", type=int, default=None, help="MOLAL_PREDICTIONS_TOP (default: the "
+                    "backend's, 20,000; 0 = a prediction for every task)")
+    ap.add_argument("--more", type=int, default=50, help="annotations before the second training job (0: none)")
+    ap.add_argument("--ls-postgres", action="store_true", help="Label Studio on PostgreSQL (a throw-away "
+                    "cluster from Debian's binaries, as the tests start it; fsync off) instead of its SQLite")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--train-timeout", type=float, default=4 * 3600)
     args = ap.parse_args()
@@ -122,19 +137,33 @@ def main() -> None:
     # a terminated bench stops its servers too (they run in sessions of their own): SIGTERM runs the finally
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="molal-bench-scale-"))
-    ls = LabelStudioProcess(tmp / "ls")
+    pg = None
+    ls_env: dict[str, str] = {}
+    if args.ls_postgres:
+        from urllib.parse import urlparse
+
+        from tests.pg import PostgresServer
+
+        pg = PostgresServer()
+        u = urlparse(pg.new_database())
+        ls_env = {"DJANGO_DB": "default", "POSTGRE_NAME": u.path.lstrip("/"), "POSTGRE_USER": str(u.username),
+                  "POSTGRE_PASSWORD": str(u.password), "POSTGRE_HOST": str(u.hostname), "POSTGRE_PORT": str(u.port)}
+    ls = LabelStudioProcess(tmp / "ls", extra_env=ls_env)
     t = time.monotonic()
     ls.start()
     ls_up = time.monotonic() - t
     env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64"}
     if args.no_per_llm:
         env["MOLAL_PER_LLM_PREDICTIONS"] = "false"
+    if args.predictions_top is not None:
+        env["MOLAL_PREDICTIONS_TOP"] = str(args.predictions_top)
     be = BackendProcess(tmp / "backend", label_studio_url=ls.url, api_key=ls.token, workers=1, threads=4,
                         extra_env=env)
     be.start(timeout=180)
     sessions = {"label_studio": os.getsid(ls.proc.pid), "backend": os.getsid(be.proc.pid)}
     print(json.dumps({"label_studio_start_s": round(ls_up, 1), "dir": str(tmp)}), file=sys.stderr, flush=True)
     results = []
+    headers = {"Authorization": f"Token {ls.token}"}
     try:
         sdk = ls.client()
         for n in [int(x) for x in args.sizes.split(",") if x]:
@@ -156,9 +185,8 @@ def main() -> None:
             ml_id = step("connect", lambda pid=pid: connect_backend(sdk, pid, be.url))
             seeds = pick_seeds(gold, args.seeds, 0)
             step("seeds", lambda seeds=seeds, gold=gold: label_seeds(sdk, seeds, gold))
-            stages: list[tuple[float, str]] = []
 
-            def train(pid=pid, ml_id=ml_id, stages=stages, n=n):
+            def train(stages, pid=pid, ml_id=ml_id, n=n):
                 t0 = time.monotonic()
                 job_id = start_training(sdk, ml_id, be.url, pid)
                 last = None
@@ -174,12 +202,15 @@ def main() -> None:
                         raise TimeoutError(f"training at {n} tasks still running after {args.train_timeout:.0f} s")
                     time.sleep(1.0)
 
-            job = step("train", train)
-            res["train_status"] = job["status"]
-            res["train_result"] = {k: v for k, v in (job.get("result") or {}).items() if not isinstance(v, dict)}
-            res["train_stages"] = stages
-            if job["status"] != "succeeded":
-                res["train_message"] = job.get("message")
+            def record(name: str, job: dict, stages: list, res=res) -> None:
+                res[f"{name}_status"] = job["status"]
+                res[f"{name}_result"] = {k: v for k, v in (job.get("result") or {}).items() if not isinstance(v, dict)}
+                res[f"{name}_stages"] = stages
+                if job["status"] != "succeeded":
+                    res[f"{name}_message"] = job.get("message")
+
+            stages: list[tuple[float, str]] = []
+            record("train", step("train", lambda stages=stages: train(stages)), stages)
             unl = [t for t in ids if t not in set(seeds)][:100]
             tasks = [{"id": t, "data": {"text": rows[ids.index(t)]["text"]}} for t in unl]
             body = {"project": f"{pid}.0", "tasks": tasks, "label_config": sdk.projects.get(id=pid).label_config}
@@ -192,17 +223,42 @@ def main() -> None:
             out = step("predict", predict)
             res["predict_results"] = len(out.get("results", []))
             step("page", lambda pid=pid: sdk.tasks.list(project=pid, page_size=100).items[:100])
+            def open_task(tid: int, pid=pid) -> list[str]:
+                r = httpx.get(f"{ls.url}/api/tasks/{tid}", params={"project": pid}, headers=headers, timeout=300)
+                r.raise_for_status()
+                return sorted({p.model_version for p in sdk.predictions.list(task=tid)})
+
+            from molal.demo import find_view
+
+            view = find_view(sdk, pid)
+            first = sdk.tasks.list(project=pid, view=view, fields="all", page_size=max(args.more, 1) + args.seeds)
+            queue = [t.id for t in first.items if not t.annotations][: max(args.more, 1)] if view is not None else []
+            if queue:
+                res["open_head_versions"] = step("open head", lambda t=queue[0]: open_task(t))
+            # a task holding no prediction (beyond predictions_top), from the end of the project
+            other = next((t for t in reversed(ids[-20:]) if t not in set(seeds) and not sdk.predictions.list(task=t)),
+                         None)
+            if other is not None:
+                res["open_other_versions"] = step("open other", lambda t=other: open_task(t))
+            if args.more and queue and job_ok(res):
+                step("relabel", lambda q=queue, gold=gold: label_seeds(sdk, q, gold))
+                stages2: list[tuple[float, str]] = []
+                record("retrain", step("retrain", lambda stages2=stages2: train(stages2)), stages2)
             res["steps"] = steps
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
     finally:
         be.stop()
         ls.stop()
+        if pg is not None:
+            pg.stop()
     report = {"command": " ".join(["bench/scale.py", *sys.argv[1:]]), "cores": os.cpu_count(), "dataset": args.dataset,
-              "per_llm_predictions": not args.no_per_llm,
+              "per_llm_predictions": not args.no_per_llm, "predictions_top": args.predictions_top,
+              "label_studio_db": "postgresql" if args.ls_postgres else "sqlite",
               "load_avg_1m": os.getloadavg()[0], "label_studio_start_s": round(ls_up, 1), "results": results}
     print(json.dumps(report, indent=1))
-    names = ["import", "connect", "seeds", "train", "predict", "page"]
+    names = ["import", "connect", "seeds", "train", "predict", "page", "open head", "open other", "relabel",
+             "retrain"]
     print("\n| tasks | " + " | ".join(f"{s} s" for s in names) + " | backend peak MB | Label Studio peak MB |")
     print("|---:|" + "---:|" * (len(names) + 2))
     for r in results:

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         description="write the priority and the review fields for the top N unlabeled tasks only (0 = every "
                     "task): Label Studio updates task data one PATCH at a time, ~0.1 s each",
     )
+    predictions_top: int = Field(
+        20_000, ge=0, validation_alias="MOLAL_PREDICTIONS_TOP",
+        description="a job imports the served model's predictions for the head of the queue only: the top N "
+                    "unlabeled tasks by priority (0 = every task). Label Studio asks /predict for any other task "
+                    "when a person opens it; its import slows with every prediction a project holds",
+    )
     per_llm_predictions: bool = Field(True, validation_alias="MOLAL_PER_LLM_PREDICTIONS")
     per_llm_max_tasks: int = Field(
         20_000, ge=0, validation_alias="MOLAL_PER_LLM_MAX_TASKS",

@@ -199,8 +199,10 @@ class LabelStudioProcess:
     """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, username: str = "admin@molal.local",
-                 password: str | None = None, token: str | None = None, host: str = "127.0.0.1") -> None:
+                 password: str | None = None, token: str | None = None, host: str = "127.0.0.1",
+                 extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.extra_env = dict(extra_env or {})  # e.g. DJANGO_DB=default + POSTGRE_*: Label Studio on PostgreSQL
         self.port = port or free_port(host)
         self.host = host
         self.username = username
@@ -231,6 +233,7 @@ class LabelStudioProcess:
         env = _base_env(self.data_dir)
         env.update({"LABEL_STUDIO_USERNAME": self.username, "LABEL_STUDIO_PASSWORD": self.password,
                     "LABEL_STUDIO_USER_TOKEN": self.token})
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 180.0) -> LabelStudioProcess:

@@ -171,6 +171,35 @@ def test_per_llm_predictions_stop_above_the_project_size_limit(tmp_path, texts):
         fake.close()
 
 
+def test_a_project_above_predictions_top_gets_predictions_for_the_head_of_the_queue(tmp_path, texts):
+    """predictions_top: a sync of a project with more unlabeled tasks than that imports the served model's
+    prediction for the head of the queue only (the highest ``data.priority``, then the lowest task id) and no
+    per-LLM ones (a task holding any prediction is never sent to /predict); at or above the project's size,
+    every task gets all of them."""
+    from molal.service.jobs import execute
+
+    fake = FakeLS(texts)
+    for t in fake.tasks[:10]:
+        t["data"]["priority"] = t["id"]  # tasks 10, 9, 8 ... head the queue; the other 10 have none
+    fake.tasks[11]["data"]["priority"] = "high"  # a person's own non-numeric value counts as none
+    try:
+        for top, want in ((5, {10, 9, 8, 7, 6}), (12, {*range(1, 11), 11, 12}), (20, set(range(1, 21)))):
+            fake.imported.clear()
+            (tmp_path / str(top)).mkdir()
+            svc = service(tmp_path / str(top), fake.url)
+            svc.store.project(7).put("label_config", CONFIG)
+            svc.store.project(7).set_setting("predictions_top", top)
+            svc.submit(7, "sync", source="test")
+            row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+            assert row["status"] == "succeeded", row["error"]
+            served = {p["task"] for p in fake.imported if not p["model_version"].startswith("llm:")}
+            members = [p for p in fake.imported if p["model_version"].startswith("llm:")]
+            assert served == want and row["result"]["predictions_pushed"] == len(fake.imported)
+            assert (not members) == (top < 20), top
+    finally:
+        fake.close()
+
+
 def test_predictions_are_built_one_import_request_at_a_time(texts):
     """A generator of predictions is consumed one request's worth at a time (at 100k tasks with per-LLM
     predictions the whole list would hold 500k dicts), and a failed request says how far it got."""

@@ -129,6 +129,7 @@ class ProjectSettings:
     mixture: str | None = None  # mixture config path (None = Mixture.default())
     priority_field: str = "priority"
     priority_top: int = 200  # priority + review fields for the top N unlabeled tasks only, 0 elsewhere (0 = all)
+    predictions_top: int = 20_000  # served predictions for the top N unlabeled tasks only (0 = all)
     per_llm_predictions: bool = True
     train_every: int = 0  # train after N new annotations (0 = only on START_TRAINING)
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
@@ -201,6 +202,7 @@ def env_defaults(settings: Any) -> ProjectSettings:
         mixture=str(settings.mixture) if settings.mixture else None,
         priority_field=settings.priority_field,
         priority_top=settings.priority_top,
+        predictions_top=settings.predictions_top,
         per_llm_predictions=settings.per_llm_predictions,
         train_every=settings.train_every,
         molam_text_features=getattr(settings, "molam_text_features", None),

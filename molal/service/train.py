@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -586,28 +586,64 @@ def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: 
 
 
 # -- pushing predictions ---------------------------------------------------------------------------------------
+def head_limit(ps, pool: Pool) -> int:
+    """How many unlabeled tasks get the served model's prediction in a job: ``predictions_top`` when the
+    project has more unlabeled tasks than that, else 0 (every task)."""
+    top = int(ps.predictions_top or 0)
+    return top if top and len(pool) - len(pool.human) > top else 0
+
+
+def queue_head(pool: Pool, rows: list[int], top: int, prio: np.ndarray | None = None,
+               field: str = "priority", keep: Iterable[int] = ()) -> set[int]:
+    """The unlabeled ``rows`` a person meets first, at most ``top`` (0 = all), plus the rows of ``keep``:
+    by ``prio`` (aligned with ``rows``, higher first) or, without it, by the priority already in the task
+    data (``data.<field>``), then by task id, as Label Studio's sequential sampling serves them."""
+    unl = [(i, r) for i, r in enumerate(rows) if r not in pool.human]
+    if not top or len(unl) <= top:
+        return {r for _, r in unl}
+
+    def rank(item: tuple[int, int]) -> tuple[float, int]:
+        i, r = item
+        if prio is not None:
+            p = float(prio[i])
+        else:
+            try:
+                p = float(pool.data[r].get(field) or 0)
+            except (TypeError, ValueError):  # a person's own non-numeric value
+                p = 0.0
+        return -p, int(pool.task_ids[r])
+
+    return {r for _, r in sorted(unl, key=rank)[:top]} | (set(keep) - set(pool.human))
+
+
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
-                     versions: list[str] | None = None, ctx: JobContext | None = None) -> int:
+                     versions: list[str] | None = None, ctx: JobContext | None = None,
+                     head: set[int] | None = None) -> int:
     """Bulk-import the serving model's prediction (and per-member ones not yet there, ``outputs`` with the
     members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
-    depend on the model; the project's model_version is left alone)."""
+    depend on the model; the project's model_version is left alone). ``head`` (rows, :func:`queue_head`):
+    only those rows get a prediction, and no per-member ones are imported (Label Studio calls ``/predict``
+    for a task only when it holds no prediction at all; ``/predict`` answers the served and the per-member
+    ones together)."""
     ps = svc.project_settings(state)
     limit = svc.settings.per_llm_max_tasks
     too_big = bool(ps.per_llm_predictions and outputs is not None and limit and len(pool) > limit)
-    if too_big and ctx is not None:
-        ctx.progress(None, f"per-LLM predictions not imported: {len(pool)} tasks > MOLAL_PER_LLM_MAX_TASKS={limit} "
-                           "(Label Studio's import slows with every prediction a project holds); the review fields "
-                           "still show each LLM's vote")
-    llm_p = outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None and not too_big \
-        else None  # once
+    if ctx is not None and ps.per_llm_predictions and outputs is not None and (too_big or head is not None):
+        why = (f"{len(pool)} tasks > MOLAL_PER_LLM_MAX_TASKS={limit}" if too_big else
+               f"only the head of the queue gets predictions (predictions_top={ps.predictions_top})")
+        ctx.progress(None, f"per-LLM predictions not imported: {why} (Label Studio's import slows with every "
+                           "prediction a project holds); the review fields still show each LLM's vote, and "
+                           "/predict answers them when a task is opened")
+    llm_p = (outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None and not too_big
+             and head is None else None)  # once
     members = list(versions or []) if llm_p is not None else []
     # (row position, whether the served version is missing, the members missing): a pass over the rows that
     # builds no prediction, so the predictions themselves are built one import request at a time (at 100k
     # tasks with 4 members, 500k prediction dicts would otherwise sit in memory at once)
     todo: list[tuple[int, bool, list[str]]] = []
     for i, r in enumerate(rows):
-        if r in pool.human:
+        if r in pool.human or (head is not None and r not in head):
             continue
         have = set(pool.prediction_versions[r]) if r < len(pool.prediction_versions) else set()
         served = version is not None and version not in have
@@ -627,7 +663,10 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
 
     what = "predictions" if version is not None else "per-LLM predictions"
     if ctx is not None:
-        ctx.progress(None, f"importing {total} {what} into Label Studio")
+        n_unl = sum(1 for r in rows if r not in pool.human)
+        where = (f" for the head of the queue ({len(head)} of {n_unl} unlabeled tasks; Label Studio asks "
+                 "/predict for the others when a person opens one)" if head is not None else "")
+        ctx.progress(None, f"importing {total} {what} into Label Studio{where}")
     n = client.import_predictions(state.id, predictions(), total=total)
     if ctx is not None:
         ctx.progress(None, f"imported {n} {what}")
@@ -641,13 +680,17 @@ SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
 
 
 def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
-                      member_versions: list[str] | None = None) -> dict[str, int]:
+                      member_versions: list[str] | None = None, members_too: bool = False) -> dict[str, int]:
     """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
     ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
     an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
-    ``scorer:<name>``). Predictions of other models and every annotation stay. Returns version ->
-    predictions deleted."""
+    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
+    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
+    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
+    -> predictions deleted."""
     renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
+    if members_too:
+        renamed |= set(member_versions or [])
     try:
         old = [v for v in client.model_versions(project)
                if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed]
@@ -716,11 +759,14 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         return {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
     # The per-LLM votes (llm:<name>) do not depend on the model being trained: Label Studio imports them
     # while MoLAM and the student train (its server and this job each keep a core busy).
+    # In a project of more unlabeled tasks than predictions_top, only the head of the queue gets
+    # predictions (the served one; per-member ones would keep Label Studio from asking /predict)
+    top = head_limit(ps, pool)
     early: list[Future] = []
     llm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"molal-llm-preds-{state.id}")
 
     def on_annotated(rows: np.ndarray, outputs: Any, versions: list[str]) -> None:
-        if ps.per_llm_predictions:
+        if ps.per_llm_predictions and not top:
             early.append(llm_pool.submit(push_predictions, svc, client, state, spec, pool, rows.tolist(), None,
                                          None, outputs, versions, ctx))
 
@@ -730,9 +776,21 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
+    ranked = None  # (unlabeled rows, their priorities): the queue, when a student ranks it
+    if rr.student is not None:
+        ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
+        auto = state.auto_labels()
+        unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
+        order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
+                          labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
+        ranked = (unl, for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, [])))
+    head = None
+    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
+        head = (queue_head(pool, ranked[0], top, ranked[1], keep=rr.new_auto) if ranked is not None
+                else queue_head(pool, rows, top, field=ps.priority_field, keep=rr.new_auto))
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, rr.member_versions, ctx)
-    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions)
+                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
+    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
     flagged = 0
     if rr.new_auto:
         auto = state.auto_labels()
@@ -749,13 +807,8 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                            "predictions_retired": sum(retired.values())}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
-    if rr.student is not None:
-        ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
-        auto = state.auto_labels()
-        unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
-        order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
-                          labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
-        prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+    if ranked is not None:
+        unl, prio = ranked
         fields = head_fields(rr, pool, spec, unl, prio, ps.priority_top)
         out.update(write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx,
                                     top=ps.priority_top, fields=fields, value_key=spec.value_key))
@@ -786,9 +839,11 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         probs = srv.probs_from_outputs(res.outputs)
     else:
         probs = svc.student_of(state, srv.model).predict_proba([pool.texts[r] for r in rows])
+    top = head_limit(svc.project_settings(state), pool)
+    head = queue_head(pool, rows, top, field=svc.project_settings(state).priority_field) if top else None
     n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs,
-                         mixture.member_versions(), ctx)
-    retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions())
+                         mixture.member_versions(), ctx, head=head)
+    retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions(), members_too=bool(top))
     ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
     return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}

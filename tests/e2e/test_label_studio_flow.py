@@ -220,3 +220,44 @@ def test_human_free_round_with_a_human_budget(ls_client, project, trained, backe
     finally:
         for k in ("loop_mode", "query_batch", "human_per_round"):
             state.unset_setting(k)
+
+
+def test_a_big_project_gets_predictions_for_the_head_of_the_queue_only(ls_client, project, trained, backend,
+                                                                        label_studio):
+    """predictions_top: a project with more unlabeled tasks than that gets the new model's prediction on the
+    head of the "molal queue" tab only, and no task keeps an older or per-LLM one, so opening any other task
+    makes Label Studio ask /predict (it asks only for a task that holds no prediction at all)."""
+    from molal.service.lsclient import LSClient
+    from molal.service.store import ProjectState
+
+    pid, top = project["id"], 40
+    state = ProjectState(backend.model_dir, pid)
+    state.set_setting("predictions_top", top)
+    try:
+        labelled = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
+        task = next(t for t in project["ids"] if t not in labelled)
+        label_seeds(ls_client, [task], project["gold"])  # a new label: a new round, a new version
+        job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
+        assert job["status"] == "succeeded" and "skipped" not in job["result"], job
+        new = job["result"]["version"]
+        assert job["result"]["predictions_pushed"] == top, job["result"]
+        assert LSClient(label_studio.url, label_studio.token).model_versions(pid) == {new: top}
+        view = find_view(ls_client, pid)
+        ordered = [t.model_dump() if hasattr(t, "model_dump") else t
+                   for t in ls_client.tasks.list(project=pid, view=view, fields="all", page_size=100)]
+        unl = [t for t in ordered if not t.get("annotations")]
+        head = {t["id"] for t in unl[:top]}
+        assert {t["id"] for t in all_tasks(ls_client, pid) if t["predictions"]} == head
+        # a person opens a task further down: Label Studio asks the backend, which answers the new version
+        # and each LLM's vote (retried: Label Studio skips a batch when /health or /setup is slow)
+        other = unl[-1]["id"]
+        for _ in range(3):
+            r = httpx.get(f"{label_studio.url}/api/tasks/{other}", params={"project": pid},
+                          headers={"Authorization": f"Token {label_studio.token}"}, timeout=120)
+            assert r.status_code == 200, r.text
+            versions = {p["model_version"] for p in _preds(ls_client, other)}
+            if versions:
+                break
+        assert new in versions and {f"llm:{n}" for n in LLMS} <= versions, versions
+    finally:
+        state.unset_setting("predictions_top")
