@@ -340,7 +340,8 @@ def _pool(url: str, max_size: int) -> Any:
     return pool
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it has no text): what an error message quotes."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -414,7 +415,7 @@ class PostgresDB:
                 if self.migrate is not None:
                     self.migrate(_PGCursor(conn))
         except psycopg.OperationalError as exc:
-            raise DatabaseError(f"{self.target}: {_first_line(exc)}") from None
+            raise DatabaseError(f"{self.target}: {first_line(exc)}") from None
 
     @contextmanager
     def _connection(self, pool: Any) -> Iterator[Any]:
@@ -423,7 +424,7 @@ class PostgresDB:
             with pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
-            raise DatabaseError(f"{self.target}: {_first_line(exc)}") from None
+            raise DatabaseError(f"{self.target}: {first_line(exc)}") from None
         except Exception as exc:
             if type(exc).__name__ == "PoolTimeout":
                 raise DatabaseError(f"{self.target}: no database connection within 30 s ({exc})") from None

@@ -26,8 +26,8 @@ DOCKERFILE = DOCKER / "Dockerfile"
 ENV_EXAMPLE = DOCKER / ".env.example"
 
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-EXPECTED = {"label-studio", "molal", "molal-worker", "redis", "vllm-qwen", "vllm-llama"}
-WELL_KNOWN_PORTS = {"redis": 6379}
+EXPECTED = {"label-studio", "molal", "molal-worker", "redis", "postgres", "vllm-qwen", "vllm-llama"}
+WELL_KNOWN_PORTS = {"redis": 6379, "postgres": 5432}
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_compose_services_and_references(compose) -> None:
         for dep in deps if isinstance(deps, list) else list(deps):
             assert dep in services, f"{name}: depends_on unknown service {dep!r}"
         for key, val in service_env(svc).items():
-            for url in re.findall(r"\b(?:https?|redis)://[^\s\"']+", val):
+            for url in re.findall(r"\b(?:https?|redis|postgresql)://[^\s\"']+", val):
                 u = urlparse(url)
                 assert u.hostname != "localhost" and u.hostname != "127.0.0.1", (
                     f"{name}.{key}={url}: inside a container localhost is the container itself")
@@ -170,6 +170,12 @@ def test_compose_molal_and_worker(compose) -> None:
     assert me["MOLAL_MIXTURE"] in mounts, "MOLAL_MIXTURE names the mounted file"
     assert (DOCKER / mounts[me["MOLAL_MIXTURE"]]).is_file()
     assert {"redis", "label-studio"} <= set(molal["depends_on"]) and "redis" in worker["depends_on"]
+    # shared state in PostgreSQL (molal's own database), started before either
+    for svc, e in ((molal, me), (worker, we)):
+        db = urlparse(e["MOLAL_DATABASE_URL"])
+        assert db.scheme == "postgresql" and db.hostname == "postgres" and db.path == "/molal"
+        assert db.password == service_env(s["postgres"])["POSTGRES_PASSWORD"] and db.password.isalnum()
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert me["LABEL_STUDIO_API_KEY"] == service_env(s["label-studio"])["LABEL_STUDIO_USER_TOKEN"]
 
 
@@ -199,6 +205,17 @@ def test_compose_label_studio(compose, raw) -> None:
     assert e["LABEL_STUDIO_SENTRY_DSN"] == "" and e["LABEL_STUDIO_FRONTEND_SENTRY_DSN"] == ""  # no telemetry
     assert len(e["LABEL_STUDIO_USER_TOKEN"]) > 5 and e["LABEL_STUDIO_USERNAME"] and e["LABEL_STUDIO_PASSWORD"]
     assert any(str(v).endswith(":/label-studio/data") for v in ls["volumes"])
+    # Label Studio on PostgreSQL: its own database, which the postgres service creates (POSTGRES_DB)
+    pg = compose["services"]["postgres"]
+    assert e["DJANGO_DB"] == "default" and e["POSTGRE_HOST"] == "postgres" and e["POSTGRE_PORT"] == "5432"
+    assert e["POSTGRE_NAME"] == service_env(pg)["POSTGRES_DB"] != "molal"
+    assert (e["POSTGRE_USER"], e["POSTGRE_PASSWORD"]) == (service_env(pg)["POSTGRES_USER"],
+                                                          service_env(pg)["POSTGRES_PASSWORD"])
+    assert ls["depends_on"]["postgres"]["condition"] == "service_healthy"
+    init = {str(v).split(":")[1]: str(v).split(":")[0] for v in pg["volumes"]}
+    sql = (DOCKER / init["/docker-entrypoint-initdb.d/10-molal.sql"]).read_text()
+    assert "CREATE DATABASE molal;" in sql  # molal's database (MOLAL_DATABASE_URL) exists on first start
+    assert not pg.get("ports"), "PostgreSQL is reachable only on the compose network"
 
 
 def test_compose_vllm_servers(compose, env) -> None:
@@ -287,8 +304,8 @@ def test_dockerfile_basics() -> None:
     runs = " ".join(rest for op, rest in ins if op == "RUN")
     args = {rest.split("=")[0]: rest.split("=", 1)[1] for op, rest in ins if op == "ARG"}
     assert args["TORCH_VERSION"] == "2.13.0" and "download.pytorch.org/whl/cpu" in args["TORCH_INDEX_URL"]
-    assert 'torch==${TORCH_VERSION}' in runs and "pip install ." in runs
-    assert runs.index("torch==") < runs.index("pip install ."), "torch (CPU) before the package"
+    assert 'torch==${TORCH_VERSION}' in runs and 'pip install ".[postgres]"' in runs
+    assert runs.index("torch==") < runs.index('pip install ".[postgres]"'), "torch (CPU) before the package"
     for op, rest in ins:
         if op == "COPY":
             for src in shlex.split(rest)[:-1]:

@@ -71,6 +71,10 @@ def test_the_engine_gives_what_the_process_gives_and_reuses_the_cache(tmp_path, 
     assert ray["engine"] == "ray" and ray["shards"] >= 6 and ray["done"] == 600 and ray["failed"] == {}
     assert ray["cache_hits"] == 0 and ray["annotated"] == ray["cache_misses"] == 600 * 4
     assert 1 <= len(ray["worker_pids"]) <= 2
+    # per annotator: the driver's misses, the shards' own work (summed over the workers)
+    assert len(ray["per_annotator"]) == 4
+    for per in ray["per_annotator"].values():
+        assert per["cache_misses"] == per["annotated"] == 600 and per["cache_hits"] == 0 and per["seconds"] > 0
     local = _annotate(tmp_path, pool, "local.npz", "--no-cache")
     a, b = LLMOutputs.load(tmp_path / "ray.npz"), LLMOutputs.load(tmp_path / "local.npz")
     assert a.texts == b.texts and a.llm_names == b.llm_names
@@ -79,6 +83,7 @@ def test_the_engine_gives_what_the_process_gives_and_reuses_the_cache(tmp_path, 
     # everything is cached now: the second run sends nothing anywhere and starts no cluster
     again = _annotate(tmp_path, pool, "again.npz", "--engine", "ray", *cache, db_url=state_db.url)
     assert again["cache_hits"] == 600 * 4 and again["annotated"] == 0 and again["shards"] == 0
+    assert all(p["cache_hits"] == 600 and p["annotated"] == 0 for p in again["per_annotator"].values())
     np.testing.assert_array_equal(LLMOutputs.load(tmp_path / "again.npz").probs, a.probs)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from molal.annotators.base import AnnotatorError
 from molal.annotators.mixture import Mixture, MixtureResult
-from molal.db import describe, is_url
+from molal.db import describe, first_line, is_url
 
 
 class EngineError(AnnotatorError):
@@ -65,8 +65,7 @@ class _Shard:
             "pairs": np.array([len(texts) * len(self.mixture)]),
             "cache_hits": np.array([int(st["cache_hits"])]),
             "annotated": np.array([int(st["annotated"])]),
-            "per_annotator": np.array([json.dumps({n: [p["annotated"], p["seconds"]]
-                                                   for n, p in st["per_annotator"].items()})]),
+            "per_annotator": np.array([json.dumps(st["per_annotator"])]),
             "failed": np.array([json.dumps(failed)]),
             "seconds": np.array([time.perf_counter() - t0]),
             "pid": np.array([os.getpid()]),
@@ -122,7 +121,7 @@ class RayEngine:
                 ray.init(**kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = "a local cluster" if self.address is None else f"the cluster at {describe(self.address)}"
-                raise EngineError(f"cannot start or reach {where}: {str(exc).splitlines()[0][:300]}") from None
+                raise EngineError(f"cannot start or reach {where}: {first_line(exc)[:300]}") from None
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # molal reports progress itself (one bar, job progress)
         return ray
@@ -190,9 +189,10 @@ class RayEngine:
                         bar.update(completed=min(done_pairs, n_pairs))
                         if on_progress is not None:
                             on_progress(min(done_pairs, n_pairs), n_pairs)
-            # 3. the result, from the cache alone (again no model call)
-            res = mixture.annotate(texts, class_names, cache=store, descriptions=descriptions,
-                                   deadline=time.monotonic() - 1.0)
+            # 3. the result, from the cache alone (again no model call; nothing to read again when nothing
+            # was missing)
+            res = before if not todo else mixture.annotate(texts, class_names, cache=store,
+                                                          descriptions=descriptions, deadline=time.monotonic() - 1.0)
         finally:
             store.close()
         for i in res.pending_idx.tolist():
@@ -214,12 +214,18 @@ class RayEngine:
             "texts_per_s": len(res.done_idx) / secs if secs > 0 else float("inf"),
             "deadline_reached": False,
         })
+        # per annotator: the driver's cache hits and misses, the work the shards' own runs report
+        shard_stats = [json.loads(r["per_annotator"]) for r in reports]
         for name, per in st["per_annotator"].items():
-            per["cache_hits"] = before.stats["per_annotator"][name]["cache_hits"]
-            per["cache_misses"] = before.stats["per_annotator"][name]["cache_misses"]
-            done = [json.loads(r["per_annotator"]).get(name, [0, 0.0]) for r in reports]
-            per["annotated"] = sum(int(d[0]) for d in done)
-            per["seconds"] = sum(float(d[1]) for d in done)
+            per.update({k: before.stats["per_annotator"][name][k] for k in ("cache_hits", "cache_misses")})
+            mine = [s[name] for s in shard_stats if name in s]
+            per["annotated"] = sum(int(s["annotated"]) for s in mine)
+            per["seconds"] = sum(float(s["seconds"]) for s in mine)
+            tokens = [s["tokens"] for s in mine if s.get("tokens") is not None]
+            per["tokens"] = sum(int(t) for t in tokens) if tokens else None
+        tokens = [p["tokens"] for p in st["per_annotator"].values() if p["tokens"] is not None]
+        st["tokens"] = sum(tokens) if tokens else None
+        st["tokens_per_s"] = st["tokens"] / st["model_seconds"] if tokens and st["model_seconds"] > 0 else None
         return res
 
 
