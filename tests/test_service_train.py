@@ -161,6 +161,31 @@ def test_tasks_for_people_head_the_priorities():
     assert prio.tolist() == [3, 1, 4, 2]  # not modified in place
 
 
+def test_queue_head_is_what_a_person_meets_first():
+    """The rows that get predictions beyond predictions_top: the highest priority (the job's ranking, else
+    data.priority), ties and unranked tasks by task id (Label Studio's sequential order); labelled rows never;
+    the rows of ``keep`` (this round's auto-labels) always."""
+    from molal.service.train import head_limit, queue_head
+
+    texts = [f"t{i}" for i in range(8)]
+    data = [{"text": t, "priority": p} for t, p in zip(texts, [0, 5, None, 7, "x", 5, 1, 9], strict=True)]
+    pool = Pool(task_ids=[17, 11, 12, 13, 14, 15, 16, 10], texts=texts, data=data, human={7: 0})
+    rows = list(range(8))
+    # from the task data: row 7 (priority 9) is labelled; then 3 (7), then 1 and 5 (5; task ids 11 < 15)
+    assert queue_head(pool, rows, 3) == {3, 1, 5}
+    # a ranking given: it decides; ties by task id (rows 0 and 2 both 2: task 12 before 17)
+    prio = np.array([2, 0, 2, 0, 0, 0, 3, 0])
+    assert queue_head(pool, rows, 2, prio) == {6, 2}
+    assert queue_head(pool, rows, 2, prio, keep=[4, 7]) == {6, 2, 4}  # 7 is labelled
+    assert queue_head(pool, rows, 10, keep=[4]) == set(range(7))  # top above the unlabeled: every one
+    ps = type("PS", (), {"predictions_top": 7})()
+    assert head_limit(ps, pool) == 0  # 7 unlabeled tasks: no limit
+    ps.predictions_top = 6
+    assert head_limit(ps, pool) == 6
+    ps.predictions_top = 0
+    assert head_limit(ps, pool) == 0
+
+
 def test_priority_updates_only_changed_tasks():
     from molal.service.train import priorities, priority_updates
 

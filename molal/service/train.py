@@ -599,8 +599,9 @@ def queue_head(pool: Pool, rows: list[int], top: int, prio: np.ndarray | None = 
     by ``prio`` (aligned with ``rows``, higher first) or, without it, by the priority already in the task
     data (``data.<field>``), then by task id, as Label Studio's sequential sampling serves them."""
     unl = [(i, r) for i, r in enumerate(rows) if r not in pool.human]
+    keep = set(keep) - set(pool.human)
     if not top or len(unl) <= top:
-        return {r for _, r in unl}
+        return {r for _, r in unl} | keep
 
     def rank(item: tuple[int, int]) -> tuple[float, int]:
         i, r = item
@@ -613,7 +614,7 @@ def queue_head(pool: Pool, rows: list[int], top: int, prio: np.ndarray | None = 
                 p = 0.0
         return -p, int(pool.task_ids[r])
 
-    return {r for _, r in sorted(unl, key=rank)[:top]} | (set(keep) - set(pool.human))
+    return {r for _, r in sorted(unl, key=rank)[:top]} | keep
 
 
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
