@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")
+    student_max_steps: int = Field(
+        30_000, ge=0, validation_alias="MOLAL_STUDENT_MAX_STEPS",
+        description="at most this many optimiser steps per student training, in whole epochs (at least one; "
+                    "0 = off): 30 epochs of a 100k-task project would be 187,500 steps (bench/student_steps.py: "
+                    "5 epochs of 10k texts score as 30 do)",
+    )
     student_lr: float | None = Field(
         None, gt=0, validation_alias="MOLAL_STUDENT_LR",
         description="the student's learning rate; unset = 5e-5 when fine-tuning, 1e-3 for a frozen encoder's head",

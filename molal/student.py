@@ -13,6 +13,9 @@ with the paper's noise-robust loss (:mod:`molal.loss`).
   In the simulation those items are also training items, so this mostly guards against a collapsed epoch.
 * ``min_steps`` (default 0 = off): train for more epochs than ``epochs`` when a small training set would
   otherwise get fewer than ``min_steps`` optimiser steps (e.g. the 50 seeds of the cold start).
+* ``max_steps`` (default 0 = off): train for fewer epochs than ``epochs`` when a big training set would
+  otherwise take more than ``max_steps`` optimiser steps (at least one whole epoch; the fewest whole epochs
+  that reach ``max_steps``): 30 epochs of a 100k-task project are 187,500 steps of 16.
 * Deterministic for a given ``seed`` on one device (CPU by default when no CUDA; ``device="auto"`` picks
   CUDA when present).
 
@@ -131,6 +134,16 @@ def _length_bucketed_batches(n: int, batch_size: int, gen, lengths: list[int] | 
     return [batches[i] for i in order]
 
 
+def epoch_count(epochs: int, steps_per_epoch: int, min_steps: int = 0, max_steps: int = 0) -> int:
+    """Epochs to train: ``epochs``, raised until ``min_steps`` optimiser steps are reached (small training
+    sets), else lowered to the fewest whole epochs that reach ``max_steps`` (big ones; at least 1); 0 = off."""
+    if min_steps and epochs * steps_per_epoch < min_steps:
+        return math.ceil(min_steps / steps_per_epoch)
+    if max_steps and epochs * steps_per_epoch > max_steps:
+        return max(1, math.ceil(max_steps / steps_per_epoch))
+    return epochs
+
+
 class Student:
     """Text classifier over ``class_names`` (see the module docstring for the training recipe)."""
 
@@ -152,6 +165,7 @@ class Student:
         infer_batch_size: int = 128,
         freeze_encoder: bool = False,
         min_steps: int = 0,
+        max_steps: int = 0,
     ) -> None:
         class_names = [str(c) for c in class_names]
         if len(class_names) < 2:
@@ -183,6 +197,9 @@ class Student:
         self.infer_batch_size = int(infer_batch_size)
         self.freeze_encoder = bool(freeze_encoder)
         self.min_steps = int(min_steps)
+        self.max_steps = int(max_steps)
+        if self.min_steps < 0 or self.max_steps < 0:
+            raise StudentError(f"min_steps and max_steps must be >= 0, got {min_steps}, {max_steps}")
         # text -> frozen-encoder embedding (freeze_encoder only); shared by students with the same encoder
         with _FROZEN_EMB_LOCK:
             self._emb_cache = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), LRU(FROZEN_EMB_CACHE_TEXTS))
@@ -226,6 +243,7 @@ class Student:
             "infer_batch_size": self.infer_batch_size,
             "freeze_encoder": self.freeze_encoder,
             "min_steps": self.min_steps,
+            "max_steps": self.max_steps,
         }
 
     def _encoder_path(self) -> str:
@@ -367,7 +385,7 @@ class Student:
         else:
             feats = self._tokenize(texts)
         steps_per_epoch = math.ceil(n / self.batch_size)
-        epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch)) if self.min_steps else self.epochs
+        epochs = epoch_count(self.epochs, steps_per_epoch, self.min_steps, self.max_steps)
         total = steps_per_epoch * epochs
         from transformers import get_linear_schedule_with_warmup
 
@@ -439,6 +457,7 @@ class Student:
             "n_with_negatives": int(neg.any(1).sum()) if neg is not None else 0,
             "n_downweighted": int((w < 1).sum()),
             "epochs": epochs,
+            "steps": total,
             "best_epoch": best_epoch,
             "best_epoch_selected_on": "val (seed/human-labelled items)" if val is not None else "last epoch",
             "n_val": 0 if val is None else len(val[0]),

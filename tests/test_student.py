@@ -179,6 +179,23 @@ def test_min_steps_extends_small_trainings(tiny_encoder):
     assert st.metadata["epochs"] == 2  # already >= min_steps
 
 
+def test_max_steps_shortens_big_trainings_in_whole_epochs(tiny_encoder):
+    from molal.student import epoch_count
+
+    big, yb = toy_data(40, seed=9)  # 5 steps of 8 per epoch
+    st = _student(tiny_encoder, epochs=6, batch_size=8, max_steps=12).fit(big, yb, progress=False)
+    assert st.metadata["epochs"] == 3 and st.metadata["steps"] == 15  # the fewest whole epochs reaching 12
+    assert len(st.metadata["history"]) == 3 and st.config()["max_steps"] == 12
+    st = _student(tiny_encoder, epochs=2, batch_size=8, max_steps=12).fit(big, yb, progress=False)
+    assert st.metadata["epochs"] == 2  # already below max_steps
+    assert epoch_count(30, 6250, 0, 30_000) == 5  # a 100k-task project with the backend's default
+    assert epoch_count(30, 313, 0, 30_000) == 30  # 5,000 texts: untouched
+    assert epoch_count(30, 40_000, 0, 30_000) == 1  # at least one whole epoch
+    assert epoch_count(1, 2, 10, 30_000) == 5  # min_steps still extends small trainings
+    with pytest.raises(StudentError, match="max_steps"):
+        Student(CLASSES, max_steps=-1)
+
+
 def test_unset_lr_follows_the_mode_and_the_frozen_default_learns_on_real_minilm():
     """lr left unset is 1e-3 for a head on frozen embeddings, 5e-5 for fine-tuning; the frozen default (the
     demo's and a CPU backend's preset) learns on real TREC questions with the bundled MiniLM: at 5e-5 the head

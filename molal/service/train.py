@@ -321,7 +321,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         info["molam"] = {k: v for k, v in molam.metadata.items() if isinstance(v, (int, float, str, bool))}
 
     if ps.student:
-        from molal.student import Student
+        from molal.student import Student, epoch_count
 
         # MoLAM's probabilities and negatives indexed by pool row (rows without mixture outputs stay 0)
         P_rows = np.zeros((len(pool), K))
@@ -347,12 +347,14 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
                 if r is not None and r not in pool.human and r in pos:
                     ts.add_machine(r, MachineLabel(a["label"], a["weight"], tuple(a["negatives"]), a["round"]))
         n_mol = len(ts) - len(ts.human)
-        if ctx is not None:
-            ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
-                              f"(round {round_t}, {s.student_epochs} epochs)")
         student = Student(list(spec.classes), encoder=s.student_encoder, max_length=s.student_max_length,
                           epochs=s.student_epochs, lr=s.student_lr, device=s.device,
-                          freeze_encoder=s.student_freeze_encoder)
+                          freeze_encoder=s.student_freeze_encoder, max_steps=s.student_max_steps)
+        if ctx is not None:
+            n_ep = epoch_count(student.epochs, -(-len(ts) // student.batch_size), student.min_steps, student.max_steps)
+            capped = f", capped by MOLAL_STUDENT_MAX_STEPS={s.student_max_steps}" if n_ep < student.epochs else ""
+            ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
+                              f"(round {round_t}, {n_ep} epochs{capped})")
         learner.fit(student, pool.texts, ts, round_t, progress=sys.stderr.isatty())  # a rich bar in a terminal
         student.save(staging / "student")
         info["student"] = True
