@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--noise", default="0,0.3")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=0, help="repeat the training texts with a suffix (` [n]`) up "
+                    "to this many, as bench/scale.py builds a big project (for the timing at that size)")
     args = ap.parse_args()
 
     import torch
@@ -44,26 +46,32 @@ def main() -> None:
     te = load_dataset(args.test, class_names=tr.class_names)
     k = len(tr.class_names)
     test_texts, test_y = te.texts[: args.n_test], np.asarray(te.labels[: args.n_test])
+    train_texts, train_y = list(tr.texts), list(tr.labels)
+    if args.n_train > len(train_texts):
+        m = len(tr.texts)
+        train_texts = [t if i < m else f"{t} [{i // m}]" for i, t in
+                       ((i, tr.texts[i % m]) for i in range(args.n_train))]
+        train_y = [tr.labels[i % m] for i in range(args.n_train)]
     rng = np.random.default_rng(args.seed)
     rows = []
     for noise in [float(x) for x in args.noise.split(",")]:
-        y = np.asarray(tr.labels).copy()
+        y = np.asarray(train_y).copy()
         flip = rng.random(len(y)) < noise
         y[flip] = (y[flip] + rng.integers(1, k, int(flip.sum()))) % k
         for cap in [0, *[int(x) for x in args.caps.split(",")]]:
             st = Student(tr.class_names, freeze_encoder=True, epochs=args.epochs, max_length=args.max_length,
                          max_steps=cap, seed=args.seed)
-            st.fit(tr.texts[:16], y[:16], progress=False)  # warm: embeddings of a few texts, model loaded
-            st._frozen_embeddings(st._fresh_model(), list(tr.texts) + list(test_texts))  # noqa: SLF001 - cache
+            st.fit(train_texts[:16], y[:16], progress=False)  # warm: embeddings of a few texts, model loaded
+            st._frozen_embeddings(st._fresh_model(), train_texts + list(test_texts))  # noqa: SLF001 - cache
             t0 = time.perf_counter()
-            st.fit(tr.texts, y, progress=False)
+            st.fit(train_texts, y, progress=False)
             secs = time.perf_counter() - t0
             acc = float((st.predict_proba(test_texts).argmax(1) == test_y).mean())
             row = {"noise": noise, "max_steps": cap or None, "epochs_run": st.metadata.get("epochs"),
                    "steps": st.metadata.get("steps"), "fit_s": round(secs, 1), "test_acc": round(acc, 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{len(tr.texts)} training texts, {len(test_texts)} test texts, {args.epochs} epochs of batch 16 uncapped\n")
+    print(f"\n{len(train_texts)} training texts, {len(test_texts)} test texts, {args.epochs} epochs of batch 16 uncapped\n")
     print("| label noise | max_steps | epochs run | fit s | test accuracy |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['noise']:.0%} | {r['max_steps'] or 'off'} | {r['epochs_run']} | {r['fit_s']} | {r['test_acc']:.3f} |")
