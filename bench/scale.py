@@ -231,13 +231,15 @@ def main() -> None:
             from molal.demo import find_view
 
             view = find_view(sdk, pid)
-            first = sdk.tasks.list(project=pid, view=view, fields="all", page_size=max(args.more, 1) + args.seeds)
-            queue = [t.id for t in first.items if not t.annotations][: max(args.more, 1)] if view is not None else []
+            queue: list[int] = []
+            if view is not None:  # the tab's head, as a reviewer meets it
+                first = sdk.tasks.list(project=pid, view=view, fields="all", page_size=max(args.more, 1) + args.seeds)
+                queue = [t.id for t in first.items if not t.annotations][: max(args.more, 1)]
             if queue:
                 res["open_head_versions"] = step("open head", lambda t=queue[0]: open_task(t))
             # a task holding no prediction (beyond predictions_top), from the end of the project
-            other = next((t for t in reversed(ids[-20:]) if t not in set(seeds) and not sdk.predictions.list(task=t)),
-                         None)
+            seeded = set(seeds)
+            other = next((t for t in reversed(ids[-20:]) if t not in seeded and not sdk.predictions.list(task=t)), None)
             if other is not None:
                 res["open_other_versions"] = step("open other", lambda t=other: open_task(t))
             if args.more and queue and job_ok(res):

@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: the student's default cap on optimiser steps per training (whole epochs; the served and the simulated loop)
+STUDENT_MAX_STEPS = 30_000
+
 
 class Settings(BaseSettings):
     """Settings of the molal backend and CLI. Each field reads the environment variable named in it."""
@@ -87,7 +90,7 @@ class Settings(BaseSettings):
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")
     student_max_steps: int = Field(
-        30_000, ge=0, validation_alias="MOLAL_STUDENT_MAX_STEPS",
+        STUDENT_MAX_STEPS, ge=0, validation_alias="MOLAL_STUDENT_MAX_STEPS",
         description="at most this many optimiser steps per student training, in whole epochs (at least one; "
                     "0 = off): 30 epochs of a 100k-task project would be 187,500 steps (bench/student_steps.py: "
                     "5 epochs of 10k texts score as 30 do)",

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from molal.config import STUDENT_MAX_STEPS
 from molal.data import DataError, LLMOutputs, load_dataset
 
 RESULT_FORMAT = "molal.SimulationResult"
@@ -79,6 +80,7 @@ class SimulationConfig:
     max_length: int = 64  # TREC questions are <= 41 MiniLM tokens: 64 is lossless there
     epochs: int = 3
     min_steps: int = 60  # small early rounds get at least this many optimiser steps (50 seeds: 20 epochs)
+    max_steps: int = STUDENT_MAX_STEPS  # big rounds get at most this many, in whole epochs (as the backend's)
     batch_size: int = 16
     lr: float = 5e-5
     warmup: float = 0.1
@@ -363,6 +365,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
         seed=config.seed,
         freeze_encoder=config.freeze_encoder,
         min_steps=config.min_steps,
+        max_steps=config.max_steps,
         lambda_base=config.lambda_base,
         lambda_step=config.lambda_step,
     )

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from molal.config import STUDENT_MAX_STEPS
+
 MODES_HELP = "molam (labels from molal's MoLAM aggregator, the paper's loop) | oracle (gold) | best_llm | majority | hybrid (k least-confident MoLAM labels → gold)"
 
 
@@ -61,6 +63,8 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(3, help="student epochs per round"),
         batch_size: int = typer.Option(16, help="student batch size"),
         min_steps: int = typer.Option(60, help="at least this many optimiser steps per round (small rounds)"),
+        max_steps: int = typer.Option(STUDENT_MAX_STEPS, min=0, help="at most this many optimiser steps per round, "
+                                      "in whole epochs (big rounds; 0 = off; MOLAL_STUDENT_MAX_STEPS in the backend)"),
         lr: float = typer.Option(5e-5, help="student AdamW learning rate"),
         freeze_encoder: bool = typer.Option(False, help="fast preset: train only the head on frozen embeddings"),
         loss: str = typer.Option("robust", help="robust (the paper's loss) or ce (plain cross-entropy)"),
@@ -95,7 +99,7 @@ def register(app: typer.Typer) -> None:
             mode=mode,  # type: ignore[arg-type]
             rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
             molam_text_features=molam_text_features,
-            encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
+            encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, max_steps=max_steps, batch_size=batch_size, lr=lr,
             freeze_encoder=freeze_encoder, loss=loss, weights=weights,  # type: ignore[arg-type]
             round_offset=round_offset, stop_kappa=stop_kappa, stop_window=stop_window,
             candidates=candidates, pool_limit=pool_limit, test_limit=test_limit, device=device, threads=threads,

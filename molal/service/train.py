@@ -558,6 +558,20 @@ def head_fields(rr: RoundResult, pool: Pool, spec: LabelSpec, rows: list[int], p
     return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student, voters), strict=True))
 
 
+def rank_queue(state: ProjectState, student, pool: Pool, rows: Iterable[int], strategy: str,
+               top: int = 0, on_rows: Callable[[int], None] | None = None) -> tuple[list[int], np.ndarray]:
+    """The queue the training and query jobs write: the unlabeled, not auto-labelled rows of ``rows`` and
+    their priorities (:func:`rank_rows` with ``strategy``, the strategy choosing the first ``top`` (0 = all),
+    then the tasks last sent to people above everything). ``on_rows(n)`` hears how many before the ranking."""
+    auto = state.auto_labels()
+    unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
+    if on_rows is not None:
+        on_rows(len(unl))
+    order = rank_rows(student, [pool.texts[r] for r in unl], strategy,
+                      labeled_texts=[pool.texts[r] for r in pool.human], budget=top or None)
+    return unl, for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+
+
 def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
                   client: LSClient | None = None, pool: Pool | None = None, spec: LabelSpec | None = None) -> dict:
     """The ``query`` job: rank every unlabeled task with the current student and write the priorities."""
@@ -574,13 +588,8 @@ def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: 
     student = svc.student_of(state, m) if m is not None else None
     if student is None:
         raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
-    auto = state.auto_labels()
-    unl = [r for r in range(len(pool)) if r not in pool.human and pool.task_ids[r] not in auto]
-    labeled = [pool.texts[r] for r in pool.human]
-    ctx.progress(0.3, f"ranking {len(unl)} unlabeled tasks with {strategy}")
-    order = rank_rows(student, [pool.texts[r] for r in unl], strategy, labeled_texts=labeled,
-                      budget=ps.priority_top or None)
-    prio = for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
+    unl, prio = rank_queue(state, student, pool, range(len(pool)), strategy, ps.priority_top,
+                           on_rows=lambda n: ctx.progress(0.3, f"ranking {n} unlabeled tasks with {strategy}"))
     out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top,
                            value_key=spec.value_key)
     out.update({"strategy": strategy, "ranked": len(unl)})
@@ -631,15 +640,17 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     ones together)."""
     ps = svc.project_settings(state)
     limit = svc.settings.per_llm_max_tasks
-    too_big = bool(ps.per_llm_predictions and outputs is not None and limit and len(pool) > limit)
-    if ctx is not None and ps.per_llm_predictions and outputs is not None and (too_big or head is not None):
-        why = (f"{len(pool)} tasks > MOLAL_PER_LLM_MAX_TASKS={limit}" if too_big else
-               f"only the head of the queue gets predictions (predictions_top={ps.predictions_top})")
-        ctx.progress(None, f"per-LLM predictions not imported: {why} (Label Studio's import slows with every "
-                           "prediction a project holds); the review fields still show each LLM's vote, and "
-                           "/predict answers them when a task is opened")
-    llm_p = (outputs.normalized_probs() if ps.per_llm_predictions and outputs is not None and not too_big
-             and head is None else None)  # once
+    wanted = bool(ps.per_llm_predictions and outputs is not None)
+    too_big = bool(limit and len(pool) > limit)
+    if wanted and (too_big or head is not None):
+        wanted = False
+        if ctx is not None:
+            why = (f"{len(pool)} tasks > MOLAL_PER_LLM_MAX_TASKS={limit}" if too_big else
+                   f"only the head of the queue gets predictions (predictions_top={ps.predictions_top})")
+            ctx.progress(None, f"per-LLM predictions not imported: {why} (Label Studio's import slows with every "
+                               "prediction a project holds); the review fields still show each LLM's vote, and "
+                               "/predict answers them when a task is opened")
+    llm_p = outputs.normalized_probs() if wanted else None  # once
     members = list(versions or []) if llm_p is not None else []
     # (row position, whether the served version is missing, the members missing): a pass over the rows that
     # builds no prediction, so the predictions themselves are built one import request at a time (at 100k
@@ -782,11 +793,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     ranked = None  # (unlabeled rows, their priorities): the queue, when a student ranks it
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
-        auto = state.auto_labels()
-        unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
-        order = rank_rows(rr.student, [pool.texts[r] for r in unl], ps.strategy,
-                          labeled_texts=[pool.texts[r] for r in pool.human], budget=ps.priority_top or None)
-        ranked = (unl, for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, [])))
+        ranked = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
     head = None
     if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
         head = (queue_head(pool, ranked[0], top, ranked[1], keep=rr.new_auto) if ranked is not None
@@ -842,8 +849,9 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         probs = srv.probs_from_outputs(res.outputs)
     else:
         probs = svc.student_of(state, srv.model).predict_proba([pool.texts[r] for r in rows])
-    top = head_limit(svc.project_settings(state), pool)
-    head = queue_head(pool, rows, top, field=svc.project_settings(state).priority_field) if top else None
+    ps = svc.project_settings(state)
+    top = head_limit(ps, pool)
+    head = queue_head(pool, rows, top, field=ps.priority_field) if top else None
     n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs,
                          mixture.member_versions(), ctx, head=head)
     retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions(), members_too=bool(top))
