@@ -20,10 +20,12 @@ import hmac
 import json
 import logging
 import os
+from functools import partial
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.hosts import LOOPBACK_NAMES, allowed_host, host_header_error, host_name  # noqa: F401
 from molal import __version__
 from molal.config import Settings, get_settings
 from molal.logging import register_secret, scrub, setup_logging
@@ -68,22 +70,39 @@ def _check_depth(body: object) -> None:
             stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+#: lists longer than this, in the top two levels of an answer, are encoded an element at a time
+_PIECEWISE = 64
 
 
-def host_name(host_header: str) -> str:
-    """The name in a Host header, without port or IPv6 brackets, lower-cased."""
-    h = host_header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+def _json_pieces(dumps, obj: object, depth: int = 0):
+    """``obj``'s JSON in pieces: the elements of long lists near the top (``results`` of /predict) each by
+    their own ``dumps`` call."""
+    if depth < 2 and isinstance(obj, list) and len(obj) > _PIECEWISE:
+        yield "["
+        for i, x in enumerate(obj):
+            if i:
+                yield ","
+            yield from _json_pieces(dumps, x, depth + 1)
+        yield "]"
+    elif depth < 2 and isinstance(obj, dict) and any(isinstance(v, list) and len(v) > _PIECEWISE
+                                                     for v in obj.values()):
+        yield "{"
+        for i, (k, v) in enumerate(obj.items()):
+            yield ("," if i else "") + dumps(str(k)) + ":"
+            yield from _json_pieces(dumps, v, depth + 1)
+        yield "}"
+    else:
+        yield dumps(obj)
 
 
-def allowed_host(name: str, allowed: frozenset[str] | None) -> bool:
-    """``allowed`` None: loopback names only (localhost, 127.0.0.0/8, ::1); else those names, or '*'."""
-    if allowed is None:
-        return name in LOOPBACK_NAMES or (name.startswith("127.") and name.replace(".", "").isdigit())
-    return "*" in allowed or name in allowed
+def json_response(app: Flask, obj: object, status: int = 200) -> Response:
+    """``jsonify`` for big answers. One ``json.dumps`` call holds the GIL until it returns: for an 18 MB
+    /predict answer that is most of a second in which no other thread of the worker — nor its event loop,
+    which answers /health — runs. Encoded piece by piece, the GIL changes hands between pieces; the bytes
+    are the same as ``jsonify``'s."""
+    dumps = partial(app.json.dumps, separators=(",", ":"))  # as jsonify outside debug mode
+    body = ("".join(_json_pieces(dumps, obj)) + "\n").encode()
+    return Response(body, status, mimetype="application/json")
 
 
 def preload() -> float:
@@ -137,6 +156,12 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
 
     @app.before_request
     def _host():
+        # the worker frames requests by these rules already; under any other WSGI server the app applies them
+        raw = request.environ.get("HTTP_HOST")
+        why = host_header_error([raw.encode("latin-1")] if raw is not None else [],
+                                http11=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1")
+        if why:
+            raise BadRequest(why)
         if check_host and not allowed_host(host_name(request.host), allowed):
             raise Forbidden("this backend answers only requests addressed to it by an allowed host name "
                             "(MOLAL_ALLOWED_HOSTS; without basic auth: localhost and loopback addresses)")
@@ -191,7 +216,7 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
 
     @app.post("/predict")
     def predict():
-        return jsonify(svc.predict(_json_body()))
+        return json_response(app, svc.predict(_json_body()))
 
     @app.post("/webhook")
     def webhook():

@@ -12,6 +12,12 @@ The ``slow`` scenario: N clients each open a connection, send a /predict request
 gunicorn's plain ``gthread`` worker and against molal's ``backend.worker.BufferingThreadWorker`` (same
 config otherwise), and reports p50/p99/max latency and failures of /health and /predict for each.
 
+    .venv/bin/python bench/load.py --scenario slow-read [--readers 16,64] [--duration 60] [--write-results]
+
+The ``slow-read`` scenario: N clients (each with a 4 KB receive buffer) post a /predict of --read-tasks
+(10,000) tasks with one cached text and never read the answer, while /health and /predict are probed as
+above; gunicorn's gthread and molal's worker side by side, for each N.
+
 Setup: a fresh MODEL_DIR; the default mixture (replay of the 5 recorded TREC LLMs) and the annotation cache
 are warmed with every text the clients send, so /predict is served from the cache. A fake Label Studio (a
 real HTTP server on 127.0.0.1, in this process) holds --pool (300) TREC tasks, --labeled (60) annotated; a
@@ -126,6 +132,18 @@ def slow_body_client(port: int, stop: threading.Event, counts: dict) -> None:
             stop.wait(0.2)
 
 
+def slow_reader(port: int, body: bytes, held: list) -> None:
+    """One connection with a 4 KB receive buffer that posts ``body`` to /predict and never reads the answer."""
+    import socket
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    held.append(s)
+
+
 def probe(ep: str, url: str, texts: list[str], n_tasks: int, stop: threading.Event, lat: list, fails: list) -> None:
     """Request ``ep`` (health | predict) over and over on fresh connections until ``stop``."""
     import httpx
@@ -151,8 +169,9 @@ def probe(ep: str, url: str, texts: list[str], n_tasks: int, stop: threading.Eve
         stop.wait(0.1 if ep == "health" else 0.0)
 
 
-def slow_run(args, texts: list[str], extra: list[str]) -> dict:
-    """One server (gunicorn args ``extra``) under ``args.slow_clients`` slow-body clients."""
+def slow_run(args, texts: list[str], extra: list[str], readers: int = 0) -> dict:
+    """One server (gunicorn args ``extra``) under ``args.slow_clients`` slow-body clients, or (``readers`` > 0)
+    under that many clients that post a big /predict and never read its answer."""
     env = {"LOG_LEVEL": "warning", "REDIS_URL": None, "MOLAL_REQUEST_TIMEOUT_S": str(args.request_timeout)}
     tmp = Path(tempfile.mkdtemp(prefix="molal-slow-"))
     log = open(tmp / "gunicorn.log", "wb")  # noqa: SIM115
@@ -164,11 +183,34 @@ def slow_run(args, texts: list[str], extra: list[str]) -> dict:
         port = int(url.rsplit(":", 1)[1])
         stop = threading.Event()
         counts = {"connections": 0, "dropped": 0}
-        slow = [threading.Thread(target=slow_body_client, args=(port, stop, counts), daemon=True)
-                for _ in range(args.slow_clients)]
+        held: list = []
+        out: dict = {}
+        if readers:
+            import httpx
+
+            body = json.dumps({"project": "7.1", "label_config": CONFIG, "tasks": [
+                {"id": i + 1, "data": {"text": texts[0]}} for i in range(args.read_tasks)]}).encode()
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/predict", content=body, headers={"Content-Type": "application/json"},
+                           timeout=120)
+            out["one_big_predict"] = {"status": r.status_code, "request_bytes": len(body),
+                                      "answer_bytes": len(r.content), "seconds": round(time.perf_counter() - t0, 2)}
+            slow = [threading.Thread(target=slow_reader, args=(port, body, held), daemon=True)
+                    for _ in range(readers)]
+        else:
+            slow = [threading.Thread(target=slow_body_client, args=(port, stop, counts), daemon=True)
+                    for _ in range(args.slow_clients)]
         for t in slow:
             t.start()
-        time.sleep(2.0)  # let them take hold
+        time.sleep(0.5 if readers else 2.0)  # let them take hold
+        peak = {"rss_mb": 0.0}
+
+        def sample_memory() -> None:
+            while not stop.wait(0.5):
+                peak["rss_mb"] = max(peak["rss_mb"], sum(rss_mb(p) for p in worker_pids(proc.pid)))
+
+        mem = threading.Thread(target=sample_memory, daemon=True)
+        mem.start()
         lat: dict[str, list[float]] = {"health": [], "predict": []}
         fails: dict[str, list[str]] = {"health": [], "predict": []}
         probes = [threading.Thread(target=probe, args=(ep, url, texts, args.tasks, stop, lat[ep], fails[ep]),
@@ -179,12 +221,16 @@ def slow_run(args, texts: list[str], extra: list[str]) -> dict:
         stop.set()
         for t in probes + slow:
             t.join(15)
-        out = {ep: {"ok": len(lat[ep]), "failed": len(fails[ep]),
+        for c in held:
+            c.close()
+        out.update({ep: {"ok": len(lat[ep]), "failed": len(fails[ep]),
                     "p50_ms": round(1000 * pct(lat[ep], 0.5), 1), "p99_ms": round(1000 * pct(lat[ep], 0.99), 1),
                     "max_ms": round(1000 * max(lat[ep]), 1) if lat[ep] else None,
                     "failure_samples": sorted(set(fails[ep]))[:3]}
-               for ep in ("health", "predict")}
-        out["slow_connections_opened"] = counts["connections"]
+               for ep in ("health", "predict")})
+        out["workers_peak_rss_mb"] = round(peak["rss_mb"], 1)
+        if not readers:
+            out["slow_connections_opened"] = counts["connections"]
         return out
     finally:
         if proc is not None:
@@ -203,6 +249,53 @@ def slow_scenario(args, rows: list[dict]) -> dict:
         out["runs"][name] = slow_run(args, texts, extra)
         print(name, json.dumps(out["runs"][name]), flush=True)
     return out
+
+
+def slow_read_scenario(args, rows: list[dict]) -> dict:
+    """/health and /predict latency while clients leave big /predict answers unread, per worker class."""
+    texts = [r["text"] for r in rows]
+    out: dict = {"readers": args.readers, "duration_s": args.duration, "workers": args.workers,
+                 "threads": args.threads, "read_tasks": args.read_tasks, "tasks_per_predict": args.tasks, "runs": {}}
+    for n in [int(x) for x in args.readers.split(",")]:
+        for name, extra in (("gunicorn gthread", ["-k", "gthread"]), ("molal BufferingThreadWorker", [])):
+            key = f"{name}, {n} readers"
+            out["runs"][key] = slow_run(args, texts, extra, readers=n)
+            print(key, json.dumps(out["runs"][key]), flush=True)
+    return out
+
+
+def write_slow_read_results(res: dict) -> None:
+    import platform
+
+    big = next(iter(res["runs"].values()))["one_big_predict"]
+    heading = "## slow readers (bench/load.py --scenario slow-read)"
+    lines = [
+        heading, "",
+        f"Command: `.venv/bin/python bench/load.py --scenario slow-read --readers {res['readers']} --duration "
+        f"{res['duration_s']:.0f} --write-results` (python {platform.python_version()}, {os.cpu_count()} CPU cores "
+        f"shared by the clients and the server; loopback). gunicorn {res['workers']} workers x {res['threads']} "
+        f"threads. Each reader opens a connection with a 4 KB receive buffer, posts a /predict of "
+        f"{res['read_tasks']:,} tasks with one cached text ({big['request_bytes'] / 1e3:.0f} kB; the answer is "
+        f"{big['answer_bytes'] / 1e6:.1f} MB, built in {big['seconds']:.1f} s when asked alone) and never reads it. "
+        "Meanwhile one client polls /health every 0.1 s and one sends /predict "
+        f"({res['tasks_per_predict']} cached tasks) back to back, each on a new connection with a 10 s timeout. "
+        "Both worker classes in the same run, same config otherwise.", "",
+        "| worker class, readers | /health ok / failed | /health p50 / p99 / max | /predict ok / failed "
+        "| /predict p50 / p99 / max | workers' peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in res["runs"].items():
+        h, p = r["health"], r["predict"]
+        lines.append(f"| {name} | {h['ok']} / {h['failed']} | {h['p50_ms']} / {h['p99_ms']} / {h['max_ms']} ms | "
+                     f"{p['ok']} / {p['failed']} | {p['p50_ms']} / {p['p99_ms']} / {p['max_ms']} ms | "
+                     f"{r['workers_peak_rss_mb']:.0f} MB |")
+    lines += ["", "gunicorn's gthread writes a response from the request thread with a blocking send: each reader "
+              "holds a thread until it reads, so a few of them hold them all. molal's worker has the thread write "
+              "the answer into memory and the event loop send it as the client reads; /health is answered in the "
+              "loop and /predict has its own threads (backend/worker.py; docs/architecture.md). An unread answer "
+              "is dropped after MOLAL_RESPONSE_TIMEOUT_S (60 s), or sooner when unread answers hold more than "
+              "max(4 x MOLAL_MAX_BODY_BYTES, 256 MB) in a worker.", ""]
+    replace_section(heading, lines)
 
 
 def write_slow_results(res: dict) -> None:
@@ -249,7 +342,10 @@ def replace_section(heading: str, lines: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=("load", "slow"), default="load")
+    ap.add_argument("--scenario", choices=("load", "slow", "slow-read"), default="load")
+    ap.add_argument("--readers", default="16,64",
+                    help="slow-read scenario: comma list of reader counts (clients that never read their answer)")
+    ap.add_argument("--read-tasks", type=int, default=10_000, help="slow-read scenario: tasks in each reader's /predict")
     ap.add_argument("--slow-clients", type=int, default=8, help="slow scenario: clients trickling a request body")
     ap.add_argument("--request-timeout", type=float, default=30.0,
                     help="slow scenario: MOLAL_REQUEST_TIMEOUT_S of the server")
@@ -269,6 +365,12 @@ def main() -> None:
     import httpx
 
     rows = [json.loads(line) for line in (REPO / "molal" / "assets" / "trec.jsonl").read_text().splitlines()[: args.pool]]
+    if args.scenario == "slow-read":
+        res = slow_read_scenario(args, rows)
+        print(json.dumps(res, indent=1))
+        if args.write_results:
+            write_slow_read_results(res)
+        return
     if args.scenario == "slow":
         res = slow_scenario(args, rows)
         print(json.dumps(res, indent=1))

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
                                         description="longest label config accepted")
     request_timeout_s: float = Field(30.0, gt=0, validation_alias="MOLAL_REQUEST_TIMEOUT_S",
                                      description="time a client has to send a whole request (headers and body)")
+    response_timeout_s: float = Field(60.0, gt=0, validation_alias="MOLAL_RESPONSE_TIMEOUT_S",
+                                      description="time a client has to read a whole response (then the "
+                                                  "connection is closed)")
     task_file_max_bytes: int = Field(1_000_000, validation_alias="MOLAL_TASK_FILE_MAX_BYTES",
                                      description="size cap of a Label Studio-hosted task text file")
     task_file_timeout_s: float = Field(10.0, validation_alias="MOLAL_TASK_FILE_TIMEOUT_S")

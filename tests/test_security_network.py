@@ -4,7 +4,8 @@ stand in for a host an attacker names (they record every request and its Authori
 
 1. credentials only to the configured Label Studio (one trust rule)    2. no fetches from a host a request names
 3. GETs create nothing; open files stay bounded                          4. bounded input, the predict budget
-5. auth by default beyond loopback; JSON-only writes; Host names         6. slow clients cannot starve the server
+5. auth by default beyond loopback; JSON-only writes; Host names         6. slow clients (sending or reading)
+                                                                           cannot starve the server; HTTP/1.1 rules
 7. the secret registry holds configured secrets only                     8. per-process caches are LRUs
 9. no payloads, tracebacks or project lists over HTTP                    10. clear errors for bad <Choice> lists
 11. the request path's modules load before a worker takes requests
@@ -406,6 +407,142 @@ def test_oversized_bodies_are_refused_before_they_are_read(tmp_path):
     finally:
         stop_gunicorn(proc)
         logf.close()
+
+
+def _big_predict(n_tasks: int) -> bytes:
+    return json.dumps({"project": "7.1", "label_config": CONFIG,
+                       "tasks": [{"id": i + 1, "data": {"text": TEXTS[0]}} for i in range(n_tasks)]}).encode()
+
+
+def _post_and_never_read(port: int, body: bytes) -> socket.socket:
+    """A client with a 4 KB receive buffer that posts ``body`` to /predict and never reads the answer."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("readers, seconds", [(16, 12.0), (64, 25.0)])
+def test_clients_that_never_read_their_answers_cannot_stall_the_server(tmp_path, readers, seconds):
+    """Issue 25 A: clients with a 4 KB receive buffer post a /predict of 10,000 tasks (a ~10 MB answer) and
+    never read it. gunicorn's gthread wrote answers with a blocking send from the request thread: 16 such
+    clients held every thread and /health timed out for as long as they stayed. Here /health keeps p99 under
+    1 s throughout, a person's one-task /predict is served, and an unread answer is dropped after
+    MOLAL_RESPONSE_TIMEOUT_S."""
+    import httpx
+
+    logf = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
+    # an unread answer goes MOLAL_RESPONSE_TIMEOUT_S after it was ready: the first readers' before the end
+    proc, url = start_gunicorn(tmp_path / "state", {"MOLAL_RESPONSE_TIMEOUT_S": str(seconds - 5)}, log=logf)
+    port = int(url.rsplit(":", 1)[1])
+    body = _big_predict(10_000)
+    socks: list[socket.socket] = []
+    try:
+        with httpx.Client(timeout=120) as c:  # warm: the mixture, the label config, the one text cached
+            r = c.post(url + "/predict", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200 and len(r.content) > 5_000_000
+            full = len(r.content)
+        socks = [_post_and_never_read(port, body) for _ in range(readers)]
+        lat, small = [], []
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            t0 = time.monotonic()  # a bare socket: the latency is the server's, not an HTTP client's set-up
+            got = _exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", 5.0)
+            lat.append(time.monotonic() - t0)
+            assert got.startswith(b"HTTP/1.1 200"), got[:200]
+            if len(lat) % 8 == 0:  # what Label Studio sends when a person opens a task
+                t0 = time.monotonic()
+                with httpx.Client(timeout=30) as c:
+                    r = c.post(url + "/predict", json={"project": "7.1", "label_config": CONFIG,
+                                                       "tasks": [{"id": 1, "data": {"text": TEXTS[1]}}]})
+                assert r.status_code == 200 and r.json()["results"][0]
+                small.append(time.monotonic() - t0)
+            time.sleep(max(0.0, 0.2 - (time.monotonic() - t0)))
+        lat.sort()
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        assert p99 < 1.0, (p99, lat[-5:])
+        assert small and max(small) < 10.0, small
+        # every unread answer is dropped once MOLAL_RESPONSE_TIMEOUT_S is over (or unread answers hold too
+        # much): a reader then gets what the kernel's buffers held, and EOF — short of the whole answer
+        log = tmp_path / "gunicorn.log"
+        t_end = time.monotonic() + seconds + 60
+        while log.read_bytes().count(b"closed a connection whose client did not read") < readers:
+            assert time.monotonic() < t_end, log.read_text()[-3000:]
+            time.sleep(0.5)
+        s = socks[-1]
+        s.settimeout(30)
+        got = 0
+        while chunk := s.recv(1 << 20):
+            got += len(chunk)
+        assert 0 < got < full, (got, full)
+    finally:
+        for s in socks:
+            s.close()
+        stop_gunicorn(proc)
+        logf.close()
+
+
+def _exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(data)
+        s.settimeout(timeout)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+    return got
+
+
+def test_http11_host_rules_and_one_100_continue(tmp_path):
+    """Issue 25 F: RFC 9112 section 3.2 — no Host, several, or a malformed one (a bare ``::1``) is a 400 with
+    the reason; ``[::1]`` is loopback like ``localhost``; HTTP/1.0 may omit Host. ``Expect: 100-continue``
+    gets one ``100 Continue``, before the body, not a second one after it. The app alone (another WSGI server)
+    applies the same Host rules."""
+    logf = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
+    proc, url = start_gunicorn(tmp_path / "state", {}, workers=1, log=logf)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        def get(head: bytes) -> bytes:
+            return _exchange(port, b"GET /health " + head + b"\r\nConnection: close\r\n\r\n")
+
+        for host in (b"Host: [::1]", b"Host: [::1]:9090", b"Host: localhost", b"Host: 127.0.0.1:1"):
+            assert get(b"HTTP/1.1\r\n" + host).startswith(b"HTTP/1.1 200"), host
+        for head, why in ((b"HTTP/1.1", b"must carry"), (b"HTTP/1.1\r\nHost: ::1", b"[::1]"),
+                          (b"HTTP/1.1\r\nHost: a\r\nHost: b", b"one Host header"),
+                          (b"HTTP/1.1\r\nHost: local host", b"malformed Host"),
+                          (b"HTTP/1.0\r\nHost: ::1", b"[::1]")):
+            got = get(head)
+            assert got.startswith(b"HTTP/1.1 400") and why in got, (head, got[:300])
+        assert get(b"HTTP/1.0").startswith(b"HTTP/1.0 200")
+
+        body = json.dumps({"project": "7.1", "label_config": CONFIG,
+                           "tasks": [{"id": 1, "data": {"text": TEXTS[0]}}]}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            s.settimeout(10)
+            assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s.sendall(body)
+            rest = b""
+            while chunk := s.recv(65536):
+                rest += chunk
+        assert rest.startswith(b"HTTP/1.1 200") and b"100 Continue" not in rest, rest[:200]
+        # the body sent at once with the headers: no 100 at all, or one; never two
+        both = _exchange(port, b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                               b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                               % len(body) + body)
+        assert both.count(b"100 Continue") <= 1 and b"HTTP/1.1 200" in both, both[:300]
+    finally:
+        stop_gunicorn(proc)
+        logf.close()
+    c = make_app(tmp_path).test_client()
+    assert c.get("/health", headers={"Host": "::1"}).status_code == 400
+    assert c.get("/health", headers={"Host": "[::1]:9090"}).status_code == 200
 
 
 # -- 7: the secret registry -----------------------------------------------------------------------------------------

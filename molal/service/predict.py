@@ -123,7 +123,7 @@ def student_probs(student, texts: list[str], deadline: float) -> tuple[dict[int,
 
 
 def entry(spec: LabelSpec, probs: np.ndarray, version: str) -> dict:
-    k = int(np.argmax(probs))
+    k = int(probs.argmax())  # the method: np.argmax's dispatch cost more than the work, 60,000 times a batch
     score = float(probs[k])
     return {"result": [spec.result(spec.classes[k], score)], "score": score, "model_version": version}
 
