@@ -49,10 +49,14 @@ worker_connections = max(64, min(1000, _open_files_limit() // 2))
 
 
 def on_starting(server):
-    """Refuse to serve beyond loopback without authentication (unless explicitly told to)."""
-    from molal.config import exposure_refusal, get_settings, is_loopback_bind
+    """Refuse settings molal cannot use, and to serve beyond loopback without authentication (unless explicitly
+    told to)."""
+    from molal.config import SettingsError, exposure_refusal, get_settings, is_loopback_bind
 
-    s = get_settings()
+    try:
+        s = get_settings()
+    except SettingsError as exc:  # e.g. a MOLAL_DATABASE_URL molal cannot read (the message quotes none of it)
+        raise SystemExit(f"molal: {exc}") from None
     why = exposure_refusal(s, list(server.cfg.bind))
     if why:
         raise SystemExit(f"molal: {why}")

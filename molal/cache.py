@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from molal.annotators.base import stable_hash
-from molal.db import DatabaseError, describe, is_url, open_database
+from molal.db import DatabaseError, DatabaseURLError, check_target, describe, is_url, open_database
 from molal.io import FILE_MODE, ensure_dir
 
 SCHEMA_VERSION = 1
@@ -62,6 +62,10 @@ class AnnotationCache:
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0) -> None:
         self.timeout = float(timeout)
+        try:
+            check_target(path, "the annotation cache")  # a mistyped URL is refused before it names a file
+        except DatabaseURLError as exc:
+            raise CacheError(str(exc)) from None
         self.url = str(path) if is_url(path) else None
         self.path = Path(path) if self.url is None else None
         if self.path is not None:
@@ -71,7 +75,10 @@ class AnnotationCache:
                 fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)
                 os.close(fd)
         self.target = describe(path)
-        self.db = open_database(path, _SCHEMA, "cache", max_idle=4, timeout=self.timeout)
+        try:
+            self.db = open_database(path, _SCHEMA, "cache", max_idle=4, timeout=self.timeout)
+        except DatabaseURLError as exc:
+            raise CacheError(str(exc)) from None
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: the student's default cap on optimiser steps per training (whole epochs; the served and the simulated loop)
@@ -18,7 +18,9 @@ STUDENT_MAX_STEPS = 30_000
 class Settings(BaseSettings):
     """Settings of the molal backend and CLI. Each field reads the environment variable named in it."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True, env_ignore_empty=True)
+    # hide_input_in_errors: a value that fails validation (a mistyped database URL) is not quoted in the error
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True, env_ignore_empty=True,
+                                      hide_input_in_errors=True)
 
     model_dir: Path = Field(Path("./molal-data"), validation_alias=AliasChoices("MODEL_DIR", "MOLAL_MODEL_DIR"))
     label_studio_url: str | None = Field(None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"))
@@ -30,7 +32,9 @@ class Settings(BaseSettings):
         None, validation_alias="MOLAL_DATABASE_URL",
         description="postgresql://user:password@host:port/db: the job table, project state and annotation cache "
                     "live in PostgreSQL (processes on several hosts share it; MODEL_DIR then holds model files "
-                    "only, on a volume every host mounts). Unset: SQLite files under MODEL_DIR (one host)",
+                    "only, on a volume every host mounts). Unset: SQLite files under MODEL_DIR (one host). "
+                    "Percent-encode @ : / ? # % & and spaces in the password; a URL molal cannot read is refused "
+                    "at start with an error that quotes none of it",
     )
     mixture: Path | None = Field(None, validation_alias="MOLAL_MIXTURE", description="mixture config file")
     device: str = Field("auto", validation_alias="MOLAL_DEVICE", description="auto|cpu|cuda")
@@ -151,10 +155,40 @@ class Settings(BaseSettings):
                                      description="size cap of a Label Studio-hosted task text file")
     task_file_timeout_s: float = Field(10.0, validation_alias="MOLAL_TASK_FILE_TIMEOUT_S")
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _parse_database_url(cls, value: object) -> object:
+        """Parse the URL before anything else touches it (:func:`molal.db.parse_pg_url`): a URL molal cannot read
+        fails here, with a message that names no part of it, and its password is registered for redaction."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or raw == "":
+            return value
+        from molal.db import parse_pg_url
+
+        parse_pg_url(raw, "MOLAL_DATABASE_URL")
+        return value
+
+
+class SettingsError(ValueError):
+    """A setting (an environment variable or a flag) has a value molal cannot use. The message names each
+    variable and what is wrong, never the value (it may be a secret, or hold one)."""
+
 
 def get_settings(**overrides: object) -> Settings:
-    """Settings from the environment, with explicit overrides (e.g. CLI flags) taking precedence."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment, with explicit overrides (e.g. CLI flags) taking precedence.
+    :class:`SettingsError` (one line per bad setting) for values molal cannot use."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors(include_input=False, include_url=False, include_context=False):
+            where = ".".join(str(x) for x in e.get("loc", ())) or "settings"
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            lines.append(msg if msg.startswith(where) else f"{where}: {msg}")
+    # raised outside the handler: pydantic's error keeps each input (``errors()``) and is not chained here
+    raise SettingsError("; ".join(lines))
 
 
 def is_loopback_bind(address: str) -> bool:

@@ -16,12 +16,19 @@ Three things keep state in a database: the job table (:mod:`molal.service.jobs`)
 * rows read by name (``row["id"]``), by position (``row[0]``) and convert with ``dict(row)``.
 
 :func:`open_database` takes a path (SQLite) or a ``postgresql://`` URL. PostgreSQL connections come from one
-:class:`psycopg_pool.ConnectionPool` per URL and process (opened again after a fork). The URL's password is
-never printed: errors name the host and database only (:func:`describe`).
+:class:`psycopg_pool.ConnectionPool` per URL and process (opened again after a fork).
+
+The URL's password is never printed. :func:`parse_pg_url` reads every URL before anything else touches it:
+a URL it cannot read (a bad ``%`` escape, a raw ``@``/``/``/``#`` in the password, a libpq keyword string,
+another scheme) is a :class:`DatabaseURLError` that names no part of it; a good one becomes libpq's
+parameters, which reach psycopg as keywords (libpq's own parser, whose errors quote what they cannot read,
+never sees the text), the form shown (``postgresql://host:port/dbname``, :func:`describe`) and the secrets,
+registered with :mod:`molal.logging` and removed from every driver message molal passes on.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -30,9 +37,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_to_bytes
 
 from molal.io import FILE_MODE, ensure_dir
 
@@ -47,21 +55,240 @@ class DatabaseError(RuntimeError):
 
 def is_url(target: object) -> bool:
     """Whether ``target`` names a PostgreSQL server (``postgresql://`` or ``postgres://``) rather than a file."""
-    return isinstance(target, str) and target.split("://", 1)[0].lower() in PG_SCHEMES and "://" in target
+    return isinstance(target, str) and target.split("://", 1)[0].strip().lower() in PG_SCHEMES and "://" in target
+
+
+# -- database URLs ---------------------------------------------------------------------------------------------
+class DatabaseURLError(DatabaseError, ValueError):
+    """A database URL (or a string that was meant as one) molal cannot use. The message names no part of it
+    beyond a well-known scheme: a mistyped URL may hold its password anywhere."""
+
+
+#: how to write a URL molal reads (every URL error ends with it)
+URL_HELP = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DBNAME, percent-encoding any @ : / ? # % & or space "
+            "in the user name, password and parameters (Python: urllib.parse.quote(password, safe=''))")
+#: libpq's connection parameters (``?key=value`` in a URL); psycopg adds those of the installed libpq
+_LIBPQ_KEYWORDS = frozenset((
+    "application_name", "channel_binding", "client_encoding", "connect_timeout", "dbname",
+    "fallback_application_name", "gssdelegation", "gssencmode", "gsslib", "host", "hostaddr", "keepalives",
+    "keepalives_count", "keepalives_idle", "keepalives_interval", "krbsrvname", "load_balance_hosts",
+    "max_protocol_version", "min_protocol_version", "oauth_client_id", "oauth_client_secret", "oauth_issuer",
+    "oauth_scope", "options", "passfile", "password", "port", "replication", "require_auth", "requirepeer",
+    "scram_client_key", "scram_server_key", "service", "ssl_max_protocol_version", "ssl_min_protocol_version",
+    "sslcert", "sslcertmode", "sslcompression", "sslcrl", "sslcrldir", "sslkey", "sslkeylogfile", "sslmode",
+    "sslnegotiation", "sslpassword", "sslrootcert", "sslsni", "target_session_attrs", "tcp_user_timeout", "user",
+))
+#: parameters whose values are secrets (never shown, redacted from every message and log)
+_SECRET_KEYWORDS = frozenset(("password", "sslpassword", "oauth_client_secret", "scram_client_key",
+                              "scram_server_key"))
+#: other schemes named in an error (any other is "not a postgresql:// URL": a scheme is shown only when known)
+_KNOWN_SCHEMES = frozenset(("mysql", "mariadb", "sqlite", "sqlite3", "redis", "rediss", "http", "https",
+                            "mssql", "oracle", "mongodb", "file", "jdbc"))
+_KEYWORD_STRING = re.compile(r"\s*([A-Za-z_]+)\s*=")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_NO_SCHEME_URL = re.compile(r"^[^/\s:@]+:[^@]*@")  # user:password@host... without its postgresql://
+
+
+@functools.lru_cache(maxsize=1)
+def _keywords() -> frozenset[str]:
+    try:
+        from psycopg import pq
+
+        return _LIBPQ_KEYWORDS | {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+    except Exception:  # no driver (or no libpq): the static list
+        return _LIBPQ_KEYWORDS
+
+
+@dataclass(frozen=True, eq=False)
+class PGParams:
+    """A parsed PostgreSQL URL: libpq's connection parameters (for ``psycopg.connect(**params)``: no text of the
+    user's reaches libpq's own parser, whose errors quote it), the URL as it may be shown, and the secrets to
+    redact. Its ``repr`` and ``str`` are the shown form."""
+
+    shown: str
+    params: dict[str, str] = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def scrub(self, text: str) -> str:
+        """``text`` without any of this URL's secrets (as written, decoded or percent-encoded)."""
+        for s in sorted(self.secrets, key=len, reverse=True):
+            if len(s) >= 3:
+                text = text.replace(s, "***")
+        return text
+
+
+def _secret_forms(raw: str, decoded: str | None) -> list[str]:
+    out = [raw]
+    if decoded is not None:
+        out += [decoded, quote(decoded, safe=""), quote(decoded)]
+    return [s for s in out if s]
+
+
+def _register(secrets: list[str]) -> None:
+    from molal.logging import register_secret
+
+    for s in secrets:
+        register_secret(s)
+
+
+def parse_pg_url(text: object, name: str = "the database URL") -> PGParams:
+    """Parse and check a ``postgresql://`` (or ``postgres://``) URL — ``USER:PASSWORD@HOST:PORT,.../DBNAME?k=v``
+    as libpq reads it — or raise :class:`DatabaseURLError`, whose message says what is wrong and names no part of
+    the text (``name``, e.g. ``MOLAL_DATABASE_URL``, says which setting). Strict where libpq would guess: the
+    user name and password end at the last ``@`` and may not hold a raw ``/ ? # @``; every ``%`` must start a
+    two-digit escape of UTF-8 text; no control characters; query parameters must be libpq's. The secrets found
+    (even in a URL refused) are registered with :mod:`molal.logging`, so no log line shows them either."""
+    found: list[str] = []
+
+    def fail(reason: str) -> DatabaseURLError:
+        _register(found)
+        return DatabaseURLError(f"{name} cannot be used: {reason}; {URL_HELP}")
+
+    if not isinstance(text, str):
+        raise fail("it is not text")
+    s = text.strip()
+    head, sep, rest = s.partition("://")
+    if "@" in s and sep:  # the likely password, registered before anything can fail
+        userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+        found += _secret_forms(userinfo.partition(":")[2], None)
+    for m in re.finditer(r"(?i)(?:^|[?&\s])(?:ssl)?password=([^&\s]*)", s):
+        found += _secret_forms(m.group(1), None)
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise fail("it holds a control character (a line break, a tab?)")
+    if not sep:
+        if _KEYWORD_STRING.match(s) and _KEYWORD_STRING.match(s).group(1).lower() in _keywords():
+            raise fail("it is a libpq keyword string (host=... dbname=...), not a URL")
+        raise fail("it is not a postgresql:// URL")
+    scheme = head.lower()
+    if scheme not in PG_SCHEMES:
+        raise fail(f"it is a {scheme}:// URL, not a postgresql:// one" if scheme in _KNOWN_SCHEMES
+                   else "it is not a postgresql:// URL")
+
+    def unq(part: str, what: str) -> str:
+        if _BAD_PERCENT.search(part):
+            raise fail(f"{what} holds a '%' that does not start a two-digit escape (a literal % is %25)")
+        raw = unquote_to_bytes(part)
+        try:
+            out: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:  # (its text quotes a byte: raised below, not chained)
+            out = None
+        if out is None:
+            raise fail(f"{what} is not UTF-8 text once percent-decoded")
+        if "\0" in out:
+            raise fail(f"{what} holds a NUL character (%00)")
+        return out
+
+    params: dict[str, str] = {}
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1:]
+        user_raw, colon, pw_raw = userinfo.partition(":")
+        if any(c in userinfo for c in "/?#@"):
+            raise fail("the user name and password (before the last '@') hold a raw '/', '?', '#' or '@'")
+        if user_raw:
+            params["user"] = unq(user_raw, "the user name")
+        if colon:
+            params["password"] = unq(pw_raw, "the password")
+            found += _secret_forms(pw_raw, params["password"])
+    if "#" in rest:
+        raise fail("it holds a raw '#'")
+    hostpart, _, query = rest.partition("?")
+    hosts, slash, path = hostpart.partition("/")
+    names: list[str] = []
+    ports: list[str] = []
+    if hosts:
+        for h in hosts.split(","):
+            if h.startswith("["):
+                end = h.find("]")
+                if end < 0:
+                    raise fail("an IPv6 host has no closing ']'")
+                host, tail = h[1:end], h[end + 1:]
+                if tail and not tail.startswith(":"):
+                    raise fail("a host has characters after its IPv6 address")
+                port = tail[1:]
+            else:
+                host, _, port = h.partition(":")
+            if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise fail("a port is not a number from 1 to 65535")
+            names.append(unq(host, "a host name"))
+            ports.append(port)
+        if any(names):
+            params["host"] = ",".join(names)
+        if any(ports):
+            params["port"] = ",".join(ports)
+    if slash and path:
+        params["dbname"] = unq(path, "the database name")
+    if query:
+        known = _keywords()
+        for i, item in enumerate(query.split("&"), 1):
+            if not item:
+                continue
+            k_raw, eq, v_raw = item.partition("=")
+            key = unq(k_raw, f"query parameter {i}'s name")
+            if not eq or key not in known:
+                raise fail(f"query parameter {i} is not key=value with a libpq parameter name (host, port, "
+                           "sslmode, connect_timeout, ...)")
+            params[key] = unq(v_raw, "the password" if key == "password" else f"the value of {key}")
+            if key in _SECRET_KEYWORDS:
+                found += _secret_forms(v_raw, params[key])
+    if "port" in params and not all(p.isdigit() and 1 <= int(p) <= 65535 for p in params["port"].split(",") if p):
+        raise fail("a port is not a number from 1 to 65535")
+    host_list = params.get("host", "").split(",")
+    port_list = params.get("port", "").split(",")
+    shown_hosts = []
+    for i, h in enumerate(host_list):
+        p = port_list[i] if len(port_list) == len(host_list) else (port_list[0] if len(port_list) == 1 else "")
+        h = h or "localhost"
+        h = f"[{h}]" if ":" in h else quote(h, safe="")
+        shown_hosts.append(h + (f":{p}" if p else ""))
+    shown = f"{scheme}://{','.join(shown_hosts)}/{quote(params.get('dbname', ''), safe='')}"
+    if "service" in params:
+        shown += f" (service {quote(params['service'], safe='')})"
+    pg = PGParams(shown, params, tuple(dict.fromkeys(found)))
+    _register(list(pg.secrets))
+    return pg
+
+
+def check_target(target: object, name: str = "the database") -> None:
+    """Refuse (:class:`DatabaseURLError`, naming no part of it) a database target meant as a path that reads
+    as a connection string instead: a URL of any scheme but PostgreSQL's that molal cannot read, a libpq
+    keyword string (``host=... password=...``), ``user:password@host`` without its scheme. A good
+    ``postgresql://`` URL and an ordinary file path pass."""
+    if not isinstance(target, str):
+        return
+    s = target.strip()
+    if "://" in s or (_KEYWORD_STRING.match(s) and _KEYWORD_STRING.match(s).group(1).lower() in _keywords()) \
+            or _NO_SCHEME_URL.match(s) or s.lower().startswith(tuple(f"{p}:" for p in PG_SCHEMES)):
+        parse_pg_url(s, name)
 
 
 def describe(target: object) -> str:
     """A database target as it may be shown: a file path, or ``postgresql://host:port/dbname`` without the user
-    and password."""
-    if not (isinstance(target, str) and "://" in target):
+    and password (a string that is neither reads as a placeholder)."""
+    if isinstance(target, PGParams):
+        return target.shown
+    if not isinstance(target, str):
         return str(target)
+    if is_url(target):
+        try:
+            return parse_pg_url(target).shown
+        except DatabaseURLError:
+            return "<a database URL that cannot be read>"
+    if "://" in target:  # another service's URL (a Ray address): scheme, host and port, when nothing else is there
+        scheme, _, rest = target.strip().partition("://")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,20}", scheme):
+            return "<a URL that cannot be read>"
+        if "@" in rest or not re.fullmatch(r"[A-Za-z0-9.\-]*(:[0-9]{1,5})?(/[^?#]*)?", rest):
+            return f"{scheme}://<…>"
+        return f"{scheme}://{rest}"
     try:
-        u = urlsplit(target)
-        port = u.port
-    except ValueError:
-        return "<a database URL that cannot be parsed>"
-    host = u.hostname or "localhost"
-    return f"{u.scheme}://{host}{f':{port}' if port else ''}{u.path or ''}"
+        check_target(target)
+    except DatabaseURLError:
+        return "<a database connection string that cannot be read>"
+    return target
 
 
 class Row(tuple):
@@ -317,7 +544,7 @@ _INHERITED: list[Any] = []
 _SCHEMAS_DONE: set[tuple[str, int, str]] = set()
 
 
-def _pool(url: str, max_size: int) -> Any:
+def _pool(url: str, params: PGParams, max_size: int) -> Any:
     """The process's connection pool for ``url`` (a fresh one after a fork: a parent's sockets are not ours)."""
     key = (url, os.getpid())
     with _POOLS_LOCK:
@@ -328,8 +555,9 @@ def _pool(url: str, max_size: int) -> Any:
             except ImportError as exc:
                 raise DatabaseError("a postgresql:// database needs the driver: pip install 'molal[postgres]'") \
                     from exc
-            pool = ConnectionPool(url, min_size=0, max_size=max_size, open=True, name="molal",
-                                  kwargs={"autocommit": True, "row_factory": _row_factory},
+            # the parsed parameters, never the URL: libpq's parser quotes what it cannot read
+            pool = ConnectionPool("", min_size=0, max_size=max_size, open=True, name="molal",
+                                  kwargs={**params.params, "autocommit": True, "row_factory": _row_factory},
                                   timeout=30.0)
             for k in [k for k in _POOLS if k[1] != os.getpid()]:
                 # a parent's pool (before a fork, e.g. gunicorn's preload): never used nor closed here — closing
@@ -379,10 +607,9 @@ class PostgresDB:
 
     def __init__(self, url: str, schema: str, namespace: str, max_size: int = 8,
                  migrate: Callable[[Cursor], None] | None = None) -> None:
-        if not is_url(url):
-            raise DatabaseError(f"not a PostgreSQL URL: {describe(url)}")
-        self.url = url
-        self.target = describe(url)
+        self._params = parse_pg_url(url)  # parsed and checked before anything else touches it
+        self._url = url
+        self.target = self._params.shown
         self.schema = pg_schema(schema)
         self.namespace = namespace
         self.max_size = max_size
@@ -391,13 +618,13 @@ class PostgresDB:
         self._closed = False
 
     def _pool(self) -> Any:
-        key = (self.url, os.getpid(), self.schema)
+        key = (self._url, os.getpid(), self.schema)
         if key not in _SCHEMAS_DONE:
             with _POOLS_LOCK:
                 if key not in _SCHEMAS_DONE:
                     self._apply_schema()
                     _SCHEMAS_DONE.add(key)
-        return _pool(self.url, self.max_size)
+        return _pool(self._url, self._params, self.max_size)
 
     def _apply_schema(self) -> None:
         """On a connection of its own, not the pool's: a pool retries a failing connection in the background
@@ -407,15 +634,29 @@ class PostgresDB:
             import psycopg
         except ImportError as exc:
             raise DatabaseError("a postgresql:// database needs the driver: pip install 'molal[postgres]'") from exc
+        err: DatabaseError | None = None
         try:
-            with psycopg.connect(self.url, autocommit=True, connect_timeout=30) as conn, conn.transaction():
+            conn = psycopg.connect(**{"connect_timeout": "30", **self._params.params}, autocommit=True)
+        except psycopg.Error as exc:  # a refused or unreachable server, a bad parameter value
+            err = self._error(exc)
+        if err is not None:
+            raise err  # outside the handler: the driver's exception is not chained (__context__)
+        try:
+            with conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
                 for stmt in _statements(self.schema):
                     conn.execute(stmt)
                 if self.migrate is not None:
                     self.migrate(_PGCursor(conn))
         except psycopg.OperationalError as exc:
-            raise DatabaseError(f"{self.target}: {first_line(exc)}") from None
+            err = self._error(exc)
+        if err is not None:
+            raise err
+
+    def _error(self, exc: BaseException, what: str = "") -> DatabaseError:
+        """A :class:`DatabaseError` for a driver's error: the server's first line, the URL's secrets redacted
+        (no chained exception: the driver's message is not kept anywhere)."""
+        return DatabaseError(f"{self.target}: {what}{self._params.scrub(first_line(exc))}")
 
     @contextmanager
     def _connection(self, pool: Any) -> Iterator[Any]:
@@ -424,10 +665,10 @@ class PostgresDB:
             with pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
-            raise DatabaseError(f"{self.target}: {first_line(exc)}") from None
+            raise self._error(exc) from None
         except Exception as exc:
             if type(exc).__name__ == "PoolTimeout":
-                raise DatabaseError(f"{self.target}: no database connection within 30 s ({exc})") from None
+                raise self._error(exc, "no database connection within 30 s: ") from None
             raise
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
@@ -463,7 +704,9 @@ class PostgresDB:
 
 def open_database(target: str | os.PathLike[str], schema: str, namespace: str, *, max_idle: int = 2,
                   timeout: float = 30.0, migrate: Callable[[Cursor], None] | None = None) -> SQLiteDB | PostgresDB:
-    """A :class:`PostgresDB` for a ``postgresql://`` URL, else a :class:`SQLiteDB` file at ``target``."""
+    """A :class:`PostgresDB` for a ``postgresql://`` URL, else a :class:`SQLiteDB` file at ``target``
+    (:class:`DatabaseURLError` for a string that reads as a connection string molal cannot use)."""
+    check_target(target)
     if is_url(target):
         return PostgresDB(str(target), schema, namespace, migrate=migrate)
     return SQLiteDB(Path(target), schema, max_idle=max_idle, timeout=timeout, migrate=migrate)

@@ -10,7 +10,7 @@ import sys
 import threading
 
 _SECRET_ENV = ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "OPENAI_API_KEY", "REDIS_URL", "MOLAL_API_KEY",
-               "MOLAL_DATABASE_URL")
+               "MOLAL_DATABASE_URL", "PGPASSWORD")
 _PATTERNS = [
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(token|bearer|basic)\s+[^\s'\",}]+"),
     re.compile(r"(?i)((?:api[_-]?key|access_token|password|token)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}&]+"),

@@ -8,7 +8,12 @@ as GGUF files. A user names one (``model = "smollm2-135m"`` in a mixture's ``hf`
 2. converts it **once** into a float32 transformers folder in the model cache (``MOLAL_MODEL_CACHE``, else
    ``$XDG_CACHE_HOME/molal/models``, else ``~/.cache/molal/models``), keyed by the GGUF's SHA-256, written
    to a temporary folder and renamed into place (atomic; a lock file keeps two processes from converting
-   at once), so that later loads take seconds instead of the 45–60 s of a GGUF load;
+   at once), so that later loads take seconds instead of the 45–60 s of a GGUF load. A converted folder is
+   used only if it can be traced to the pinned GGUF (:func:`check_folder`): the package is installed and its
+   GGUF matches the pinned SHA-256 (checked on every first use in a process), the folder's
+   ``molal-shipped.json`` records that same SHA-256, name and layout version, and the folder and its files
+   belong to this user (or root) and are writable by no one else. Anything else is an error saying what to
+   do, never a silent re-conversion: a folder molal did not write is not molal's to delete;
 3. hands the folder to transformers (:class:`molal.annotators.hf.HFAnnotator`), or the GGUF path to a
    llama.cpp server (``molal models path NAME``).
 
@@ -35,6 +40,8 @@ from pathlib import Path
 
 #: version of the converted-folder layout; a change makes molal convert again
 CONVERT_VERSION = 1
+#: the file that marks a converted folder and names the GGUF it was made from
+META = "molal-shipped.json"
 
 
 class ShippedModelError(RuntimeError):
@@ -169,8 +176,8 @@ def gguf_path(name: str) -> Path:
             raise ShippedModelError(f"shipped model {name!r}: {path} is missing; reinstall: {model.install_command()}")
     else:
         path = cache_dir() / "gguf" / f"{expected[:16]}-{model.filename}"
+        parts = [_package_dir(module, model) / rel for module, rel in model.pieces]  # installed, even when assembled
         if not path.is_file():
-            parts = [_package_dir(module, model) / rel for module, rel in model.pieces]
             for p in parts:
                 if not p.is_file():
                     raise ShippedModelError(f"shipped model {name!r}: part {p} is missing; reinstall: {model.install_command()}")
@@ -203,30 +210,89 @@ def converted_path(name: str) -> Path:
     return cache_dir() / "hf" / f"{name}-{model.sha256[:16]}-v{CONVERT_VERSION}"
 
 
+def _trusted_owner(st: os.stat_result) -> bool:
+    return st.st_uid in (os.geteuid(), 0)
+
+
+def check_folder(name: str, folder: Path | None = None) -> Path:
+    """The converted folder of ``name`` if molal may load it, else :class:`ShippedModelError` saying why and
+    what to do. It must be a real directory (no symbolic link, nor any inside) whose ``molal-shipped.json``
+    records this model's name, the layout version and the pinned SHA-256 of its GGUF, and it and every file in
+    it must belong to this user (or root) and be writable by no one else — whoever can write there chooses
+    the weights molal runs. (The GGUF itself is checked by :func:`gguf_path`.)"""
+    model = get(name)
+    out = folder or converted_path(name)
+    redo = f"delete {out} and run: molal models prepare {name}"
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        raise ShippedModelError(f"shipped model {name!r} is not converted yet ({out}): molal models prepare {name}") \
+            from None
+    if not out.is_dir() or out.is_symlink():
+        raise ShippedModelError(f"shipped model {name!r}: {out} is not a directory molal made (a link?); {redo}")
+    try:
+        meta = json.loads((out / META).read_text())
+    except (OSError, ValueError):
+        raise ShippedModelError(f"shipped model {name!r}: {out} has no readable {META}, so nothing says what it "
+                                f"was made from; {redo}") from None
+    recorded = meta.get("gguf_sha256") if isinstance(meta, dict) else None
+    if recorded != model.sha256 or meta.get("name") != name or meta.get("convert_version") != CONVERT_VERSION:
+        raise ShippedModelError(
+            f"shipped model {name!r}: {out} was not made from the pinned GGUF (its {META} records SHA-256 "
+            f"{str(recorded)[:64]}, expected {model.sha256}); {redo}")
+    for p in [out, *out.iterdir()]:
+        pst = st if p == out else p.lstat()
+        if p.is_symlink():
+            raise ShippedModelError(f"shipped model {name!r}: {p} is a symbolic link; {redo}")
+        if not _trusted_owner(pst) or pst.st_mode & 0o022:
+            raise ShippedModelError(
+                f"shipped model {name!r}: {p} belongs to another user or is writable by others (whoever can "
+                f"write there chooses the weights molal runs); {redo} (or: chmod -R go-w {out})")
+    return out
+
+
 def is_converted(name: str) -> bool:
-    return (converted_path(name) / "molal-shipped.json").is_file()
+    """Whether the converted folder exists and passes :func:`check_folder` (the GGUF is not hashed here)."""
+    try:
+        check_folder(name)
+        return True
+    except ShippedModelError:
+        return False
 
 
 def hf_folder(name: str, log: Callable[[str], None] | None = None) -> Path:
     """A float32 transformers folder of the shipped model ``name``, converting the GGUF the first time
-    (40–75 s on 2 CPU cores for SmolLM2-135M; 517 MB). Later calls return the folder at once."""
+    (40–75 s on 2 CPU cores for SmolLM2-135M; 517 MB). Later calls check the package's GGUF against its
+    pinned SHA-256 (once per process, ≈ 0.2 s for SmolLM2) and the folder (:func:`check_folder`), then return
+    it. A folder that fails the check is an error, not re-converted over."""
     out = converted_path(name)
-    if (out / "molal-shipped.json").is_file():
-        return out
-    src = gguf_path(name)
+    src = gguf_path(name)  # installed, and the pinned file: a converted folder is never trusted without it
+    if out.exists() or out.is_symlink():
+        if (out / META).exists() or out.is_symlink():
+            return check_folder(name, out)
     with _lock(out.parent / f".{out.name}.lock"):
-        if (out / "molal-shipped.json").is_file():
-            return out
+        if (out / META).exists():
+            return check_folder(name, out)
         say = log or (lambda m: None)
         say(f"converting {name} from {src.name} to a transformers folder (once; about a minute)")
         t0 = time.monotonic()
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
         try:
             _convert(src, tmp)
-            meta = {"name": name, "gguf": src.name, "gguf_sha256": file_sha256(src), "convert_version": CONVERT_VERSION,
-                    "dtype": "float32", "seconds": round(time.monotonic() - t0, 1)}
-            (tmp / "molal-shipped.json").write_text(json.dumps(meta, indent=1))
-            if out.exists():  # an incomplete folder from an older, interrupted layout: replace it
+            sha = file_sha256(src)
+            if sha != get(name).sha256:  # gguf_path checked it; the file must not have changed since
+                raise ShippedModelError(f"shipped model {name!r}: {src} changed while it was converted")
+            meta = {"name": name, "gguf": src.name, "gguf_sha256": sha, "convert_version": CONVERT_VERSION,
+                    "package": list(get(name).requirements), "dtype": "float32",
+                    "seconds": round(time.monotonic() - t0, 1)}
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            for p in tmp.iterdir():  # writable by this user only, whatever the umask (check_folder requires it)
+                p.chmod(p.stat().st_mode & ~0o022)
+            tmp.chmod(0o755)
+            if out.exists():  # an incomplete folder (no META) from an older, interrupted layout: replace it
+                if out.is_symlink() or not out.is_dir() or not _trusted_owner(out.lstat()):
+                    raise ShippedModelError(f"shipped model {name!r}: {out} is in the way and is not molal's; "
+                                            f"delete it and run: molal models prepare {name}")
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:

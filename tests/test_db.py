@@ -59,3 +59,70 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password(postgres_se
     with pytest.raises(DatabaseError, match="password authentication failed") as err:
         open_database(bad, SCHEMA, "test").execute("SELECT 1")
     assert "wrong-password" not in str(err.value)
+
+
+def test_urls_are_parsed_before_use_and_refused_without_quoting_them():
+    """parse_pg_url: libpq's parameters from a URL (percent-decoded; several hosts; query parameters), the shown
+    form, the secrets; every error names no part of the text."""
+    from molal.db import DatabaseURLError, check_target, parse_pg_url
+
+    pg = parse_pg_url("postgresql://mo%40lal:p%40ss%3Aw%2Fo%3Frd%23%25@h1:5433,[::1]/my%20db?sslmode=require"
+                      "&application_name=x")
+    assert pg.params == {"user": "mo@lal", "password": "p@ss:w/o?rd#%", "host": "h1,::1", "port": "5433,",
+                         "dbname": "my db", "sslmode": "require", "application_name": "x"}
+    assert pg.shown == str(pg) == "postgresql://h1:5433,[::1]/my%20db"
+    assert "p@ss" not in repr(pg) and "p%40ss" not in repr(pg) and "p@ss:w/o?rd#%" in pg.secrets
+    assert pg.scrub('token "p@ss:w/o?rd#%" and p%40ss%3Aw%2Fo%3Frd%23%25') == 'token "***" and ***'
+    assert parse_pg_url("postgres://u@h/db?password=x%20y").params["password"] == "x y"
+    assert parse_pg_url(" postgresql://h/db\n").params == {"host": "h", "dbname": "db"}  # a secret file's newline
+    for bad, why in [("postgresql://u:se%ZZcret@h/db", "'%'"), ("postgresql://u:se/cret@h/db", "raw '/'"),
+                     ("host=h password=secret", "keyword string"), ("postgresql://u:secret@h:99999/db", "port"),
+                     ("postgresql://u:se%00cret@h/db", "NUL"), ("postgresql://u:se%FFcret@h/db", "UTF-8"),
+                     ("postgresql://h/db?secret=1", "query parameter 1"), ("mysql://u:secret@h/db", "mysql://"),
+                     ("postgresql:u:secret@h/db", "not a postgresql:// URL")]:
+        with pytest.raises(DatabaseURLError, match="postgresql://USER:PASSWORD@") as err:
+            parse_pg_url(bad, "MOLAL_DATABASE_URL")
+        assert why in str(err.value) and "secret" not in str(err.value).replace("PASSWORD", "")
+        assert err.value.__context__ is None and err.value.__cause__ is None
+    for path in ("/var/lib/molal/cache.db", "cache.sqlite", "data@2024/c.db"):
+        check_target(path)  # ordinary paths pass
+    for dsn in ("host=h password=secret", "u:secret@h/db", "redis://u:secret@h/0"):
+        with pytest.raises(DatabaseURLError):
+            check_target(dsn)
+        assert "secret" not in describe(dsn)
+
+
+@pytest.mark.postgres
+def test_a_password_with_every_special_character_connects(postgres_server, tmp_path, monkeypatch):
+    """The parsed URL reaches libpq as keywords: a role whose password holds @ : / ? # % & ' " \\ and spaces
+    connects with it percent-encoded (in the user part or ?password=), from a passfile, or from a service file."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    from molal.db import close_pools
+
+    pw = "p@ss:w/o?r#d%&'\" \\ x"
+    sq = pw.replace("'", "''")
+    with psycopg.connect(postgres_server.url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE odd LOGIN PASSWORD '{sq}'")  # noqa: S608 - a test's own constant
+    db = postgres_server.new_database().rsplit("/", 1)[1]
+    port = postgres_server.port
+    for url in (f"postgresql://odd:{quote(pw, safe='')}@127.0.0.1:{port}/{db}",
+                f"postgres://odd@127.0.0.1:{port}/{db}?password={quote(pw, safe='')}"):
+        assert open_database(url, "", "test").execute("SELECT 1 AS one").fetchone()["one"] == 1
+        close_pools()
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{port}:{db}:odd:{pw.replace(chr(92), chr(92) * 2).replace(':', chr(92) + ':')}\n")
+    passfile.chmod(0o600)
+    url = f"postgresql://odd@127.0.0.1:{port}/{db}?passfile={quote(str(passfile), safe='')}"
+    assert open_database(url, "", "test").execute("SELECT 1").fetchone()[0] == 1
+    close_pools()
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[molal]\nhost=127.0.0.1\nport={port}\ndbname={db}\nuser=odd\npassword={pw}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    assert open_database("postgresql://?service=molal", "", "test").execute("SELECT 1").fetchone()[0] == 1
+    close_pools()
+    with pytest.raises(DatabaseError, match="password authentication failed") as err:
+        open_database(f"postgresql://odd:{quote(pw[:-1], safe='')}@127.0.0.1:{port}/{db}", SCHEMA, "t2").execute("SELECT 1")
+    assert "p@ss" not in str(err.value) and "x" not in str(err.value).split("failed")[-1].replace("odd", "")

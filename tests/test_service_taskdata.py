@@ -155,7 +155,7 @@ def test_oversize_file_is_refused(servers):
 
 def test_non_utf8_file_is_refused_with_a_clear_reason(servers):
     ls, _ = servers
-    with pytest.raises(FetchError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 6\)"):
+    with pytest.raises(FetchError, match=r"latin1.txt is not UTF-8 text$"):
         resolve_text("/data/upload/1/latin1.txt", ls.url, LS_KEY)
 
 

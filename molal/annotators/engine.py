@@ -37,7 +37,7 @@ import numpy as np
 
 from molal.annotators.base import AnnotatorError
 from molal.annotators.mixture import Mixture, MixtureResult
-from molal.db import describe, first_line, is_url
+from molal.db import check_target, describe, first_line, is_url
 
 
 class EngineError(AnnotatorError):
@@ -150,6 +150,7 @@ class RayEngine:
         from molal.cache import AnnotationCache
         from molal.progress import progress_bar
 
+        check_target(cache if isinstance(cache, str) else str(cache), "the annotation cache")
         cache_target = str(cache) if is_url(str(cache)) else str(Path(cache).resolve())
         t0 = time.perf_counter()
         store = AnnotationCache(cache_target)

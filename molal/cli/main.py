@@ -44,7 +44,20 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    """The console script: a setting molal cannot use (:class:`molal.config.SettingsError`) or an unusable
+    database (:class:`molal.db.DatabaseError`) is one line on stderr, not a traceback (their messages name no
+    secret, e.g. no part of a mistyped MOLAL_DATABASE_URL)."""
+    from molal.config import SettingsError
+    from molal.db import DatabaseError
+
+    try:
+        app()
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except DatabaseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

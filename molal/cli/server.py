@@ -23,9 +23,11 @@ _MODEL_DIR = typer.Option(None, "--model-dir", envvar="MODEL_DIR", help="State d
 
 def _service(model_dir: Path | None):
     from molal.config import get_settings
+
+    settings = get_settings(model_dir=model_dir)  # a bad setting fails before the service's imports
     from molal.service.pipeline import Service
 
-    return Service(get_settings(model_dir=model_dir))
+    return Service(settings)
 
 
 def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, payload: dict | None = None,

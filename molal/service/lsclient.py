@@ -68,7 +68,9 @@ def _prediction_versions(task: dict) -> list[str]:
 class LSClient:
     """What molal does to a Label Studio project through the SDK."""
 
-    def __init__(self, url: str, api_key: str, timeout: float = 60.0, threads: int = 8) -> None:
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0, threads: int = 8, opaque: bool = False) -> None:
+        """``opaque``: ``url`` came from a /setup (MOLAL_TRUST_SETUP_HOSTNAME), so every failure reads the same
+        to the caller (:func:`molal.service.lstrust.logged_failure`)."""
         if not url or not api_key:
             raise LSConnectionError(
                 "Label Studio is not configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or connect the "
@@ -79,25 +81,35 @@ class LSClient:
         self.url = url.rstrip("/")
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self.threads = threads
+        self.opaque = opaque
 
     def explain(self, what: str, exc: Exception) -> LSConnectionError:
-        """A clear error for a failed Label Studio call: who, what, the status and what to do."""
+        """A clear error for a failed Label Studio call: what, the status and what to do, and an error id
+        under which the log has the address and the exception. It never names the address (a job's message is
+        public: GET /jobs). For a /setup Label Studio (``opaque``) only a fixed sentence and the id."""
+        from molal.service.lstrust import SETUP_LS_FAILED, logged_failure, without_urls
+
         status = getattr(exc, "status_code", None)
+        detail = f"Label Studio at {self.url}, {what}: {type(exc).__name__}: {str(exc)[:500]}"
+        if self.opaque:
+            return LSConnectionError(logged_failure(log, SETUP_LS_FAILED, detail))
         if isinstance(status, int):
             hint = {401: "the API key/token was refused (check LABEL_STUDIO_API_KEY)",
                     403: "the API key/token may not access this project",
                     404: "no such project or task"}.get(status, "Label Studio failed; the job can be retried")
-            return LSConnectionError(f"Label Studio at {self.url} answered HTTP {status} to {what}: {hint}")
-        return LSConnectionError(f"Label Studio at {self.url} is unreachable during {what} "
-                                 f"({type(exc).__name__}: {str(exc)[:200]}); the job can be retried")
+            return LSConnectionError(logged_failure(log, f"Label Studio answered HTTP {status} to {what}: {hint}",
+                                                    detail))
+        why = without_urls(str(exc)).replace(self.url, "<url>")[:200]
+        return LSConnectionError(logged_failure(
+            log, f"Label Studio is unreachable during {what} ({type(exc).__name__}: {why}); the job can be retried",
+            detail))
 
     # -- reading ---------------------------------------------------------------------------------------
     def label_config(self, project: int) -> str:
         try:
-            p = self.client.projects.get(id=project)
+            return self.client.projects.get(id=project).label_config
         except Exception as exc:  # the SDK raises ApiError or httpx errors
             raise self.explain(f"reading project {project}", exc) from exc
-        return p.label_config
 
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
@@ -166,8 +178,11 @@ class LSClient:
         def one(item: tuple[int, dict]) -> None:
             self.client.tasks.update(id=str(item[0]), data=item[1])
 
-        with ThreadPoolExecutor(max_workers=self.threads) as ex:
-            list(ex.map(one, updates))
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads) as ex:
+                list(ex.map(one, updates))
+        except Exception as exc:
+            raise self.explain(f"updating the data of {len(updates)} tasks", exc) from exc
         return len(updates)
 
     def ensure_view(self, project: int, field: str, title: str = VIEW_TITLE, value_key: str = "text") -> int:
@@ -197,9 +212,9 @@ class LSClient:
                     self.client.views.update(id=str(vd["id"]), data=data, project=project)
                     return int(vd["id"])
             v = self.client.views.create(project=project, data=data)
+            return int(_plain(v)["id"])
         except Exception as exc:
             raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
-        return int(_plain(v)["id"])
 
     def set_label_config(self, project: int, config: str) -> None:
         """Replace the project's label config (Label Studio checks it against the existing annotations)."""
@@ -232,10 +247,10 @@ class LSClient:
             r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
                 f"api/projects/{int(project)}/model-versions/", method="GET")
             r.raise_for_status()
+            data = r.json()
+            return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
         except Exception as exc:
             raise self.explain(f"listing the model versions of project {project}", exc) from exc
-        data = r.json()
-        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def delete_model_version(self, project: int, version: str) -> int:
         """Delete every prediction of ``version`` in the project (never an annotation); returns how many.
@@ -245,13 +260,16 @@ class LSClient:
                 f"api/projects/{int(project)}/model-versions/", method="DELETE", json={"model_version": version},
                 request_options={"timeout_in_seconds": 600})
             r.raise_for_status()
+            data = r.json()
+            return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
         except Exception as exc:
             raise self.explain(f"deleting the predictions of {version} in project {project}", exc) from exc
-        data = r.json()
-        return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
 
     def set_uncertainty_sampling(self, project: int) -> None:
-        self.client.projects.update(id=project, sampling="Uncertainty sampling")
+        try:
+            self.client.projects.update(id=project, sampling="Uncertainty sampling")
+        except Exception as exc:
+            raise self.explain(f"setting the sampling of project {project}", exc) from exc
 
 
 def dumps_safe(obj: Any) -> str:

@@ -13,10 +13,19 @@ The rule:
 
 ``/setup`` stores a hostname and token only when this rule can use them (:func:`setup_usable`). The
 configured key, never a token from a request, is what molal registers for redaction in its logs.
+
+Under rule 2 any caller who can send ``/setup`` chooses the address molal connects to, so what molal says
+about a failure there must not tell an open port from a closed one, nor what it answered: every failure
+to use a ``/setup`` Label Studio (a task file, a job's call) reads the same to the caller,
+:func:`logged_failure` — a fixed sentence and an error id — and the details (address, status, exception)
+go to the operator's log only, under that id. Messages never name Label Studio's address, in either mode.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -26,6 +35,23 @@ if TYPE_CHECKING:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_URL_CHARS = 4096
+
+#: what a caller reads for any failure to use a Label Studio named by /setup (plus an error id)
+SETUP_LS_FAILED = "the Label Studio named in /setup could not be used"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def logged_failure(logger: logging.Logger, message: str, detail: str) -> str:
+    """``message`` with a new random error id, for the caller; ``detail`` (addresses, statuses, exceptions:
+    what the operator needs) goes to ``logger`` only, under that id. The id carries nothing of the failure."""
+    eid = secrets.token_hex(6)
+    logger.warning("error id %s: %s", eid, detail)
+    return f"{message} (error id {eid}; the backend's log has the details)"
+
+
+def without_urls(text: str) -> str:
+    """``text`` with every URL replaced by ``<url>`` (an exception's text may name the address it failed on)."""
+    return _URL.sub("<url>", text)
 
 
 def origin(url: object) -> tuple[str, str, int, str] | None:
@@ -60,6 +86,8 @@ class LSAccess:
     key_source: str | None = None
     #: why ``url`` or ``key`` is missing (a sentence for the job's error message)
     missing: str = ""
+    #: ``url`` is the hostname of a /setup (MOLAL_TRUST_SETUP_HOSTNAME): its failures read alike
+    from_setup: bool = False
 
 
 def _configured_key(settings: Any) -> str | None:
@@ -96,7 +124,7 @@ def access_for(settings: Any, state: ProjectState | None) -> LSAccess:
             "LABEL_STUDIO_URL, whose /setup then sends its token)"))
     if getattr(settings, "trust_setup_hostname", False):
         if host and token and origin(host) is not None:
-            return LSAccess(host, token, "setup")
+            return LSAccess(host, token, "setup", from_setup=True)
         return LSAccess(None, None, None, missing=(
             "Label Studio has not connected to this backend yet (MOLAL_TRUST_SETUP_HOSTNAME is on, so the "
             "hostname and token of its /setup call would be used): connect the model in Label Studio, or set "
@@ -107,4 +135,5 @@ def access_for(settings: Any, state: ProjectState | None) -> LSAccess:
         "hostname Label Studio sends in /setup, with its own token)"))
 
 
-__all__ = ["LSAccess", "access_for", "origin", "same_origin", "setup_usable"]
+__all__ = ["SETUP_LS_FAILED", "LSAccess", "access_for", "logged_failure", "origin", "same_origin", "setup_usable",
+           "without_urls"]

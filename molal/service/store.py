@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, describe, is_url, open_database
+from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, open_database, parse_pg_url
 from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
 
 __all__ = ["FOR_HUMANS_KEY", "ProjectIdError", "ProjectSettings", "ProjectState", "Rows", "SQLiteDB",
@@ -465,8 +465,8 @@ class ServiceStore:
     def __init__(self, model_dir: str | os.PathLike[str], database_url: str | None = None) -> None:
         from molal.lru import LRU
 
-        if database_url is not None and not is_url(database_url):
-            raise ValueError(f"MOLAL_DATABASE_URL must be a postgresql:// URL, got {describe(database_url)[:80]!r}")
+        if database_url is not None:
+            parse_pg_url(database_url, "MOLAL_DATABASE_URL")  # DatabaseURLError (a ValueError) naming no part of it
         self.root = ensure_dir(Path(model_dir).expanduser().resolve())
         os.chmod(self.root, 0o700)
         ensure_dir(self.root / "projects")  # 0700 (a parent made by mkdir(parents=True) would get 0755)

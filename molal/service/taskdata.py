@@ -15,7 +15,10 @@ personal access token the SDK exchanges the refresh token for an access token an
 with a timeout, no redirects except to another data path on the same origin (at most 3 hops), a size cap
 (``MOLAL_TASK_FILE_MAX_BYTES``, 1 MB) and strict UTF-8 decoding. Fetched texts are cached per process
 (LRU, bounded by entries and bytes) so a repeated ``/predict`` costs nothing. A failure is a
-:class:`FetchError` whose message is the reason given for that task (no token in it).
+:class:`FetchError` whose message is the reason given for that task (no token in it, no byte of the file).
+For a Label Studio named by a ``/setup`` (``MOLAL_TRUST_SETUP_HOSTNAME``) every failure reads the same
+(:data:`FILE_FAILED` and an error id; the reason is in the log under that id): any caller can choose that
+address, and the reasons would tell an open port from a closed one, and what it answered.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpx
 
 from molal.lru import LRU
-from molal.service.lstrust import _DEFAULT_PORTS, access_for, origin
+from molal.service.lstrust import _DEFAULT_PORTS, access_for, logged_failure, origin
 
 if TYPE_CHECKING:
     from molal.service.store import ProjectState
@@ -38,6 +41,8 @@ DATA_PATHS = ("/data/upload/", "/data/local-files/")
 DEFAULT_MAX_BYTES = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 3
+#: what a task's error says, whatever the reason, when its file is on a /setup-named Label Studio
+FILE_FAILED = "the task's text file could not be read from the Label Studio named in /setup"
 
 
 class FetchError(Exception):
@@ -152,9 +157,9 @@ def fetch(url: str, ls_url: str, api_key: str | None, max_bytes: int = DEFAULT_M
             raise FetchError(f"Label Studio redirected {_shown(url)} more than {MAX_REDIRECTS} times")
     try:
         text = bytes(buf).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FetchError(f"{_shown(url)} is not UTF-8 text (byte 0x{buf[exc.start]:02x} at offset {exc.start})") \
-            from None
+    except UnicodeDecodeError as exc:  # the offending byte goes to the log only (it is part of the file)
+        log.info("%s is not UTF-8: byte 0x%02x at offset %d", _shown(url), buf[exc.start], exc.start)
+        raise FetchError(f"{_shown(url)} is not UTF-8 text") from None
     if not text.strip():
         raise FetchError(f"{_shown(url)} is empty")
     return text
@@ -195,7 +200,8 @@ def resolve_texts(settings, state: ProjectState | None, texts: list[str | None],
     :class:`molal.config.Settings` (the Label Studio URL and key, the file size and time limits)."""
     if not any(isinstance(t, str) and ("/data/" in t) for t in texts):
         return texts
-    ls_url, key = ls_source(settings, state)
+    a = access_for(settings, state)
+    ls_url, key = a.url, a.key
     max_bytes = getattr(settings, "task_file_max_bytes", DEFAULT_MAX_BYTES)
     timeout_s = getattr(settings, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
     out: list[str | None] = []
@@ -207,14 +213,24 @@ def resolve_texts(settings, state: ProjectState | None, texts: list[str | None],
             out.append(resolve_text(t, ls_url, key, max_bytes=max_bytes, timeout_s=timeout_s))
         except FetchError as exc:
             out.append(None)
-            errors[i] = str(exc)
+            errors[i] = _reason(exc, a.from_setup, ls_url, state)
     return out
+
+
+def _reason(exc: FetchError, from_setup: bool, ls_url: str | None, state: ProjectState | None) -> str:
+    """What a caller reads about a failed task file: the reason, or (for a /setup-named Label Studio) one
+    fixed sentence with an error id, the reason and the address going to the log under that id."""
+    if not from_setup:
+        return str(exc)
+    return logged_failure(log, FILE_FAILED, f"project {getattr(state, 'id', '?')}: reading a task file from the "
+                                            f"Label Studio at {ls_url} (from /setup): {exc}")
 
 
 def task_text_resolver(settings, state: ProjectState | None):
     """A ``value -> text | None`` function for the training pull: failures are logged (path and reason, no
     token) and the task is skipped like one without text."""
-    ls_url, key = ls_source(settings, state)
+    a = access_for(settings, state)
+    ls_url, key = a.url, a.key
     max_bytes = getattr(settings, "task_file_max_bytes", DEFAULT_MAX_BYTES)
     timeout_s = getattr(settings, "task_file_timeout_s", DEFAULT_TIMEOUT_S)
 
@@ -222,10 +238,11 @@ def task_text_resolver(settings, state: ProjectState | None):
         try:
             return resolve_text(value, ls_url, key, max_bytes=max_bytes, timeout_s=timeout_s)
         except FetchError as exc:
-            log.warning("project %s: task skipped: %s", getattr(state, "id", "?"), exc)
+            where = f" (Label Studio at {ls_url}, from /setup)" if a.from_setup else ""
+            log.warning("project %s: task skipped: %s%s", getattr(state, "id", "?"), exc, where)
             return None
 
     return resolve
 
 
-__all__ = ["CACHE", "FetchError", "fetch", "ls_file_url", "ls_source", "resolve_text", "resolve_texts", "task_text_resolver"]
+__all__ = ["CACHE", "FILE_FAILED", "FetchError", "fetch", "ls_file_url", "ls_source", "resolve_text", "resolve_texts", "task_text_resolver"]

@@ -129,7 +129,7 @@ def client_for(svc: Runtime, state: ProjectState) -> LSClient:
     a = access_for(svc.settings, state)
     if not a.url or not a.key:
         raise LSConnectionError(f"project {state.id}: {a.missing}")
-    return LSClient(a.url, a.key)
+    return LSClient(a.url, a.key, opaque=a.from_setup)
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
