@@ -32,7 +32,7 @@ from typing import Any
 
 from molal.datasets import CLASS_NAMES
 from molal.lsprocess import BackendProcess, LabelStudioProcess, free_port
-from molal.service.lsclient import VIEW_TITLE
+from molal.service.lsclient import VIEW_TITLE, task_pages
 
 STATE_FILE = "demo-state.json"
 DEFAULT_USER = "admin@molal.local"
@@ -228,7 +228,7 @@ def wait_job(backend_url: str, job_id: str, timeout: float = 900.0,
 def all_tasks(client, project: int, view: int | None = None) -> list[dict]:
     out = []
     kw = {"view": view} if view is not None else {}
-    for t in client.tasks.list(project=project, fields="all", page_size=500, **kw):
+    for t in task_pages(client, project=project, fields="all", page_size=500, **kw):
         out.append(_plain(t))
     return out
 
@@ -489,7 +489,7 @@ class Demo:
         view = find_view(client, pid)
         head = []
         if view is not None:
-            for tk in client.tasks.list(project=pid, view=view, fields="all", page_size=10):
+            for tk in task_pages(client, project=pid, view=view, fields="all", page_size=10):
                 d = _plain(tk)
                 if d.get("annotations"):
                     continue

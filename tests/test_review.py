@@ -44,6 +44,47 @@ def test_fields_say_what_molal_prefilled_how_the_llms_voted_and_when_it_override
     assert set(c) == {"molal_label", "molal_confidence", "molal_review"}
 
 
+def _votes(*labels: int) -> np.ndarray:
+    """One task's (1, L, K) one-hot LLM probabilities from the LLMs' labels."""
+    llm = np.zeros((1, len(labels), len(TREC_CLASSES)))
+    for j, c in enumerate(labels):
+        llm[0, j, c] = 1.0
+    return llm
+
+
+@pytest.mark.parametrize("labels, served, votes, flag, says", [
+    # a 5-way split: no class has a majority, nor the most votes alone — nothing to override
+    ((0, 1, 2, 3, 4), 0, "abbreviation 1/5 · entity 1/5 · description 1/5 · human 1/5 · location 1/5", "",
+     "no majority (tied: abbreviation, entity, description, human, location)"),
+    # 2-2-1: the pre-fill is one of the tied classes, or the odd one: no majority either way
+    ((1, 1, 3, 3, 2), 3, "entity 2/5 · human 2/5 · description 1/5", "", "no majority (tied: entity, human)"),
+    ((1, 1, 3, 3, 2), 2, "entity 2/5 · human 2/5 · description 1/5", "", "no majority (tied: entity, human)"),
+    # 2-1-1-1: one class has the most votes, but not more than half
+    ((1, 1, 3, 2, 0), 3, "entity 2/5 · abbreviation 1/5 · description 1/5 · human 1/5", "", "no majority"),
+    # 3-2: a real majority, followed or overridden
+    ((2, 2, 2, 1, 1), 2, "description 3/5 · entity 2/5", "", None),
+    ((2, 2, 2, 1, 1), 1, "description 3/5 · entity 2/5", OVERRIDE_FLAG, "overrides the LLMs' majority (description)"),
+    # a single voter: its vote is the majority
+    ((4,), 4, "location 1/1", "", None),
+    ((4,), 5, "location 1/1", OVERRIDE_FLAG, "overrides the LLM's vote (location)"),
+])
+def test_the_votes_are_worded_as_they_are(labels, served, votes, flag, says):
+    """Issue 26: a majority is more than half of the voters; a split or a tie is no majority, and the line
+    says so instead of flagging an override."""
+    p = np.full((1, len(TREC_CLASSES)), 0.1)
+    p[0, served] = 0.5
+    (f,) = review_fields(p, _votes(*labels), TREC_CLASSES)
+    assert f["molal_votes"] == votes
+    assert f["molal_flag"] == flag
+    line = f["molal_review"]
+    assert line.startswith(f"molal pre-filled {TREC_CLASSES[served]} (")
+    if says is None:
+        assert "majority" not in line.split("votes:")[1] and "overrides" not in line
+    else:
+        assert line.endswith(" · " + says), line
+        assert ("overrides" in line) == bool(flag)
+
+
 def test_review_panel_is_added_once_removed_exactly_and_adds_no_control():
     cfg = "<View>\n  " + TREC_CONFIG[len("<View>"):]
     with_panel = add_review_panel(cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,6 +63,21 @@ def _prediction_versions(task: dict) -> list[str]:
     else:
         versions = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
     return sorted(v for v in versions if v)
+
+
+def task_pages(client: Any, page_size: int = 1000, **query: Any) -> Iterator[Any]:
+    """The SDK's ``tasks.list(**query)``, page by page, stopping at the last page. The SDK's own pager asks
+    for one page past the end, which Label Studio answers 404 "Invalid page" — with a traceback in its log —
+    on every listing."""
+    page = 1
+    while True:
+        pager = client.tasks.list(page=page, page_size=page_size, **query)
+        items = list(pager.items or [])
+        yield from items
+        total = getattr(pager.response, "total", None)
+        if len(items) < page_size or (isinstance(total, int) and page * page_size >= total):
+            return
+        page += 1
 
 
 class LSClient:
@@ -127,14 +142,14 @@ class LSClient:
         # annotations to ids). A Label Studio that ignores ``include``/``query`` returns full tasks, which
         # parse the same way.
         out: list[dict] = []
-        for t in self.client.tasks.list(project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
+        for t in task_pages(self.client, project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
             d = _plain(t)
             out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or [],
                         "prediction_versions": _prediction_versions(d)})
             if on_page is not None and len(out) % page_size == 0:
                 on_page(len(out))
         by_id = {t["id"]: t for t in out}
-        for t in self.client.tasks.list(project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
+        for t in task_pages(self.client, project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
             d = _plain(t)
             task = by_id.get(int(d["id"]))
             if task is not None:  # a task created after pass 1 waits for the next job

@@ -10,11 +10,13 @@ that left the head). The Data Manager can show, sort and filter them; the review
 ``molal_label``      the label molal pre-fills (the serving model's top class: MoLAM's, or the student's)
 ``molal_confidence`` its probability, 0–1 (2 decimals)
 ``molal_votes``      the LLMs' votes, most voted first: ``description 5/5`` or ``entity 3/5 · human 2/5``
-``molal_agreement``  the share of LLMs that vote the LLMs' majority label, 0–1
-``molal_flag``       ``overrides LLMs`` where molal's label is not the LLMs' majority label, else empty
+``molal_agreement``  the share of LLMs that vote the most-voted label, 0–1
+``molal_flag``       ``overrides LLMs`` where molal's label differs from the LLMs' majority (a label more than
+                     half of them vote), else empty: a split or a tie has no majority to override
 ``molal_uncertainty`` the student's predictive entropy, 0 (sure) – 1 (uniform): what uncertainty-based
                      query strategies rank by
-``molal_review``     one line for people: the pre-fill, its confidence, the votes, and the flag
+``molal_review``     one line for people: the pre-fill, its confidence, the votes, and what they say of it
+                     ("overrides the LLMs' majority (x)", "no majority", "no majority (tied: a, b)")
 ==================  ====================================================================================
 
 **Review panel** (opt-in: ``molal project review-panel --project N``, or the project setting
@@ -42,19 +44,39 @@ PANEL = (
 INSTRUCTIONS = (
     "<p><b>Pre-filled labels come from molal</b>, not from a person: MoLAM, a model that combines several "
     "LLMs, suggests one class per task. The line above each text says how sure it is (its probability), "
-    "how the LLMs voted, and flags <i>overrides LLMs</i> where MoLAM's label is not the LLMs' majority: "
-    "look at those twice.</p><p>Accept the pre-filled label if it is right, change it if it is not, then "
+    "how the LLMs voted, and flags <i>overrides LLMs</i> where MoLAM's label differs from a label more than "
+    "half of the LLMs voted for: look at those twice. Where the LLMs are split it says <i>no majority</i>."
+    "</p><p>Accept the pre-filled label if it is right, change it if it is not, then "
     "submit. Every submitted label is a person's label: the next training round learns from it.</p>"
 )
 
 
-def _votes(llm_labels: Sequence[int], classes: Sequence[str]) -> tuple[str, int, int]:
-    """(``"a 3/5 · b 2/5"``, the majority class, its count); ties go to the class listed first."""
-    counts = np.bincount(np.asarray(llm_labels, dtype=np.int64), minlength=len(classes))
-    order = sorted(range(len(classes)), key=lambda c: (-counts[c], c))
-    n = len(llm_labels)
-    text = " · ".join(f"{classes[c]} {counts[c]}/{n}" for c in order if counts[c] > 0)
-    return text, order[0], int(counts[order[0]])
+class VoteSummary:
+    """How the members voted on one task: the votes as text (most voted first), the most-voted classes, and
+    the majority — a class voted by more than half of the voters, or None (a split, or a tie)."""
+
+    __slots__ = ("text", "top", "top_count", "majority", "n")
+
+    def __init__(self, llm_labels: Sequence[int], classes: Sequence[str]) -> None:
+        counts = np.bincount(np.asarray(llm_labels, dtype=np.int64), minlength=len(classes))
+        order = sorted(range(len(classes)), key=lambda c: (-counts[c], c))
+        self.n = len(llm_labels)
+        self.text = " · ".join(f"{classes[c]} {counts[c]}/{self.n}" for c in order if counts[c] > 0)
+        self.top_count = int(counts[order[0]]) if self.n else 0
+        self.top = [c for c in order if self.top_count and counts[c] == self.top_count]  # the most voted (ties)
+        self.majority = self.top[0] if self.top and 2 * self.top_count > self.n else None
+
+    def relation(self, label: int, classes: Sequence[str], voters: str) -> str:
+        """What the review line says of the pre-filled ``label`` against these votes ("" when it is the
+        majority's): overrides a real majority, or that there is none (and the tie, if any)."""
+        if self.majority is not None:
+            if self.majority == label:
+                return ""
+            whose = f"the {voters}'s vote" if self.n == 1 else f"the {voters}s' majority"
+            return f"overrides {whose} ({classes[self.majority]})"
+        if len(self.top) > 1:
+            return "no majority (tied: " + ", ".join(classes[c] for c in self.top) + ")"
+        return "no majority"
 
 
 def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Sequence[str],
@@ -62,7 +84,11 @@ def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Seq
     """The fields of the module docstring for n tasks: ``served`` (n, K) the pre-fill's probabilities,
     ``llm_probs`` (n, L, K) each LLM's (None: no LLM votes, e.g. a student-only project), ``student`` (n, K)
     the student's (for the uncertainty; None: left out). ``voters`` names the members in the review line:
-    ``"LLM"``, or ``"scorer"`` / ``"member"`` when embedding scorers vote (they are not LLMs)."""
+    ``"LLM"``, or ``"scorer"`` / ``"member"`` when embedding scorers vote (they are not LLMs).
+
+    A majority is more than half of the voters: the flag (``molal_flag``) and "overrides …" are written only
+    where the pre-fill differs from a real majority; where there is none the line says "no majority", and
+    names the classes tied for the most votes."""
     served = np.asarray(served, dtype=np.float64)
     k = len(classes)
     out = []
@@ -72,14 +98,13 @@ def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Seq
         f: dict = {"molal_label": classes[lab], "molal_confidence": round(conf, 2)}
         review = f"molal pre-filled {classes[lab]} ({conf:.0%})"
         if llm_probs is not None and np.asarray(llm_probs).shape[1] > 0:
-            votes, major, n_major = _votes(np.asarray(llm_probs[i]).argmax(axis=1), classes)
-            n_llm = np.asarray(llm_probs).shape[1]
-            f["molal_votes"] = votes
-            f["molal_agreement"] = round(n_major / n_llm, 2)
-            f["molal_flag"] = OVERRIDE_FLAG if major != lab else ""
-            review += f" · {voters} votes: {votes}"
-            if major != lab:
-                review += f" · overrides the {voters}s' majority ({classes[major]})"
+            v = VoteSummary(np.asarray(llm_probs[i]).argmax(axis=1), classes)
+            f["molal_votes"] = v.text
+            f["molal_agreement"] = round(v.top_count / v.n, 2)
+            f["molal_flag"] = OVERRIDE_FLAG if v.majority is not None and v.majority != lab else ""
+            review += f" · {voters} votes: {v.text}"
+            if rel := v.relation(lab, classes, voters):
+                review += f" · {rel}"
         if student is not None:
             p = np.clip(np.asarray(student[i], dtype=np.float64), 1e-12, 1.0)
             f["molal_uncertainty"] = round(float(-(p * np.log(p)).sum() / np.log(k)), 2) if k > 1 else 0.0
@@ -112,5 +137,5 @@ def remove_review_panel(config: str) -> str:
     return _PANEL_RE.sub("", config)
 
 
-__all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "add_review_panel", "has_review_panel",
+__all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "VoteSummary", "add_review_panel", "has_review_panel",
            "remove_review_panel", "review_fields"]
