@@ -115,6 +115,8 @@ class Runtime:
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
         self._predict_pool = None
+        self._queue_pool = None
+        self._queued = 0
         self.warm = "off"  # the training-stack warm-up: off | warming | done (GET /health)
         self.started = time.time()
         self._counter_lock = threading.Lock()
@@ -140,6 +142,33 @@ class Runtime:
                     n = max(2, int(os.environ.get("MOLAL_THREADS", "4")))
                     self._predict_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="molal-predict")
         return self._predict_pool
+
+    #: calls waiting for or running in the queue thread at most (each holds its texts: up to 32 MB)
+    queue_backlog = 2
+
+    def queue_later(self, fn: Callable[[], Any]):
+        """Run ``fn`` in the service's queue thread: a Future, or None when :attr:`queue_backlog` calls are
+        already waiting or running there. It queues the jobs a request starts but need not wait for:
+        /predict's background job stores every pending text (up to 32 MB: seconds on a busy disk, more when
+        merged into a queued job), and the answer must not wait past its budget for that; the backlog bound
+        keeps a flood of such requests from holding their texts in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._queue_pool is None:
+                self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molal-queue")
+            if self._queued >= self.queue_backlog:
+                return None
+            self._queued += 1
+
+        def run():
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._queued -= 1
+
+        return self._queue_pool.submit(run)
 
     @property
     def cache(self):
