@@ -2,6 +2,8 @@
 memory and disk. Real HTTP where the finding is about what is served (the predict budget).
 
 1. /predict answers within MOLAL_PREDICT_BUDGET_S whatever the input mix under the limits
+2. parsing a new class list has a time budget and is linear in the config's size
+3. the number of projects is capped (MOLAL_MAX_PROJECTS)
 """
 
 from __future__ import annotations
@@ -111,3 +113,93 @@ def test_embedding_caches_hold_digests_not_texts():
     text = long_texts(1, 32_000, seed=5)[0]
     embed_texts_shared([text], "minilm", "cpu", 64, 128)
     assert all(not isinstance(k[2], str) and len(k[2]) <= 32 for k in TEXT_EMBEDDINGS)
+
+
+
+# -- 2: parsing a new class list ------------------------------------------------------------------------------------
+def _many_blocks(n: int, target: str = "text") -> str:
+    return ('<View><Text name="text" value="$text"/>'
+            + "".join(f'<Choices name="l{b}" toName="{target}"><Choice value="a"/></Choices>' for b in range(n))
+            + "</View>")
+
+
+def test_a_config_of_many_choices_blocks_parses_in_linear_time():
+    """3,000 one-choice <Choices> blocks (194 kB, under MOLAL_MAX_LABEL_CONFIG_CHARS): the whole config was
+    parsed again for each block (50 s on a 2-core machine; ≈ 2.5 s at 700 blocks). Now once; the error names
+    the first problems and counts the rest."""
+    from molal.service.labelconfig import LabelConfigError, parse_label_config
+
+    config = _many_blocks(3000)
+    assert len(config) < 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(LabelConfigError) as err:
+        parse_label_config(config)
+    assert time.perf_counter() - t0 < 5.0
+    msg = str(err.value)
+    assert "need at least 2" in msg and "and 2995 more <Choices>" in msg and len(msg) < 2000, msg[:300]
+
+
+def test_parsing_a_new_label_config_has_a_budget_and_a_known_one_costs_nothing(tmp_path, monkeypatch):
+    """Over MOLAL_LABEL_CONFIG_BUDGET_S: 422 naming the variable, nothing stored (a new project is not created,
+    a known one keeps its config). A config parsed before is remembered: Label Studio sends it with every
+    /predict."""
+    from backend.app import create_app
+    from molal.config import get_settings
+    from molal.service import runtime
+
+    big = ('<View><Text name="text" value="$text"/>'
+           + "".join(f'<Choices name="l{b}" toName="text">' + "".join(f'<Choice value="c{i}"/>' for i in range(199))
+                     + "</Choices>" for b in range(40)) + "</View>")  # 172 kB, ~0.1-0.4 s to parse
+    app = create_app(get_settings(model_dir=tmp_path / "state", label_config_budget_s=0.01), start_worker=False)
+    c = app.test_client()
+    svc = app.config["MOLAL_SERVICE"]
+    r = c.post("/setup", json={"project": 3, "schema": big})
+    assert r.status_code == 422 and "MOLAL_LABEL_CONFIG_BUDGET_S" in r.json["error"], r.json
+    assert svc.store.project_ids() == []
+    assert c.post("/setup", json={"project": 3, "schema": TREC_CONFIG}).status_code == 200
+    assert c.post("/setup", json={"project": 3, "schema": big}).status_code == 422
+    assert svc.store.project(3).get("label_config") == TREC_CONFIG
+
+    calls = []
+    real = runtime.parse_label_config
+    monkeypatch.setattr(runtime, "parse_label_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        assert c.post("/setup", json={"project": 3, "schema": TREC_CONFIG}).status_code == 200
+    assert calls == []  # parsed once, at the first /setup above
+
+
+# -- 3: the number of projects ----------------------------------------------------------------------------------------
+def test_the_number_of_projects_is_capped_and_the_error_names_the_variable(tmp_path):
+    from backend.app import create_app
+    from molal.config import get_settings
+
+    app = create_app(get_settings(model_dir=tmp_path / "state", max_projects=3), start_worker=False)
+    c = app.test_client()
+    for pid in (1, 2, 3):
+        assert c.post("/setup", json={"project": f"{pid}.1", "schema": TREC_CONFIG}).status_code == 200
+    r = c.post("/setup", json={"project": "4.1", "schema": TREC_CONFIG})
+    assert r.status_code == 507 and "MOLAL_MAX_PROJECTS=3" in r.json["error"], r.json
+    tasks = [{"id": 1, "data": {"text": "Who wrote Hamlet ?"}}]
+    r = c.post("/predict", json={"project": "5.1", "label_config": TREC_CONFIG, "tasks": tasks})
+    assert r.status_code == 507 and "MOLAL_MAX_PROJECTS" in r.json["error"]
+    svc = app.config["MOLAL_SERVICE"]
+    assert svc.store.project_ids() == [1, 2, 3]  # nothing of 4 or 5 on disk
+    assert c.post("/setup", json={"project": "2.1", "schema": TREC_CONFIG}).status_code == 200  # known ones work
+    r = c.post("/predict", json={"project": "2.1", "label_config": TREC_CONFIG, "tasks": tasks})
+    assert r.status_code == 200
+
+
+def test_a_project_state_stays_small_whatever_its_texts(tmp_path):
+    """The default mixture's probe (32 of a project's texts, stored with it) keeps 2,000 characters of each: 32
+    texts of 32,000 characters made every such project's state 1 MB."""
+    from backend.app import create_app
+    from molal.config import get_settings
+
+    app = create_app(get_settings(model_dir=tmp_path / "state", predict_time_budget_s=0.0), start_worker=False)
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(long_texts(64, 32_000))]
+    r = app.test_client().post("/predict", json={"project": 3, "label_config": TREC_CONFIG, "tasks": tasks})
+    assert r.status_code == 200
+    probe = app.config["MOLAL_SERVICE"].store.project(3).get("default_mixture_probe")
+    assert len(probe) == 32 and max(map(len, probe)) == 2000
+    size = sum(p.stat().st_size for p in (tmp_path / "state" / "projects" / "3").rglob("*") if p.is_file())
+    assert size < 300_000, size
