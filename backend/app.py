@@ -104,15 +104,17 @@ def allowed_host(name: str, allowed: frozenset[str] | None) -> bool:
     return "*" in allowed or name in allowed
 
 
-def preload() -> float:
+def preload(settings: Settings | None = None) -> float:
     """Import what /setup needs before the worker takes requests (a cold worker otherwise spent 3-16 s of
     Label Studio's 3 s /setup budget importing the label-config parser, the annotators, MoLAM). Loading a
     published MoLAM needs neither scikit-learn nor XGBoost (~4 s): an XGBoost candidate's booster is built
-    at its first prediction (/predict has 100 s)."""
-    import time
-
+    at its first prediction (/predict has 100 s). When a Label Studio can be reached (``settings``), also the
+    SDK's client that reads task files from it (~3 s cold, else spent inside a /predict's budget)."""
     t0 = time.perf_counter()
     import label_studio_sdk.label_interface  # noqa: F401  (the label-config parser: ~2.5 s cold)
+
+    if settings is not None and (settings.label_studio_url or settings.trust_setup_hostname):
+        import label_studio_sdk.client  # noqa: F401
 
     import molal.annotators.embedding  # noqa: F401
     import molal.annotators.mixture  # noqa: F401
@@ -135,7 +137,7 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
         register_secret(settings.label_studio_api_key.get_secret_value())
     if settings.basic_auth_pass is not None:
         register_secret(settings.basic_auth_pass.get_secret_value())
-    dt = preload()
+    dt = preload(settings)
     log.debug("preloaded the request path's modules in %.1f s", dt)
     svc = Service(settings)
     if start_worker:

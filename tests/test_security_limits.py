@@ -74,6 +74,51 @@ def test_predict_of_the_largest_request_answers_within_its_budget(tmp_path):
         logf.close()
 
 
+def test_task_files_are_read_until_the_model_work_deadline(tmp_path):
+    """Tasks whose texts are Label Studio-hosted files, on a Label Studio that takes 0.4 s per file: they were
+    read one after another whatever the budget (12 files: 4.8 s for a 4 s budget). Now in the first half of the
+    model work's time; the files not read are pending (no error), and Label Studio's next retrieval asks
+    again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from backend.app import create_app
+    from molal.config import get_settings
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(0.4)
+            body = b"x " * 20_000 if "big" in self.path else b"Who wrote The Night of the Iguana ?"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        mix = tmp_path / "mixture.toml"
+        mix.write_text('[[annotator]]\ntype = "replay"\nname = "qwen"\nsource = "bundled:trec"\n')
+        app = create_app(get_settings(model_dir=tmp_path / "state", mixture=mix, predict_time_budget_s=4.0,
+                                      label_studio_url=f"http://127.0.0.1:{srv.server_address[1]}",
+                                      label_studio_api_key="k" * 40), start_worker=False)
+        tasks = [{"id": i, "data": {"text": f"/data/upload/7/{i}.txt"}} for i in range(12)]
+        tasks[0]["data"]["text"] = "/data/upload/7/big.txt"  # 40,000 characters: over MOLAL_MAX_TEXT_CHARS
+        t0 = time.monotonic()
+        r = app.test_client().post("/predict", json={"project": 7, "label_config": TREC_CONFIG, "tasks": tasks})
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.json
+        done = sum(1 for e in r.json["results"] if e)
+        assert took < 4.0 + 0.3, took
+        assert 1 <= done < 11 and r.json["pending"] == 11 - done, r.json
+        assert list(r.json["errors"]) == ["0"] and "MOLAL_MAX_TEXT_CHARS" in r.json["errors"]["0"]
+    finally:
+        srv.shutdown()
+
+
 def test_the_clock_keeps_time_for_the_last_steps_within_the_budget():
     from molal.service.predict import DEADLINE_GRACE_S, Clock
 

@@ -129,6 +129,8 @@ def parse_label_config(config: object, from_name: str | None = None, *, max_clas
     spaces, Unicode normalisation), a value with a control or invisible formatting character
     (:func:`refused_char`), a value over ``MAX_CLASS_CHARS`` characters, and — with ``budget_s`` — a config
     whose parsing takes longer than that (checked after the SDK's parse and between ``<Choices>`` blocks)."""
+    from label_studio_sdk.label_interface import LabelInterface  # ~3 s cold: not parsing time
+
     deadline = None if budget_s is None else time.monotonic() + budget_s
 
     def in_time() -> None:
@@ -142,8 +144,6 @@ def parse_label_config(config: object, from_name: str | None = None, *, max_clas
         raise LabelConfigError(f"the label config has {len(config)} characters; molal accepts at most {max_chars} "
                                "(MOLAL_MAX_LABEL_CONFIG_CHARS)")
     try:
-        from label_studio_sdk.label_interface import LabelInterface
-
         li = LabelInterface(config)
     except Exception as exc:  # the SDK raises assorted errors on bad XML
         raise LabelConfigError(f"the label config cannot be parsed ({type(exc).__name__}: {exc}); {SUPPORTED}") from None

@@ -20,7 +20,7 @@ answer is built, whatever the input mix under the limits (:class:`Clock`). The m
 enough to leave time for what follows it — the cache lookup, the entries, the background job, the JSON —
 estimated from the request's size (:data:`FINISH_BASE_S`, :data:`FINISH_S_PER_MB`, :data:`FINISH_S_PER_TASK`,
 measured in bench/predict_budget.py with a 3x margin). Every stage keeps to it: Label Studio-hosted files
-are read until the model work's deadline (the rest are pending), the mixture runs in a thread of the
+are read in the first half of the model work's time (the rest are pending, without error), the mixture runs in a thread of the
 service's predict pool and the request waits for it only until the model work's deadline plus a grace
 (then it answers with what the annotation cache holds, and the call still running finishes into the cache,
 where the background job finds it), the student predicts in chunks and stops at that deadline, and the
@@ -217,7 +217,9 @@ def queue_pending(svc: Runtime, state: ProjectState, texts: list[str], spec: Lab
 def read_texts(svc: Runtime, state: ProjectState, texts: list[str | None], errors: dict[int, str],
                deadline: float) -> tuple[list[str | None], list[int]]:
     """:func:`~molal.service.taskdata.resolve_texts` (Label Studio-hosted .txt files → their text) one task at
-    a time until ``deadline``, each read's timeout capped by the time left: (texts, rows not read in time)."""
+    a time until ``deadline``, each read's timeout capped by the time left: (texts, rows not read in time). A
+    file over ``MOLAL_MAX_TEXT_CHARS`` is dropped as soon as it is read (files may hold up to
+    ``MOLAL_TASK_FILE_MAX_BYTES`` each: 10,000 of them must not be held at once)."""
     if not any(isinstance(t, str) and "/data/" in t for t in texts):  # resolve_texts' own test: no file
         return texts, []
     out: list[str | None] = list(texts)
@@ -231,12 +233,18 @@ def read_texts(svc: Runtime, state: ProjectState, texts: list[str | None], error
             out[i] = None
             unread.append(i)
             continue
-        if left < settings.task_file_timeout_s:
+        capped = left < svc.settings.task_file_timeout_s
+        if capped:
             settings = svc.settings.model_copy(update={"task_file_timeout_s": left})
         err: dict[int, str] = {}
         out[i] = resolve_texts(settings, state, [t], err)[0]
-        if err:
+        if err and capped and time.monotonic() >= deadline:  # cut short by this request's deadline: pending
+            unread.append(i)
+        elif err:
             errors[i] = err[0]
+        elif out[i] is not None and len(out[i]) > svc.settings.max_text_chars:
+            errors[i] = too_long(len(out[i]), svc.settings.max_text_chars)
+            out[i] = None
     return out, unread
 
 
@@ -245,11 +253,8 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
     ps = svc.project_settings(state)
     max_chars = svc.settings.max_text_chars
     texts, errors = check_tasks(tasks, spec, max_chars)
-    texts, unread = read_texts(svc, state, texts, errors, clock.work)
-    for i, t in enumerate(texts):
-        if t is not None and len(t) > max_chars:  # a file's content is held to the same limit
-            texts[i] = None
-            errors[i] = too_long(len(t), max_chars)
+    # Label Studio-hosted files: read in the first half of the model work's time (the other is annotating's)
+    texts, unread = read_texts(svc, state, texts, errors, (time.monotonic() + clock.work) / 2)
     if tasks and not unread and all(t is None for t in texts):
         raise Unprocessable(f"no task has a text to annotate: {'; '.join(sorted(set(errors.values())))[:300]}")
     if not tasks:
