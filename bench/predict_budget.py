@@ -77,13 +77,13 @@ def steps(n: int, chars: int, tasks: int) -> dict:
     }
 
 
-def served(n: int, chars: int, budget: float, repeat: int) -> list[dict]:
+def served(n: int, chars: int, budget: float, repeat: int, env: dict[str, str] | None = None) -> list[dict]:
     import httpx
 
     from tests.conftest import TREC_CONFIG
     from tests.harness import long_texts, start_gunicorn, stop_gunicorn, worker_pids
     d = Path(tempfile.mkdtemp())
-    proc, url = start_gunicorn(d / "state", {"MOLAL_PREDICT_BUDGET_S": str(budget)}, workers=1)
+    proc, url = start_gunicorn(d / "state", {"MOLAL_PREDICT_BUDGET_S": str(budget), **(env or {})}, workers=1)
     out = []
 
     def body(seed: int, k: int, project: str = "7.1") -> bytes:
@@ -123,12 +123,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-steps", action="store_true", help="only the server (e.g. to run it on an older molal)")
+    ap.add_argument("--env", action="append", default=[], help="K=V for the server's environment (repeatable)")
     args = ap.parse_args()
     rows = [] if args.no_steps else [steps(args.n, args.chars, args.tasks)]
     if rows:
         print(json.dumps(rows[0]), flush=True)
     if not args.no_server:
-        for r in served(args.n, args.chars, args.budget, args.repeat):
+        env = dict(kv.split("=", 1) for kv in args.env)
+        for r in served(args.n, args.chars, args.budget, args.repeat, env):
             print(json.dumps(r), flush=True)
             rows.append(r)
     s = rows[0] if rows and rows[0]["what"] == "steps" else None

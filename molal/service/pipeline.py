@@ -83,7 +83,8 @@ class Service(Runtime):
                            "(MOLAL_MAX_TASKS). Retrieve predictions for fewer tasks at a time, or push them all in "
                            "bulk with `molal sync --project N`")
         pid, state, spec = self.checked_project(payload.get("project"), payload.get("label_config"))
-        texts, _ = check_tasks(tasks, spec, self.settings.max_text_chars)  # refuse bad batches before any state
+        # bad batches are refused before any state is created
+        texts, _ = check_tasks(tasks, spec, self.settings.max_text_chars)
         state = state or self.project(pid)
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
