@@ -146,6 +146,15 @@ class Settings(BaseSettings):
                              description="most <Choice> values in a served <Choices>")
     max_label_config_chars: int = Field(200_000, ge=100, validation_alias="MOLAL_MAX_LABEL_CONFIG_CHARS",
                                         description="longest label config accepted")
+    label_config_budget_s: float = Field(
+        2.0, gt=0, validation_alias="MOLAL_LABEL_CONFIG_BUDGET_S",
+        description="longest time parsing a new label config may take (Label Studio gives /setup 3 s); a config "
+                    "parsed before is remembered and costs nothing",
+    )
+    max_projects: int = Field(
+        1000, ge=1, validation_alias="MOLAL_MAX_PROJECTS",
+        description="most Label Studio projects this backend keeps state for; a new one beyond it is refused (507)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, validation_alias="MOLAL_REQUEST_TIMEOUT_S",
                                      description="time a client has to send a whole request (headers and body)")
     response_timeout_s: float = Field(60.0, gt=0, validation_alias="MOLAL_RESPONSE_TIMEOUT_S",

@@ -112,12 +112,12 @@ def _build_module(encoder_model: Any, n_classes: int, dropout: float, seed: int)
     return _Classifier()
 
 
-#: frozen-encoder embeddings, per (encoder, max_length) and text (the encoder never changes in that preset):
+#: frozen-encoder embeddings, per (encoder, max_length) and text digest (the encoder never changes in that preset):
 #: an LRU of at most this many texts per encoder (≈ 1.5 kB each for MiniLM: ≈ 300 MB), so a long-running
 #: backend that trains on many projects does not grow without bound, while one job on a 100k-task project
 #: still embeds each text once for fitting and ranking
 FROZEN_EMB_CACHE_TEXTS = 200_000
-_FROZEN_EMB_CACHE: dict[tuple[str, int], LRU[str, np.ndarray]] = {}
+_FROZEN_EMB_CACHE: dict[tuple[str, int], LRU[bytes, np.ndarray]] = {}
 _FROZEN_EMB_LOCK = threading.Lock()
 
 
@@ -282,7 +282,10 @@ class Student:
 
     def _frozen_embeddings(self, model, texts: list[str]) -> np.ndarray:
         """Embeddings of the (frozen, eval-mode) start encoder, cached per text."""
-        got = {t: self._emb_cache.get(t) for t in dict.fromkeys(texts)}  # this call's, whatever the LRU evicts
+        from molal.embeddings import text_digest
+
+        keys = {t: text_digest(t) for t in dict.fromkeys(texts)}  # the LRU holds digests, not texts
+        got = {t: self._emb_cache.get(k) for t, k in keys.items()}  # this call's, whatever the LRU evicts
         todo = [t for t, e in got.items() if e is None]
         if todo:
             feats = self._tokenize(todo)
@@ -296,12 +299,15 @@ class Student:
                     emb = model.pooled(**b).float().cpu().numpy()
                     for j, i in enumerate(idx):
                         got[todo[i]] = emb[j]
-                        self._emb_cache.put(todo[i], emb[j])
+                        self._emb_cache.put(keys[todo[i]], emb[j])
         return np.stack([got[t] for t in texts]).astype(np.float32)
 
     def _tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
+        from molal.embeddings import clip_texts
+
         self._load_tokenizer()
-        enc = self._tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+        texts = clip_texts(self._tokenizer, texts, self.max_length)  # same tokens, a fraction of the work
+        enc = self._tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 

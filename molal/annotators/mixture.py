@@ -189,14 +189,17 @@ class _AnnotationRun:
 
     def from_cache(self) -> list[list[int]]:
         """Fill what the cache holds; returns, per annotator, the unique texts still to annotate."""
+        from molal.cache import text_key
+
         nu, k = len(self.u_texts), len(self.names)
         todo: list[list[int]] = []
+        keys = [text_key(t) for t in self.u_texts] if self.cache is not None else None  # hashed once
         for j, a in enumerate(self.annotators):
             st = self.per[a.name]
             miss = list(range(nu))
             if self.cache is not None and nu:
                 miss = []
-                for u, g in enumerate(self.cache.get_many(self.idents[j], self.u_texts, n_classes=k)):
+                for u, g in enumerate(self.cache.get_many(self.idents[j], self.u_texts, n_classes=k, keys=keys)):
                     if g is None:
                         miss.append(u)
                         continue

@@ -8,6 +8,8 @@ backend) with a message that names what is supported.
 
 from __future__ import annotations
 
+import time
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -50,36 +52,102 @@ class LabelSpec:
         return out
 
 
-def _raw_choices(config: str, name: str) -> list[str] | None:
-    """The class names of ``<Choices name=name>`` as written (``alias`` if set, else ``value``), duplicates and
-    empty values included — the SDK's parser drops both silently. None if the XML cannot be read here."""
+def _raw_choices(config: str) -> dict[str, list[str]] | None:
+    """The class names of every ``<Choices name=...>`` as written (``alias`` if set, else ``value``), duplicates
+    and empty values included — the SDK's parser drops both silently. One parse for all of them (one per
+    ``<Choices>`` made 3,000 of them cost 50 s). None if the XML cannot be read here."""
     try:
         root = ET.fromstring(config)
     except ET.ParseError:
         return None
+    out: dict[str, list[str]] = {}
     for el in root.iter("Choices"):
-        if el.get("name") == name:
-            return [c.get("alias") if c.get("alias") is not None else (c.get("value") or "") for c in el.iter("Choice")]
+        name = el.get("name")
+        if name is not None and name not in out:  # the first of a name, as the SDK keeps
+            out[name] = [c.get("alias") if c.get("alias") is not None else (c.get("value") or "")
+                         for c in el.iter("Choice")]
+    return out
+
+
+#: refused in class names: controls (C0, C1, DEL), line and paragraph separators, surrogates, and the format
+#: characters — bidi controls (U+202A–E, U+2066–9, U+200E/F, U+061C), zero-width spaces and joiners, soft
+#: hyphens, BOMs: invisible, or reordering what a reviewer reads — except ZWNJ and ZWJ (U+200C/D), which
+#: Persian, Indic scripts and emoji sequences need
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_ALLOWED_FORMAT = frozenset({"\u200c", "\u200d"})
+
+
+def refused_char(name: str) -> str | None:
+    """The first character of a class name that molal refuses, as ``U+XXXX NAME`` (never the raw character),
+    or None."""
+    for ch in name:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES and ch not in _ALLOWED_FORMAT:
+            return f"U+{ord(ch):04X} {unicodedata.name(ch, 'control character')}"
+    return None
+
+
+def class_key(name: str) -> str:
+    """What makes two class names the same class: the name without surrounding spaces, in Unicode NFC."""
+    return unicodedata.normalize("NFC", name.strip())
+
+
+def _check_classes(labels: list[str], where: str) -> str | None:
+    """Why a ``<Choices>``'s class names cannot be served (None: they can)."""
+    empty = [i + 1 for i, v in enumerate(labels) if not v.strip()]
+    if empty:
+        return f"{where} has an empty <Choice value> (choice number {empty[0]})"
+    long_ = [v for v in labels if len(v) > MAX_CLASS_CHARS]
+    if long_:
+        return f"{where} has a <Choice> value of {len(long_[0])} characters (at most {MAX_CLASS_CHARS})"
+    for i, v in enumerate(labels):
+        bad = refused_char(v)
+        if bad is not None:
+            return (f"{where} has a control or invisible formatting character ({bad}) in <Choice> number {i + 1}; "
+                    "class names are shown to reviewers as written: remove it")
+    first: dict[str, int] = {}
+    dups: list[tuple[int, int]] = []
+    for i, v in enumerate(labels):
+        j = first.setdefault(class_key(v), i)
+        if j != i:
+            dups.append((j, i))
+    if dups:
+        names = list(dict.fromkeys(class_key(labels[j]) for j, _ in dups))
+        same_text = all(labels[j] == labels[i] for j, i in dups)
+        how = "" if same_text else (" (the same class once surrounding spaces are trimmed and Unicode is "
+                                    f"normalised: choices number {dups[0][0] + 1} and {dups[0][1] + 1})")
+        return (f"{where} has duplicate <Choice> values: {', '.join(repr(v[:40]) for v in names[:5])}{how} "
+                "(each class must appear once)")
     return None
 
 
 def parse_label_config(config: object, from_name: str | None = None, *, max_classes: int = DEFAULT_MAX_CLASSES,
-                       max_chars: int = DEFAULT_MAX_CONFIG_CHARS) -> LabelSpec:
+                       max_chars: int = DEFAULT_MAX_CONFIG_CHARS, budget_s: float | None = None) -> LabelSpec:
     """Parse a label config XML string into a :class:`LabelSpec` or raise :class:`LabelConfigError`.
 
     Refused with a message: a config over ``max_chars`` characters, a ``<Choices>`` with more than
-    ``max_classes`` values, duplicate or empty values, a value over ``MAX_CLASS_CHARS`` characters."""
+    ``max_classes`` values, empty values, values that are the same class (:func:`class_key`: surrounding
+    spaces, Unicode normalisation), a value with a control or invisible formatting character
+    (:func:`refused_char`), a value over ``MAX_CLASS_CHARS`` characters, and — with ``budget_s`` — a config
+    whose parsing takes longer than that (checked after the SDK's parse and between ``<Choices>`` blocks)."""
+    from label_studio_sdk.label_interface import LabelInterface  # ~3 s cold: not parsing time
+
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def in_time() -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise LabelConfigError(f"parsing the label config took over {budget_s:g} s, the budget for a new label "
+                                   "config (MOLAL_LABEL_CONFIG_BUDGET_S); simplify it (fewer tags)")
+
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError(f"the label config is missing or empty; {SUPPORTED}")
     if len(config) > max_chars:
         raise LabelConfigError(f"the label config has {len(config)} characters; molal accepts at most {max_chars} "
                                "(MOLAL_MAX_LABEL_CONFIG_CHARS)")
     try:
-        from label_studio_sdk.label_interface import LabelInterface
-
         li = LabelInterface(config)
     except Exception as exc:  # the SDK raises assorted errors on bad XML
         raise LabelConfigError(f"the label config cannot be parsed ({type(exc).__name__}: {exc}); {SUPPORTED}") from None
+    in_time()
     objects = {o.name: o for o in li.objects}
     choices = [c for c in li.controls if c.tag.lower() == "choices"]
     if not choices:
@@ -95,7 +163,9 @@ def parse_label_config(config: object, from_name: str | None = None, *, max_clas
     else:
         candidates = choices
     problems: list[str] = []
+    raw: dict[str, list[str]] | None = None
     for c in candidates:
+        in_time()
         targets = [objects.get(t) for t in (c.to_name or [])]
         text_targets = [o for o in targets if o is not None and o.tag.lower() == "text"]
         if not text_targets:
@@ -109,25 +179,16 @@ def parse_label_config(config: object, from_name: str | None = None, *, max_clas
         if c.attr.get("perRegion") or c.attr.get("perregion"):
             problems.append(f"<Choices name={c.name!r}> is perRegion (not supported)")
             continue
-        raw = _raw_choices(config, c.name)
-        labels = raw if raw is not None else [str(v) for v in (c.labels or [])]
+        if raw is None:
+            raw = _raw_choices(config) or {}
+        labels = raw[c.name] if c.name in raw else [str(v) for v in (c.labels or [])]
         if len(labels) > max_classes:
             problems.append(f"<Choices name={c.name!r}> has {len(labels)} <Choice> values; molal serves at most "
                             f"{max_classes} classes (MOLAL_MAX_CLASSES)")
             continue
-        empty = [i + 1 for i, v in enumerate(labels) if not v.strip()]
-        if empty:
-            problems.append(f"<Choices name={c.name!r}> has an empty <Choice value> (choice number {empty[0]})")
-            continue
-        dup = sorted({v for v in labels if labels.count(v) > 1})
-        if dup:
-            problems.append(f"<Choices name={c.name!r}> has duplicate <Choice> values: "
-                            f"{', '.join(repr(v[:40]) for v in dup[:5])} (each class must appear once)")
-            continue
-        long_ = [v for v in labels if len(v) > MAX_CLASS_CHARS]
-        if long_:
-            problems.append(f"<Choices name={c.name!r}> has a <Choice> value of {len(long_[0])} characters "
-                            f"(at most {MAX_CLASS_CHARS})")
+        why = _check_classes(labels, f"<Choices name={c.name!r}>")
+        if why is not None:
+            problems.append(why)
             continue
         if len(labels) < 2:
             problems.append(f"<Choices name={c.name!r}> has {len(labels)} <Choice> values (need at least 2)")
@@ -138,4 +199,5 @@ def parse_label_config(config: object, from_name: str | None = None, *, max_clas
             problems.append(f"<Text name={text.name!r}> has value={value!r}; it must name a task field like $text")
             continue
         return LabelSpec(from_name=c.name, to_name=text.name, value_key=value[1:], classes=tuple(labels))
-    raise LabelConfigError("; ".join(problems) + f". {SUPPORTED}")
+    more = f"; and {len(problems) - 5} more <Choices> like these" if len(problems) > 5 else ""
+    raise LabelConfigError("; ".join(problems[:5]) + f"{more}. {SUPPORTED}")

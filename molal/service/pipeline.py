@@ -22,7 +22,7 @@ from molal.config import Settings
 from molal.service.errors import BadRequest, Gone, NotFound, TooLarge
 from molal.service.jobs import JobContext, execute, public_job
 from molal.service.lstrust import setup_usable
-from molal.service.predict import check_tasks, predict_tasks
+from molal.service.predict import Clock, check_tasks, predict_tasks
 from molal.service.runtime import Runtime
 from molal.service.store import ProjectIdError, parse_project_id, version_name
 from molal.service.train import JOBS
@@ -68,7 +68,11 @@ class Service(Runtime):
         return {"model_version": srv.version}
 
     # -- /predict --------------------------------------------------------------------------------------
-    def predict(self, payload: Any, budget_s: float | None = None) -> dict:
+    def predict(self, payload: Any, budget_s: float | None = None, started: float | None = None) -> dict:
+        """The answer to ``/predict`` within ``budget_s`` (``MOLAL_PREDICT_BUDGET_S``) from ``started`` (a
+        ``time.monotonic()`` value: when the request's handler began, before its body was parsed; default
+        now): :func:`molal.service.predict.predict_tasks`."""
+        started = time.monotonic() if started is None else started
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'tasks' and 'project'")
         tasks = payload.get("tasks")
@@ -79,11 +83,13 @@ class Service(Runtime):
                            "(MOLAL_MAX_TASKS). Retrieve predictions for fewer tasks at a time, or push them all in "
                            "bulk with `molal sync --project N`")
         pid, state, spec = self.checked_project(payload.get("project"), payload.get("label_config"))
-        check_tasks(tasks, spec, self.settings.max_text_chars)  # refuse bad batches before any state is created
+        # bad batches are refused before any state is created
+        texts, _ = check_tasks(tasks, spec, self.settings.max_text_chars)
         state = state or self.project(pid)
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
-        out = predict_tasks(self, state, spec, tasks, deadline=time.monotonic() + budget)
+        clock = Clock.plan(started, budget, len(tasks), sum(len(t) for t in texts if t is not None))
+        out = predict_tasks(self, state, spec, tasks, clock)
         if payload.get("label_config") and payload["label_config"] != state.get("label_config"):
             state.put("label_config", payload["label_config"])
         self.count(predict_requests=1, predict_tasks=len(tasks), predict_pending=out.get("pending", 0),

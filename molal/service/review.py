@@ -23,12 +23,14 @@ that left the head). The Data Manager can show, sort and filter them; the review
 ``review_panel=true``): a read-only block at the top of the label config that shows ``$molal_review``
 above the text. It adds no control tag, so it never enters an annotation or an export, and leaves the
 ``<Choices>`` and every annotation alone. It sits between two XML comments, so it can be removed exactly.
+An XML parser (expat) says where it goes and where it is; the text around it is never rewritten, and the
+edited config is parsed again (:func:`check_edit`) before anything sends it to Label Studio.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -114,28 +116,147 @@ def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Seq
 
 
 # -- the review panel -------------------------------------------------------------------------------------
-_PANEL_RE = re.compile(re.escape(PANEL_BEGIN) + r".*?" + re.escape(PANEL_END), re.S)
-_ROOT_RE = re.compile(r"<View\b[^>]*?(?<!/)>", re.S)
+class ReviewPanelError(ValueError):
+    """The review panel cannot go into (or come out of) this label config; the message says why."""
+
+
+_BEGIN, _END = PANEL_BEGIN[4:-3], PANEL_END[4:-3]  # the comments' text
+
+
+@dataclass
+class _Layout:
+    """Where things are in a label config, from an XML parser (byte offsets into its UTF-8 encoding)."""
+
+    root: str  # the root element's name
+    body: int  # just after the root's start tag (-1: the root is empty, ``<View/>``)
+    panels: list[tuple[int, int]]  # each review panel among the root's children: its first and past-last byte
+
+
+def _layout(config: str) -> tuple[bytes, _Layout]:
+    """Parse ``config`` as XML (expat: no DTD read, no entity declared or expanded, nothing fetched) and say
+    where its root's content begins and where the review panels are. A config that is not well-formed XML, or
+    declares entities, raises :class:`ReviewPanelError`."""
+    from xml.parsers import expat
+
+    data = config.encode("utf-8")
+    p = expat.ParserCreate(encoding="utf-8")  # the text is UTF-8 whatever its declaration says
+    p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    depth, root, start = 0, None, -1
+    begins: list[int] = []
+    panels: list[tuple[int, int]] = []
+
+    def on_start(name, _attrs):
+        nonlocal depth, root, start
+        if depth == 0:
+            root, start = name, p.CurrentByteIndex
+        depth += 1
+
+    def on_end(_name):
+        nonlocal depth
+        depth -= 1
+
+    def on_comment(text):
+        if depth != 1:  # only the root's own children: a comment before the root, or deeper, is the user's
+            return
+        at = p.CurrentByteIndex
+        if text == _BEGIN:
+            begins.append(at)
+        elif text == _END and begins:
+            panels.append((begins.pop(), at + len(PANEL_END.encode())))
+
+    def no_entities(*_a):
+        raise ReviewPanelError("the label config declares XML entities; molal does not edit such a config")
+
+    p.StartElementHandler, p.EndElementHandler, p.CommentHandler = on_start, on_end, on_comment
+    p.EntityDeclHandler = no_entities
+    try:
+        p.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise ReviewPanelError(f"the label config is not well-formed XML ({expat.ErrorString(exc.code)}, line "
+                               f"{exc.lineno}, column {exc.offset})") from None
+    if root is None:
+        raise ReviewPanelError("the label config has no root element")
+    if begins:
+        raise ReviewPanelError("the label config has a review panel that begins but does not end "
+                               f"({PANEL_BEGIN} without {PANEL_END}); remove it by hand")
+    return data, _Layout(root, _start_tag_end(data, start), panels)
+
+
+def _start_tag_end(data: bytes, start: int) -> int:
+    """Just after the start tag at ``start`` of well-formed XML (a ``>`` in a quoted attribute value is not
+    its end), or -1 when the tag closes itself (``<View/>``)."""
+    quote = None
+    for i in range(start, len(data)):
+        c = data[i]
+        if quote is not None:
+            if c == quote:
+                quote = None
+        elif c in (0x22, 0x27):  # " '
+            quote = c
+        elif c == 0x3E:  # >
+            return -1 if data[i - 1] == 0x2F else i + 1  # /
+    raise ReviewPanelError("the label config's root start tag does not end")  # cannot happen once parsed
 
 
 def has_review_panel(config: str) -> bool:
-    return PANEL_BEGIN in config
+    """Whether the root ``<View>`` of ``config`` holds the review panel (as one of its children)."""
+    return bool(_layout(config)[1].panels)
 
 
 def add_review_panel(config: str) -> str:
-    """``config`` with the review panel as the first child of its root ``<View>`` (unchanged if present)."""
-    if has_review_panel(config):
+    """``config`` with the review panel as the first child of its root ``<View>`` (unchanged if present).
+
+    The XML parser finds where the root's start tag ends; the panel goes in there and nothing else in the
+    text changes (comments, attribute order and quoting, whitespace, entities, the prolog): removing it gives
+    back exactly ``config``. :class:`ReviewPanelError` when the config is not well-formed XML, declares
+    entities, or has no root ``<View>`` with content."""
+    data, lay = _layout(config)
+    if lay.panels:
         return config
-    m = _ROOT_RE.search(config)
-    if m is None:
-        raise ValueError("the label config has no root <View> to put the review panel in")
-    return config[: m.end()] + PANEL + config[m.end():]
+    if lay.root != "View":
+        raise ReviewPanelError(f"the label config's root is <{lay.root[:40]}>, not the root <View> the review "
+                               "panel goes in")
+    if lay.body < 0:
+        raise ReviewPanelError("the label config's root <View/> is empty")
+    return (data[: lay.body] + PANEL.encode() + data[lay.body :]).decode("utf-8")
 
 
 def remove_review_panel(config: str) -> str:
     """``config`` without the review panel: exactly the text :func:`add_review_panel` started from."""
-    return _PANEL_RE.sub("", config)
+    data, lay = _layout(config)
+    for a, b in reversed(lay.panels):
+        data = data[:a] + data[b:]
+    return data.decode("utf-8") if lay.panels else config
 
 
-__all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "VoteSummary", "add_review_panel", "has_review_panel",
-           "remove_review_panel", "review_fields"]
+def check_edit(before: str, after: str) -> None:
+    """Refuse (:class:`ReviewPanelError`) an edited label config that Label Studio could not use as the
+    original was: ``after`` must parse (molal's parser and the Label Studio SDK's, with its validation where
+    ``before`` passes it) and serve the same ``<Choices>``, ``<Text>`` and classes."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from molal.service.labelconfig import LabelConfigError, parse_label_config
+
+    spec = parse_label_config(before)  # LabelConfigError: not a config molal serves, edited or not
+    _layout(after)
+    try:
+        same = parse_label_config(after) == spec
+    except LabelConfigError as exc:
+        raise ReviewPanelError(f"the edited label config would not parse: {exc}") from None
+    if not same:
+        raise ReviewPanelError("the edited label config would serve other classes or another <Choices>")
+
+    def invalid(config: str) -> str | None:
+        try:
+            LabelInterface(config).validate()
+        except Exception as exc:  # noqa: BLE001 - the SDK raises assorted errors
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    why = invalid(after)
+    if why is not None and invalid(before) is None:
+        raise ReviewPanelError(f"Label Studio would refuse the edited label config ({why})")
+
+
+__all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "ReviewPanelError", "VoteSummary", "add_review_panel", "check_edit",
+           "has_review_panel", "remove_review_panel", "review_fields"]

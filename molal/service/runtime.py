@@ -26,7 +26,7 @@ import numpy as np
 from molal.config import Settings, get_settings
 from molal.io import ArtifactError
 from molal.lru import LRU
-from molal.service.errors import BadRequest, NotFound, Unprocessable
+from molal.service.errors import BadRequest, InsufficientStorage, NotFound, Unprocessable
 from molal.service.jobs import JobContext, JobQueue, JobWorker, submit_rq
 from molal.service.labelconfig import LabelConfigError, LabelSpec, parse_label_config
 from molal.service.store import ProjectIdError, ProjectSettings, ProjectState, ServiceStore, parse_project_id
@@ -44,6 +44,10 @@ class LoadedModel:
     student: Any = None
     student_loaded: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+#: characters of each text kept in a project's default-mixture probe
+PROBE_CHARS = 2000
 
 
 def _short(s: str) -> str:
@@ -112,9 +116,12 @@ class Runtime:
         self._mixtures: LRU[tuple, Any] = LRU(8)
         self._models: LRU[tuple[int, str], LoadedModel] = LRU(16)
         self._bad_models: LRU[tuple[int, str], str] = LRU(64)
+        self._specs: LRU[tuple[bytes | None, str | None], LabelSpec] = LRU(256)  # parsed label configs
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
         self._predict_pool = None
+        self._queue_pool = None
+        self._queued = 0
         self.warm = "off"  # the training-stack warm-up: off | warming | done (GET /health)
         self.started = time.time()
         self._counter_lock = threading.Lock()
@@ -140,6 +147,33 @@ class Runtime:
                     n = max(2, int(os.environ.get("MOLAL_THREADS", "4")))
                     self._predict_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="molal-predict")
         return self._predict_pool
+
+    #: calls waiting for or running in the queue thread at most (each holds its texts: up to 32 MB)
+    queue_backlog = 2
+
+    def queue_later(self, fn: Callable[[], Any]):
+        """Run ``fn`` in the service's queue thread: a Future, or None when :attr:`queue_backlog` calls are
+        already waiting or running there. It queues the jobs a request starts but need not wait for:
+        /predict's background job stores every pending text (up to 32 MB: seconds on a busy disk, more when
+        merged into a queued job), and the answer must not wait past its budget for that; the backlog bound
+        keeps a flood of such requests from holding their texts in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._queue_pool is None:
+                self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molal-queue")
+            if self._queued >= self.queue_backlog:
+                return None
+            self._queued += 1
+
+        def run():
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._queued -= 1
+
+        return self._queue_pool.submit(run)
 
     @property
     def cache(self):
@@ -184,11 +218,20 @@ class Runtime:
         return job, created
 
     def project(self, project: object) -> ProjectState:
-        """The project's state, created on first use (write paths: /setup, /predict, jobs, the CLI)."""
+        """The project's state, created on first use (write paths: /setup, /predict, jobs, the CLI) unless this
+        backend already keeps ``MOLAL_MAX_PROJECTS`` projects (507, nothing created)."""
         try:
-            return self.store.project(project)
+            pid = parse_project_id(project)
         except ProjectIdError as exc:
             raise BadRequest(str(exc)) from None
+        if not self.store.exists(pid):
+            n = len(self.store.project_ids())
+            if n >= self.settings.max_projects:
+                raise InsufficientStorage(
+                    f"project {pid} is new, and this backend already keeps the state of {n} projects, its limit "
+                    f"(MOLAL_MAX_PROJECTS={self.settings.max_projects}); raise MOLAL_MAX_PROJECTS, or remove "
+                    "the state of projects no longer used")
+        return self.store.project(pid)
 
     def known_project(self, project: object) -> ProjectState:
         """The project's state for read paths: 404 when this backend never saw the project (nothing created)."""
@@ -202,12 +245,22 @@ class Runtime:
         return state
 
     def parse_config(self, config: object, from_name: str | None = None) -> LabelSpec:
-        """:func:`parse_label_config` under this server's limits; 422 with the reason."""
+        """:func:`parse_label_config` under this server's limits (``MOLAL_LABEL_CONFIG_BUDGET_S`` for a new
+        config); 422 with the reason. Configs parsed before are remembered (Label Studio sends the same one
+        with every /predict)."""
+        key = (hashlib.sha256(config.encode("utf-8", "surrogatepass")).digest() if isinstance(config, str) else None,
+               from_name)
+        spec = self._specs.get(key) if key[0] is not None else None
+        if spec is not None:
+            return spec
         try:
-            return parse_label_config(config, from_name, max_classes=self.settings.max_classes,
-                                      max_chars=self.settings.max_label_config_chars)
+            spec = parse_label_config(config, from_name, max_classes=self.settings.max_classes,
+                                      max_chars=self.settings.max_label_config_chars,
+                                      budget_s=self.settings.label_config_budget_s)
         except LabelConfigError as exc:
             raise Unprocessable(str(exc)) from None
+        self._specs.put(key, spec)
+        return spec
 
     def checked_project(self, project: object, label_config: object) -> tuple[int, ProjectState | None, LabelSpec]:
         """Validate a request's project id and label config *before* anything is created: returns
@@ -271,7 +324,10 @@ class Runtime:
                 return None
             # spread over the texts, not the first 32: a pool whose head happens to be in the bundled recording
             # (and the rest not) would otherwise get the replay mixture, which fails on the rest
-            probe = good[:: max(1, len(good) // 32)][:32]
+            # the first PROBE_CHARS of each: the probe only asks whether the bundled recording holds the texts
+            # (none of its questions is near that long), and is stored with the project (32 x 32,000
+            # characters would make every project's state 1 MB)
+            probe = [t[:PROBE_CHARS] for t in good[:: max(1, len(good) // 32)][:32]]
             state.put("default_mixture_probe", probe)
         def make():
             m = Mixture.default(texts=probe, class_names=list(classes))

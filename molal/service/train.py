@@ -426,15 +426,18 @@ def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: S
 
 def ensure_review_panel(client: LSClient, project: int, remove: bool = False) -> str:
     """Add (or remove) the review panel of :mod:`molal.service.review` in the project's label config in
-    Label Studio; the config must be one molal serves. Returns "added", "removed" or "unchanged"."""
+    Label Studio; the config must be one molal serves, and the edited one is parsed again and must serve the
+    same classes before it is sent (:func:`molal.service.review.check_edit`: LabelConfigError or
+    ReviewPanelError say why, and nothing is sent). Returns "added", "removed" or "unchanged"."""
     from molal.service.labelconfig import parse_label_config
-    from molal.service.review import add_review_panel, remove_review_panel
+    from molal.service.review import add_review_panel, check_edit, remove_review_panel
 
     config = client.label_config(project)
     parse_label_config(config)  # a config molal cannot serve gets no panel (LabelConfigError says why)
     new = remove_review_panel(config) if remove else add_review_panel(config)
     if new == config:
         return "unchanged"
+    check_edit(config, new)
     client.set_label_config(project, new)
     return "removed" if remove else "added"
 
@@ -776,6 +779,9 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     # In a project of more unlabeled tasks than predictions_top, only the head of the queue gets
     # predictions (the served one; per-member ones would keep Label Studio from asking /predict)
     top = head_limit(ps, pool)
+    # the review panel goes in before anything is published: an edit Label Studio could not parse fails the job
+    # here, with nothing half-done (the model, predictions and priorities come after)
+    panel = ensure_review_panel(client, state.id) if ps.review_panel else None
     early: list[Future] = []
     llm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"molal-llm-preds-{state.id}")
 
@@ -824,8 +830,8 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                                     top=ps.priority_top, fields=fields, value_key=spec.value_key))
         out["to_human"] = len(rr.to_human)
         out["review_fields_written"] = len(fields)
-    if ps.review_panel:
-        out["review_panel"] = ensure_review_panel(client, state.id)
+    if panel is not None:
+        out["review_panel"] = panel
     state.put("new_annotations", 0)
     if rr.info.get("unannotated"):  # the job succeeded, but the person reading its status must see this
         out["unannotated"] = rr.info["unannotated"]
