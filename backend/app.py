@@ -280,4 +280,12 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     def project_info(project: str):
         return jsonify(svc.project_info(project, public=True))
 
+    @app.get("/projects/<project>/status")
+    def project_status_page(project: str):
+        """The project's state for people (molal.service.status), linked from the labelling instructions."""
+        return Response(svc.status_page(project), 200, {"Content-Type": "text/html; charset=utf-8",
+                                                        "Cache-Control": "no-store",
+                                                        "Content-Security-Policy": "default-src 'none'; "
+                                                                                   "style-src 'unsafe-inline'"})
+
     return app

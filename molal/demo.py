@@ -304,7 +304,6 @@ class DemoOptions:
     #: the demo trains the student's head on frozen MiniLM embeddings (seconds instead of minutes on a CPU);
     #: `molal demo --full-student` fine-tunes the whole encoder as a production backend does.
     student_freeze_encoder: bool = True
-    priority_top: int = 50  # tasks whose data.priority is written: the next batch (b = 50; one PATCH each in LS)
     job_timeout: float = 1200.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -452,7 +451,6 @@ class Demo:
         from molal.service.store import ServiceStore
 
         ps = ServiceStore.from_settings(get_settings(model_dir=self.backend.model_dir)).project(pid)
-        ps.set_setting("priority_top", o.priority_top)
         ps.set_setting("review_panel", True)  # the training job puts the review panel into the label config
         from molal.service.review import INSTRUCTIONS
 

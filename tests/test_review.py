@@ -102,29 +102,6 @@ def test_review_panel_is_added_once_removed_exactly_and_adds_no_control():
         add_review_panel("<Text name='t' value='$text'/>")
 
 
-def test_the_job_writes_the_fields_with_the_priorities_for_the_head_only():
-    from molal.service.train import Pool, priority_updates
-
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={0: 1})
-    rows = [1, 2, 3, 4, 5]
-    prio = np.array([5, 4, 3, 2, 1])
-    fields = {1: {"molal_label": "entity"}, 2: {"molal_label": "human"}}  # the head (top 2)
-    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields=fields))
-    assert set(ups) == {11, 12}  # rows 3-5 get priority 0 = their current (missing) value: no request
-    assert ups[11] == {"text": "t1", "priority": 5, "molal_label": "entity"}
-    # unchanged priority but a new label: one request; nothing changed: none
-    pool.data[1].update(ups[11])
-    pool.data[2].update(ups[12])
-    assert priority_updates(pool, rows, prio, "priority", top=2, fields=fields) == []
-    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields={1: {"molal_label": "numeric"}}))
-    assert ups[11]["molal_label"] == "numeric" and ups[11]["priority"] == 5
-    # a task the new model wrote no fields for loses the old model's (no stale label next to a new prediction)
-    assert ups[12] == {"text": "t2", "priority": 4}
-    # a priority-only rewrite (the query job, same model) keeps them
-    assert priority_updates(pool, rows, prio, "priority", top=2) == []
-
-
 def test_a_config_molal_cannot_serve_gets_no_panel():
     from molal.service.train import ensure_review_panel
 

@@ -148,65 +148,6 @@ def test_human_budget_sends_least_confident_labels_to_people(tmp_path, rows):
     assert [conf[x] for x in r.to_human] == sorted(conf[x] for x in r.to_human)  # least confident first
 
 
-def test_tasks_for_people_head_the_priorities():
-    from molal.service.train import for_humans_first
-
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={})
-    rows = [1, 2, 3, 4]
-    prio = np.array([3, 1, 4, 2])
-    # tasks 12 and 14 were sent to people (in that order); 99 is labelled since, so not among the rows
-    assert for_humans_first(pool, rows, prio, [12, 99, 14]).tolist() == [3, 6, 4, 5]
-    assert for_humans_first(pool, rows, prio, []).tolist() == [3, 1, 4, 2]
-    assert prio.tolist() == [3, 1, 4, 2]  # not modified in place
-
-
-def test_queue_head_is_what_a_person_meets_first():
-    """The rows that get predictions beyond predictions_top: the highest priority (the job's ranking, else
-    data.priority), ties and unranked tasks by task id (Label Studio's sequential order); labelled rows never;
-    the rows of ``keep`` (this round's auto-labels) always."""
-    from molal.service.train import head_limit, queue_head
-
-    texts = [f"t{i}" for i in range(8)]
-    data = [{"text": t, "priority": p} for t, p in zip(texts, [0, 5, None, 7, "x", 5, 1, 9], strict=True)]
-    pool = Pool(task_ids=[17, 11, 12, 13, 14, 15, 16, 10], texts=texts, data=data, human={7: 0})
-    rows = list(range(8))
-    # from the task data: row 7 (priority 9) is labelled; then 3 (7), then 1 and 5 (5; task ids 11 < 15)
-    assert queue_head(pool, rows, 3) == {3, 1, 5}
-    # a ranking given: it decides; ties by task id (rows 0 and 2 both 2: task 12 before 17)
-    prio = np.array([2, 0, 2, 0, 0, 0, 3, 0])
-    assert queue_head(pool, rows, 2, prio) == {6, 2}
-    assert queue_head(pool, rows, 2, prio, keep=[4, 7]) == {6, 2, 4}  # 7 is labelled
-    assert queue_head(pool, rows, 10, keep=[4]) == set(range(7))  # top above the unlabeled: every one
-    ps = type("PS", (), {"predictions_top": 7})()
-    assert head_limit(ps, pool) == 0  # 7 unlabeled tasks: no limit
-    ps.predictions_top = 6
-    assert head_limit(ps, pool) == 6
-    ps.predictions_top = 0
-    assert head_limit(ps, pool) == 0
-
-
-def test_priority_updates_only_changed_tasks():
-    from molal.service.train import priorities, priority_updates
-
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts,
-                data=[{"text": t} for t in texts], human={0: 1})
-    pool.data[5]["priority"] = 7  # a task labelled since the last round... (row 5 is not in rows below)
-    rows = [1, 2, 3, 4]
-    order = np.array([2, 0, 3, 1])  # rows[2] most useful
-    pr = priorities(order)
-    assert pr.tolist() == [3, 1, 4, 2]
-    ups = dict(priority_updates(pool, rows, pr, "priority"))
-    assert {k: v["priority"] for k, v in ups.items()} == {11: 3, 12: 1, 13: 4, 14: 2, 15: 0}
-    assert ups[11]["text"] == "t1"  # the full data is sent back
-    for r, (_tid, d) in zip([1, 2, 3, 4, 5], sorted(ups.items()), strict=True):
-        pool.data[r] = d
-    assert priority_updates(pool, rows, pr, "priority") == []  # nothing changed: no writes
-    top = dict(priority_updates(pool, rows, pr, "priority", top=2))
-    assert {k: v["priority"] for k, v in top.items()} == {12: 0, 14: 0}  # only the top 2 keep a rank
-
-
 def test_student_serves_without_llm_calls(tmp_path, rows):
     """serve_model=student: /predict answers with the student's version; per-LLM predictions only where
     the cache already has them (no model call)."""

@@ -289,8 +289,10 @@ class JobContext:
         self.queue.progress(self.id, fraction, message)
 
 
-def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) -> dict:
-    """Run a claimed job with a heartbeat thread; record success or failure. Returns the final row."""
+def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict],
+            after: Callable[[dict], None] | None = None) -> dict:
+    """Run a claimed job with a heartbeat thread; record success or failure; then ``after(final row)`` (best
+    effort: its failure is logged). Returns the final row."""
     ctx = JobContext(queue, job)
     stop = threading.Event()
 
@@ -319,16 +321,24 @@ def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) ->
             raise
     finally:
         stop.set()
-    return queue.get(job["id"]) or job
+    row = queue.get(job["id"]) or job
+    if after is not None:
+        try:
+            after(row)
+        except Exception:  # noqa: BLE001 - what follows a job never changes how it ended
+            log.exception("after job %s", job["id"])
+    return row
 
 
 class JobWorker(threading.Thread):
     """In-process worker thread: claims queued jobs (any project) and runs them one at a time."""
 
-    def __init__(self, queue: JobQueue, runner: Callable[[JobContext], dict], poll_s: float = 1.0) -> None:
+    def __init__(self, queue: JobQueue, runner: Callable[[JobContext], dict], poll_s: float = 1.0,
+                 after: Callable[[dict], None] | None = None) -> None:
         super().__init__(name="molal-job-worker", daemon=True)
         self.queue = queue
         self.runner = runner
+        self.after = after
         self.poll_s = poll_s
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -344,7 +354,7 @@ class JobWorker(threading.Thread):
                     last_reap = time.monotonic()
                 job = self.queue.claim()
                 if job is not None:
-                    execute(self.queue, job, self.runner)
+                    execute(self.queue, job, self.runner, self.after)
                     continue
             except Exception:  # pragma: no cover - keep the worker alive
                 log.exception("job worker loop error")

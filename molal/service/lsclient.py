@@ -221,15 +221,56 @@ class LSClient:
                 {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]},
         }
         try:
-            for v in self.client.views.list(project=project):
-                vd = _plain(v)
-                if (vd.get("data") or {}).get("title") in (title, *OLD_VIEW_TITLES):
-                    self.client.views.update(id=str(vd["id"]), data=data, project=project)
-                    return int(vd["id"])
+            vd = self._view(project, title)
+            if vd is not None:
+                data["title"] = (vd.get("data") or {}).get("title") or title  # keep the state it shows
+                if data["title"] in OLD_VIEW_TITLES:
+                    data["title"] = title
+                self.client.views.update(id=str(vd["id"]), data=data, project=project)
+                return int(vd["id"])
             v = self.client.views.create(project=project, data=data)
             return int(_plain(v)["id"])
         except Exception as exc:
             raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
+
+    def _view(self, project: int, title: str = VIEW_TITLE) -> dict | None:
+        """molal's tab: titled ``title``, ``title · <state>`` (:mod:`molal.service.status`) or an old title."""
+        for v in self.client.views.list(project=project):
+            vd = _plain(v)
+            t = (vd.get("data") or {}).get("title") or ""
+            if t == title or t.startswith(title + " · ") or t in OLD_VIEW_TITLES:
+                return vd
+        return None
+
+    def set_view_title(self, project: int, title: str) -> bool:
+        """Retitle molal's tab (its state: :mod:`molal.service.status`); False when there is no tab yet."""
+        try:
+            vd = self._view(project)
+            if vd is None:
+                return False
+            data = dict(vd.get("data") or {})
+            data["title"] = title
+            self.client.views.update(id=str(vd["id"]), data=data, project=project)
+            return True
+        except Exception as exc:
+            raise self.explain(f"retitling the tab of project {project}", exc) from exc
+
+    def instructions(self, project: int) -> str:
+        try:
+            return self.client.projects.get(id=project).expert_instruction or ""
+        except Exception as exc:
+            raise self.explain(f"reading the instructions of project {project}", exc) from exc
+
+    def backend_url(self, project: int) -> str | None:
+        """The URL Label Studio reaches molal at (its ML backend connection of ``project``), or None."""
+        try:
+            for b in self.client.ml.list(project=project):
+                url = _plain(b).get("url")
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    return url
+        except Exception as exc:
+            raise self.explain(f"listing the model connections of project {project}", exc) from exc
+        return None
 
     def set_label_config(self, project: int, config: str) -> None:
         """Replace the project's label config (Label Studio checks it against the existing annotations)."""
@@ -238,10 +279,11 @@ class LSClient:
         except Exception as exc:
             raise self.explain(f"updating the label config of project {project}", exc) from exc
 
-    def set_instructions(self, project: int, html: str, show: bool = True) -> None:
-        """The project's labeling instructions (shown before labeling when ``show``)."""
+    def set_instructions(self, project: int, html: str, show: bool | None = True) -> None:
+        """The project's labeling instructions (shown before labeling when ``show``; None: left as it is)."""
         try:
-            self.client.projects.update(id=project, expert_instruction=html, show_instruction=show)
+            kw = {} if show is None else {"show_instruction": show}
+            self.client.projects.update(id=project, expert_instruction=html, **kw)
         except Exception as exc:
             raise self.explain(f"updating the instructions of project {project}", exc) from exc
 
@@ -285,6 +327,18 @@ class LSClient:
             self.client.projects.update(id=project, sampling="Uncertainty sampling")
         except Exception as exc:
             raise self.explain(f"setting the sampling of project {project}", exc) from exc
+
+
+def client_for(settings: Any, state: Any) -> LSClient:
+    """The SDK client for a project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`
+    (``state``: the project's :class:`~molal.service.store.ProjectState`). LSConnectionError: none may be
+    used (the message says what to configure)."""
+    from molal.service.lstrust import access_for
+
+    a = access_for(settings, state)
+    if not a.url or not a.key:
+        raise LSConnectionError(f"project {state.id}: {a.missing}")
+    return LSClient(a.url, a.key, opaque=a.from_setup)
 
 
 def dumps_safe(obj: Any) -> str:

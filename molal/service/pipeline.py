@@ -108,8 +108,7 @@ class Service(Runtime):
         self.count(webhook_requests=1)
         if action == "START_TRAINING":
             pid = self.known_project(self._project_from(payload)).id
-            job, created = self.submit(pid, "train", source="START_TRAINING")
-            return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+            return self.train_submitted(pid, "START_TRAINING")
         if action in ANNOTATION_ACTIONS:
             ann = payload.get("annotation")
             if isinstance(ann, dict):
@@ -126,11 +125,9 @@ class Service(Runtime):
             counted = [a for a in anns if not a.get("was_cancelled")]
             n = state.incr("new_annotations", len(counted)) if counted else state.get("new_annotations", 0)
             every = self.project_settings(state).train_every
-            if every > 0 and n >= every:
+            if every > 0 and n >= every and state.current() is not None:  # retrain: a model serves already
                 state.put("new_annotations", 0)
-                job, created = self.submit(pid, "train", source=f"{n} new annotations")
-                return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid,
-                        "new_annotations": n}
+                return {**self.train_submitted(pid, f"{n} new annotations"), "new_annotations": n}
             return {"status": "counted", "project": pid, "new_annotations": n, "train_every": every}
         return {"status": "ignored", "action": action}
 
@@ -141,8 +138,7 @@ class Service(Runtime):
             raise BadRequest("expected a JSON object with 'project'")
         pid = self.known_project(self._project_from({"action": "train", **payload})).id
         self.count(webhook_requests=1)
-        job, created = self.submit(pid, "train", source="/train")
-        return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+        return self.train_submitted(pid, "/train")
 
     @staticmethod
     def _project_from(payload: dict, annotation: dict | None = None) -> int:
@@ -158,6 +154,21 @@ class Service(Runtime):
             raise BadRequest(str(exc)) from None
 
     # -- jobs ------------------------------------------------------------------------------------------
+    def after_job(self, row: dict) -> None:
+        """A training or queue job ended: show the project's state in Label Studio (molal.service.status)."""
+        if row.get("kind") in ("train", "queue"):
+            from molal.service.status import announce
+
+            announce(self, self.store.project(row["project"]))
+
+    def train_submitted(self, pid: int, source: str) -> dict:
+        """Queue a training job and show it in Label Studio (in a thread: the caller answers at once)."""
+        from molal.service.status import announce_later
+
+        job, created = self.submit(pid, "train", source=source)
+        announce_later(self, self.store.project(pid))
+        return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+
     def run_job(self, ctx: JobContext) -> dict:
         """Run a claimed job with its function in :data:`molal.service.train.JOBS`."""
         kind = ctx.job["kind"]
@@ -225,12 +236,22 @@ class Service(Runtime):
             **c,
         }
 
+    def status_page(self, project: object) -> str:
+        """``GET /projects/N/status``: the project's state as a page (a project this backend never saw: 404)."""
+        from molal.service.status import status_page
+
+        return status_page(self, self.known_project(project))
+
     def project_info(self, project: object, public: bool = False) -> dict:
         """Settings, current model, versions of a project (``molal project show``; ``GET /projects/N`` with
         ``public``: the project must exist, and the mixture config is named by its file name, not its path)."""
         state = self.known_project(project) if public else self.project(project)
         d = state.summary(self.settings)
         d["settings"] = asdict(self.project_settings(state))
+        from molal.service.status import project_status
+
+        st = project_status(self, state)
+        d["queue"], d["training"], d["last_training"] = st["queue"], st["training"], st["last"]
         if public and d["settings"].get("mixture"):
             d["settings"]["mixture"] = Path(d["settings"]["mixture"]).name
         return d
@@ -246,7 +267,7 @@ def run_job_by_id(job_id: str, model_dir: str, wait_s: float = 24 * 3600) -> dic
     while True:
         job = svc.jobs.claim(job_id)
         if job is not None:
-            return execute(svc.jobs, job, svc.run_job)
+            return execute(svc.jobs, job, svc.run_job, svc.after_job)
         row = svc.jobs.get(job_id)
         if row is None or row["status"] != "queued":
             return row  # already run elsewhere, coalesced or failed

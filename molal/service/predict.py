@@ -267,6 +267,7 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
     pending: list[int] = list(unread)
     main_probs: dict[int, np.ndarray] = {}
     per_llm: dict[int, list[dict]] = {}
+    votes: dict[int, np.ndarray] = {}  # task position -> (L, K) each member's probabilities (the review line)
 
     if not good:
         pass  # every task with a text is a file not read in time: all pending
@@ -282,15 +283,17 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
             llm_p = res.outputs.normalized_probs() if len(res.done_idx) else None
             for r, jj in enumerate(res.done_idx.tolist()):
                 per_llm[good[jj]] = llm_entries(spec, mixture.member_versions(), llm_p[r])
+                votes[good[jj]] = llm_p[r]
     else:
         res = annotate_by(mixture, good_texts, spec, svc, clock)
         done = res.done_idx.tolist()
         if done:
             P = srv.probs_from_outputs(res.outputs)
-            llm_p = res.outputs.normalized_probs() if ps.per_llm_predictions else None
+            llm_p = res.outputs.normalized_probs()
             for r, jj in enumerate(done):
                 main_probs[good[jj]] = np.asarray(P[r], dtype=np.float64)
-                if llm_p is not None:
+                votes[good[jj]] = llm_p[r]
+                if ps.per_llm_predictions:
                     per_llm[good[jj]] = llm_entries(spec, mixture.member_versions(), llm_p[r])
         for jj, why in res.failed.items():
             errors[good[jj]] = f"annotation failed: {why}"
@@ -317,4 +320,30 @@ def predict_tasks(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: lis
             out["background_job"] = "queued"
     if errors:
         out["errors"] = {str(tasks[i].get("id", i)): why for i, why in sorted(errors.items())}
+    refresh_lines(svc, state, spec, tasks, main_probs, votes, srv, mixture)
     return out
+
+
+def refresh_lines(svc: Runtime, state: ProjectState, spec: LabelSpec, tasks: list, main_probs: dict[int, np.ndarray],
+                  votes: dict[int, np.ndarray], srv, mixture) -> int:
+    """A person opened a task (Label Studio asks ``/predict`` for one that holds no prediction): give it the
+    serving model's review line where its own is from an older model (:func:`molal.service.queue.refresh_on_open`).
+    Nothing for a batch, without a Label Studio molal may talk to, or when it cannot be reached."""
+    from molal.service.queue import REFRESH_MAX_TASKS, refresh_on_open
+    from molal.service.review import review_fields, voters_of
+
+    if not main_probs or len(tasks) > REFRESH_MAX_TASKS:
+        return 0
+    try:
+        from molal.service.lsclient import client_for
+
+        client = client_for(svc.settings, state)
+    except Exception:  # noqa: BLE001 - no Label Studio molal may talk to for this project: nothing to refresh
+        return 0
+    at = sorted(main_probs)
+    members = [votes.get(i) for i in at]
+    llm = np.stack(members) if all(m is not None for m in members) else None
+    voters = voters_of(mixture.member_versions()) if mixture is not None else "LLM"
+    made = review_fields(np.stack([main_probs[i] for i in at]), llm, spec.classes, None, voters)
+    return refresh_on_open(client, state, tasks, dict(zip(at, made, strict=True)), srv.version,
+                           svc.project_settings(state).priority_field)

@@ -81,6 +81,12 @@ class VoteSummary:
         return "no majority"
 
 
+def voters_of(member_versions: list[str]) -> str:
+    """What the review line calls the mixture's members: "LLM", "scorer" (embedding scorers), or "member"."""
+    kinds = {v.split(":", 1)[0] for v in member_versions}
+    return {"llm": "LLM", "scorer": "scorer"}.get(next(iter(kinds)), "member") if len(kinds) == 1 else "member"
+
+
 def review_fields(served: np.ndarray, llm_probs: np.ndarray | None, classes: Sequence[str],
                   student: np.ndarray | None = None, voters: str = "LLM") -> list[dict]:
     """The fields of the module docstring for n tasks: ``served`` (n, K) the pre-fill's probabilities,
@@ -259,4 +265,4 @@ def check_edit(before: str, after: str) -> None:
 
 
 __all__ = ["FIELDS", "INSTRUCTIONS", "OVERRIDE_FLAG", "PANEL", "ReviewPanelError", "VoteSummary", "add_review_panel", "check_edit",
-           "has_review_panel", "remove_review_panel", "review_fields"]
+           "has_review_panel", "remove_review_panel", "review_fields", "voters_of"]

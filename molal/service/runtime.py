@@ -194,7 +194,7 @@ class Runtime:
                 self.jobs.reap_stale()
                 if self.runner is None:
                     raise RuntimeError("this runtime has no job runner")
-                self.worker = JobWorker(self.jobs, self.runner)
+                self.worker = JobWorker(self.jobs, self.runner, after=self.after_job)
                 self.worker.start()
         if self.settings.warm_start:
             self._warm_training()
@@ -203,6 +203,9 @@ class Runtime:
     def stop_worker(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+
+    def after_job(self, row: dict) -> None:
+        """Called with a job's final row once it has ended (the Service shows the state in Label Studio)."""
 
     def submit(self, project: int, kind: str, payload: dict | None = None, source: str = "") -> tuple[dict, bool]:
         """Queue a job (coalesced with a queued one of the same kind); hand it to RQ or wake the worker."""

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from molal.config import QUEUE_HEAD, TRAIN_EVERY
 from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, open_database, parse_pg_url
 from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
 
@@ -128,10 +129,10 @@ class ProjectSettings:
     serve_model: str = "molam"  # molam | student
     mixture: str | None = None  # mixture config path (None = Mixture.default())
     priority_field: str = "priority"
-    priority_top: int = 200  # priority + review fields for the top N unlabeled tasks only, 0 elsewhere (0 = all)
+    priority_top: int = QUEUE_HEAD  # the job writes the queue's head (N tasks); the rest: a background job
     predictions_top: int = 20_000  # served predictions for the top N unlabeled tasks only (0 = all)
     per_llm_predictions: bool = True
-    train_every: int = 0  # train after N new annotations (0 = only on START_TRAINING)
+    train_every: int = TRAIN_EVERY  # retrain after N new human labels once a model serves (0 = Start Training only)
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
     uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
     student: bool = True  # train the student in each training job

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,8 +41,20 @@ import numpy as np
 from molal.learner import Learner, StoppingRule
 from molal.service.labelconfig import LabelSpec
 from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
-from molal.service.lstrust import access_for
+from molal.service.lsclient import client_for as ls_client_for
+from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.queue import (
+    head_limit,
+    plan_queue,
+    queue_head,
+    queue_job,
+    rank_by_confidence,
+    rank_queue,
+    resume,
+    write_head,
+)
+from molal.service.review import voters_of
 from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
 
@@ -59,22 +71,6 @@ class TrainingError(RuntimeError):
 
 
 # -- Label Studio tasks → a pool --------------------------------------------------------------------------
-@dataclass
-class Pool:
-    """The project's tasks that have a text: ids, texts, data, human labels (row -> class index)."""
-
-    task_ids: list[int]
-    texts: list[str]
-    data: list[dict]
-    human: dict[int, int] = field(default_factory=dict)
-    prediction_versions: list[list[str]] = field(default_factory=list)
-    skipped: int = 0
-    too_long: int = 0  # of ``skipped``: over the text length limit
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
 def human_label(annotations: list, spec: LabelSpec) -> int | None:
     """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none)."""
     best, best_key = None, None
@@ -125,11 +121,8 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
 
 
 def client_for(svc: Runtime, state: ProjectState) -> LSClient:
-    """The SDK client for the project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`."""
-    a = access_for(svc.settings, state)
-    if not a.url or not a.key:
-        raise LSConnectionError(f"project {state.id}: {a.missing}")
-    return LSClient(a.url, a.key, opaque=a.from_setup)
+    """The SDK client for the project's Label Studio (:func:`molal.service.lsclient.client_for`)."""
+    return ls_client_for(svc.settings, state)
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
@@ -451,186 +444,7 @@ def round_learner(ps) -> Learner:
                    weights="each_round" if ps.loop_mode == "review" else "at_add")
 
 
-# -- query ----------------------------------------------------------------------------------------------------
-def rank_rows(student, texts: list[str], strategy: str, budget: int | None = None, seed: int = 0,
-              labeled_texts: list[str] | None = None) -> np.ndarray:
-    """Order ``texts`` most useful first with the query strategy (molal.query) over the student."""
-    from molal.query import build_pool, get_strategy
-
-    if not texts:
-        return np.zeros(0, dtype=np.int64)
-    st = get_strategy(strategy)
-    pool = build_pool(st, student, texts, labeled_texts=labeled_texts)
-    b = len(texts) if budget is None else min(int(budget), len(texts))
-    order = np.asarray(st.select(pool, b, np.random.default_rng(seed)), dtype=np.int64)
-    if len(order) < len(texts):  # the rest after the queried batch, in pool order
-        seen = set(order.tolist())
-        order = np.concatenate([order, np.array([i for i in range(len(texts)) if i not in seen], dtype=np.int64)])
-    return order
-
-
-def priorities(order: np.ndarray) -> np.ndarray:
-    """Priority per row from a ranking: the first gets ``n``, the last 1 (higher = label sooner)."""
-    n = len(order)
-    pr = np.zeros(n, dtype=np.int64)
-    pr[order] = np.arange(n, 0, -1)
-    return pr
-
-
-def for_humans_first(pool: Pool, rows: list[int], prio: np.ndarray, task_ids: list[int]) -> np.ndarray:
-    """``prio`` with the rows of ``task_ids`` (the last round's tasks sent to people, in that order) moved
-    above every other row: they head the "next to label" tab whatever the strategy ranks first."""
-    out = np.asarray(prio, dtype=np.int64).copy()
-    at = {pool.task_ids[r]: i for i, r in enumerate(rows)}
-    mine = [at[t] for t in task_ids if t in at]  # still unlabeled
-    top = int(out.max()) if len(out) else 0
-    for j, i in enumerate(mine):
-        out[i] = top + len(mine) - j
-    return out
-
-
-def head_priorities(rows: list[int], prio: np.ndarray, top: int = 0) -> dict[int, int]:
-    """Row -> priority to write: ``rows`` get ``prio``; with ``top`` > 0 only the ``top`` highest keep it,
-    the rest get 0 (the head of the queue)."""
-    new = {r: int(p) for r, p in zip(rows, np.asarray(prio).tolist(), strict=True)}
-    if top and len(new) > top:
-        cut = sorted(new.values(), reverse=True)[top - 1]
-        new = {r: (p if p >= cut else 0) for r, p in new.items()}
-    return new
-
-
-def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0,
-                     fields: dict[int, dict] | None = None) -> list[tuple[int, dict]]:
-    """(task id, full new data) for every task whose ``data.<field>`` or review ``fields`` (row -> the
-    :mod:`molal.service.review` fields, for the head of the queue) must change. ``rows`` (unlabeled pool
-    rows) get ``prio`` (:func:`head_priorities`); any other row (labelled since) gets 0. A missing value
-    counts as 0. When ``fields`` is given (a new model), tasks outside it lose the review fields an older
-    model wrote: a reviewer never reads a previous model's label next to the current prediction."""
-    from molal.service.review import FIELDS
-
-    new = head_priorities(rows, prio, top)
-    updates: list[tuple[int, dict]] = []
-    for r in range(len(pool)):
-        old = pool.data[r].get(field)
-        want = new.get(r, 0)
-        extra = {k: v for k, v in (fields or {}).get(r, {}).items() if pool.data[r].get(k) != v}
-        stale = [k for k in FIELDS if k in pool.data[r]] if fields is not None and r not in fields else []
-        if (old == want or (want == 0 and old in (None, 0))) and not extra and not stale:
-            continue
-        d = dict(pool.data[r])
-        for k in stale:
-            del d[k]
-        d.update(extra)
-        d.pop(field, None)
-        d[field] = want  # the last data key: the Data Manager lists molal's fields before the priority
-        updates.append((pool.task_ids[r], d))
-    return updates
-
-
-def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
-                     field: str, ctx: JobContext | None = None, top: int = 0,
-                     fields: dict[int, dict] | None = None, value_key: str = "text") -> dict:
-    """Write the changed priorities and review fields (:func:`priority_updates`; one PATCH per task, Label
-    Studio has no bulk update of task data) and create/update the tab :data:`VIEW_TITLE` ordered by them."""
-    updates = priority_updates(pool, rows, prio, field, top, fields)
-    if ctx is not None:
-        ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})"
-                           + (" with the review fields" if fields else ""))
-    n = client.update_task_data(updates)
-    view = client.ensure_view(project, field, value_key=value_key)
-    return {"priorities_written": n, "view": view}
-
-
-def head_fields(rr: RoundResult, pool: Pool, spec: LabelSpec, rows: list[int], prio: np.ndarray,
-                top: int) -> dict[int, dict]:
-    """The review fields (:func:`molal.service.review.review_fields`) of the rows at the head of the queue
-    (those whose priority is written): the served label and confidence, the LLM votes, the student's
-    uncertainty."""
-    from molal.service.review import review_fields
-
-    head = [r for r, p in head_priorities(rows, prio, top).items() if p > 0]
-    if not head:
-        return {}
-    at = {int(r): i for i, r in enumerate(rr.rows.tolist())}
-    head = [r for r in head if r in at]
-    idx = [at[r] for r in head]
-    llm = rr.llm_outputs.normalized_probs()[idx] if rr.llm_outputs is not None else None
-    student = rr.student.predict_proba([pool.texts[r] for r in head]) if rr.student is not None else None
-    kinds = {v.split(":", 1)[0] for v in rr.member_versions}
-    voters = {"llm": "LLM", "scorer": "scorer"}.get(next(iter(kinds)), "member") if len(kinds) == 1 else "member"
-    return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student, voters), strict=True))
-
-
-def rank_queue(state: ProjectState, student, pool: Pool, rows: Iterable[int], strategy: str,
-               top: int = 0, on_rows: Callable[[int], None] | None = None) -> tuple[list[int], np.ndarray]:
-    """The queue the training and query jobs write: the unlabeled, not auto-labelled rows of ``rows`` and
-    their priorities (:func:`rank_rows` with ``strategy``, the strategy choosing the first ``top`` (0 = all),
-    then the tasks last sent to people above everything). ``on_rows(n)`` hears how many before the ranking."""
-    auto = state.auto_labels()
-    unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
-    if on_rows is not None:
-        on_rows(len(unl))
-    order = rank_rows(student, [pool.texts[r] for r in unl], strategy,
-                      labeled_texts=[pool.texts[r] for r in pool.human], budget=top or None)
-    return unl, for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
-
-
-def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
-                  client: LSClient | None = None, pool: Pool | None = None, spec: LabelSpec | None = None) -> dict:
-    """The ``query`` job: rank every unlabeled task with the current student and write the priorities."""
-    ps = svc.project_settings(state)
-    strategy = strategy or ps.strategy
-    client = client or client_for(svc, state)
-    if spec is None:
-        spec = svc.spec_for(state, client.label_config(state.id))
-    if pool is None:
-        ctx.progress(0.05, "pulling tasks from Label Studio")
-        pool = pool_from_tasks(client.tasks(state.id), spec, resolve=task_text_resolver(svc.settings, state),
-                               max_chars=svc.settings.max_text_chars)
-    m = svc.loaded_model(state)
-    student = svc.student_of(state, m) if m is not None else None
-    if student is None:
-        raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
-    unl, prio = rank_queue(state, student, pool, range(len(pool)), strategy, ps.priority_top,
-                           on_rows=lambda n: ctx.progress(0.3, f"ranking {n} unlabeled tasks with {strategy}"))
-    out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top,
-                           value_key=spec.value_key)
-    out.update({"strategy": strategy, "ranked": len(unl)})
-    return out
-
-
 # -- pushing predictions ---------------------------------------------------------------------------------------
-def head_limit(ps, pool: Pool) -> int:
-    """How many unlabeled tasks get the served model's prediction in a job: ``predictions_top`` when the
-    project has more unlabeled tasks than that, else 0 (every task)."""
-    top = int(ps.predictions_top or 0)
-    return top if top and len(pool) - len(pool.human) > top else 0
-
-
-def queue_head(pool: Pool, rows: list[int], top: int, prio: np.ndarray | None = None,
-               field: str = "priority", keep: Iterable[int] = ()) -> set[int]:
-    """The unlabeled ``rows`` a person meets first, at most ``top`` (0 = all), plus the rows of ``keep``:
-    by ``prio`` (aligned with ``rows``, higher first) or, without it, by the priority already in the task
-    data (``data.<field>``), then by task id, as Label Studio's sequential sampling serves them."""
-    unl = [(i, r) for i, r in enumerate(rows) if r not in pool.human]
-    keep = set(keep) - set(pool.human)
-    if not top or len(unl) <= top:
-        return {r for _, r in unl} | keep
-
-    def rank(item: tuple[int, int]) -> tuple[float, int]:
-        i, r = item
-        if prio is not None:
-            p = float(prio[i])
-        else:
-            try:
-                p = float(pool.data[r].get(field) or 0)
-            except (TypeError, ValueError):  # a person's own non-numeric value
-                p = 0.0
-        return -p, int(pool.task_ids[r])
-
-    return {r for _, r in sorted(unl, key=rank)[:top]} | keep
-
-
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
                      versions: list[str] | None = None, ctx: JobContext | None = None,
@@ -762,18 +576,55 @@ def nothing_new(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool) 
     return m.pointer
 
 
+def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None) -> dict:
+    """The ``query`` job: rank every unlabeled task with the current student (``strategy``, default the
+    project's) and write the queue: the serving model's review lines (its mixture's answers come from the
+    cache), the ranks and priorities."""
+    client, spec, pool = _pull(svc, state, ctx)
+    ps = svc.project_settings(state)
+    strategy = strategy or ps.strategy
+    m = svc.loaded_model(state)
+    student = svc.student_of(state, m) if m is not None else None
+    if student is None:
+        raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.5)
+    srv = svc.serving(state, spec, pool.texts)
+    rows = res.done_idx.tolist()
+    probs = (srv.probs_from_outputs(res.outputs) if srv.needs_llms
+             else student.predict_proba([pool.texts[r] for r in rows]))
+    served = {r: np.asarray(probs[i], dtype=np.float64) for i, r in enumerate(rows)}
+    ranking = rank_queue(state, student, pool, range(len(pool)), strategy, ps.priority_top,
+                         on_rows=lambda n: ctx.progress(0.6, f"ranking {n} unlabeled tasks with {strategy}"))
+    norm = res.outputs.normalized_probs() if len(rows) else None
+    llm = {r: norm[i] for i, r in enumerate(rows)} if norm is not None else None
+    plan = plan_queue(state, pool, spec, ranking, version=srv.version, field=ps.priority_field,
+                      head=ps.priority_top, served=served, llm=llm, voters=voters_of(mixture.member_versions()),
+                      failed=res.failed and {int(k): v for k, v in res.failed.items()})
+    out = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key)
+    out.update({"strategy": strategy, "ranked": len(ranking.rows)})
+    ctx.progress(1.0, f"ranked {len(ranking.rows)} tasks with {strategy}")
+    return out
+
+
 def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``). Without new or
     changed human labels since the serving model (review mode) it says so and publishes nothing, unless the
     job's payload says ``force``."""
+    from molal.service.status import announce
+
+    announce(svc, state)  # "training…" in Label Studio, within seconds of Start Training
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
     same = None if ctx.job.get("payload", {}).get("force") else nothing_new(svc, state, spec, pool)
     if same is not None:
         msg = (f"no new or changed human labels since {same['molam']} was trained: nothing to do "
                "(molal train --force retrains anyway)")
+        out = {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
+        job = resume(svc, state)  # a queue writer that gave way to this job goes on
+        if job is not None:
+            out["queue_job"] = job
         ctx.progress(1.0, msg)
-        return {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
+        return out
     # The per-LLM votes (llm:<name>) do not depend on the model being trained: Label Studio imports them
     # while MoLAM and the student train (its server and this job each keep a core busy).
     # In a project of more unlabeled tasks than predictions_top, only the head of the queue gets
@@ -796,25 +647,28 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
-    ranked = None  # (unlabeled rows, their priorities): the queue, when a student ranks it
+    served = {r: np.asarray(rr.probs[i], dtype=np.float64) for i, r in enumerate(rows)}
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
-        ranked = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
+        ranking = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
+    else:
+        ranking = rank_by_confidence(pool, rows, served, state)
     head = None
     if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
-        head = (queue_head(pool, ranked[0], top, ranked[1], keep=rr.new_auto) if ranked is not None
-                else queue_head(pool, rows, top, field=ps.priority_field, keep=rr.new_auto))
+        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
                                None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
     retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
     flagged = 0
-    if rr.new_auto:
+    auto_rows: dict[int, str] = {}
+    if rr.new_auto or state.auto_labels():
         auto = state.auto_labels()
-        labels = {r: spec.classes[auto[pool.task_ids[r]]["label"]] for r in rr.new_auto}
+        row_of = {t: r for r, t in enumerate(pool.task_ids)}
+        auto_rows = {row_of[t]: spec.classes[a["label"]] for t, a in auto.items() if t in row_of}
         upd = []
         for r in rr.new_auto:
             d = dict(pool.data[r])
-            d[AUTO_FLAG] = labels[r]
+            d[AUTO_FLAG] = auto_rows[r]
             upd.append((pool.task_ids[r], d))
             pool.data[r] = d
         flagged = client.update_task_data(upd)
@@ -823,13 +677,17 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                            "predictions_retired": sum(retired.values())}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
-    if ranked is not None:
-        unl, prio = ranked
-        fields = head_fields(rr, pool, spec, unl, prio, ps.priority_top)
-        out.update(write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx,
-                                    top=ps.priority_top, fields=fields, value_key=spec.value_key))
-        out["to_human"] = len(rr.to_human)
-        out["review_fields_written"] = len(fields)
+    llm = None
+    if rr.llm_outputs is not None:
+        norm = rr.llm_outputs.normalized_probs()
+        llm = {r: norm[i] for i, r in enumerate(rows)}
+    plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
+                      head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
+                      auto=auto_rows)
+    out.update(write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key))
+    out["to_human"] = len(rr.to_human)
+    out["review_fields_written"] = min(plan.head, len(plan))
+    out["ranked_by"] = ranking.by
     if panel is not None:
         out["review_panel"] = panel
     state.put("new_annotations", 0)
@@ -882,7 +740,8 @@ JOBS: dict[str, Callable[[Runtime, ProjectState, JobContext], dict]] = {
     "sync": sync_project,
     "query": query_job,
     "annotate": annotate_job,
+    "queue": queue_job,
 }
 
 
-__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "rank_rows"]
+__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "query_project"]
