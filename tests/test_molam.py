@@ -234,3 +234,61 @@ def test_least_confident_picks_the_lowest_top_probabilities_in_order():
     assert least_confident(p, 3).tolist() == [1, 3, 2]  # ties keep row order
     assert least_confident(p, 0).tolist() == [] and least_confident(p, 9).tolist() == [1, 3, 2, 4, 0]
     assert least_confident(np.zeros((0, 2)), 3).tolist() == []
+
+
+def test_aggregation_modules_import_no_circle():
+    """molal/aggregation's modules form no import circle, lazy imports inside functions included (base ↔ signals
+    and baselines ↔ models once did): base, signals, calibration, models, text_model, baselines, molam."""
+    import ast
+    from pathlib import Path
+
+    import molal.aggregation
+
+    root = Path(molal.aggregation.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            deps.update(n.split(".")[2] for n in names if n.startswith("molal.aggregation."))
+        graph[path.stem] = deps - {path.stem}
+    assert {"base", "signals", "models", "baselines", "molam", "calibration", "text_model"} <= set(graph)
+    done: set[str] = set()
+
+    def visit(mod: str, path: tuple[str, ...]) -> None:
+        assert mod not in path, f"import circle: {' -> '.join((*path, mod))}"
+        if mod in done:
+            return
+        for dep in graph.get(mod, ()):
+            visit(dep, (*path, mod))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())
+
+
+def test_temperature_calibration_fitted_on_seeds(fitted, trec_outputs, trec_gold, tmp_path):
+    """MoLAM(calibration="temperature"): the temperature is fitted on the chosen model's out-of-fold seed
+    predictions; the argmax never moves; it is saved and loaded; a file without it predicts as before."""
+    m, idx = fitted
+    cal = MoLAM(**FAST, calibration="temperature").fit(trec_outputs, idx, trec_gold[idx])
+    info = cal.metadata["calibration"]
+    assert info["method"] == "temperature" and info["seed_oof_rows"] == len(idx) * FAST["n_repeats"]
+    assert info["seed_oof_log_loss"][1] <= info["seed_oof_log_loss"][0] + 1e-9
+    assert cal.choice_ == m.choice_
+    p, p0 = cal.predict_proba(trec_outputs), m.predict_proba(trec_outputs)
+    assert (p.argmax(1) == p0.argmax(1)).all() and np.allclose(p.sum(1), 1.0)
+    if cal.temperature_ != 1.0:
+        assert not np.allclose(p, p0)
+    cal.save(tmp_path / "cal.json")
+    back = load_aggregator(tmp_path / "cal.json")
+    assert back.temperature_ == cal.temperature_ and np.allclose(back.predict_proba(trec_outputs), p)
+    m.save(tmp_path / "plain.json")
+    d = json.loads((tmp_path / "plain.json").read_text())
+    assert "calibration" not in d["params"] and "temperature" not in d["state"]  # the format as before
+    assert load_aggregator(tmp_path / "plain.json").temperature_ == 1.0
+    with pytest.raises(MoLAMError, match="calibration"):
+        MoLAM(calibration="isotonic").fit(trec_outputs, idx, trec_gold[idx])
