@@ -37,6 +37,10 @@ import numpy as np
 SPLIT_SHARE = 0.2
 #: at most this many thresholds are tested over a pool (its confidences at even steps of coverage)
 MAX_GRID = 2000
+#: with a pool: the share of δ spent bounding how many audit items lie at or above each threshold, and at how
+#: many checkpoints (see :func:`certify`)
+BAND_SHARE = 0.1
+BAND_POINTS = 32
 
 
 class TrustError(ValueError):
@@ -290,31 +294,59 @@ def _hyper_cdf(x: np.ndarray, big_n: np.ndarray, bad: np.ndarray, n: np.ndarray)
     return out
 
 
-def _planned_start(proxy_desc: np.ndarray, cand: np.ndarray, n_test: int, eps: float, dlt: float) -> int:
+def _hyper_upper(size: int, counts: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """Per entry of ``counts``: the smallest m with P(X > m) ≤ ``alpha`` for X ~ Hypergeometric(``size``
+    items, ``counts`` marked, ``n`` drawn) — how many of the ``n`` drawn items fall among the marked ones."""
+    from scipy.special import gammaln
+
+    def lchoose(a, b):
+        return gammaln(a + 1) - gammaln(b + 1) - gammaln(a - b + 1)
+
+    k = np.asarray(counts, dtype=np.float64)[:, None]
+    i = np.arange(n + 1, dtype=np.float64)[None, :]
+    ok = (i <= k) & (n - i <= size - k)
+    with np.errstate(invalid="ignore"):
+        logp = lchoose(k, np.where(ok, i, 0)) + lchoose(size - k, np.where(ok, n - i, 0)) - lchoose(size, n)
+    cdf = np.cumsum(np.where(ok, np.exp(logp), 0.0), axis=1)
+    return (cdf < 1.0 - alpha - 1e-12).sum(axis=1).astype(np.int64)
+
+
+def _binom_cdf_table(m: np.ndarray, p: np.ndarray, top: int) -> np.ndarray:
+    """(len(m), top + 1): P(Binomial(m_i, p_i) ≤ k) for k = 0..top (pmf ratio recursion; p clipped inside
+    (0, 1) so the recursion stays finite)."""
+    m = np.asarray(m, dtype=np.float64)[:, None]
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)[:, None]
+    k = np.arange(top, dtype=np.float64)[None, :]
+    ratio = np.clip(m - k, 0.0, None) / (k + 1) * (p / (1 - p))
+    pmf = np.exp(m * np.log1p(-p)) * np.concatenate([np.ones((len(m), 1)), np.cumprod(ratio, axis=1)], axis=1)
+    return np.minimum(np.cumsum(pmf, axis=1), 1.0)
+
+
+def _planned_start(proxy_desc: np.ndarray, cand: np.ndarray, n_test: int, eps: float | np.ndarray,
+                   dlt: float, proxy_sample: int | None = None) -> int:
     """Where the fixed sequence starts: the candidate (positions ``cand`` into ``proxy_desc``, confidences
     sorted descending, standing for the pool) with the largest coverage × chance of passing its test *if the
-    confidences were calibrated* (a random audit of ``n_test`` items; the items at or above it wrong with
-    probability 1 − confidence). Reads no audit label, so any miscalibration costs coverage, never the
+    confidences were calibrated* (a random audit of ``n_test`` items, of which a pessimistic 10% quantile
+    fall at or above it — wider when the proxy is itself a sample of ``proxy_sample`` items; the items wrong
+    with probability 1 − confidence). Reads no audit label, so any miscalibration costs coverage, never the
     guarantee. Ties go to the higher threshold."""
-    from scipy.special import bdtr, bdtrik
-
     size = len(proxy_desc)
     covered = cand + 1  # items at or above the candidate (cand = the last position of its value)
     q = covered / size
-    m = np.floor(n_test * q + 1e-9)
+    spread = n_test * q * (1.0 - q) * (1.0 + (n_test / proxy_sample if proxy_sample else 0.0))
+    m = np.maximum(np.floor(n_test * q - 1.2816 * np.sqrt(spread) + 1e-9), 0.0)
     pred = (np.cumsum(1.0 - proxy_desc)[cand] / covered).clip(0.0, 1.0)
-    with np.errstate(all="ignore"):
-        x_crit = np.floor(bdtrik(dlt, np.maximum(m, 1), eps) + 1e-9)
-    x_crit = np.where((m > 0) & np.isfinite(x_crit), np.minimum(x_crit, m), -1)
-    for _ in range(2):  # bdtrik is the continuous inverse: step down where the integer one is too high
-        too_high = (x_crit >= 0) & (bdtr(np.maximum(x_crit, 0), np.maximum(m, 1), eps) > dlt)
-        x_crit = np.where(too_high, x_crit - 1, x_crit)
-    chance = np.where(x_crit >= 0, bdtr(np.maximum(x_crit, 0), np.maximum(m, 1), pred), 0.0)
+    eps = np.broadcast_to(np.asarray(eps, dtype=np.float64), m.shape)
+    top = int(np.ceil((eps * m).max())) + 2
+    # the most wrong items a test of m items can pass with (the p-value grows with them): -1 = none
+    x_crit = np.where(m > 0, (_binom_cdf_table(m, eps, top) <= dlt).sum(axis=1) - 1, -1)
+    chance = np.take_along_axis(_binom_cdf_table(m, pred, top), np.maximum(x_crit, 0)[:, None], axis=1)[:, 0]
+    chance = np.where(x_crit >= 0, chance, 0.0)
     score = chance * q
     return int(np.argmax(score)) if score.max() > 0 else len(cand) - 1
 
 
-def _candidates(n: int, most: int = 200) -> np.ndarray:
+def _candidates(n: int, most: int = 100) -> np.ndarray:
     """At most ``most`` positions among ``n`` grid points, evenly spread, the last included."""
     if n <= most:
         return np.arange(n)
@@ -345,40 +377,46 @@ def certify(audit_confidence: Sequence[float] | np.ndarray, audit_correct: Seque
     **Method: Learn-then-Test** (Angelopoulos et al. 2021) with **fixed-sequence testing** over descending
     confidence thresholds t₁ > t₂ > …: for each t the null hypothesis "more than a share ε of the items with
     confidence ≥ t are wrong" is tested with an exact p-value; the sequence stops at the first test that fails,
-    and the certified threshold is the last one passed. One test at level δ per threshold is enough (no
-    multiplicity correction) because the order is fixed before the audit labels are seen: the procedure can
-    only certify a bad threshold by rejecting the *first* true null of the sequence, which happens with
-    probability ≤ δ.
+    and the certified threshold is the last one passed. One test per threshold at the full level is enough (no
+    multiplicity correction) because the sequence is fixed before any audit label is read: a bad threshold can
+    only be certified by rejecting the *first* true null of the sequence, and that one test errs with
+    probability at most its level.
 
     **Assumption:** the audit items were drawn uniformly at random (without replacement) from the pool the
     threshold is applied to, and the served model's confidence and label on them are what it serves (it was
     not fitted on the audit's labels). Nothing is assumed about the confidence being calibrated.
 
     *With* ``pool_confidence`` (the served model's confidence on every item of that pool, audit items
-    included) — ``method = "ltt-hypergeometric"``, exact for this pool:
+    included) — ``method = "ltt-hypergeometric"``, exact for this very pool, whose items and labels are fixed
+    (the only randomness is which of them the audit drew). With N_t pool items at or above t, W_t of them
+    wrong, and n_t, x_t the audit's items and wrong ones among them, the guarantee is on the items *outside
+    the audit* (those the machine would label alone):
 
-        P( #wrong among the pool's items with confidence ≥ t̂  >  ε · #pool items with confidence ≥ t̂ ) ≤ δ.
+        P( W_t̂ − x_t̂  >  ε · (N_t̂ − n_t̂) ) ≤ δ,
 
-    Thresholds are the pool's own confidences (at most ``MAX_GRID`` of them, at even steps of coverage). For a
-    fixed t the pool holds N_t items at or above it, W_t of them wrong (unknown, but fixed: the only randomness
-    is the audit's draw); given the number n_t of audit items that fell at or above t, those are a uniform
-    random subset of the N_t, so the wrong ones among them follow Hypergeometric(N_t, W_t, n_t) *whatever n_t
-    is*. The p-value P(Hypergeometric(N_t, ⌊εN_t⌋ + 1, n_t) ≤ observed) is therefore valid conditionally on
-    n_t, hence unconditionally, and is the largest over every W_t the null allows. The guarantee covers every
-    item of the pool at or above t̂, the audit's included (they carry the people's labels once reviewed, so the
-    final labels are wrong even less often).
+    which also bounds the error of the final labels at or above t̂ (the audit's carry people's labels).
+
+    - Given n_t, the audit items at or above t are a uniform random subset of those N_t, so x_t follows
+      Hypergeometric(N_t, W_t, n_t) whatever n_t is; its lower tail at the smallest W_t a null allows is an
+      exact p-value, valid conditionally on n_t and so unconditionally.
+    - The null must not depend on the audit. Since x_t ≥ 0 and n_t ≤ n̄_t, the failure above implies
+      W_t > ε (N_t − n̄_t), where n̄_t bounds n_t at every threshold at once except with probability
+      ``BAND_SHARE`` · δ (hypergeometric upper quantiles at ``BAND_POINTS`` checkpoints, union bound; n_t
+      only grows between them). The tests run at level (1 − ``BAND_SHARE``) δ, so the two errors add up to δ.
+    - Thresholds are the pool's own confidences (at most ``MAX_GRID``, at even steps of coverage).
 
     *Without* a pool — ``method = "ltt-binomial-split"``: the items are taken as independent draws from one
     distribution, and the guarantee is on the conditional error rate P(wrong | confidence ≥ t̂) of a new item
     from it. The audit items at or above a fixed t are then, given their number n_t, independent draws from
-    that conditional distribution, so P(Binomial(n_t, ε) ≤ observed) is an exact conditional (Clopper–Pearson)
-    p-value. Fixed-sequence testing needs its start fixed independently of the items it tests (starting at
-    the top, where too few items lie to pass anything, would stop at once): a random share ``SPLIT_SHARE``
-    of the audit (drawn with ``seed``) only places the start; the rest is tested.
+    that conditional distribution, so P(Binomial(n_t, ε) ≤ x_t) is an exact conditional (Clopper–Pearson)
+    p-value. The start must be fixed independently of the items tested (the audit's own confidences would
+    bias it), so a random share ``SPLIT_SHARE`` of the audit (drawn with ``seed``) only places the start,
+    standing for the pool; the rest is tested.
 
-    In both cases the start is the first threshold at which the tested audit items are numerous enough
-    (:func:`min_audit_items`, reached with probability ``START_POWER``) — chosen from the confidences
-    alone, never from whether the audit items were right. Nothing above the start is certified.
+    **The start.** Nothing above the start is tested, and the sequence cannot begin at the top (too few
+    items lie there to pass anything: see :func:`min_audit_items`). It begins at the threshold with the most
+    coverage × chance to pass *were the confidences calibrated*, computed from the pool's (or the placing
+    items') confidences alone, never from an audit label: miscalibration costs coverage, never the guarantee.
 
     Args:
         audit_confidence: the served model's confidence (top-class probability, in [0, 1]) on the audit items.
@@ -435,16 +473,32 @@ def _certify_pool(conf, wrong, pool, eps, dlt, k_min, base) -> Certificate:
         raise TrustError(f"{int((conf >= v).sum())} audit items have confidence >= {v:.6g} but only "
                          f"{int((pool >= v).sum())} pool items do: the audit must be drawn from the pool "
                          "(its items included in pool_confidence, with the same confidences)")
-    bad0 = np.floor(eps * big_n).astype(np.int64) + 1  # the null hypothesis' fewest wrong items
+    d_band = BAND_SHARE * dlt
+    d_test = dlt - d_band
+    pos = _candidates(len(grid))
+    # the plan: as many audit items at or above each candidate as the band below will allow for
+    expect = n * big_n[pos] / size
+    eps_plan = eps * np.clip(1.0 - (expect + 3.0 * np.sqrt(expect + 1.0)) / big_n[pos], 0.0, 1.0)
+    start = int(pos[_planned_start(desc, big_n[pos] - 1, n, eps_plan, d_test)])
+    # the band: at checkpoints from the start down, the most audit items that lie at or above them, exceeded
+    # with probability <= d_band in all (hypergeometric upper quantiles, union bound); between checkpoints
+    # the count only grows, so the next checkpoint's bound holds
+    checks = np.unique(np.linspace(start, len(grid) - 1, BAND_POINTS).round().astype(np.int64))
+    top = _hyper_upper(size, big_n[checks], n, d_band / len(checks))
+    n_bar = np.zeros(len(grid), dtype=np.int64)
+    n_bar[start:] = top[np.searchsorted(checks, np.arange(start, len(grid)))]
+    n_bar = np.minimum(n_bar, np.minimum(n, big_n))
+    # the null at each threshold: more than ε of the pool items outside the audit wrong, were the audit to
+    # hold n_bar of them — i.e. at least this many wrong items at or above the threshold in the pool
+    bad0 = np.floor(eps * (big_n - n_bar)).astype(np.int64) + 1
 
     def pvals(lo, hi):
         return _hyper_cdf(x_t[lo:hi], big_n[lo:hi], bad0[lo:hi], n_t[lo:hi])
 
-    pos = _candidates(len(grid))
-    start = int(pos[_planned_start(desc, big_n[pos] - 1, n, eps, dlt)])
-    fail = _first_failure(pvals, start, len(grid), dlt)
+    fail = _first_failure(pvals, start, len(grid), d_test)
     base["details"] = {"start_threshold": float(grid[start]), "thresholds": int(len(grid)),
-                       "tests": int(min(fail + 1, len(grid)) - start), "min_audit_items": k_min}
+                       "tests": int(min(fail + 1, len(grid)) - start), "min_audit_items": k_min,
+                       "test_level": d_test, "band_level": d_band}
     if fail == start:
         p = float(pvals(start, start + 1)[0])
         return Certificate(None, **base, pool_certified=0, p_value=p, reason=_why_not(
@@ -467,7 +521,7 @@ def _certify_split(conf, wrong, eps, dlt, k_min, seed, base) -> Certificate:
     if n_place:
         pc = np.sort(conf[place])[::-1]
         last = np.flatnonzero(np.r_[pc[1:] != pc[:-1], True])  # the last position of each distinct value
-        j = _planned_start(pc, last, m, eps, dlt)
+        j = _planned_start(pc, last, m, eps, dlt, proxy_sample=n_place)
         if j < len(last) - 1:
             t0 = float(pc[last[j]])
     # then the tested items' own confidences below the start, descending

