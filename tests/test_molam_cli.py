@@ -95,6 +95,6 @@ def test_certify_bad_input_clear_error(tmp_path, trec_outputs):
     r = runner.invoke(app, ["molam", "certify", "--outputs", str(tmp_path / "o.npz")])
     assert r.exit_code == 2 and "--labels is needed" in r.output
     for args, msg in ((["--epsilon", "0"], "must be in (0, 1)"), (["--epsilon", "x"], "comma-separated"),
-                      (["--delta", "1.5"], "--delta must be in"), (["--audit-size", "5000"], "between 1 and")):
+                      (["--delta", "1.5"], "--delta must be in"), (["--audit-size", "6000"], "between 1 and")):
         r = runner.invoke(app, ["molam", "certify", *args], env={"COLUMNS": "200"})
         assert r.exit_code == 2 and msg in r.output, r.output
