@@ -37,6 +37,9 @@ from molal.datasets import get_dataset  # noqa: E402
 from molal.metrics import expected_calibration_error, reliability_bins  # noqa: E402
 from molal.simulate_trust import certify_draw, fit_draw, summarize  # noqa: E402
 
+#: bumped when what a fit returns changes (2: the temperature applied only when significant on the seeds)
+CACHE_VERSION = 2
+
 
 def load(args) -> tuple[LLMOutputs, np.ndarray, str]:
     if args.outputs is not None:
@@ -101,7 +104,8 @@ def main() -> None:
     epsilons = [float(e) for e in args.epsilons.split(",")]
     sizes = [int(s) for s in args.audit_sizes.split(",")]
     params = {"calibration": None if args.calibration == "none" else "temperature"}
-    key = hashlib.sha256(json.dumps([name, outputs.n_items, args.seeds, params], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([name, outputs.n_items, args.seeds, params, CACHE_VERSION],
+                                    sort_keys=True).encode()).hexdigest()[:12]
     records, fits, ece = [], [], {}
     bins: dict[str, list] = {}
     t_start = time.perf_counter()

@@ -34,15 +34,15 @@ def seed_rows(n_items: int, n_seeds: int, draw: int) -> np.ndarray:
 def fit_draw(outputs: LLMOutputs, gold: np.ndarray, draw: int, n_seeds: int = 50,
              molam_params: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """Fit MoLAM on draw ``draw``'s seeds. Returns (seed rows, {"served": predict_proba, and "uncalibrated"
-    too when the model is calibrated}, information about the fit: chosen candidate, temperature, the seeds'
-    out-of-fold calibration)."""
+    too when the model has a ``calibration``}, information about the fit: chosen candidate, temperature, the
+    seeds' out-of-fold calibration)."""
     from molal.molam import MoLAM
 
     seeds = seed_rows(outputs.n_items, n_seeds, draw)
     model = MoLAM(**(molam_params or {})).fit(outputs, seeds, gold[seeds])
     probas = {"served": model.predict_proba(outputs)}
     temperature = float(getattr(model, "temperature_", 1.0))
-    if temperature != 1.0:
+    if model.calibration is not None:  # the same fit without its temperature, side by side
         model.temperature_ = 1.0
         probas["uncalibrated"] = model.predict_proba(outputs)
         model.temperature_ = temperature
