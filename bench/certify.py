@@ -1,8 +1,8 @@
 """The certified threshold (molal.trust) over recorded LLM outputs: coverage and realised error, and MoLAM's
 calibration (issue 27, items 4 and 5).
 
-Protocol (molal.simulate_trust): per draw, 50 random seed labels fit MoLAM; an audit of 50 / 100 / 200 items is
-drawn uniformly at random from the other items (the pool); the certificate (`ltt-pool`: with the pool's
+Protocol (molal.simulate_trust): per draw, 50 random seed labels fit MoLAM; 10 audits (`--audits`) of 50 / 100
+/ 200 items each are drawn uniformly at random from the other items (the pool); the certificate (`ltt-pool`: with the pool's
 confidences; `ltt-audit`: the audit alone) and the naive rule "confidence >= 1 - ε" are applied to the pool's
 items outside the audit; gold labels give the realised error among the accepted ones. Gold is read only for
 the seeds, the audit (the simulated people) and that realised error.
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--epsilons", default="0.02,0.05,0.1")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--audit-sizes", default="50,100,200")
+    ap.add_argument("--audits", type=int, default=10, help="random audits of each size per fit")
     ap.add_argument("--calibration", choices=["temperature", "none"], default="temperature")
     ap.add_argument("--outputs", type=Path, default=None, help="LLMOutputs .npz (default: the TREC recordings)")
     ap.add_argument("--data", type=Path, default=None, help="with --outputs: the annotated JSONL (gold labels)")
@@ -115,7 +116,8 @@ def main() -> None:
         fits.append(info)
         rest = np.setdiff1d(np.arange(len(gold)), seeds)
         for conf_name, proba in probas.items():
-            for r in certify_draw(proba, gold, seeds, d, epsilons=epsilons, delta=args.delta, audit_sizes=sizes):
+            for r in certify_draw(proba, gold, seeds, d, epsilons=epsilons, delta=args.delta, audit_sizes=sizes,
+                                  audits=args.audits):
                 records.append({**r, "confidence": conf_name})
             ece.setdefault(conf_name, []).append(expected_calibration_error(proba[rest], gold[rest]))
             bins.setdefault(conf_name, []).append(reliability_bins(proba[rest], gold[rest]))
@@ -126,7 +128,7 @@ def main() -> None:
     cal = [f["calibration"] for f in fits if f.get("calibration") and "seed_oof_ece" in f["calibration"]]
     result = {
         "dataset": name, "n_items": int(outputs.n_items), "n_seeds": args.seeds, "draws": args.draws,
-        "first_draw": args.first_draw, "delta": args.delta, "epsilons": epsilons, "audit_sizes": sizes,
+        "first_draw": args.first_draw, "audits_per_fit": args.audits, "delta": args.delta, "epsilons": epsilons, "audit_sizes": sizes,
         "molam": params, "seconds": round(time.perf_counter() - t_start, 1),
         "choices": {c: sum(f["choice"] == c for f in fits) for c in sorted({f["choice"] for f in fits})},
         "temperature": {"mean": float(np.mean([f["temperature"] for f in fits])),
@@ -163,8 +165,8 @@ def main() -> None:
         t.add_row(c, f"{result['ece_pool'][c]['mean']:.4f}", f"{oof[c]:.4f}" if c in oof else "-")
     con.print(t)
     for c in conf_names:
-        t = Table(title=f"{name}, {c} confidence: δ = {args.delta}, {args.draws} draws, coverage and realised error "
-                        "over the remaining pool")
+        t = Table(title=f"{name}, {c} confidence: δ = {args.delta}, {args.draws} fits × {args.audits} audits, "
+                        "coverage and realised error over the remaining pool")
         for col in ("rule", "audit", "ε", "certified", "coverage", "error", "fail", "fail (pool)", "fail ≤ δ"):
             t.add_column(col, justify="left" if col == "rule" else "right")
         for s in summary[c]:

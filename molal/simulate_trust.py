@@ -53,10 +53,11 @@ def fit_draw(outputs: LLMOutputs, gold: np.ndarray, draw: int, n_seeds: int = 50
 
 def certify_draw(proba: np.ndarray, gold: np.ndarray, seeds: np.ndarray, draw: int, *,
                  epsilons: Sequence[float] = (0.02, 0.05, 0.10), delta: float = 0.1,
-                 audit_sizes: Sequence[int] = (50, 100, 200)) -> list[dict[str, Any]]:
-    """Every rule at every audit size and ε on one fitted draw: one record each with the threshold, the
-    coverage and realised error over the remaining pool, and the error over the whole pool (the audit's items
-    included, with the model's labels: the quantity ``ltt-pool`` guarantees)."""
+                 audit_sizes: Sequence[int] = (50, 100, 200), audits: int = 1) -> list[dict[str, Any]]:
+    """Every rule at every audit size and ε on one fitted draw, for ``audits`` independent random audits of
+    each size (the fit is the costly part; more audits per fit measure the failure rate more precisely): one
+    record each with the threshold, the coverage and realised error over the remaining pool, and the error
+    over the whole pool (the audit's items included, with the model's labels)."""
     from molal.trust import certified_threshold, certify
 
     n = len(gold)
@@ -67,6 +68,7 @@ def certify_draw(proba: np.ndarray, gold: np.ndarray, seeds: np.ndarray, draw: i
     for size in audit_sizes:
         if not 0 < size < len(rest):
             raise ValueError(f"audit size {size} must be between 1 and the pool's {len(rest) - 1} items")
+    for r, size in ((r, size) for r in range(int(audits)) for size in audit_sizes):
         audit = rng.choice(rest, int(size), replace=False)
         remaining = np.setdiff1d(rest, audit)
         for eps in epsilons:
@@ -74,7 +76,8 @@ def certify_draw(proba: np.ndarray, gold: np.ndarray, seeds: np.ndarray, draw: i
                      "ltt-audit": certified_threshold(conf[audit], correct[audit], eps, delta),
                      "naive": 1.0 - eps}
             for rule, t in rules.items():
-                rec: dict[str, Any] = {"draw": int(draw), "rule": rule, "audit": int(size), "epsilon": float(eps),
+                rec: dict[str, Any] = {"draw": int(draw), "audit_draw": r, "rule": rule, "audit": int(size),
+                                       "epsilon": float(eps),
                                        "threshold": t, "coverage": 0.0, "error": None, "pool_error": None}
                 if t is not None:
                     acc = conf[remaining] >= t
@@ -87,8 +90,8 @@ def certify_draw(proba: np.ndarray, gold: np.ndarray, seeds: np.ndarray, draw: i
 
 
 def summarize(records: Sequence[dict[str, Any]], delta: float) -> list[dict[str, Any]]:
-    """Per (rule, audit size, ε): draws, share of draws with a certificate, the median threshold over those,
-    mean coverage (0 when nothing is
+    """Per (rule, audit size, ε): draws (fits × audits), share of draws with a certificate, the median
+    threshold over those, mean coverage (0 when nothing is
     certified), mean realised error over draws with a certificate, and the share of draws whose realised error
     over the remaining pool (``fail``) or over the whole pool (``fail_pool``) exceeds ε, with a one-sided
     exact (Clopper–Pearson) 95% upper bound on that share's probability."""
@@ -117,7 +120,8 @@ def summarize(records: Sequence[dict[str, Any]], delta: float) -> list[dict[str,
 
 def simulate_certification(outputs: LLMOutputs, gold: np.ndarray, *, draws: int = 100, first_draw: int = 0,
                            n_seeds: int = 50, epsilons: Sequence[float] = (0.02, 0.05, 0.10), delta: float = 0.1,
-                           audit_sizes: Sequence[int] = (50, 100, 200), molam_params: dict[str, Any] | None = None,
+                           audit_sizes: Sequence[int] = (50, 100, 200), audits: int = 1,
+                           molam_params: dict[str, Any] | None = None,
                            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The protocol of the module docstring over draws ``first_draw .. first_draw + draws - 1``. Returns
     ``{"records": [...], "summary": summarize(...), "fits": [fit_draw's information per draw]}``; records
@@ -130,7 +134,8 @@ def simulate_certification(outputs: LLMOutputs, gold: np.ndarray, *, draws: int 
         seeds, probas, info = fit_draw(outputs, gold, d, n_seeds, molam_params)
         fits.append(info)
         for name, proba in probas.items():
-            for r in certify_draw(proba, gold, seeds, d, epsilons=epsilons, delta=delta, audit_sizes=audit_sizes):
+            for r in certify_draw(proba, gold, seeds, d, epsilons=epsilons, delta=delta, audit_sizes=audit_sizes,
+                                  audits=audits):
                 records.append({**r, "confidence": name})
         if progress is not None:
             progress(i + 1, draws)

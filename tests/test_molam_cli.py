@@ -73,14 +73,14 @@ def test_certify_end_to_end(tmp_path, trec_outputs, trec_gold):
                               for i in range(n)))
     out = tmp_path / "cert.json"
     r = CliRunner().invoke(app, ["molam", "certify", "--outputs", str(tmp_path / "o.npz"), "--labels", str(labels),
-                                 "--draws", "2", "--audit-size", "200", "--epsilon", "0.1,0.2", "--json", str(out)],
+                                 "--draws", "2", "--audits", "2", "--audit-size", "200", "--epsilon", "0.1,0.2", "--json", str(out)],
                            env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
     assert "ltt-pool" in r.output and "naive" in r.output and "coverage" in r.output
     d = json.loads(out.read_text())
     assert len(d["fits"]) == 2 and {s["rule"] for s in d["summary"]["served"]} == {"ltt-pool", "ltt-audit", "naive"}
     recs = [x for x in d["records"] if x["confidence"] == "served"]
-    assert len(recs) == 2 * 2 * 3  # draws × ε × rules
+    assert len(recs) == 2 * 2 * 2 * 3  # draws × audits × ε × rules
     for x in recs:
         if x["threshold"] is not None:
             assert 0 <= x["coverage"] <= 1 and 0 <= x["error"] <= 1

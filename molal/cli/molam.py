@@ -218,7 +218,8 @@ def certify_cmd(
                                 "separated for several)."),
     delta: float = typer.Option(0.1, "--delta", help="Largest acceptable probability that a certificate is wrong."),
     audit_size: str = typer.Option("100", "--audit-size", help="Audit items per draw (comma-separated for several)."),
-    draws: int = typer.Option(20, "--draws", min=1, max=10_000, help="Random draws (seeds + audits), each one MoLAM fit."),
+    draws: int = typer.Option(20, "--draws", min=1, max=10_000, help="Random draws of the seeds, each one MoLAM fit."),
+    audits: int = typer.Option(5, "--audits", min=1, max=1000, help="Random audits of each size per fit."),
     n_seeds: int = typer.Option(50, "--seeds", min=2, help="Random seed labels per draw."),
     first_draw: int = typer.Option(0, "--first-draw", min=0, help="Draws first_draw .. first_draw + draws - 1."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write every draw's record and the summary here."),
@@ -265,16 +266,17 @@ def certify_cmd(
             raise DataError(f"--audit-size: each must be between 1 and {rest - 1} (the items that are not seeds)")
         with progress_bar(f"certify: {draws} draws (a MoLAM fit each)", draws) as bar:
             res = simulate_certification(outs, gold, draws=draws, first_draw=first_draw, n_seeds=n_seeds,
-                                         epsilons=epsilons, delta=delta, audit_sizes=sizes,
+                                         epsilons=epsilons, delta=delta, audit_sizes=sizes, audits=audits,
                                          progress=lambda i, n: bar.update(completed=i))
     except (DataError, MoLAMError, TrustError, ValueError) as exc:
         _fail(exc)
     if json_out is not None:
         atomic_write_json(json_out, {"epsilons": epsilons, "delta": delta, "audit_sizes": sizes, "draws": draws,
+                                     "audits_per_fit": audits,
                                      "first_draw": first_draw, "n_seeds": n_seeds, **res})
     for conf, summary in res["summary"].items():
-        t = Table(title=f"{outs.n_items} items, {n_seeds} seeds, δ = {delta:g}, {draws} draws ({conf} confidence): "
-                        "coverage and realised error over the remaining pool")
+        t = Table(title=f"{outs.n_items} items, {n_seeds} seeds, δ = {delta:g}, {draws} fits × {audits} audits "
+                        f"({conf} confidence): coverage and realised error over the remaining pool")
         for col in ("rule", "audit", "ε", "threshold", "certified", "coverage", "error", "error > ε"):
             t.add_column(col, justify="left" if col == "rule" else "right")
         for s in summary:
@@ -284,8 +286,8 @@ def certify_cmd(
                       f"{s['fail']:.0%}" + ("" if s["holds"] or s["rule"] == "naive" else " (> δ!)"))
         console.print(t)
     console.print("ltt-pool: the certificate with the pool's confidences; ltt-audit: from the audit alone; naive: "
-                  "confidence >= 1 - ε. threshold: median over the draws with a certificate; error: mean over them; "
-                  "error > ε: share of all draws.")
+                  "confidence >= 1 - ε. threshold: median over the audits with a certificate; error: mean over them; "
+                  "error > ε: share of all audits.")
     if json_out is not None:
         console.print(f"wrote {json_out}")
 
