@@ -271,24 +271,29 @@ def test_aggregation_modules_import_no_circle():
 
 
 def test_temperature_calibration_fitted_on_seeds(fitted, trec_outputs, trec_gold, tmp_path):
-    """MoLAM(calibration="temperature"): the temperature is fitted on the chosen model's out-of-fold seed
-    predictions; the argmax never moves; it is saved and loaded; a file without it predicts as before."""
-    m, idx = fitted
-    cal = MoLAM(**FAST, calibration="temperature").fit(trec_outputs, idx, trec_gold[idx])
+    """MoLAM(calibration="temperature"), the default: the temperature is fitted on the chosen model's
+    out-of-fold seed predictions and applied only when significant; the argmax never moves; it is saved and
+    loaded; a file without it (calibration=None, or written before) predicts as before."""
+    cal, idx = fitted
+    plain = MoLAM(**FAST, calibration=None).fit(trec_outputs, idx, trec_gold[idx])
     info = cal.metadata["calibration"]
     assert info["method"] == "temperature" and info["seed_oof_rows"] == len(idx) * FAST["n_repeats"]
     assert info["seed_oof_log_loss"][1] <= info["seed_oof_log_loss"][0] + 1e-9
-    assert cal.choice_ == m.choice_
-    p, p0 = cal.predict_proba(trec_outputs), m.predict_proba(trec_outputs)
+    assert info["applied"] == (info["likelihood_ratio"] > 3.841) and cal.choice_ == plain.choice_
+    p, p0 = cal.predict_proba(trec_outputs), plain.predict_proba(trec_outputs)
     assert (p.argmax(1) == p0.argmax(1)).all() and np.allclose(p.sum(1), 1.0)
-    if cal.temperature_ != 1.0:
-        assert not np.allclose(p, p0)
+    assert np.allclose(p, p0) == (cal.temperature_ == 1.0)
+    cal.temperature_ = 2.0  # as a fit with a significant gain would set it
+    p2 = cal.predict_proba(trec_outputs)
+    assert (p2.argmax(1) == p0.argmax(1)).all() and p2.max(1).mean() < p0.max(1).mean()
     cal.save(tmp_path / "cal.json")
     back = load_aggregator(tmp_path / "cal.json")
-    assert back.temperature_ == cal.temperature_ and np.allclose(back.predict_proba(trec_outputs), p)
-    m.save(tmp_path / "plain.json")
+    assert back.temperature_ == 2.0 and np.allclose(back.predict_proba(trec_outputs), p2)
+    cal.temperature_ = info["temperature"]
+    plain.save(tmp_path / "plain.json")
     d = json.loads((tmp_path / "plain.json").read_text())
     assert "calibration" not in d["params"] and "temperature" not in d["state"]  # the format as before
-    assert load_aggregator(tmp_path / "plain.json").temperature_ == 1.0
+    old = load_aggregator(tmp_path / "plain.json")
+    assert old.temperature_ == 1.0 and np.allclose(old.predict_proba(trec_outputs), p0)
     with pytest.raises(MoLAMError, match="calibration"):
         MoLAM(calibration="isotonic").fit(trec_outputs, idx, trec_gold[idx])

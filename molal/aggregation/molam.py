@@ -81,7 +81,7 @@ class MoLAM(Aggregator):
             text_device: the text model's exponent in the product, inverse regularisation, cross-fitting
             folds, weight of a seed row, self-training rounds, hashed n-gram features (0 = embeddings only),
             encoder truncation and torch device.
-        calibration: None, or ``"temperature"``: temperature scaling of the served distribution
+        calibration: ``"temperature"`` (default) or None: temperature scaling of the served distribution
             (:mod:`molal.aggregation.calibration`), fitted on the chosen model's out-of-fold predictions on the
             seeds (the cross-validation's, times the cross-fitted text model's where there is one), and applied
             only when it improves their log loss significantly (likelihood-ratio test, 5%; 50 seeds make a
@@ -115,7 +115,7 @@ class MoLAM(Aggregator):
         text_ngrams: int = 4096,
         text_max_length: int = 64,
         text_device: str = "cpu",
-        calibration: str | None = None,
+        calibration: str | None = "temperature",
     ) -> None:
         super().__init__()
         self.candidates = candidates
