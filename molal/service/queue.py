@@ -51,6 +51,8 @@ PLAN_KEY, EPOCH_KEY, WRITTEN_KEY = "queue_plan", "queue_epoch", "queue_written"
 RANK_FIELD, MODEL_FIELD = "molal_rank", "molal_model"
 #: tasks per request batch of the background writer (between two checks for a job that needs the project)
 WRITE_BATCH = 32
+#: concurrent PATCHes of the background writer: Label Studio serves the people labelling meanwhile too
+WRITER_THREADS = 2
 #: ``/predict`` refreshes the review fields of at most this many tasks a request (a person opening a task)
 REFRESH_MAX_TASKS = 3
 
@@ -402,6 +404,7 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if start >= len(plan):
         return {"written": 0, "upto": start, "total": len(plan)}
     client = client_for(svc.settings, state)
+    client.threads = WRITER_THREADS
     ctx.progress(0.02, f"reading the project's tasks to write ranks {start + 1}-{len(plan)} of plan {plan.epoch}")
     tasks = {t["id"]: t for t in client.tasks(state.id)}
 

@@ -613,6 +613,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     from molal.service.status import announce
 
     announce(svc, state)  # "training…" in Label Studio, within seconds of Start Training
+    seen = int(state.get("new_annotations", 0) or 0)  # the labels counted so far are in this job's pull
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
     same = None if ctx.job.get("payload", {}).get("force") else nothing_new(svc, state, spec, pool)
@@ -653,12 +654,6 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         ranking = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
     else:
         ranking = rank_by_confidence(pool, rows, served, state)
-    head = None
-    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
-        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
-    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
-    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
     flagged = 0
     auto_rows: dict[int, str] = {}
     if rr.new_auto or state.auto_labels():
@@ -672,11 +667,6 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
             upd.append((pool.task_ids[r], d))
             pool.data[r] = d
         flagged = client.update_task_data(upd)
-    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
-                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
-                           "predictions_retired": sum(retired.values())}
-    if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
-        out["stop"] = rr.info["stop"]
     llm = None
     if rr.llm_outputs is not None:
         norm = rr.llm_outputs.normalized_probs()
@@ -684,13 +674,26 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
                       head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
                       auto=auto_rows)
-    out.update(write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key))
+    # the head's lines first, then the predictions they describe: the few seconds in between are the only
+    # time a person at the head of the queue may read a line next to the previous model's pre-fill
+    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key)
+    head = None
+    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
+        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
+    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
+                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
+    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
+    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
+                           "predictions_retired": sum(retired.values()), **queued}
+    if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
+        out["stop"] = rr.info["stop"]
     out["to_human"] = len(rr.to_human)
     out["review_fields_written"] = min(plan.head, len(plan))
     out["ranked_by"] = ranking.by
     if panel is not None:
         out["review_panel"] = panel
-    state.put("new_annotations", 0)
+    state.incr("new_annotations", -min(seen, int(state.get("new_annotations", 0) or 0)))  # labels since stay
     if rr.info.get("unannotated"):  # the job succeeded, but the person reading its status must see this
         out["unannotated"] = rr.info["unannotated"]
         ctx.progress(1.0, f"done: serving {rr.version}; {rr.info['unannotated']}")

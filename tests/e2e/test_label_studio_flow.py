@@ -23,6 +23,7 @@ from molal.demo import (
     pick_seeds,
     start_training,
     wait_job,
+    wait_queue,
 )
 
 N_TASKS = 300
@@ -85,6 +86,10 @@ def trained(ls_client, project, backend):
     assert job["status"] == "succeeded", job
     version = job["result"]["version"]
     assert version.startswith("molam-")
+    # the job wrote the head of the queue; a background job writes every other task's rank and line
+    assert job["result"]["queue_head"] == 60 and job["result"]["queue_total"] == N_TASKS - N_SEEDS
+    q = wait_queue(backend.url, project["id"], timeout=900)
+    assert q["upto"] == q["total"] == N_TASKS - N_SEEDS
     return {"seeds": set(seeds), "version": version, "job": job}
 
 
