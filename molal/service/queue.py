@@ -47,7 +47,7 @@ log = logging.getLogger("molal.queue")
 
 #: priorities of plan ``e`` lie in ``[e * EPOCH_SPAN, (e + 1) * EPOCH_SPAN)``: projects up to 10M tasks
 EPOCH_SPAN = 10_000_000
-PLAN_KEY, EPOCH_KEY, WRITTEN_KEY = "queue_plan", "queue_epoch", "queue_written"
+PLAN_KEY, EPOCH_KEY, WRITTEN_KEY, RETIRE_KEY = "queue_plan", "queue_epoch", "queue_written", "queue_retire"
 RANK_FIELD, MODEL_FIELD = "molal_rank", "molal_model"
 #: tasks per request batch of the background writer (between two checks for a job that needs the project)
 WRITE_BATCH = 32
@@ -352,12 +352,16 @@ def write_plan(client: LSClient, plan: QueuePlan, data_of: Callable[[int], dict 
 
 
 def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueuePlan, pool: Pool,
-               ctx: JobContext | None = None, value_key: str = "text") -> dict:
+               ctx: JobContext | None = None, value_key: str = "text", retire: dict | None = None) -> dict:
     """The job's part: the plan's head (priorities, ranks and review lines) and the tab; then the rest is
-    queued for the background writer. The pool's data is updated in place with what was written."""
+    queued for the background writer, with ``retire`` (:func:`retire_superseded`'s ``keep`` version,
+    ``members``, ``members_too``) for it to do after. The pool's data is updated in place with what was
+    written."""
     from molal.service.lsclient import VIEW_TITLE
 
     save_plan(state, plan)
+    if retire is not None:
+        state.put(RETIRE_KEY, retire)
     row_of = {t: r for r, t in enumerate(pool.task_ids)}
 
     def data_of(t: int) -> dict | None:
@@ -377,7 +381,7 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
     state.put(WRITTEN_KEY, {"epoch": plan.epoch, "upto": upto, "total": len(plan), "done": upto >= len(plan)})
     out = {"priorities_written": n, "view": view, "queue_head": plan.head, "queue_total": len(plan),
            "queue_head_s": round(time.perf_counter() - t0, 2)}
-    if upto < len(plan):
+    if upto < len(plan) or retire is not None:
         job, _ = svc.submit(state.id, "queue", source=f"the rest of the queue after {plan.version}")
         out["queue_job"] = job["id"]
         if ctx is not None:
@@ -401,12 +405,12 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         return {"written": 0, "superseded": True}
     done = progress(state)
     start = int(done.get("upto", 0)) if int(done.get("epoch", -1)) == plan.epoch else 0
-    if start >= len(plan):
-        return {"written": 0, "upto": start, "total": len(plan)}
     client = client_for(svc.settings, state)
     client.threads = WRITER_THREADS
-    ctx.progress(0.02, f"reading the project's tasks to write ranks {start + 1}-{len(plan)} of plan {plan.epoch}")
-    tasks = {t["id"]: t for t in client.tasks(state.id)}
+    tasks: dict[int, dict] = {}
+    if start < len(plan):
+        ctx.progress(0.02, f"reading the project's tasks to write ranks {start + 1}-{len(plan)} of plan {plan.epoch}")
+        tasks = {t["id"]: t for t in client.tasks(state.id)}
 
     def data_of(t: int) -> dict | None:
         task = tasks.get(t)
@@ -430,6 +434,14 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if upto < len(plan):
         out["stopped"] = "superseded by a newer plan" if current_epoch(state) != plan.epoch else \
             "gave way to another job of the project (a training job resumes it)"
+    retire = state.get(RETIRE_KEY)
+    if retire and "stopped" not in out:  # the superseded versions' predictions, a few at a time
+        ctx.progress(None, "removing the predictions of superseded model versions")
+        gone = retire_superseded(client, state.id, retire["keep"], ctx, retire.get("members"),
+                                 bool(retire.get("members_too")), should_stop)
+        out["predictions_retired"] = sum(gone.values())
+        if not should_stop():
+            state.put(RETIRE_KEY, None)
     ctx.progress(1.0, f"queue: {upto} of {len(plan)} tasks ranked and explained" +
                  (f" ({out['stopped']})" if "stopped" in out else ""))
     return out
@@ -440,10 +452,49 @@ def resume(svc: Runtime, state: ProjectState) -> str | None:
     job, or a writer that gave way); returns the job id, or None."""
     plan = load_plan(state)
     done = progress(state)
-    if plan is None or (int(done.get("epoch", -1)) == plan.epoch and int(done.get("upto", 0)) >= len(plan)):
+    written = plan is None or (int(done.get("epoch", -1)) == plan.epoch and int(done.get("upto", 0)) >= len(plan))
+    if written and not state.get(RETIRE_KEY):
         return None
     job, _ = svc.submit(state.id, "queue", source="resume the queue")
     return job["id"]
+
+
+# -- after a job: the superseded versions' predictions -----------------------------------------------------
+#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
+SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
+
+
+def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
+                      member_versions: list[str] | None = None, members_too: bool = False,
+                      should_stop: Callable[[], bool] | None = None) -> dict[str, int]:
+    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
+    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
+    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
+    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
+    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
+    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
+    -> predictions deleted. They are deleted one by one (:meth:`LSClient.delete_predictions`), never a whole
+    version in one write; ``should_stop()`` ends it early (the next call goes on)."""
+    from molal.service.lsclient import LSConnectionError
+
+    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
+    if members_too:
+        renamed |= set(member_versions or [])
+    try:
+        old = {v for v in client.model_versions(project)
+               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed}
+        out: dict[str, int] = {}
+        if old:
+            for v, ids in client.prediction_ids(project, old).items():
+                out[v] = client.delete_predictions(ids, should_stop)
+    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
+        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
+        if ctx is not None:
+            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
+        return {}
+    if out and ctx is not None:
+        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
+    return out
 
 
 # -- a task opened in Label Studio ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 
 from molal.learner import Learner, StoppingRule
 from molal.service.labelconfig import LabelSpec
-from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
+from molal.service.lsclient import AUTO_FLAG, LSClient
 from molal.service.lsclient import client_for as ls_client_for
 from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
@@ -52,6 +52,7 @@ from molal.service.queue import (
     rank_by_confidence,
     rank_queue,
     resume,
+    retire_superseded,
     write_head,
 )
 from molal.service.review import voters_of
@@ -506,36 +507,6 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     return n
 
 
-#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
-SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
-
-
-def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
-                      member_versions: list[str] | None = None, members_too: bool = False) -> dict[str, int]:
-    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
-    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
-    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
-    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
-    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
-    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
-    -> predictions deleted."""
-    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
-    if members_too:
-        renamed |= set(member_versions or [])
-    try:
-        old = [v for v in client.model_versions(project)
-               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed]
-        out = {v: client.delete_model_version(project, v) for v in old}
-    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
-        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
-        if ctx is not None:
-            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
-        return {}
-    if out and ctx is not None:
-        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
-    return out
-
-
 def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
     client = client_for(svc, state)
     ctx.progress(0.01, f"pulling project {state.id} from Label Studio")
@@ -676,16 +647,17 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                       auto=auto_rows)
     # the head's lines first, then the predictions they describe: the few seconds in between are the only
     # time a person at the head of the queue may read a line next to the previous model's pre-fill
-    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key)
+    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key,
+                        retire={"keep": rr.version, "members": rr.member_versions, "members_too": bool(top)})
     head = None
     if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
         head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
                                None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
-    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
+    # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
+    # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
     out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
-                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
-                           "predictions_retired": sum(retired.values()), **queued}
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
     out["to_human"] = len(rr.to_human)
