@@ -260,7 +260,8 @@ class LSClient:
             raise self.explain(f"reading the instructions of project {project}", exc) from exc
 
     def model_connection(self, project: int) -> dict | None:
-        """The project's model connection ``{"id", "title", "url"}`` when it has exactly one (molal's own);
+        """The project's model connection (``id``, ``title``, ``url``, and what Label Studio needs to accept a
+        change of it: ``project``, ``auth_method``, ``basic_auth_user``) when it has exactly one (molal's own);
         None otherwise (several: which one is molal's cannot be told)."""
         try:
             found = [_plain(b) for b in self.client.ml.list(project=project)]
@@ -269,14 +270,22 @@ class LSClient:
         if len(found) != 1 or not isinstance(found[0].get("url"), str):
             return None
         b = found[0]
-        return {"id": int(b["id"]), "title": str(b.get("title") or ""), "url": b["url"]}
+        return {"id": int(b["id"]), "title": str(b.get("title") or ""), "url": b["url"],
+                "project": int(b.get("project") or project), "auth_method": b.get("auth_method") or "NONE",
+                "basic_auth_user": b.get("basic_auth_user")}
 
-    def rename_model_connection(self, ml_id: int, title: str) -> None:
-        """The name Label Studio shows on the model connection's card (molal's state: molal.service.status)."""
+    def rename_model_connection(self, card: dict, title: str) -> None:
+        """The name Label Studio shows on the model connection's card ``card`` (from :meth:`model_connection`;
+        molal's state: molal.service.status). Label Studio validates a change of a connection as a new one
+        (it checks ``url``, ``project`` and the authentication, and calls the backend's /health and /setup),
+        so those go with the title, unchanged; an empty password keeps the stored one."""
+        kw: dict = {"url": card["url"], "project": card["project"], "auth_method": card["auth_method"]}
+        if card["auth_method"] == "BASIC_AUTH":
+            kw.update(basic_auth_user=card.get("basic_auth_user") or "", basic_auth_pass="")
         try:
-            self.client.ml.update(id=ml_id, title=title)
+            self.client.ml.update(id=card["id"], title=title, **kw)
         except Exception as exc:
-            raise self.explain(f"renaming model connection {ml_id}", exc) from exc
+            raise self.explain(f"renaming model connection {card['id']}", exc) from exc
 
     def set_label_config(self, project: int, config: str) -> None:
         """Replace the project's label config (Label Studio checks it against the existing annotations)."""

@@ -173,35 +173,42 @@ def announce(svc: Runtime, state: ProjectState, client: LSClient | None = None) 
         ps = svc.project_settings(state)
         st = project_status(svc, state)
         client = client or client_for(svc.settings, state)
-        card = client.model_connection(state.id)  # {"id", "title", "url"} when molal is the only one
-        link = None
-        base_url = state.get(BACKEND_URL_KEY)
-        if base_url is None and card is not None:
-            base_url = card["url"]
-            state.put(BACKEND_URL_KEY, base_url)
-        if base_url:
-            link = f"{base_url.rstrip('/')}/projects/{state.id}/status"
-        block = instructions_block(st, link) if ps.review_panel else None
-        last = state.get(WRITTEN_KEY) or {}
-        wrote = False
-        name = None
-        if card is not None:
+        card = client.model_connection(state.id)  # when molal is the project's only model connection
+    except Exception as exc:  # noqa: BLE001 - the state shown in Label Studio is no reason to fail anything
+        log.info("project %s: could not show molal's state in Label Studio: %s", state.id, exc)
+        return False
+    link = None
+    base_url = state.get(BACKEND_URL_KEY)
+    if base_url is None and card is not None:
+        base_url = card["url"]
+        state.put(BACKEND_URL_KEY, base_url)
+    if base_url:
+        link = f"{base_url.rstrip('/')}/projects/{state.id}/status"
+    block = instructions_block(st, link) if ps.review_panel else None
+    last = dict(state.get(WRITTEN_KEY) or {})
+    wrote = False
+    if card is not None:  # the card and the block each on their own: one failing leaves the other shown
+        try:
             base = state.get(CARD_BASE_KEY)
             if base is None or not card["title"].startswith(base):  # named (again) by the team
                 base = card["title"].split(STATE_SEP, 1)[0].strip() or "molal"
                 state.put(CARD_BASE_KEY, base)
             name = f"{base}{STATE_SEP}{short_state(st)}"
             if card["title"] != name:
-                client.rename_model_connection(card["id"], name)
+                client.rename_model_connection(card, name)
                 wrote = True
-        if block is not None and last.get("block") != block:
+            last["card"] = name
+        except Exception as exc:  # noqa: BLE001
+            log.info("project %s: could not show molal's state on its model card: %s", state.id, exc)
+    if block is not None and last.get("block") != block:
+        try:
             client.set_instructions(state.id, with_block(client.instructions(state.id), block), show=None)
+            last["block"] = block
             wrote = True
-        state.put(WRITTEN_KEY, {"card": name, "block": block})
-        return wrote
-    except Exception as exc:  # noqa: BLE001 - the state shown in Label Studio is no reason to fail anything
-        log.info("project %s: could not show molal's state in Label Studio: %s", state.id, exc)
-        return False
+        except Exception as exc:  # noqa: BLE001
+            log.info("project %s: could not show molal's state in the instructions: %s", state.id, exc)
+    state.put(WRITTEN_KEY, last)
+    return wrote
 
 
 def announce_later(svc: Runtime, state: ProjectState) -> None:

@@ -8,6 +8,8 @@ START_TRAINING) → job succeeds → MoLAM pre-annotations + per-LLM votes on un
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -179,6 +181,12 @@ def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_cli
     job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
     assert job["status"] == "succeeded" and "no new or changed human labels" in job["result"]["skipped"], job
     assert job["result"]["version"] == trained["version"]
+    # what Start Training did shows on molal's card in Settings -> Model (Label Studio itself says "{}")
+    deadline = time.time() + 30
+    while not (title := ls_client.ml.get(id=project["ml"]).title or "").endswith("· nothing new to learn"):
+        assert time.time() < deadline, title
+        time.sleep(0.5)
+    assert title.startswith("molal · model "), title
     assert len(backend.get(f"/versions?project={pid}")["versions"]) == n_versions
     # a person labels one more task: a new round, a new version
     task = next(t for t in project["ids"] if t not in trained["seeds"])
