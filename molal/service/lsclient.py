@@ -134,6 +134,14 @@ class LSClient:
         except Exception as exc:  # the SDK raises ApiError or httpx errors
             raise self.explain(f"reading project {project}", exc) from exc
 
+    def task(self, task_id: int) -> dict:
+        """One task as Label Studio holds it: ``id``, ``project`` and ``data``."""
+        try:
+            d = _plain(self.client.tasks.get(id=task_id))
+        except Exception as exc:
+            raise self.explain(f"reading task {task_id}", exc) from exc
+        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {}}
+
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
         ``prediction_versions`` (the model versions of the predictions it already has)."""
