@@ -178,7 +178,9 @@ def main() -> None:
     t = time.monotonic()
     ls.start()
     ls_up = time.monotonic() - t
-    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64"}
+    # MOLAL_TRAIN_EVERY=0: the retrain is the measured step, not one started by the relabel step's webhooks
+    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64",
+           "MOLAL_TRAIN_EVERY": "0"}
     if args.no_per_llm:
         env["MOLAL_PER_LLM_PREDICTIONS"] = "false"
     if args.predictions_top is not None:
