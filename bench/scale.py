@@ -18,7 +18,11 @@ the frozen-encoder student as the demo trains it) serve every size. Per size, a 
   ``predictions_top``: Label Studio asks ``/predict`` for it then);
 * ``relabel``: ``--more`` (50) further annotations, on the head of the "molal queue" tab as a reviewer would;
 * ``retrain``: a second Start Training (the cache holds every answer; the superseded version's predictions
-  are deleted).
+  are deleted);
+* ``queue`` / ``requeue``: after each training job, until the background job has written every other
+  unlabeled task's rank and review line (molal.service.queue: one PATCH per task that changed).
+
+CPU: the seconds of CPU each server's process group used during the step (``*_cpu_s``).
 
 Memory: the peak resident set of each server's whole process group (sampled every 0.25 s) during the step.
 Texts: AG News (shared data, 4 classes) or ``--dataset trec`` (6 classes, short questions); beyond the data
@@ -43,6 +47,25 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / TICK
 
 
 def session_rss(sid: int) -> int:
@@ -79,15 +102,18 @@ class Peak:
             self._stop.wait(0.25)
 
     def __enter__(self) -> Peak:
+        self.cpu0 = {k: session_cpu(sid) for k, sid in self.sessions.items()}
         self._t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+        self.cpu = {k: session_cpu(sid) - self.cpu0[k] for k, sid in self.sessions.items()}
 
-    def mb(self) -> dict[str, int]:
-        return {f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()}
+    def mb(self) -> dict[str, float]:
+        return {**{f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()},
+                **{f"{k}_cpu_s": round(v, 1) for k, v in getattr(self, "cpu", {}).items()}}
 
 
 def rows_for(n: int, dataset: str = "ag_news") -> tuple[list[dict], list[str]]:
@@ -211,6 +237,15 @@ def main() -> None:
 
             stages: list[tuple[float, str]] = []
             record("train", step("train", lambda stages=stages: train(stages)), stages)
+            if job_ok(res):  # the rest of the queue: every other task's rank and review line, in the background
+                from molal.demo import wait_queue
+
+                res["queue"] = step("queue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
+                qjobs = [j for j in httpx.get(f"{be.url}/jobs", params={"project": pid}, timeout=30).json()["jobs"]
+                         if j["kind"] == "queue"]
+                res["queue_jobs"] = [{k: j["result"].get(k) for k in ("written", "upto", "total", "seconds",
+                                                                      "tasks_per_s", "stopped")}
+                                     for j in qjobs if j.get("result")]
             unl = [t for t in ids if t not in set(seeds)][:100]
             tasks = [{"id": t, "data": {"text": rows[ids.index(t)]["text"]}} for t in unl]
             body = {"project": f"{pid}.0", "tasks": tasks, "label_config": sdk.projects.get(id=pid).label_config}
@@ -246,6 +281,10 @@ def main() -> None:
                 step("relabel", lambda q=queue, gold=gold: label_seeds(sdk, q, gold))
                 stages2: list[tuple[float, str]] = []
                 record("retrain", step("retrain", lambda stages2=stages2: train(stages2)), stages2)
+                if res.get("retrain_status") == "succeeded":
+                    from molal.demo import wait_queue
+
+                    step("requeue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
             res["steps"] = steps
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
@@ -259,7 +298,7 @@ def main() -> None:
               "label_studio_db": "postgresql" if args.ls_postgres else "sqlite",
               "load_avg_1m": os.getloadavg()[0], "label_studio_start_s": round(ls_up, 1), "results": results}
     print(json.dumps(report, indent=1))
-    names = ["import", "connect", "seeds", "train", "predict", "page", "open head", "open other", "relabel",
+    names = ["import", "connect", "seeds", "train", "queue", "predict", "page", "open head", "open other", "relabel",
              "retrain"]
     print("\n| tasks | " + " | ".join(f"{s} s" for s in names) + " | backend peak MB | Label Studio peak MB |")
     print("|---:|" + "---:|" * (len(names) + 2))

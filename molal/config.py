@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         description="retrain after N new human labels, once a model serves (0 = only on Start Training): the queue "
                     "is re-ranked with the people's latest labels; one training job each time (≈ 30-40 s for "
                     "2,000 tasks on 2 cores)")
+    job_nice: int = Field(
+        10, ge=0, le=19, validation_alias="MOLAL_JOB_NICE",
+        description="jobs (training, the queue writer) run this much nicer than the requests (Linux niceness): "
+                    "the people labelling meanwhile, /predict and a Label Studio on the same cores go first")
     loop_mode: Literal["review", "human_free"] = Field("review", validation_alias="MOLAL_LOOP_MODE")
     strategy: str = Field("entropy", validation_alias="MOLAL_STRATEGY")
     query_batch: int = Field(50, validation_alias="MOLAL_QUERY_BATCH")

@@ -225,6 +225,24 @@ def wait_job(backend_url: str, job_id: str, timeout: float = 900.0,
         time.sleep(0.5)
 
 
+def wait_queue(backend_url: str, project: int, timeout: float = 1800.0,
+               on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Wait until every unlabeled task's rank and review line is written (the background ``queue`` job after
+    a training job, :mod:`molal.service.queue`); returns ``GET /projects/N``'s ``queue``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        q = backend_get(backend_url, f"/projects/{project}").get("queue") or {}
+        if on_progress:
+            on_progress(q)
+        busy = [j for j in backend_get(backend_url, f"/jobs?project={project}&limit=20")["jobs"]
+                if j["status"] in ("queued", "running")]
+        if q.get("total") is not None and q.get("upto", 0) >= q.get("total", 0) and not busy:
+            return q
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the queue of project {project} is still being written after {timeout:.0f} s: {q}")
+        time.sleep(1.0)
+
+
 def all_tasks(client, project: int, view: int | None = None) -> list[dict]:
     out = []
     kw = {"view": view} if view is not None else {}
@@ -278,7 +296,8 @@ def evaluate(tasks: list[dict], gold: dict[int, str | None], version: str, seeds
 def find_view(client, project: int, title: str = VIEW_TITLE) -> int | None:
     for v in client.views.list(project=project):
         vd = _plain(v)
-        if (vd.get("data") or {}).get("title") == title:
+        t = (vd.get("data") or {}).get("title") or ""
+        if t == title or t.startswith(title + " · "):  # the tab's title carries molal's state
             return int(vd["id"])
     return None
 

@@ -282,7 +282,7 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
     """An embedding scorer's own predictions say what it is (scorer:<name>), an LLM's say llm:<name>; a
     scorer's predictions from before the rename (llm:<name>) are removed with the superseded versions."""
     from molal.annotators import Mixture
-    from molal.service.train import retire_superseded
+    from molal.service.queue import retire_superseded
 
     cfg = tmp_path / "mixed.toml"
     cfg.write_text('[[annotator]]\ntype = "replay"\nname = "qwen"\nsource = "bundled:trec"\n\n'
@@ -300,13 +300,17 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
         def model_versions(self, project):
             return ["molam-1-aa", "molam-2-bb", "llm:qwen", "llm:emb-minilm", "scorer:emb-minilm", "other-model"]
 
-        def delete_model_version(self, project, v):
-            self.deleted.append(v)
-            return 3
+        def prediction_ids(self, project, versions):
+            return {v: [f"{v}#{i}" for i in range(3)] for v in versions}
+
+        def delete_predictions(self, ids, should_stop=None):  # one by one, never a whole version at once
+            self.deleted.extend(ids)
+            return len(ids)
 
     c = Client()
     out = retire_superseded(c, 5, "molam-2-bb", None, ["llm:qwen", "scorer:emb-minilm"])
-    assert sorted(out) == ["llm:emb-minilm", "molam-1-aa"] and sorted(c.deleted) == sorted(out)
+    assert out == {"llm:emb-minilm": 3, "molam-1-aa": 3}
+    assert sorted({d.split("#")[0] for d in c.deleted}) == ["llm:emb-minilm", "molam-1-aa"]
 
 
 def test_a_pool_only_partly_recorded_gets_a_mixture_that_covers_it(tmp_path, rows):

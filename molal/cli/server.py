@@ -217,6 +217,8 @@ def register(app: typer.Typer) -> None:
         from molal.service.jobs import RQ_QUEUE
 
         conn = Redis.from_url(s.redis_url.get_secret_value())
+        if s.job_nice and hasattr(os, "nice"):
+            os.nice(s.job_nice)  # the whole worker runs jobs: nicer than the web processes (MOLAL_JOB_NICE)
         typer.echo(f"RQ worker on queue {RQ_QUEUE!r} (MODEL_DIR={s.model_dir})", err=True)
         Worker([RQ_QUEUE], connection=conn).work(burst=burst)
 

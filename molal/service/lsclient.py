@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,6 +38,13 @@ ANNOTATED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
 #: task of the project after each import request (~1.5 s per request on 2,000 tasks, more on bigger
 #: projects), so few large requests beat many small ones.
 IMPORT_CHUNK = 10_000
+#: Label Studio's default database is SQLite, which takes one writer at a time and makes every other write wait
+#: at most 5 s (Django's busy timeout) before it fails — a person's submitted annotation included, lost with a
+#: 500. molal's bulk writes therefore come in requests of about this many seconds each, with a pause between
+#: them in which a waiting write gets its turn (one request deleting a version's 1,950 predictions held the
+#: lock over 5 s: a submission failed).
+WRITE_SLICE_S = 1.0
+WRITE_PAUSE_S = 0.2
 
 
 class LSConnectionError(RuntimeError):
@@ -126,6 +134,14 @@ class LSClient:
         except Exception as exc:  # the SDK raises ApiError or httpx errors
             raise self.explain(f"reading project {project}", exc) from exc
 
+    def task(self, task_id: int) -> dict:
+        """One task as Label Studio holds it: ``id``, ``project`` and ``data``."""
+        try:
+            d = _plain(self.client.tasks.get(id=task_id))
+        except Exception as exc:
+            raise self.explain(f"reading task {task_id}", exc) from exc
+        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {}}
+
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
         ``prediction_versions`` (the model versions of the predictions it already has)."""
@@ -169,17 +185,23 @@ class LSClient:
         if total is None and isinstance(predictions, Sized):
             total = len(predictions)
         n = 0
+        size = min(chunk, 500)  # then sized to WRITE_SLICE_S per request (see there), up to ``chunk``
         while True:
-            part = list(itertools.islice(it, chunk))
+            part = list(itertools.islice(it, size))
             if not part:
                 break
+            if n:
+                time.sleep(WRITE_PAUSE_S)
+            t0 = time.monotonic()
             try:
                 self.client.projects.import_predictions(id=project, request=part,
                                                         request_options={"timeout_in_seconds": int(timeout)})
             except Exception as exc:
                 of = f" of {total}" if total is not None else ""
                 raise self.explain(f"importing predictions into project {project} ({n}{of} done)", exc) from exc
+            dt = time.monotonic() - t0
             n += len(part)
+            size = min(chunk, max(50, int(size * min(4.0, max(0.25, WRITE_SLICE_S / max(dt, 1e-3))))))
             if on_chunk is not None:
                 on_chunk(n)
         return n
@@ -223,9 +245,6 @@ class LSClient:
         try:
             vd = self._view(project, title)
             if vd is not None:
-                data["title"] = (vd.get("data") or {}).get("title") or title  # keep the state it shows
-                if data["title"] in OLD_VIEW_TITLES:
-                    data["title"] = title
                 self.client.views.update(id=str(vd["id"]), data=data, project=project)
                 return int(vd["id"])
             v = self.client.views.create(project=project, data=data)
@@ -234,7 +253,7 @@ class LSClient:
             raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
 
     def _view(self, project: int, title: str = VIEW_TITLE) -> dict | None:
-        """molal's tab: titled ``title``, ``title · <state>`` (:mod:`molal.service.status`) or an old title."""
+        """molal's tab: titled ``title`` (or ``title · …``, as molal named it for a while), or an old title."""
         for v in self.client.views.list(project=project):
             vd = _plain(v)
             t = (vd.get("data") or {}).get("title") or ""
@@ -242,35 +261,39 @@ class LSClient:
                 return vd
         return None
 
-    def set_view_title(self, project: int, title: str) -> bool:
-        """Retitle molal's tab (its state: :mod:`molal.service.status`); False when there is no tab yet."""
-        try:
-            vd = self._view(project)
-            if vd is None:
-                return False
-            data = dict(vd.get("data") or {})
-            data["title"] = title
-            self.client.views.update(id=str(vd["id"]), data=data, project=project)
-            return True
-        except Exception as exc:
-            raise self.explain(f"retitling the tab of project {project}", exc) from exc
-
     def instructions(self, project: int) -> str:
         try:
             return self.client.projects.get(id=project).expert_instruction or ""
         except Exception as exc:
             raise self.explain(f"reading the instructions of project {project}", exc) from exc
 
-    def backend_url(self, project: int) -> str | None:
-        """The URL Label Studio reaches molal at (its ML backend connection of ``project``), or None."""
+    def model_connection(self, project: int) -> dict | None:
+        """The project's model connection (``id``, ``title``, ``url``, and what Label Studio needs to accept a
+        change of it: ``project``, ``auth_method``, ``basic_auth_user``) when it has exactly one (molal's own);
+        None otherwise (several: which one is molal's cannot be told)."""
         try:
-            for b in self.client.ml.list(project=project):
-                url = _plain(b).get("url")
-                if isinstance(url, str) and url.startswith(("http://", "https://")):
-                    return url
+            found = [_plain(b) for b in self.client.ml.list(project=project)]
         except Exception as exc:
             raise self.explain(f"listing the model connections of project {project}", exc) from exc
-        return None
+        if len(found) != 1 or not isinstance(found[0].get("url"), str):
+            return None
+        b = found[0]
+        return {"id": int(b["id"]), "title": str(b.get("title") or ""), "url": b["url"],
+                "project": int(b.get("project") or project), "auth_method": b.get("auth_method") or "NONE",
+                "basic_auth_user": b.get("basic_auth_user")}
+
+    def rename_model_connection(self, card: dict, title: str) -> None:
+        """The name Label Studio shows on the model connection's card ``card`` (from :meth:`model_connection`;
+        molal's state: molal.service.status). Label Studio validates a change of a connection as a new one
+        (it checks ``url``, ``project`` and the authentication, and calls the backend's /health and /setup),
+        so those go with the title, unchanged; an empty password keeps the stored one."""
+        kw: dict = {"url": card["url"], "project": card["project"], "auth_method": card["auth_method"]}
+        if card["auth_method"] == "BASIC_AUTH":
+            kw.update(basic_auth_user=card.get("basic_auth_user") or "", basic_auth_pass="")
+        try:
+            self.client.ml.update(id=card["id"], title=title, **kw)
+        except Exception as exc:
+            raise self.explain(f"renaming model connection {card['id']}", exc) from exc
 
     def set_label_config(self, project: int, config: str) -> None:
         """Replace the project's label config (Label Studio checks it against the existing annotations)."""
@@ -308,6 +331,47 @@ class LSClient:
             return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
         except Exception as exc:
             raise self.explain(f"listing the model versions of project {project}", exc) from exc
+
+    def prediction_ids(self, project: int, versions: set[str]) -> dict[str, list[int]]:
+        """The ids of the project's predictions of ``versions`` (one ``GET /api/predictions/?project=``)."""
+        try:
+            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
+                "api/predictions/", method="GET", params={"project": int(project)},
+                request_options={"timeout_in_seconds": 600})
+            r.raise_for_status()
+            data = r.json()
+        except Exception as exc:
+            raise self.explain(f"listing the predictions of project {project}", exc) from exc
+        out: dict[str, list[int]] = {v: [] for v in versions}
+        for p in data if isinstance(data, list) else data.get("results", []) if isinstance(data, dict) else []:
+            v = p.get("model_version") if isinstance(p, dict) else None
+            if v in out and isinstance(p.get("id"), int):
+                out[v].append(p["id"])
+        return out
+
+    def delete_predictions(self, ids: list[int], should_stop: Callable[[], bool] | None = None,
+                           batch: int = 32) -> int:
+        """Delete predictions one by one (``DELETE /api/predictions/<id>/``: a short write each, where deleting
+        a whole version is one long one; see :data:`WRITE_SLICE_S`), ``self.threads`` at a time, checking
+        ``should_stop()`` between batches. Returns how many were deleted (a prediction gone already counts)."""
+
+        def one(pid: int) -> None:
+            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
+                f"api/predictions/{int(pid)}/", method="DELETE")
+            if r.status_code not in (200, 204, 404):
+                r.raise_for_status()
+
+        n = 0
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads) as ex:
+                for i in range(0, len(ids), batch):
+                    if should_stop is not None and should_stop():
+                        break
+                    list(ex.map(one, ids[i:i + batch]))
+                    n += len(ids[i:i + batch])
+        except Exception as exc:
+            raise self.explain(f"deleting {len(ids)} predictions ({n} done)", exc) from exc
+        return n
 
     def delete_model_version(self, project: int, version: str) -> int:
         """Delete every prediction of ``version`` in the project (never an annotation); returns how many.

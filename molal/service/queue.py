@@ -47,10 +47,12 @@ log = logging.getLogger("molal.queue")
 
 #: priorities of plan ``e`` lie in ``[e * EPOCH_SPAN, (e + 1) * EPOCH_SPAN)``: projects up to 10M tasks
 EPOCH_SPAN = 10_000_000
-PLAN_KEY, EPOCH_KEY, WRITTEN_KEY = "queue_plan", "queue_epoch", "queue_written"
+PLAN_KEY, EPOCH_KEY, WRITTEN_KEY, RETIRE_KEY = "queue_plan", "queue_epoch", "queue_written", "queue_retire"
 RANK_FIELD, MODEL_FIELD = "molal_rank", "molal_model"
 #: tasks per request batch of the background writer (between two checks for a job that needs the project)
 WRITE_BATCH = 32
+#: concurrent PATCHes of the background writer: Label Studio serves the people labelling meanwhile too
+WRITER_THREADS = 2
 #: ``/predict`` refreshes the review fields of at most this many tasks a request (a person opening a task)
 REFRESH_MAX_TASKS = 3
 
@@ -350,12 +352,16 @@ def write_plan(client: LSClient, plan: QueuePlan, data_of: Callable[[int], dict 
 
 
 def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueuePlan, pool: Pool,
-               ctx: JobContext | None = None, value_key: str = "text") -> dict:
+               ctx: JobContext | None = None, value_key: str = "text", retire: dict | None = None) -> dict:
     """The job's part: the plan's head (priorities, ranks and review lines) and the tab; then the rest is
-    queued for the background writer. The pool's data is updated in place with what was written."""
+    queued for the background writer, with ``retire`` (:func:`retire_superseded`'s ``keep`` version,
+    ``members``, ``members_too``) for it to do after. The pool's data is updated in place with what was
+    written."""
     from molal.service.lsclient import VIEW_TITLE
 
     save_plan(state, plan)
+    if retire is not None:
+        state.put(RETIRE_KEY, retire)
     row_of = {t: r for r, t in enumerate(pool.task_ids)}
 
     def data_of(t: int) -> dict | None:
@@ -375,7 +381,7 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
     state.put(WRITTEN_KEY, {"epoch": plan.epoch, "upto": upto, "total": len(plan), "done": upto >= len(plan)})
     out = {"priorities_written": n, "view": view, "queue_head": plan.head, "queue_total": len(plan),
            "queue_head_s": round(time.perf_counter() - t0, 2)}
-    if upto < len(plan):
+    if upto < len(plan) or retire is not None:
         job, _ = svc.submit(state.id, "queue", source=f"the rest of the queue after {plan.version}")
         out["queue_job"] = job["id"]
         if ctx is not None:
@@ -399,11 +405,12 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         return {"written": 0, "superseded": True}
     done = progress(state)
     start = int(done.get("upto", 0)) if int(done.get("epoch", -1)) == plan.epoch else 0
-    if start >= len(plan):
-        return {"written": 0, "upto": start, "total": len(plan)}
     client = client_for(svc.settings, state)
-    ctx.progress(0.02, f"reading the project's tasks to write ranks {start + 1}-{len(plan)} of plan {plan.epoch}")
-    tasks = {t["id"]: t for t in client.tasks(state.id)}
+    client.threads = WRITER_THREADS
+    tasks: dict[int, dict] = {}
+    if start < len(plan):
+        ctx.progress(0.02, f"reading the project's tasks to write ranks {start + 1}-{len(plan)} of plan {plan.epoch}")
+        tasks = {t["id"]: t for t in client.tasks(state.id)}
 
     def data_of(t: int) -> dict | None:
         task = tasks.get(t)
@@ -427,6 +434,14 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if upto < len(plan):
         out["stopped"] = "superseded by a newer plan" if current_epoch(state) != plan.epoch else \
             "gave way to another job of the project (a training job resumes it)"
+    retire = state.get(RETIRE_KEY)
+    if retire and "stopped" not in out:  # the superseded versions' predictions, a few at a time
+        ctx.progress(None, "removing the predictions of superseded model versions")
+        gone = retire_superseded(client, state.id, retire["keep"], ctx, retire.get("members"),
+                                 bool(retire.get("members_too")), should_stop)
+        out["predictions_retired"] = sum(gone.values())
+        if not should_stop():
+            state.put(RETIRE_KEY, None)
     ctx.progress(1.0, f"queue: {upto} of {len(plan)} tasks ranked and explained" +
                  (f" ({out['stopped']})" if "stopped" in out else ""))
     return out
@@ -437,10 +452,49 @@ def resume(svc: Runtime, state: ProjectState) -> str | None:
     job, or a writer that gave way); returns the job id, or None."""
     plan = load_plan(state)
     done = progress(state)
-    if plan is None or (int(done.get("epoch", -1)) == plan.epoch and int(done.get("upto", 0)) >= len(plan)):
+    written = plan is None or (int(done.get("epoch", -1)) == plan.epoch and int(done.get("upto", 0)) >= len(plan))
+    if written and not state.get(RETIRE_KEY):
         return None
     job, _ = svc.submit(state.id, "queue", source="resume the queue")
     return job["id"]
+
+
+# -- after a job: the superseded versions' predictions -----------------------------------------------------
+#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
+SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
+
+
+def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
+                      member_versions: list[str] | None = None, members_too: bool = False,
+                      should_stop: Callable[[], bool] | None = None) -> dict[str, int]:
+    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
+    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
+    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
+    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
+    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
+    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
+    -> predictions deleted. They are deleted one by one (:meth:`LSClient.delete_predictions`), never a whole
+    version in one write; ``should_stop()`` ends it early (the next call goes on)."""
+    from molal.service.lsclient import LSConnectionError
+
+    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
+    if members_too:
+        renamed |= set(member_versions or [])
+    try:
+        old = {v for v in client.model_versions(project)
+               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed}
+        out: dict[str, int] = {}
+        if old:
+            for v, ids in client.prediction_ids(project, old).items():
+                out[v] = client.delete_predictions(ids, should_stop)
+    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
+        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
+        if ctx is not None:
+            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
+        return {}
+    if out and ctx is not None:
+        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
+    return out
 
 
 # -- a task opened in Label Studio ---------------------------------------------------------------------------
@@ -468,40 +522,50 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
                     version: str, field: str, wait_s: float = 2.0) -> int:
     """Give the tasks Label Studio asks ``/predict`` about (a person opening one: at most
     :data:`REFRESH_MAX_TASKS`) the serving model's review line (``fields``: request position -> the review
-    fields) where theirs is missing or from another model. Only tasks of the current plan whose data, as the
-    request carries it, is the data molal planned with (:func:`data_digest`) are written back: a caller
-    cannot make molal write data of its own into Label Studio. Waits up to ``wait_s`` so that Label Studio,
-    which reads the task again after ``/predict``, shows the new line; the rest finishes in the background.
-    Returns the tasks it started to refresh."""
+    fields) where theirs is missing or from another model. A caller cannot make molal write data of its own
+    into Label Studio: a task of the current plan is written back only when its data, as the request carries
+    it, is the data molal planned with (:func:`data_digest`); a task molal has not ranked (imported after the
+    last job) only when Label Studio, asked for it, holds that same data in this project — it then says "not
+    ranked yet" and what happens next. Waits up to ``wait_s`` so that Label Studio, which reads the task again
+    after ``/predict``, shows the new line; the rest finishes in the background. Returns the tasks it started
+    to refresh."""
     from molal.service.review import FIELDS
 
     if len(tasks) > REFRESH_MAX_TASKS:
         return 0
     plan = load_plan(state)
-    if plan is None:
-        return 0
-    at = plan.index()
-    todo = []
+    at = plan.index() if plan is not None else {}
+    todo: list[tuple[int, dict]] = []
+    unplanned: list[tuple[int, dict, str]] = []  # checked against Label Studio's copy before writing
     for i, task in enumerate(tasks):
         data = task.get("data") if isinstance(task, dict) else None
         tid = task.get("id") if isinstance(task, dict) else None
         if i not in fields or not isinstance(data, dict) or not isinstance(tid, int) or isinstance(tid, bool):
             continue
-        j = at.get(tid)
-        if j is None or j >= len(plan.digests) or plan.digests[j] != data_digest(data, (field,)):
-            continue  # not a task molal planned, or not the data it planned with: nothing is written
         if data.get(MODEL_FIELD) == version and data.get("molal_review"):
             continue
+        j = at.get(tid)
+        if j is not None and (j >= len(plan.digests) or plan.digests[j] != data_digest(data, (field,))):
+            continue  # not the data molal planned with: nothing is written
         f = refresh_fields(plan, tid, fields[i], version, field)
         d = {k: v for k, v in data.items() if k not in f and k not in FIELDS}  # no field of the old model stays
         d.update(f)
-        todo.append((tid, d))
-    if not todo or not _REFRESH.acquire(blocking=False):
+        if j is None:
+            unplanned.append((tid, d, data_digest(data, (field,))))
+        else:
+            todo.append((tid, d))
+    if not (todo or unplanned) or not _REFRESH.acquire(blocking=False):
         return 0
 
     def run() -> None:
         try:
-            client.update_task_data(todo)
+            ups = list(todo)
+            for tid, d, digest in unplanned:
+                held = client.task(tid)
+                if held.get("project") == state.id and data_digest(held["data"], (field,)) == digest:
+                    ups.append((tid, d))
+            if ups:
+                client.update_task_data(ups)
         except Exception as exc:  # noqa: BLE001 - a line not refreshed is no reason to fail /predict
             log.info("project %s: could not refresh the review line of opened tasks: %s", state.id, exc)
         finally:
@@ -510,7 +574,7 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
     th = threading.Thread(target=run, daemon=True, name=f"molal-refresh-{state.id}")
     th.start()
     th.join(wait_s)
-    return len(todo)
+    return len(todo) + len(unplanned)
 
 
 __all__ = ["EPOCH_SPAN", "QueuePlan", "Ranking", "for_humans_first", "load_plan", "plan_queue", "priorities",

@@ -198,7 +198,7 @@ class Runtime:
                 self.jobs.reap_stale()
                 if self.runner is None:
                     raise RuntimeError("this runtime has no job runner")
-                self.worker = JobWorker(self.jobs, self.runner, after=self.after_job)
+                self.worker = JobWorker(self.jobs, self.runner, after=self.after_job, nice=self.settings.job_nice)
                 self.worker.start()
         if self.settings.warm_start:
             self._warm_training()

@@ -3,16 +3,21 @@
 Label Studio shows "Request Sent! Response: {}" whatever its ML backend answers, so molal says it in three
 places of its own, each kept to the truth of the job table and the project's state (:func:`project_status`):
 
-* the title of the Data Manager tab molal owns: ``molal queue · training…``, ``molal queue · model 5``,
-  ``molal queue · model 5 · nothing new to learn``, ``molal queue · training failed``;
-* with the review panel on, a block at the top of the labelling instructions (between two comments, so it is
-  replaced exactly and the team's own text stays): what serves, when it was trained and on how many labels,
-  what is running or queued, when the queue changes next, and a link to the page below;
+* the name on molal's card in *Settings → Model*, where Start Training is pressed: the name the team gave it,
+  then ``· training…``, ``· training queued``, ``· model 5``, ``· model 5 · nothing new to learn`` or
+  ``· training failed`` (only when molal is the project's one model connection: with several, molal cannot
+  tell which card is its own);
+* with the review panel on, a block at the top of the labelling instructions (the *Instructions* button of
+  every labelling screen, and before the first task of the stream; between two comments, so it is replaced
+  exactly and the team's own text stays): what serves, when it was trained and on how many labels, what is
+  running or queued, when the queue changes next, and a link to the page below;
 * ``GET /projects/<id>/status``: the same as an HTML page, behind the backend's authentication.
 
+(The Data Manager tab keeps its name, "molal queue": Label Studio cuts tab names at ~15 characters.)
+
 :func:`announce` writes the first two; the web process calls it when a training job is queued (in a thread:
-Label Studio's webhook call waits for nobody), and the jobs when they start, skip, finish or fail. Every
-call writes the state as it is then, so the last one wins with the truth.
+Label Studio's webhook call waits for nobody), and the jobs when they start, and when they end. Every call
+writes the state as it is then, so the last one wins with the truth.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ log = logging.getLogger("molal.status")
 
 STATUS_BEGIN = "<!-- molal:status -->"
 STATUS_END = "<!-- /molal:status -->"
-WRITTEN_KEY = "status_written"  # what was last written to Label Studio: (tab title, instructions block)
+WRITTEN_KEY = "status_written"  # what was last written to Label Studio: (card name, instructions block)
+CARD_BASE_KEY = "card_name"  # the name the team gave molal's model connection (before molal's state)
+STATE_SEP = " · "
 BACKEND_URL_KEY = "backend_url"  # how Label Studio reaches this backend (the status page link)
 
 
@@ -81,7 +88,7 @@ def _model_words(st: dict) -> str:
 
 
 def short_state(st: dict) -> str:
-    """A few words for the tab title."""
+    """A few words for the name of molal's card in Settings → Model."""
     t, last, m = st.get("training"), st.get("last"), st.get("model")
     if t is not None:
         return "training…" if t["status"] == "running" else "training queued"
@@ -160,33 +167,48 @@ def announce(svc: Runtime, state: ProjectState, client: LSClient | None = None) 
     """Write the project's state into Label Studio (the tab's title; with the review panel on, the
     instructions' block), where it changed. Best effort: a failure is logged, never raised. Returns whether
     anything was written."""
-    from molal.service.lsclient import VIEW_TITLE, client_for
+    from molal.service.lsclient import client_for
 
     try:
         ps = svc.project_settings(state)
         st = project_status(svc, state)
-        title = f"{VIEW_TITLE} · {short_state(st)}"
         client = client or client_for(svc.settings, state)
-        link = None
-        base = state.get(BACKEND_URL_KEY)
-        if base is None:
-            base = client.backend_url(state.id) or ""
-            state.put(BACKEND_URL_KEY, base)
-        if base:
-            link = f"{base.rstrip('/')}/projects/{state.id}/status"
-        block = instructions_block(st, link) if ps.review_panel else None
-        last = state.get(WRITTEN_KEY) or {}
-        wrote = False
-        if last.get("title") != title and client.set_view_title(state.id, title):
-            wrote = True
-        if block is not None and last.get("block") != block:
-            client.set_instructions(state.id, with_block(client.instructions(state.id), block), show=None)
-            wrote = True
-        state.put(WRITTEN_KEY, {"title": title, "block": block})
-        return wrote
+        card = client.model_connection(state.id)  # when molal is the project's only model connection
     except Exception as exc:  # noqa: BLE001 - the state shown in Label Studio is no reason to fail anything
         log.info("project %s: could not show molal's state in Label Studio: %s", state.id, exc)
         return False
+    link = None
+    base_url = state.get(BACKEND_URL_KEY)
+    if base_url is None and card is not None:
+        base_url = card["url"]
+        state.put(BACKEND_URL_KEY, base_url)
+    if base_url:
+        link = f"{base_url.rstrip('/')}/projects/{state.id}/status"
+    block = instructions_block(st, link) if ps.review_panel else None
+    last = dict(state.get(WRITTEN_KEY) or {})
+    wrote = False
+    if card is not None:  # the card and the block each on their own: one failing leaves the other shown
+        try:
+            base = state.get(CARD_BASE_KEY)
+            if base is None or not card["title"].startswith(base):  # named (again) by the team
+                base = card["title"].split(STATE_SEP, 1)[0].strip() or "molal"
+                state.put(CARD_BASE_KEY, base)
+            name = f"{base}{STATE_SEP}{short_state(st)}"
+            if card["title"] != name:
+                client.rename_model_connection(card, name)
+                wrote = True
+            last["card"] = name
+        except Exception as exc:  # noqa: BLE001
+            log.info("project %s: could not show molal's state on its model card: %s", state.id, exc)
+    if block is not None and last.get("block") != block:
+        try:
+            client.set_instructions(state.id, with_block(client.instructions(state.id), block), show=None)
+            last["block"] = block
+            wrote = True
+        except Exception as exc:  # noqa: BLE001
+            log.info("project %s: could not show molal's state in the instructions: %s", state.id, exc)
+    state.put(WRITTEN_KEY, last)
+    return wrote
 
 
 def announce_later(svc: Runtime, state: ProjectState) -> None:

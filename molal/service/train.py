@@ -53,6 +53,7 @@ from molal.service.queue import (
     rank_by_confidence,
     rank_queue,
     resume,
+    retire_superseded,
     write_head,
 )
 from molal.service.review import voters_of
@@ -556,36 +557,6 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     return n
 
 
-#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
-SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
-
-
-def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
-                      member_versions: list[str] | None = None, members_too: bool = False) -> dict[str, int]:
-    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
-    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
-    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
-    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
-    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
-    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
-    -> predictions deleted."""
-    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
-    if members_too:
-        renamed |= set(member_versions or [])
-    try:
-        old = [v for v in client.model_versions(project)
-               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed]
-        out = {v: client.delete_model_version(project, v) for v in old}
-    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
-        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
-        if ctx is not None:
-            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
-        return {}
-    if out and ctx is not None:
-        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
-    return out
-
-
 def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
     client = client_for(svc, state)
     ctx.progress(0.01, f"pulling project {state.id} from Label Studio")
@@ -667,6 +638,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     from molal.service.status import announce
 
     announce(svc, state)  # "training…" in Label Studio, within seconds of Start Training
+    seen = int(state.get("new_annotations", 0) or 0)  # the labels counted so far are in this job's pull
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
     same = None if ctx.job.get("payload", {}).get("force") else nothing_new(svc, state, spec, pool)
@@ -707,12 +679,6 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         ranking = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
     else:
         ranking = rank_by_confidence(pool, rows, served, state)
-    head = None
-    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
-        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
-    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
-    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
     flagged = 0
     auto_rows: dict[int, str] = {}
     if rr.new_auto or state.auto_labels():
@@ -726,14 +692,6 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
             upd.append((pool.task_ids[r], d))
             pool.data[r] = d
         flagged = client.update_task_data(upd)
-    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
-                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
-                           "predictions_retired": sum(retired.values())}
-    if rr.info.get("member_warnings"):  # a member that may hurt: named in the job's result, with what to try
-        out["member_warnings"] = rr.info["member_warnings"]
-        out["members_flagged"] = {m["name"]: m["problem"] for m in rr.info.get("members", []) if m.get("problem")}
-    if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
-        out["stop"] = rr.info["stop"]
     llm = None
     if rr.llm_outputs is not None:
         norm = rr.llm_outputs.normalized_probs()
@@ -741,13 +699,30 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
                       head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
                       auto=auto_rows)
-    out.update(write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key))
+    # the head's lines first, then the predictions they describe: the few seconds in between are the only
+    # time a person at the head of the queue may read a line next to the previous model's pre-fill
+    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key,
+                        retire={"keep": rr.version, "members": rr.member_versions, "members_too": bool(top)})
+    head = None
+    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
+        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
+    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
+                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
+    # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
+    # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
+    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
+    if rr.info.get("member_warnings"):  # a member that may hurt: named in the job's result, with what to try
+        out["member_warnings"] = rr.info["member_warnings"]
+        out["members_flagged"] = {m["name"]: m["problem"] for m in rr.info.get("members", []) if m.get("problem")}
+    if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
+        out["stop"] = rr.info["stop"]
     out["to_human"] = len(rr.to_human)
     out["review_fields_written"] = min(plan.head, len(plan))
     out["ranked_by"] = ranking.by
     if panel is not None:
         out["review_panel"] = panel
-    state.put("new_annotations", 0)
+    state.incr("new_annotations", -min(seen, int(state.get("new_annotations", 0) or 0)))  # labels since stay
     if rr.info.get("unannotated"):  # the job succeeded, but the person reading its status must see this
         out["unannotated"] = rr.info["unannotated"]
         ctx.progress(1.0, f"done: serving {rr.version}; {rr.info['unannotated']}")
