@@ -594,7 +594,7 @@ class Mixture:
                           completed=run.steps) as bar:
 
             def report(name: str) -> None:
-                bar.update(completed=run.steps, description=f"annotate {name}")
+                bar.update(completed=run.steps, description=f"annotate {name}" if name else "annotate")
                 if on_progress is not None:
                     on_progress(run.steps, total)
 

@@ -113,8 +113,9 @@ OPTION_DOCS: dict[str, str | dict[str, str]] = {
     "enable_prefix_caching": "Let vLLM reuse the KV blocks of a text's prompt across its classes.",
     "templates": "The class prompts embedded for each class, with `{label}` and/or `{description}` (a "
                  "template with `{description}` falls back to the class name for a class without one); a "
-                 "class's embedding is the mean of its templates'. A described class also gets its "
-                 "description in every `{label}`-only template.",
+                 "class's embedding is the mean of its templates'. Only a template with `{description}` "
+                 "uses the descriptions (the default mixture adds the scorer `emb-desc`, "
+                 "`[\"{description}\"]`, when the classes are described).",
     "text_template": "How the text is wrapped before it is embedded (`{text}`).",
     "source": "The recording: `bundled:trec`, an `.npz` of `molal annotate`, or a recorded JSONL.",
     "llm": "The recorded LLM to serve when the recording holds several (default: the only one).",
