@@ -140,13 +140,16 @@ class ProjectSettings:
     molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
     stop_when_stable: bool = False  # human_free loop: query no more tasks once the stopping rule is met
     review_panel: bool = False  # keep the read-only review panel (molal.service.review) in the label config
+    hints: bool = True  # a <Choice hint> (and the value of an aliased <Choice>) describes its class to the members
+    instructions: str = "auto"  # the labelling instructions frame the LLMs' task: auto (short ones) | on | off
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
 
-_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student")}
+_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student"),
+            "instructions": ("auto", "on", "off")}
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
