@@ -129,7 +129,7 @@ def run_dataset(name: str, args, cache, timing: dict) -> dict:
                 checks = check_members(o, idx, gold[idx], kinds={n: kinds[n] for n in names})
                 nm = o.normalized_probs()
                 rows.append({"draw": d, "molam": float((pred[rest] == gold[rest]).mean()),
-                             "choice": m.metadata.get("choice"), "kept": m.metadata.get("members_kept"),
+                             "choice": m.metadata.get("choice"), "dropped": (m.metadata.get("members") or {}).get("dropped", []),
                              "members": {n: float((nm[rest, j].argmax(1) == gold[rest]).mean())
                                          for j, n in enumerate(names)},
                              "flagged": {c.name: c.problem for c in checks if c.problem}})
