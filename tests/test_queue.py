@@ -202,9 +202,11 @@ def test_a_task_imported_after_the_plan_says_it_is_not_ranked_yet_when_label_stu
     assert tid == 500 and d["text"] == "a new question ?" and "molal_rank" not in d
     assert d["molal_review"].startswith("not ranked yet · molal pre-filled entity (70%) · model 4")
     assert "next training job" in d["molal_review"]
-    # the caller's data differs from Label Studio's copy, or the task is another project's: nothing is written
+    # the caller's data differs from Label Studio's copy, the task is another project's, or a person labelled
+    # it (a seed: labelled tasks hold no prediction, so opening one asks /predict too)
     for held in ({"id": 500, "project": state.id, "data": {"text": "what Label Studio holds"}},
-                 {"id": 500, "project": state.id + 1, "data": {"text": "a new question ?"}}):
+                 {"id": 500, "project": state.id + 1, "data": {"text": "a new question ?"}},
+                 {"id": 500, "project": state.id, "data": {"text": "a new question ?"}, "labelled": True}):
         rec = Recorder(held={500: held})
         refresh_on_open(rec, state, [new], fields, "molam-4-cd34", "priority")
         assert rec.calls == []

@@ -135,12 +135,15 @@ class LSClient:
             raise self.explain(f"reading project {project}", exc) from exc
 
     def task(self, task_id: int) -> dict:
-        """One task as Label Studio holds it: ``id``, ``project`` and ``data``."""
+        """One task as Label Studio holds it: ``id``, ``project``, ``data`` and ``labelled`` (it holds an
+        annotation that is not a skip)."""
         try:
             d = _plain(self.client.tasks.get(id=task_id))
         except Exception as exc:
             raise self.explain(f"reading task {task_id}", exc) from exc
-        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {}}
+        anns = [a for a in d.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {},
+                "labelled": bool(d.get("total_annotations") or anns)}
 
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and

@@ -525,8 +525,8 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
     fields) where theirs is missing or from another model. A caller cannot make molal write data of its own
     into Label Studio: a task of the current plan is written back only when its data, as the request carries
     it, is the data molal planned with (:func:`data_digest`); a task molal has not ranked (imported after the
-    last job) only when Label Studio, asked for it, holds that same data in this project — it then says "not
-    ranked yet" and what happens next. Waits up to ``wait_s`` so that Label Studio, which reads the task again
+    last job) only when Label Studio, asked for it, holds that same data in this project and no person's label
+    — it then says "not ranked yet" and what happens next. Waits up to ``wait_s`` so that Label Studio, which reads the task again
     after ``/predict``, shows the new line; the rest finishes in the background. Returns the tasks it started
     to refresh."""
     from molal.service.review import FIELDS
@@ -544,14 +544,14 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
             continue
         if data.get(MODEL_FIELD) == version and data.get("molal_review"):
             continue
-        j = at.get(tid)
-        if j is not None and (j >= len(plan.digests) or plan.digests[j] != data_digest(data, (field,))):
+        j, digest = at.get(tid), data_digest(data, (field,))
+        if j is not None and (j >= len(plan.digests) or plan.digests[j] != digest):
             continue  # not the data molal planned with: nothing is written
         f = refresh_fields(plan, tid, fields[i], version, field)
         d = {k: v for k, v in data.items() if k not in f and k not in FIELDS}  # no field of the old model stays
         d.update(f)
         if j is None:
-            unplanned.append((tid, d, data_digest(data, (field,))))
+            unplanned.append((tid, d, digest))
         else:
             todo.append((tid, d))
     if not (todo or unplanned) or not _REFRESH.acquire(blocking=False):
@@ -561,8 +561,9 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
         try:
             ups = list(todo)
             for tid, d, digest in unplanned:
-                held = client.task(tid)
-                if held.get("project") == state.id and data_digest(held["data"], (field,)) == digest:
+                held = client.task(tid)  # a labelled task is no queue task: "not ranked yet" would be untrue
+                if (held.get("project") == state.id and not held.get("labelled")
+                        and data_digest(held["data"], (field,)) == digest):
                     ups.append((tid, d))
             if ups:
                 client.update_task_data(ups)
