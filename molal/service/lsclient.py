@@ -376,19 +376,6 @@ class LSClient:
             raise self.explain(f"deleting {len(ids)} predictions ({n} done)", exc) from exc
         return n
 
-    def delete_model_version(self, project: int, version: str) -> int:
-        """Delete every prediction of ``version`` in the project (never an annotation); returns how many.
-        One request (``DELETE /api/projects/<id>/model-versions/``, what Settings → Predictions uses)."""
-        try:
-            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
-                f"api/projects/{int(project)}/model-versions/", method="DELETE", json={"model_version": version},
-                request_options={"timeout_in_seconds": 600})
-            r.raise_for_status()
-            data = r.json()
-            return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
-        except Exception as exc:
-            raise self.explain(f"deleting the predictions of {version} in project {project}", exc) from exc
-
     def set_uncertainty_sampling(self, project: int) -> None:
         try:
             self.client.projects.update(id=project, sampling="Uncertainty sampling")
