@@ -351,12 +351,25 @@ def write_plan(client: LSClient, plan: QueuePlan, data_of: Callable[[int], dict 
     return written, i
 
 
+#: the head's first tasks, written before the new model version is published (:func:`write_head`)
+PUBLISH_AFTER = 8
+
+
 def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueuePlan, pool: Pool,
-               ctx: JobContext | None = None, value_key: str = "text", retire: dict | None = None) -> dict:
+               ctx: JobContext | None = None, value_key: str = "text", retire: dict | None = None,
+               publish: Callable[[], None] | None = None) -> dict:
     """The job's part: the plan's head (priorities, ranks and review lines) and the tab; then the rest is
     queued for the background writer, with ``retire`` (:func:`retire_superseded`'s ``keep`` version,
     ``members``, ``members_too``) for it to do after. The pool's data is updated in place with what was
-    written."""
+    written.
+
+    ``publish()`` makes the plan's model the one Label Studio pre-fills from (the project's model_version:
+    its stream shows only that version's prediction). It is called once the head's first
+    :data:`PUBLISH_AFTER` tasks are written, the new model's predictions being imported already: a person
+    labelling meets the new order from its first task on, each line beside the prediction it describes —
+    but for the fraction of a second between those first lines and the switch (writing the whole head first
+    would leave them side by side with the previous model's pre-fill for seconds; switching first, the old
+    lines beside the new pre-fill)."""
     from molal.service.lsclient import VIEW_TITLE
 
     save_plan(state, plan)
@@ -372,7 +385,11 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
         ctx.progress(None, f"writing the head of the queue: ranks and review lines of the first {plan.head} of "
                            f"{len(plan)} tasks")
     t0 = time.perf_counter()
-    n, upto = write_plan(client, plan, data_of, 0, plan.head)
+    n, upto = write_plan(client, plan, data_of, 0, min(plan.head, PUBLISH_AFTER) if publish else plan.head)
+    if publish is not None:
+        publish()
+        m, upto = write_plan(client, plan, data_of, upto, plan.head)
+        n += m
     for i in range(upto):  # the pool's copy of the data, as Label Studio now holds it
         r = row_of.get(plan.task_ids[i])
         if r is not None and r not in pool.human:

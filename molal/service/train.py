@@ -499,13 +499,14 @@ def round_learner(ps) -> Learner:
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
                      versions: list[str] | None = None, ctx: JobContext | None = None,
-                     head: set[int] | None = None) -> int:
+                     head: set[int] | None = None, publish: bool = True) -> int:
     """Bulk-import the serving model's prediction (and per-member ones not yet there, ``outputs`` with the
     members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
     depend on the model; the project's model_version is left alone). ``head`` (rows, :func:`queue_head`):
     only those rows get a prediction, and no per-member ones are imported (Label Studio calls ``/predict``
     for a task only when it holds no prediction at all; ``/predict`` answers the served and the per-member
-    ones together)."""
+    ones together). ``publish=False``: the project's model_version is left for the caller to set
+    (:func:`publish_version`)."""
     ps = svc.project_settings(state)
     limit = svc.settings.per_llm_max_tasks
     wanted = bool(ps.per_llm_predictions and outputs is not None)
@@ -552,9 +553,16 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     n = client.import_predictions(state.id, predictions(), total=total)
     if ctx is not None:
         ctx.progress(None, f"imported {n} {what}")
-    if version is not None and client.set_model_version(state.id, version) and ps.uncertainty_sampling:
-        client.set_uncertainty_sampling(state.id)
+    if version is not None and publish:
+        publish_version(svc, client, state, version)
     return n
+
+
+def publish_version(svc: Runtime, client: LSClient, state: ProjectState, version: str) -> None:
+    """Make ``version`` the project's model_version: what Label Studio pre-fills from, scores the tab's
+    predictions by and samples uncertainty on (Label Studio refuses a version with no prediction yet)."""
+    if client.set_model_version(state.id, version) and svc.project_settings(state).uncertainty_sampling:
+        client.set_uncertainty_sampling(state.id)
 
 
 def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
@@ -699,15 +707,18 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
                       head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
                       auto=auto_rows)
-    # the head's lines first, then the predictions they describe: the few seconds in between are the only
-    # time a person at the head of the queue may read a line next to the previous model's pre-fill
-    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key,
-                        retire={"keep": rr.version, "members": rr.member_versions, "members_too": bool(top)})
+    # The new model's predictions first (Label Studio keeps pre-filling from the previous version, beside the
+    # previous lines, until the version is published), then the head's lines, publishing the version once
+    # the first few are written: a line and the pre-fill beside it are from one model (write_head)
     head = None
     if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
         head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
+                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head,
+                               publish=False)
+    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key,
+                        retire={"keep": rr.version, "members": rr.member_versions, "members_too": bool(top)},
+                        publish=lambda: publish_version(svc, client, state, rr.version))
     # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
     # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
     out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,

@@ -28,6 +28,7 @@ import pytest
 from molal.config import QUEUE_HEAD, TRAIN_EVERY
 from molal.demo import (
     TREC_CLASSES,
+    _plain,
     all_tasks,
     backend_get,
     connect_backend,
@@ -157,6 +158,44 @@ def _ticked(pg) -> list[str]:
     return [boxes.nth(i).get_attribute("name") for i in range(boxes.count())]
 
 
+def _held(ls_client, pid: int, line: str) -> list:
+    """The predictions Label Studio holds for the task with review line ``line`` (id, version, choice), and
+    the task's model field: a mismatch's evidence."""
+    task = next((t for t in all_tasks(ls_client, pid) if t["data"].get("molal_review") == line), None)
+    if task is None:
+        return ["no task holds this line now"]
+    preds = [(p["id"], p["model_version"], [c for r in p["result"] for c in r.get("value", {}).get("choices", [])])
+             for p in (_plain(x) for x in ls_client.predictions.list(task=task["id"]))]
+    return [task["id"], task["data"].get("molal_model"), preds]
+
+
+def _filtered_tab(ls_client, reviewed, position: int) -> int:
+    """A copy of the "molal queue" tab with a filter: ranks from ``position`` on (what a person adds with the
+    tab's Filters button). Returns its id."""
+    data = dict(_plain(ls_client.views.get(id=str(reviewed["view"])))["data"])
+    data["title"] = f"from rank {position}"  # not a title molal takes for its own tab
+    data["filters"] = {"conjunction": "and", "items": [*data["filters"]["items"], {
+        "filter": "filter:tasks:data.molal_rank", "operator": "greater_or_equal", "type": "Number",
+        "value": position}]}
+    return int(_plain(ls_client.views.create(project=reviewed["id"], data=data))["id"])
+
+
+def _label_as_displayed(pg, ls, pid: int, view: int, on_instructions=None) -> str:
+    """Open tab ``view`` and press "Label Tasks As Displayed": the first task's review line.
+    ``on_instructions()`` runs while the labelling instructions, shown before the first task, are open."""
+    pg.goto(f"{ls.url}/projects/{pid}/data?tab={view}")
+    pg.locator(".lsf-table-row").first.wait_for()
+    pg.get_by_role("button", name="Toggle open").click()  # the arrow next to "Label All Tasks"
+    pg.get_by_text("Label Tasks As Displayed").click()
+    instructions = pg.get_by_text("Labeling Instructions")
+    instructions.first.wait_for()
+    if on_instructions is not None:
+        on_instructions()
+    pg.keyboard.press("Escape")
+    instructions.first.wait_for(state="hidden")
+    return _panel(pg)
+
+
 def _open_in_dm(pg, ls, reviewed, task_id: int) -> str:
     """Open one task from the Data Manager (the tab, the task's row) and return its review line."""
     pg.goto(f"{ls.url}/projects/{reviewed['id']}/data?tab={reviewed['view']}&task={task_id}")
@@ -190,7 +229,7 @@ def test_the_queue_tab_shows_what_matters_in_priority_order(page, label_studio, 
 
 @pytest.mark.parametrize("position", [1, 51, 500, N_TASKS - N_SEEDS])
 def test_any_position_of_the_queue_is_ranked_and_explained(page, label_studio, reviewed, ls_client, shots, position):
-    """Opened from the Data Manager: the line names the task's rank, what is pre-ticked (and how sure), the
+    """Opened from the Data Manager, and through "Label Tasks As Displayed": the line names the task's rank, what is pre-ticked (and how sure), the
     votes, and the model that wrote it — the model whose prediction is pre-ticked."""
     order = _queue_order(ls_client, reviewed)
     assert len(order) == N_TASKS - N_SEEDS
@@ -205,6 +244,15 @@ def test_any_position_of_the_queue_is_ranked_and_explained(page, label_studio, r
     assert page.get_by_text(task["data"]["text"].strip()[:40]).first.is_visible()
     if position == 500:
         page.screenshot(path=str(shots / "deep-queue.png"))
+    # the same position reached through "Label Tasks As Displayed", as a person gets there: the tab filtered
+    # to ranks from ``position`` on (a filter added to a copy of the tab), then labelling as displayed
+    view = _filtered_tab(ls_client, reviewed, position)
+    try:
+        line = _label_as_displayed(page, label_studio, reviewed["id"], view)
+        assert line == task["data"]["molal_review"], (line, task["data"])
+        assert _ticked(page) == [m.group(2)], (line, _ticked(page))
+    finally:
+        ls_client.views.delete(id=str(view))
 
 
 def test_the_votes_are_worded_as_they_are_on_tied_and_split_tasks(page, label_studio, reviewed, ls_client):
@@ -223,22 +271,49 @@ def test_the_votes_are_worded_as_they_are_on_tied_and_split_tasks(page, label_st
         assert line.endswith(f" · no majority (tied: {', '.join(tied_classes)}) · model 1"), line
 
 
+def test_a_task_imported_after_the_last_job_says_it_is_not_ranked_yet(page, label_studio, reviewed, ls_client):
+    """A task imported after the last job is not in molal's plan: opened, it is pre-filled by the serving model
+    and its line says that it is not ranked yet, and what ranks it — never an empty bar. (Run while no job
+    writes into Label Studio: this test reloads the page until the line shows, and Label Studio, asked for one
+    task twice at once, asks /predict twice and stores both answers.)"""
+    pid = reviewed["id"]
+    held = {t["data"].get("text") for t in all_tasks(ls_client, pid)}
+    # a question of the bundled TREC sample not in the project (the e2e LLMs replay real recorded answers)
+    text = next(r["text"] for r in load_rows(None, None)[0] if r["text"] not in held)
+    ls_client.projects.import_tasks(id=pid, request=[{"text": text}])
+    task = next(t for t in all_tasks(ls_client, pid) if t["data"].get("text") == text)
+    assert "molal_review" not in task["data"]
+    page.goto(f"{label_studio.url}/projects/{pid}/data?tab={reviewed['view']}&task={task['id']}")
+    deadline, line = time.monotonic() + 30, ""
+    while True:
+        h = page.locator("h4", has_text="molal pre-filled")
+        try:
+            h.first.wait_for(timeout=5_000)
+            line = h.first.inner_text().strip()
+        except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no line (yet)
+            line = ""
+        if line.startswith("not ranked yet"):
+            break
+        assert time.monotonic() < deadline, line
+        page.reload()
+    m = re.match(r"not ranked yet · molal pre-filled (.+?) \(\d+%\) · .* · model \d+ · the next training job ranks it$",
+                 line)
+    assert m is not None, line
+    assert _ticked(page) == [m.group(1)], (line, _ticked(page))
+
+
 def test_a_person_labels_150_tasks_in_a_row_and_meets_every_one_ranked_and_explained(
         page, label_studio, reviewed, ls_client, backend, shots):
     """From "Label Tasks As Displayed": 150 tasks in a row, accepting the pre-fill (changing every 7th).
     molal retrains every 25 labels; the queue follows, and every task met shows its rank and a line that
     says what is pre-ticked. Submit → next is printed (bench/browser_stream.py measures it)."""
     pg, pid = page, reviewed["id"]
-    pg.goto(f"{label_studio.url}/projects/{pid}/data?tab={reviewed['view']}")
-    pg.locator(".lsf-table-row").first.wait_for()
-    pg.get_by_role("button", name="Toggle open").click()  # the arrow next to "Label All Tasks"
-    pg.get_by_text("Label Tasks As Displayed").click()
-    instructions = pg.get_by_text("Labeling Instructions")
-    instructions.first.wait_for()  # shown before the first task: what the pre-fill is, and molal's state
-    assert pg.get_by_text("Pre-filled labels come from molal").is_visible()
-    assert pg.get_by_text(re.compile(r"molal: model 1 \(molam-1-\w+\) serves")).first.is_visible()
-    pg.keyboard.press("Escape")
-    instructions.first.wait_for(state="hidden")
+
+    def instructions() -> None:  # shown before the first task: what the pre-fill is, and molal's state
+        assert pg.get_by_text("Pre-filled labels come from molal").is_visible()
+        assert pg.get_by_text(re.compile(r"molal: model 1 \(molam-1-\w+\) serves")).first.is_visible()
+
+    _label_as_displayed(pg, label_studio, pid, reviewed["view"], instructions)
     met, waits, models, mismatches = [], [], [], []
     last, t_submit = None, 0.0
     for i in range(IN_A_ROW):
@@ -256,8 +331,8 @@ def test_a_person_labels_150_tasks_in_a_row_and_meets_every_one_ranked_and_expla
         met.append(line)
         models.append(int(m.group(4)))
         ticked = _ticked(pg)
-        if ticked != [m.group(2)]:  # only while a new model's lines and predictions land, a second apart
-            mismatches.append((i + 1, line, ticked))
+        if ticked != [m.group(2)]:  # what Label Studio held for that task then: the failure says why
+            mismatches.append((i + 1, line, ticked, _held(ls_client, pid, line)))
         if i == 0:
             pg.screenshot(path=str(shots / "stream.png"))
         if i % 7 == 6:
@@ -273,7 +348,7 @@ def test_a_person_labels_150_tasks_in_a_row_and_meets_every_one_ranked_and_expla
     assert len(set(met)) == IN_A_ROW  # 150 different tasks, each with its line
     assert max(models) > 1, f"molal retrained while the person labelled (every {TRAIN_EVERY} labels)"
     assert models == sorted(models)  # never an older model's line after a newer one
-    assert len(mismatches) <= IN_A_ROW // 30, mismatches
+    assert not mismatches, mismatches  # the line always says what is pre-ticked
     tasks = {t["id"]: t for t in all_tasks(ls_client, pid)}
     labelled = [t for t in tasks.values() if t.get("annotations")]
     assert len(labelled) == N_SEEDS + IN_A_ROW
@@ -284,7 +359,11 @@ def test_start_training_says_what_it_did_within_seconds(page, label_studio, revi
     Settings → Model and in the instructions: training within seconds, then the new model and its label
     count, and for a press with nothing new to learn, that it skipped and why."""
     pg, pid = page, reviewed["id"]
-    wait_queue(backend.url, pid, timeout=1500)  # the person's retrains are done
+    deadline = time.monotonic() + 900  # the person's retrains are done (the queue writer may go on: it gives way)
+    while any(j["kind"] == "train" and j["status"] in ("queued", "running")
+              for j in backend_get(backend.url, f"/jobs?project={pid}&limit=20")["jobs"]):
+        assert time.monotonic() < deadline, "the retrains of the labelling session never finished"
+        time.sleep(1.0)
     done = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
     label_seeds(ls_client, [t for t in reviewed["gold"] if t not in done][:2], reviewed["gold"])  # new labels
     assert _card_name(pg, label_studio, pid).startswith("molal · model ")
@@ -329,32 +408,3 @@ def test_start_training_says_what_it_did_within_seconds(page, label_studio, revi
     block = ls_client.projects.get(id=pid).expert_instruction
     assert "skipped — no new or changed human labels" in block, block
     pg.screenshot(path=str(shots / "skipped.png"))
-
-
-def test_a_task_imported_after_the_last_job_says_it_is_not_ranked_yet(page, label_studio, reviewed, ls_client):
-    """A task imported after the last job is not in molal's plan: opened, it is pre-filled by the serving model
-    and its line says that it is not ranked yet, and what ranks it — never an empty bar."""
-    pid = reviewed["id"]
-    held = {t["data"].get("text") for t in all_tasks(ls_client, pid)}
-    # a question of the bundled TREC sample not in the project (the e2e LLMs replay real recorded answers)
-    text = next(r["text"] for r in load_rows(None, None)[0] if r["text"] not in held)
-    ls_client.projects.import_tasks(id=pid, request=[{"text": text}])
-    task = next(t for t in all_tasks(ls_client, pid) if t["data"].get("text") == text)
-    assert "molal_review" not in task["data"]
-    page.goto(f"{label_studio.url}/projects/{pid}/data?tab={reviewed['view']}&task={task['id']}")
-    deadline, line = time.monotonic() + 30, ""
-    while True:
-        h = page.locator("h4", has_text="molal pre-filled")
-        try:
-            h.first.wait_for(timeout=5_000)
-            line = h.first.inner_text().strip()
-        except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no line (yet)
-            line = ""
-        if line.startswith("not ranked yet"):
-            break
-        assert time.monotonic() < deadline, line
-        page.reload()
-    m = re.match(r"not ranked yet · molal pre-filled (.+?) \(\d+%\) · .* · model \d+ · the next training job ranks it$",
-                 line)
-    assert m is not None, line
-    assert _ticked(page) == [m.group(1)], (line, _ticked(page))
