@@ -50,6 +50,7 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
         return
     deadline = time.monotonic() + wait_s
     shown = False
+    elsewhere = None
     while True:
         svc.jobs.reap_stale()
         claimed = svc.jobs.claim(job["id"])
@@ -57,9 +58,8 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
             break
         row = svc.jobs.get(job["id"])
         if row is None or row["status"] != "queued":
-            console.print(f"job {job['id']} is {row['status'] if row else 'gone'} (run elsewhere)")
-            typer.echo(json.dumps(row, default=str))
-            return
+            elsewhere = row
+            break
         if not shown:
             console.print(f"waiting: project {project} has another job running (see `molal jobs`)")
             shown = True
@@ -67,14 +67,24 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
             console.print("[red]gave up waiting[/red]; the job stays queued")
             raise typer.Exit(1)
         time.sleep(1.0)
-    console.print(f"running {kind} job {job['id']} for project {project} (progress in the log / `molal jobs`)")
-    import logging
+    if elsewhere is None:
+        console.print(f"running {kind} job {job['id']} for project {project} (progress in the log / `molal jobs`)")
+        import logging
 
-    from molal.logging import setup_logging
+        from molal.logging import setup_logging
 
-    if logging.getLogger().level > logging.INFO:
-        setup_logging("INFO")
-    row = execute(svc.jobs, claimed, svc.run_job)
+        if logging.getLogger().level > logging.INFO:
+            setup_logging("INFO")
+        row = execute(svc.jobs, claimed, svc.run_job)
+    else:  # a server's worker took it first: follow it there
+        console.print(f"job {job['id']} runs in the server's worker; waiting for it")
+        row = elsewhere
+        while row is not None and row["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            row = svc.jobs.get(job["id"])
+        if row is None or row["status"] in ("queued", "running"):
+            console.print(f"[red]gave up waiting[/red] for job {job['id']}")
+            raise typer.Exit(1)
     if not quiet or row["status"] != "succeeded":
         typer.echo(json.dumps({k: row.get(k) for k in ("id", "status", "message", "result", "error")}, default=str,
                               indent=1), err=quiet)

@@ -217,7 +217,9 @@ def label_certified(state: ProjectState, client: LSClient, spec: LabelSpec, pool
     made = client.create_annotations(state.id, items, on_batch=keep)
     now = time.time()
     label_of = {t: res[0]["value"]["choices"][0] for t, res in items}
+    row_of = {pool.task_ids[r]: r for r in todo}
     for t, aid in made.items():
+        pool.machine[row_of[t]] = spec.classes.index(label_of[t])  # labelled now: out of the queue
         done[t] = {"annotation": aid, "label": label_of[t], "version": version, "threshold": cert.threshold,
                    "epsilon": cert.epsilon, "delta": cert.delta, "at": now}
     state.put(CERTIFIED_KEY, {str(t): v for t, v in done.items()})
@@ -256,6 +258,11 @@ def certify_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         ctx.progress(1.0, f"wrote {out['certified']['written']} certified labels ({version})")
     else:
         ctx.progress(1.0, f"report: {summary_line(report) or 'nothing measured yet'}")
+    from molal.service.queue import resume
+
+    job = resume(svc, state)  # a queue writer that gave way to this job goes on
+    if job is not None:
+        out["queue_job"] = job
     return out
 
 

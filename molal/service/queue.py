@@ -254,7 +254,8 @@ def plan_queue(state: ProjectState, pool: Pool, spec: LabelSpec, ranking: Rankin
         ranking = Ranking(rows=interleave(ranking.rows, pending, audit_every, keep),
                           student_probs=ranking.student_probs, by=ranking.by)
         audit = set(pending)
-    auto = {r: c for r, c in (auto or {}).items() if r not in pool.human and r not in set(ranking.rows)}
+    auto = {r: c for r, c in (auto or {}).items()
+            if r not in pool.human and r not in pool.machine and r not in set(ranking.rows)}
     ranking = Ranking(rows=[*ranking.rows, *sorted(auto, key=lambda r: pool.task_ids[r])],
                       student_probs=ranking.student_probs, by=ranking.by)
     n = len(ranking.rows)

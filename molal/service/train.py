@@ -45,7 +45,7 @@ from molal.service.lsclient import AUTO_FLAG, LSClient
 from molal.service.lsclient import client_for as ls_client_for
 from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
-from molal.service.quality import certify_job
+from molal.service.quality import after_round, certify_job
 from molal.service.queue import (
     head_limit,
     plan_queue,
@@ -647,6 +647,10 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
+    # measured against people's labels; with auto_label, the certified labels are written before the queue is
+    # planned (they leave it: molal.service.quality)
+    trust = after_round(state, client, spec, pool, rows, rr.molam_probs, rr.llm_outputs, rr.member_versions,
+                        rr.pointer["molam"], ps, ctx)
     served = {r: np.asarray(rr.probs[i], dtype=np.float64) for i, r in enumerate(rows)}
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
@@ -684,10 +688,6 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                                None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
     # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
     # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
-    from molal.service.quality import after_round
-
-    trust = after_round(state, client, spec, pool, rows, rr.molam_probs, rr.llm_outputs, rr.member_versions,
-                        rr.pointer["molam"], ps, ctx)
     out: dict[str, Any] = {**trust, "version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
                            "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
