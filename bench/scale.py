@@ -52,33 +52,31 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def session_cpu(sid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of session ``sid``."""
-    total = 0
+def _session_procs(sid: int):
+    """``(pid, stat fields after the command name)`` of every live process of session ``sid`` (the servers
+    start their own sessions)."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:
-                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+            if int(fields[3]) == sid:  # field 6 of stat (session), counted after the command name
+                yield d, fields
         except (OSError, ValueError, IndexError):
             continue
-    return total / TICK
+
+
+def session_cpu(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``."""
+    return sum(int(f[11]) + int(f[12]) for _, f in _session_procs(sid)) / TICK  # utime, stime (14, 15)
 
 
 def session_rss(sid: int) -> int:
-    """Resident bytes of every process in session ``sid`` (the servers start their own sessions)."""
+    """Resident bytes of every process in session ``sid``."""
     total = 0
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    for d, _ in _session_procs(sid):
         try:
-            with open(f"/proc/{d}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) != sid:  # field 6 of stat (session), counted after the command name
-                continue
             with open(f"/proc/{d}/statm") as fh:
                 total += int(fh.read().split()[1]) * PAGE
         except (OSError, ValueError, IndexError):
@@ -113,7 +111,7 @@ class Peak:
 
     def mb(self) -> dict[str, float]:
         return {**{f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()},
-                **{f"{k}_cpu_s": round(v, 1) for k, v in getattr(self, "cpu", {}).items()}}
+                **{f"{k}_cpu_s": round(v, 1) for k, v in self.cpu.items()}}
 
 
 def rows_for(n: int, dataset: str = "ag_news") -> tuple[list[dict], list[str]]:
@@ -178,7 +176,9 @@ def main() -> None:
     t = time.monotonic()
     ls.start()
     ls_up = time.monotonic() - t
-    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64"}
+    # MOLAL_TRAIN_EVERY=0: the retrain is the measured step, not one started by the relabel step's webhooks
+    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64",
+           "MOLAL_TRAIN_EVERY": "0"}
     if args.no_per_llm:
         env["MOLAL_PER_LLM_PREDICTIONS"] = "false"
     if args.predictions_top is not None:
@@ -201,7 +201,8 @@ def main() -> None:
                 with Peak(sessions) as p:
                     t0 = time.monotonic()
                     out = fn()
-                    steps[name] = {"seconds": round(time.monotonic() - t0, 1), **p.mb()}
+                    seconds = round(time.monotonic() - t0, 1)
+                steps[name] = {"seconds": seconds, **p.mb()}  # after the step: its CPU is counted on exit
                 print(json.dumps({"tasks": n, "step": name, **steps[name]}), file=sys.stderr, flush=True)
                 return out
 

@@ -198,15 +198,21 @@ def backend_get(backend_url: str, path: str, timeout: float = 10.0) -> Any:
 
 
 def start_training(client, ml_id: int, backend_url: str, project: int) -> str:
-    """Press "Start Training" (Label Studio → START_TRAINING webhook) and return the backend's new job id."""
-    before = {j["id"] for j in backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])}
+    """Press "Start Training" (Label Studio → START_TRAINING webhook) and return the backend's job id: a new
+    one, or, where a training job of the project was already queued (a retrain after N labels), that one —
+    the backend coalesces a press into it."""
+    jobs = backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])
+    before = {j["id"] for j in jobs}
+    waiting = [j["id"] for j in jobs if j["kind"] == "train" and j["status"] == "queued"]
     client.ml.train(id=ml_id)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 30:
         jobs = backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])
         new = [j for j in jobs if j["kind"] == "train" and j["id"] not in before]
         if new:
             return new[0]["id"]
+        if waiting and time.monotonic() > t0 + 3:  # no new job: the press joined the queued one
+            return waiting[0]
         time.sleep(0.3)
     raise RuntimeError("Label Studio's START_TRAINING did not create a train job in the backend within 30 s")
 

@@ -34,10 +34,17 @@ K = len(TREC_CLASSES)
 
 
 class Recorder:
-    """Stands in for the Label Studio client's task-data writes only: records what would be PATCHed."""
+    """Stands in for the Label Studio client's task-data writes only: records what would be PATCHed, and
+    answers reads of single tasks from ``held`` (what Label Studio holds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: dict[int, dict] | None = None) -> None:
         self.calls: list[list[tuple[int, dict]]] = []
+        self.held = held or {}
+
+    def task(self, tid):
+        if tid not in self.held:
+            raise LookupError(f"no task {tid}")
+        return self.held[tid]
 
     def update_task_data(self, ups):
         ups = list(ups)
@@ -174,13 +181,35 @@ def test_an_opened_task_gets_a_fresh_line_from_its_own_data_only(state):
     rec2 = Recorder()
     forged = {"id": 100, "data": {"text": "something else entirely"}}
     assert refresh_on_open(rec2, state, [forged], fields, "molam-4-cd34", "priority") == 0
-    # a task molal never planned, a line already from this model, a batch: nothing either
-    assert refresh_on_open(rec2, state, [{"id": 999, "data": {"text": "x"}}], fields, "molam-4-cd34", "priority") == 0
+    # a task molal never planned that Label Studio does not hold: nothing either
+    refresh_on_open(rec2, state, [{"id": 999, "data": {"text": "x"}}], fields, "molam-4-cd34", "priority")
+    # a line already from this model, a batch: nothing
     fresh = {"id": 100, "data": {**pool.data[0], "molal_review": "x", "molal_model": "molam-4-cd34"}}
     assert refresh_on_open(rec2, state, [fresh], fields, "molam-4-cd34", "priority") == 0
     assert refresh_on_open(rec2, state, [task] * 4, {i: fields[0] for i in range(4)}, "molam-4-cd34",
                            "priority") == 0
     assert rec2.calls == []
+
+
+def test_a_task_imported_after_the_plan_says_it_is_not_ranked_yet_when_label_studio_holds_it(state):
+    pool = pool_of(3)
+    save_plan(state, a_plan(state, pool, [0, 1, 2]))
+    fields = {0: {"molal_label": "entity", "molal_confidence": 0.7, "molal_review": "molal pre-filled entity (70%)"}}
+    new = {"id": 500, "data": {"text": "a new question ?"}}
+    rec = Recorder(held={500: {"id": 500, "project": state.id, "data": {"text": "a new question ?"}}})
+    assert refresh_on_open(rec, state, [new], fields, "molam-4-cd34", "priority") == 1
+    (tid, d), = rec.calls[0]
+    assert tid == 500 and d["text"] == "a new question ?" and "molal_rank" not in d
+    assert d["molal_review"].startswith("not ranked yet · molal pre-filled entity (70%) · model 4")
+    assert "next training job" in d["molal_review"]
+    # the caller's data differs from Label Studio's copy, the task is another project's, or a person labelled
+    # it (a seed: labelled tasks hold no prediction, so opening one asks /predict too)
+    for held in ({"id": 500, "project": state.id, "data": {"text": "what Label Studio holds"}},
+                 {"id": 500, "project": state.id + 1, "data": {"text": "a new question ?"}},
+                 {"id": 500, "project": state.id, "data": {"text": "a new question ?"}, "labelled": True}):
+        rec = Recorder(held={500: held})
+        refresh_on_open(rec, state, [new], fields, "molam-4-cd34", "priority")
+        assert rec.calls == []
 
 
 def test_the_digest_ignores_what_molal_writes():

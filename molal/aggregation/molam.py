@@ -88,6 +88,10 @@ class MoLAM(Aggregator):
             fitted temperature noisy). Accuracy is unchanged, only the confidence moves.
             ``metadata["calibration"]`` reports the fitted temperature, whether it was applied, and the seeds'
             out-of-fold log loss and ECE before and after.
+        drop_members: True (default): members the seeds flag (:func:`molal.aggregation.members.check_members`:
+            at or below chance, or collapsed onto one class) are a choice like the candidates are: the model
+            selection runs with and without them (the same folds), and they are dropped unless keeping them
+            wins out-of-fold on the seeds. ``metadata["members"]`` says what was flagged, measured and kept.
 
     Fitted: ``choice_`` (the chosen candidate's name), ``model_`` (the candidate), ``ds_prior_``/``ds_logpi_``
     (the pool's Dawid–Skene model), ``mu_``/``sd_`` (feature standardisation), ``text_model_`` (or None),
@@ -116,6 +120,7 @@ class MoLAM(Aggregator):
         text_max_length: int = 64,
         text_device: str = "cpu",
         calibration: str | None = "temperature",
+        drop_members: bool = True,
     ) -> None:
         super().__init__()
         self.candidates = candidates
@@ -136,6 +141,9 @@ class MoLAM(Aggregator):
         self.text_max_length = text_max_length
         self.text_device = text_device
         self.calibration = calibration
+        self.drop_members = drop_members
+        #: the members the fitted model uses (None: all of them)
+        self.members_: list[str] | None = None
         self.choice_: str | None = None
         self.model_: Candidate | None = None
         self.text_model_: TextModel | None = None
@@ -168,6 +176,8 @@ class MoLAM(Aggregator):
         p = {k: v for k, v in self.get_params().items() if self.text_features is not None or not k.startswith("text_")}
         if self.calibration is None:  # files written without calibration stay as they were
             p.pop("calibration")
+        if self.drop_members:  # likewise: the default is not written
+            p.pop("drop_members")
         p["candidates"] = list(self.candidates) if self.candidates is not None else None
         p["lr_cs"] = [float(c) for c in self.lr_cs]
         p["xgb_params"] = self._xgb_params()
@@ -234,9 +244,12 @@ class MoLAM(Aggregator):
             t0 = time.perf_counter()
             emb = tm.inputs(outputs.texts)
             t_emb = time.perf_counter() - t0
+        self.members_ = None
         # many tiny fits: thread pools only add contention (tens of times slower on a busy machine)
         with threadpool_limits(limits=int(self.nthread)):
             self._fit_select(outputs, idx, labels)
+            if self.drop_members:
+                outputs = self._select_members(outputs, idx, labels)
             if tm is not None:
                 t0 = time.perf_counter()
                 base = normalize_rows(np.clip(np.asarray(self._predict_base(outputs), dtype=np.float64), 0, None))
@@ -247,6 +260,42 @@ class MoLAM(Aggregator):
             if self.calibration == "temperature":
                 self._calibrate(outputs, idx, emb)
         self._oof = None
+
+    def _members_of(self, outputs: LLMOutputs) -> LLMOutputs:
+        """``outputs`` restricted to the members the fitted model uses."""
+        return outputs if self.members_ is None else outputs.select_llms(self.members_)
+
+    def _select_members(self, outputs: LLMOutputs, idx: np.ndarray, labels: np.ndarray) -> LLMOutputs:
+        """Keep or drop the members the seeds flag (``drop_members``), by the chosen model's out-of-fold
+        accuracy on the seeds with and without them; returns the outputs the fitted model uses. Called after a
+        model selection on every member (its state is kept when they stay)."""
+        from molal.aggregation.members import check_members
+
+        checks = check_members(outputs, idx, labels)
+        bad = [c.name for c in checks if c.problem]
+        info: dict[str, Any] = {"flagged": {c.name: c.problem for c in checks if c.problem}, "dropped": []}
+        self.metadata["members"] = info
+        if not bad:
+            return outputs
+        keep = [n for n in outputs.llm_names if n not in bad]
+        cv_all = self.metadata["cv"][self.choice_]["accuracy"]
+        info["cv_accuracy_with"] = cv_all
+        if not keep or cv_all is None:  # nothing to compare with: all stay
+            return outputs
+        saved = (dict(self.__dict__), dict(self.metadata))
+        reduced = outputs.select_llms(keep)
+        self._fit_select(reduced, idx, labels)
+        cv_without = self.metadata["cv"][self.choice_]["accuracy"]
+        info["cv_accuracy_without"] = cv_without
+        if cv_without is not None and cv_without >= cv_all:  # a flagged member stays only where it wins
+            self.members_ = keep
+            info["dropped"] = bad
+            self.metadata["members"] = info
+            return reduced
+        self.__dict__.update(saved[0])
+        self.metadata = saved[1]
+        self.metadata["members"] = info
+        return outputs
 
     def _calibrate(self, outputs: LLMOutputs, idx: np.ndarray, emb) -> None:
         """Fit the temperature on the chosen model's out-of-fold predictions on the seeds (no other label)."""
@@ -359,6 +408,7 @@ class MoLAM(Aggregator):
         )
 
     def _predict_base(self, outputs):
+        outputs = self._members_of(outputs)
         return self.model_.predict(self._data(outputs, with_features=self.model_.uses_features))
 
     def _predict(self, outputs):
@@ -385,6 +435,8 @@ class MoLAM(Aggregator):
             state["text_model"] = self.text_model_.state()
         if self.temperature_ != 1.0:
             state["temperature"] = float(self.temperature_)
+        if self.members_ is not None:  # only then: files where every member serves stay as they were
+            state["members"] = list(self.members_)
         return state
 
     def _set_state(self, state):
@@ -395,6 +447,7 @@ class MoLAM(Aggregator):
         self.sd_ = np.asarray(state["sd"], dtype=np.float64)
         self.model_ = candidate_from_state(state["model"])
         self.temperature_ = float(state.get("temperature", 1.0))  # absent: not calibrated (and earlier files)
+        self.members_ = list(state["members"]) if state.get("members") is not None else None  # absent: all
         tm = state.get("text_model")  # absent in files written without text_features (and before it existed)
         self.text_model_ = None
         if tm is not None:

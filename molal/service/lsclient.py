@@ -137,6 +137,17 @@ class LSClient:
         except Exception as exc:  # the SDK raises ApiError or httpx errors
             raise self.explain(f"reading project {project}", exc) from exc
 
+    def task(self, task_id: int) -> dict:
+        """One task as Label Studio holds it: ``id``, ``project``, ``data`` and ``labelled`` (it holds an
+        annotation that is not a skip)."""
+        try:
+            d = _plain(self.client.tasks.get(id=task_id))
+        except Exception as exc:
+            raise self.explain(f"reading task {task_id}", exc) from exc
+        anns = [a for a in d.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {},
+                "labelled": bool(d.get("total_annotations") or anns)}
+
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
         ``prediction_versions`` (the model versions of the predictions it already has)."""
@@ -396,19 +407,6 @@ class LSClient:
             raise self.explain(f"creating {len(items)} annotations in project {project} ({len(out)} done)",
                                exc) from exc
         return out
-
-    def delete_model_version(self, project: int, version: str) -> int:
-        """Delete every prediction of ``version`` in the project (never an annotation); returns how many.
-        One request (``DELETE /api/projects/<id>/model-versions/``, what Settings → Predictions uses)."""
-        try:
-            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
-                f"api/projects/{int(project)}/model-versions/", method="DELETE", json={"model_version": version},
-                request_options={"timeout_in_seconds": 600})
-            r.raise_for_status()
-            data = r.json()
-            return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
-        except Exception as exc:
-            raise self.explain(f"deleting the predictions of {version} in project {project}", exc) from exc
 
     def set_uncertainty_sampling(self, project: int) -> None:
         try:

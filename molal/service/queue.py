@@ -538,40 +538,51 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
                     version: str, field: str, wait_s: float = 2.0) -> int:
     """Give the tasks Label Studio asks ``/predict`` about (a person opening one: at most
     :data:`REFRESH_MAX_TASKS`) the serving model's review line (``fields``: request position -> the review
-    fields) where theirs is missing or from another model. Only tasks of the current plan whose data, as the
-    request carries it, is the data molal planned with (:func:`data_digest`) are written back: a caller
-    cannot make molal write data of its own into Label Studio. Waits up to ``wait_s`` so that Label Studio,
-    which reads the task again after ``/predict``, shows the new line; the rest finishes in the background.
-    Returns the tasks it started to refresh."""
+    fields) where theirs is missing or from another model. A caller cannot make molal write data of its own
+    into Label Studio: a task of the current plan is written back only when its data, as the request carries
+    it, is the data molal planned with (:func:`data_digest`); a task molal has not ranked (imported after the
+    last job) only when Label Studio, asked for it, holds that same data in this project and no person's label
+    — it then says "not ranked yet" and what happens next. Waits up to ``wait_s`` so that Label Studio, which reads the task again
+    after ``/predict``, shows the new line; the rest finishes in the background. Returns the tasks it started
+    to refresh."""
     from molal.service.review import FIELDS
 
     if len(tasks) > REFRESH_MAX_TASKS:
         return 0
     plan = load_plan(state)
-    if plan is None:
-        return 0
-    at = plan.index()
-    todo = []
+    at = plan.index() if plan is not None else {}
+    todo: list[tuple[int, dict]] = []
+    unplanned: list[tuple[int, dict, str]] = []  # checked against Label Studio's copy before writing
     for i, task in enumerate(tasks):
         data = task.get("data") if isinstance(task, dict) else None
         tid = task.get("id") if isinstance(task, dict) else None
         if i not in fields or not isinstance(data, dict) or not isinstance(tid, int) or isinstance(tid, bool):
             continue
-        j = at.get(tid)
-        if j is None or j >= len(plan.digests) or plan.digests[j] != data_digest(data, (field,)):
-            continue  # not a task molal planned, or not the data it planned with: nothing is written
         if data.get(MODEL_FIELD) == version and data.get("molal_review"):
             continue
+        j, digest = at.get(tid), data_digest(data, (field,))
+        if j is not None and (j >= len(plan.digests) or plan.digests[j] != digest):
+            continue  # not the data molal planned with: nothing is written
         f = refresh_fields(plan, tid, fields[i], version, field)
         d = {k: v for k, v in data.items() if k not in f and k not in FIELDS}  # no field of the old model stays
         d.update(f)
-        todo.append((tid, d))
-    if not todo or not _REFRESH.acquire(blocking=False):
+        if j is None:
+            unplanned.append((tid, d, digest))
+        else:
+            todo.append((tid, d))
+    if not (todo or unplanned) or not _REFRESH.acquire(blocking=False):
         return 0
 
     def run() -> None:
         try:
-            client.update_task_data(todo)
+            ups = list(todo)
+            for tid, d, digest in unplanned:
+                held = client.task(tid)  # a labelled task is no queue task: "not ranked yet" would be untrue
+                if (held.get("project") == state.id and not held.get("labelled")
+                        and data_digest(held["data"], (field,)) == digest):
+                    ups.append((tid, d))
+            if ups:
+                client.update_task_data(ups)
         except Exception as exc:  # noqa: BLE001 - a line not refreshed is no reason to fail /predict
             log.info("project %s: could not refresh the review line of opened tasks: %s", state.id, exc)
         finally:
@@ -580,7 +591,7 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
     th = threading.Thread(target=run, daemon=True, name=f"molal-refresh-{state.id}")
     th.start()
     th.join(wait_s)
-    return len(todo)
+    return len(todo) + len(unplanned)
 
 
 __all__ = ["EPOCH_SPAN", "QueuePlan", "Ranking", "for_humans_first", "load_plan", "plan_queue", "priorities",

@@ -48,6 +48,10 @@ class LoadedModel:
 
 #: characters of each text kept in a project's default-mixture probe
 PROBE_CHARS = 2000
+#: the project state key of the task framing the serving model was trained with (the labelling instructions
+#: as a training job read them, :func:`molal.service.labelconfig.task_framing`): /predict and the other jobs use
+#: it, so the served model and its prompts stay a pair
+TASK_FRAMING_KEY = "task_framing"
 
 
 def _short(s: str) -> str:
@@ -295,21 +299,34 @@ class Runtime:
 
     # -- mixture ---------------------------------------------------------------------------------------
     def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None,
-                    examples: list[dict[str, str]] | None = None):
+                    examples: list[dict[str, str]] | None = None, descriptions: dict[str, str] | None = None,
+                    task: str | None = None):
         """The project's mixture (loaded once per process). ``MOLAL_MIXTURE`` / the project's ``mixture``
         setting names a config file; otherwise ``Mixture.default`` decides once per project from a probe
         of the project's texts (stored, so every process and every later batch gets the same mixture).
-        Returns None when the default is still undecided and no texts are given. Prompts with ``examples =
-        "seeds"`` get ``examples`` (a training job's), else those stored with the serving model (none yet:
-        zero-shot)."""
-        base = self._base_mixture(state, classes, texts)
-        if base is None or not base.wants_seed_examples():
+        Returns None when the default is still undecided and no texts are given. ``descriptions`` (class ->
+        one line: the label config's hints, :attr:`LabelSpec.descriptions`) reach every member unless the
+        project setting ``hints`` is off; ``task`` (a training job's framing from the labelling instructions)
+        frames every LLM member's prompt, else the framing stored with the serving model. Prompts with
+        ``examples = "seeds"`` get ``examples`` (a training job's), else those stored with the serving model
+        (none yet: zero-shot)."""
+        ps = self.project_settings(state)
+        desc = dict(descriptions or {}) if ps.hints else {}
+        base = self._base_mixture(state, classes, texts, desc)
+        if base is None:
+            return None
+        task = task if task is not None else (state.get(TASK_FRAMING_KEY) or "")
+        if desc or task or base.task:
+            ctx_key = ("context", base.fingerprint(), _short(json.dumps([sorted(desc.items()), task])))
+            base = self._mixtures.setdefault(ctx_key, lambda b=base: b.with_context(desc, task))
+        if not base.wants_seed_examples():
             return base
         ex = examples if examples is not None else (state.get("seed_examples") or [])
         return self._mixtures.setdefault(("seeds", base.fingerprint(), _short(json.dumps(ex))),
                                         lambda: base.with_seed_examples(ex))
 
-    def _base_mixture(self, state: ProjectState, classes, texts: list[str] | None):
+    def _base_mixture(self, state: ProjectState, classes, texts: list[str] | None,
+                      descriptions: dict[str, str] | None = None):
         from molal.annotators import Mixture
 
         ps = self.project_settings(state)
@@ -332,12 +349,18 @@ class Runtime:
             # characters would make every project's state 1 MB)
             probe = [t[:PROBE_CHARS] for t in good[:: max(1, len(good) // 32)][:32]]
             state.put("default_mixture_probe", probe)
+        desc = dict(descriptions or {})
+
         def make():
-            m = Mixture.default(texts=probe, class_names=list(classes))
+            # described classes: the scorers include one whose label texts are the descriptions themselves
+            m = Mixture.default(texts=probe, class_names=list(classes), descriptions=desc or None)
             log.info("project %s: default mixture %r", state.id, m)
             return m
 
-        return self._mixtures.setdefault(("default", _short(json.dumps(probe)), tuple(classes)), make)
+        key = ("default", _short(json.dumps(probe)), tuple(classes))
+        if desc:  # only then: projects without descriptions keep their key
+            key += (_short(json.dumps(sorted(desc.items()))),)
+        return self._mixtures.setdefault(key, make)
 
     @staticmethod
     def mixture_version(mixture, classes) -> str:
@@ -395,7 +418,7 @@ class Runtime:
     def serving(self, state: ProjectState, spec: LabelSpec, texts: list[str] | None = None) -> Serving:
         """What serves this project now (:class:`Serving`)."""
         ps = self.project_settings(state)
-        mixture = self.mixture_for(state, spec.classes, texts)
+        mixture = self.mixture_for(state, spec.classes, texts, descriptions=spec.description_map)
         try:
             m = self.loaded_model(state)
         except ArtifactError as exc:

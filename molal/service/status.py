@@ -169,8 +169,8 @@ def status_page(svc: Runtime, state: ProjectState) -> str:
 
 
 def announce(svc: Runtime, state: ProjectState, client: LSClient | None = None) -> bool:
-    """Write the project's state into Label Studio (the tab's title; with the review panel on, the
-    instructions' block), where it changed. Best effort: a failure is logged, never raised. Returns whether
+    """Write the project's state into Label Studio (the name on molal's card in Settings → Model; with the
+    review panel on, the instructions' block), where it changed. Best effort: a failure is logged, never raised. Returns whether
     anything was written."""
     from molal.service.lsclient import client_for
 

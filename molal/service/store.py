@@ -144,13 +144,16 @@ class ProjectSettings:
     auto_label: bool = False  # label the certified part of the pool without a person (molal.service.quality)
     certify_epsilon: float = 0.05  # certified labels: at most this share wrong ...
     certify_delta: float = 0.1  # ... with probability at least 1 - this
+    hints: bool = True  # a <Choice hint> (and the value of an aliased <Choice>) describes its class to the members
+    instructions: str = "auto"  # the labelling instructions frame the LLMs' task: auto (short ones) | on | off
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
 
-_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student")}
+_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student"),
+            "instructions": ("auto", "on", "off")}
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 

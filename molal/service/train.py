@@ -28,6 +28,7 @@ the mixture's answers, not a model version).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -40,8 +41,8 @@ import numpy as np
 
 from molal.learner import Learner, StoppingRule
 from molal.service.audit import held_out
-from molal.service.labelconfig import LabelSpec
-from molal.service.lsclient import AUTO_FLAG, LSClient
+from molal.service.labelconfig import LabelSpec, task_framing
+from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
 from molal.service.lsclient import client_for as ls_client_for
 from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
@@ -58,6 +59,7 @@ from molal.service.queue import (
     write_head,
 )
 from molal.service.review import voters_of
+from molal.service.runtime import TASK_FRAMING_KEY
 from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
 
@@ -151,21 +153,34 @@ def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8, skip: set[int
     return out
 
 
+def job_lines(ctx: JobContext | None):
+    """Inside it, progress displays (:mod:`molal.progress`) send plain lines (done/total, rate, time left) to
+    the job's progress messages, so its log and ``GET /jobs`` show them (nothing without a job)."""
+    import contextlib
+
+    from molal.progress import progress_lines
+
+    return progress_lines(lambda line: ctx.progress(None, line)) if ctx is not None else contextlib.nullcontext()
+
+
 def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
-                  lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None):
-    """Mixture outputs for ``texts`` (cached). ``examples``: the project's labelled tasks for prompts with
-    ``examples = "seeds"`` (default: those the serving model was trained with). Returns (mixture, result)."""
-    mixture = svc.mixture_for(state, spec.classes, texts, examples=examples)
+                  lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None,
+                  task: str | None = None):
+    """Mixture outputs for ``texts`` (cached). The label config's class descriptions (``spec``) reach every
+    member. ``examples``: the project's labelled tasks for prompts with ``examples = "seeds"``, ``task``: the
+    task framing (default for both: those the serving model was trained with). Returns (mixture, result)."""
+    mixture = svc.mixture_for(state, spec.classes, texts, examples=examples, descriptions=spec.description_map,
+                              task=task)
     if mixture is None:
         raise TrainingError(f"project {state.id}: no texts to annotate")
     last = [0.0]
 
-    def on_progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int) -> None:  # the job's fraction; its lines: progress_lines below
         now = time.monotonic()
         if ctx is not None and (now - last[0] > 2.0 or done == total):
             last[0] = now
             frac = done / total if total else 1.0
-            ctx.progress(lo + (hi - lo) * frac, f"annotating: {done}/{total} (annotator, text) pairs")
+            ctx.progress(lo + (hi - lo) * frac)
 
     s = svc.settings
     if s.max_annotate_usd is not None or s.max_annotate_hours is not None:
@@ -191,10 +206,14 @@ def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: lis
         engine = RayEngine(address=s.ray_address, workers=s.ray_workers, gpus_per_worker=s.ray_gpus_per_worker)
         if ctx is not None:
             ctx.progress(lo, f"annotating {len(texts)} texts on Ray ({s.ray_workers} workers)")
-        res = engine.annotate(mixture, texts, list(spec.classes), cache=svc.store.cache_target,
-                              on_progress=on_progress)
+        with job_lines(ctx):
+            res = engine.annotate(mixture, texts, list(spec.classes), cache=svc.store.cache_target,
+                                  on_progress=on_progress, progress=ctx is not None)
     else:
-        res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
+        # (annotator, text) pairs done, the rate and the time left: a line at least every few seconds
+        with job_lines(ctx):
+            res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress,
+                                   progress=ctx is not None)
     st = res.stats
     if ctx is not None:
         ctx.progress(hi, f"annotated {len(res.done_idx)}/{len(texts)} texts (cache hits {st.get('cache_hits')}, "
@@ -265,7 +284,11 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
     held = held_out(state, pool)  # the audit's labels are measurements: never trained on
     examples = seed_examples(pool, spec, skip=held)
-    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=examples)
+    framing, framing_why = (None, "not read") if spec.instructions is None else task_framing(spec.instructions,
+                                                                                               ps.instructions)
+    if ctx is not None and spec.instructions is not None:
+        ctx.progress(None, f"task framing: {framing_why}" if framing else f"no task framing: {framing_why}")
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=examples, task=framing)
     rows = res.done_idx.astype(np.int64)
     outputs = res.outputs
     if len(rows) == 0:
@@ -295,6 +318,11 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         outputs, labeled_idx, labels)
     if ctx is not None:
         ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {molam.choice_})")
+    checks, member_warnings = member_report(mixture, outputs, labeled_idx, labels, molam)
+    for w in member_warnings:
+        log.warning("project %s: %s", state.id, w)
+        if ctx is not None:
+            ctx.progress(None, f"warning: {w}")
     P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
     y_molam = P.argmax(axis=1)
     neg = np.asarray(negative_labels(outputs, predicted=P), dtype=bool)
@@ -324,6 +352,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
         "audit_held_out": len(held),
         "unannotated": unannotated,
+        "described_classes": sorted(mixture.descriptions), "task_framing": framing_why if framing else None,
+        "members": [c.as_dict() for c in checks], "member_warnings": member_warnings,
         "round": round_t, "job_id": job_id, "student": False, "labels_fingerprint": labels_fingerprint(pool, spec),
     }
     if hasattr(molam, "metadata") and isinstance(getattr(molam, "metadata", None), dict):
@@ -364,7 +394,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             capped = f", capped by MOLAL_STUDENT_MAX_STEPS={s.student_max_steps}" if n_ep < student.epochs else ""
             ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
                               f"(round {round_t}, {n_ep} epochs{capped})")
-        learner.fit(student, pool.texts, ts, round_t, progress=sys.stderr.isatty())  # a rich bar in a terminal
+        with job_lines(ctx):  # the student's epochs as the job's progress lines (without a job: a bar in a terminal)
+            learner.fit(student, pool.texts, ts, round_t, progress=ctx is not None or sys.stderr.isatty())
         student.save(staging / "student")
         info["student"] = True
         info["student_train"] = {"human": len(ts.human), "molam": n_mol}
@@ -408,6 +439,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     if mixture.seed_examples is not None and mixture.seed_examples != state.get("seed_examples"):
         # the few-shot examples go with the model they were trained with: /predict uses these from now on
         state.put("seed_examples", mixture.seed_examples)
+    if framing is not None and framing != (state.get(TASK_FRAMING_KEY) or ""):
+        state.put(TASK_FRAMING_KEY, framing)  # likewise the task framing
     if ctx is not None:
         ctx.progress(0.85, f"published {pointer['molam']}" + (f" and {pointer['student']}" if student else ""))
     serve_student = ps.serve_model == "student" and student is not None
@@ -419,6 +452,23 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
                        rows=rows, probs=np.asarray(probs), llm_outputs=outputs,
                        member_versions=mixture.member_versions(), new_auto=new_auto, molam_probs=P,
                        to_human=to_human, student=student, info=info)
+
+
+def member_report(mixture, outputs, labeled_idx: np.ndarray, labels: np.ndarray, molam=None) -> tuple[list, list[str]]:
+    """Each member measured on the seeds (:func:`molal.aggregation.members.check_members`) and one warning
+    line per flagged member: what is wrong, what to try, and whether MoLAM kept it."""
+    from molal.aggregation.members import check_members
+
+    kinds = {a.name: a.kind for a in mixture.annotators}
+    checks = check_members(outputs, labeled_idx, labels, kinds=kinds)
+    dropped = set(((getattr(molam, "metadata", None) or {}).get("members") or {}).get("dropped") or [])
+    warnings = []
+    for c in checks:
+        if c.problem is not None:
+            fate = ("MoLAM dropped it (better without it on the seeds)" if c.name in dropped else
+                    "MoLAM kept it (it helped on the seeds)")
+            warnings.append(f"{c.kind} {c.line()}; {fate}")
+    return checks, warnings
 
 
 def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: StoppingRule | None = None) -> dict:
@@ -539,6 +589,10 @@ def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     if config != state.get("label_config"):
         state.put("label_config", config)
     spec = svc.spec_for(state, config)
+    try:  # the labelling instructions may frame the LLMs' task (a training job decides: fit_round)
+        spec = dataclasses.replace(spec, instructions=client.instructions(state.id))
+    except LSConnectionError as exc:
+        log.warning("project %s: could not read the labelling instructions (%s); the task framing stays", state.id, exc)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
     from molal.service.quality import molal_annotation_ids
 
@@ -690,6 +744,9 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
     out: dict[str, Any] = {**trust, "version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
                            "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
+    if rr.info.get("member_warnings"):  # a member that may hurt: named in the job's result, with what to try
+        out["member_warnings"] = rr.info["member_warnings"]
+        out["members_flagged"] = {m["name"]: m["problem"] for m in rr.info.get("members", []) if m.get("problem")}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
     out["to_human"] = len(rr.to_human)
