@@ -52,14 +52,23 @@ def test_draw_is_uniform_kept_and_topped_up(tmp_path):
     assert counts.sum() == 400 * 20 and counts.min() > 15 and counts.max() < 70
 
 
-def test_interleave_every_nth_place_and_keeps_the_head():
+def test_interleave_one_random_place_per_block_and_keeps_the_head():
     rows = list(range(30))
-    out = interleave(rows, [100, 101, 102, 103], every=10)
-    assert [out.index(a) + 1 for a in (100, 101, 102)] == [10, 20, 30] and out[-1] == 103
-    assert [r for r in out if r < 100] == rows
+    seen = set()
+    for seed in range(40):
+        out = interleave(rows, [100, 101, 102, 103], every=10, seed=seed)
+        places = [out.index(a) + 1 for a in (100, 101, 102, 103)]  # 34 places: blocks 1-10, 11-20, 21-30, 31-34
+        assert [(p - 1) // 10 for p in places] == [0, 1, 2, 3] and [r for r in out if r < 100] == rows
+        assert out == interleave(rows, [100, 101, 102, 103], every=10, seed=seed)  # the seed decides
+        seen.update(p - 10 * i for i, p in enumerate(places))
+    assert len(seen) >= 8  # no place of a block is the audit's by rule (the rank line would tell)
+    # audit rows beyond the blocks go last
+    out = interleave(list(range(8)), [100, 101, 102, 103], every=5, seed=0)
+    assert [(out.index(a)) // 5 for a in (100, 101)] == [0, 1] and set(out[-2:]) == {102, 103}
     # audit rows that were ranked somewhere move to their places; the hybrid loop's first tasks stay first
     out = interleave([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11], [1, 5], every=3, keep_first=2)
-    assert out[:2] == [7, 8] and out[2] == 1 and out[5] == 5 and sorted(out) == sorted([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11])
+    assert out[:2] == [7, 8] and out[2] == 1 and 3 <= out.index(5) <= 5
+    assert sorted(out) == sorted([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11])
     assert interleave(rows, [], 10) == rows and interleave(rows, [1], 0) == rows
 
 
@@ -73,7 +82,7 @@ def test_plan_marks_audit_tasks_without_changing_their_line(tmp_path):
     plan = plan_queue(state, pool, SPEC, Ranking(rows=list(range(40))), version="molam-2-abcd", field="priority",
                       head=10, served=served, audit_every=10)
     marked = [i for i, f in enumerate(plan.fields) if f.get(AUDIT_FIELD)]
-    assert [i + 1 for i in marked] == [10, 20, 30, 40]
+    assert [i // 10 for i in marked] == [0, 1, 2, 3]  # one in each block of 10 places
     assert {plan.task_ids[i] for i in marked} == set(audit_tasks(state))
     for i in marked:  # the line reads like any other: rank, pre-fill, model
         line = plan.fields[i]["molal_review"]

@@ -7,10 +7,11 @@ the strategy picks, not a random sample: accuracy measured there is biased, usua
   ones are drawn uniformly at random, without replacement, from the unlabeled tasks that are not audit tasks
   yet (all at once the first time: later plans draw only when new tasks came in). A drawn task stays an
   audit task (:data:`AUDIT_KEY`, in draw order) until a person labels it.
-* **Interleaved** — the pending audit tasks take every ``audit_every``-th place of the queue (10, 20, 30...),
-  in draw order; the strategy's ranking fills the other places. Their review line, rank and priority are
-  made like every other task's, so the stream looks the same to the person labelling: the mark
-  (``data.molal_audit``) is a task data field the "molal queue" tab hides, never in the line.
+* **Interleaved** — the queue is cut into blocks of ``audit_every`` places (1–10, 11–20, ...) and each block
+  holds one pending audit task, in draw order, at a place drawn at random within it (afresh for each plan);
+  the strategy's ranking fills the other places. Their review line, rank and priority are made like every
+  other task's, and no rank is an audit place by rule, so the stream looks the same to the person labelling:
+  the mark (``data.molal_audit``) is a task data field the "molal queue" tab hides, never in the line.
 * **Held out** — a person's label on an audit task is a measurement: it never enters MoLAM's fit, the
   student's training set, the few-shot examples (``examples = "seeds"``) or the human-free loop's query
   (:func:`held_out`). So the model that serves has never seen them, and its agreement with them is an
@@ -71,24 +72,30 @@ def draw(state: ProjectState, pool: Pool, unlabeled: Sequence[int], every: int, 
     return pending
 
 
-def interleave(rows: Sequence[int], audit: Sequence[int], every: int, keep_first: int = 0) -> list[int]:
-    """``rows`` (queue order) with the ``audit`` rows moved to every ``every``-th place (``every``, 2 x
-    ``every``, ... counted from 1), in their order; audit rows beyond the queue's length go last. The first
-    ``keep_first`` rows of ``rows`` (tasks sent to people by the hybrid loop) stay where they are."""
+def interleave(rows: Sequence[int], audit: Sequence[int], every: int, keep_first: int = 0,
+               seed: int | Sequence[int] = 0) -> list[int]:
+    """``rows`` (queue order) with the ``audit`` rows moved, in their order, one into each block of ``every``
+    places (1..``every``, ``every`` + 1..2 x ``every``, ... counted from 1; the last block may be shorter), at a
+    place drawn uniformly within the block (``seed``); audit rows beyond the blocks go last. The first
+    ``keep_first`` rows of ``rows`` (tasks sent to people by the hybrid loop) stay where they are and hold
+    no audit place."""
     if every <= 0 or not audit:
         return list(rows)
     mine = set(audit)
     head = [r for r in rows[:keep_first] if r not in mine]
     rest = [r for r in rows[keep_first:] if r not in mine] if keep_first else [r for r in rows if r not in mine]
-    out = list(head)
-    queue = list(audit)
-    for r in rest:
-        while queue and (len(out) + 1) % every == 0:
-            out.append(queue.pop(0))
-        out.append(r)
-    while queue and (len(out) + 1) % every == 0:
-        out.append(queue.pop(0))
-    return out + queue
+    n = len(head) + len(rest) + len(audit)
+    rng = np.random.default_rng(seed)
+    places: set[int] = set()
+    for start in range(1, n + 1, every):
+        lo, hi = max(start, len(head) + 1), min(start + every - 1, n)
+        if lo <= hi and len(places) < len(audit):
+            places.add(int(rng.integers(lo, hi + 1)))
+    out, queue, others = list(head), list(audit), iter(rest)
+    for place in range(len(head) + 1, n + 1):
+        r = next(others, None) if place not in places else None
+        out.append(queue.pop(0) if r is None else r)
+    return out
 
 
 __all__ = ["AUDIT_FIELD", "AUDIT_KEY", "audit_tasks", "draw", "held_out", "interleave"]

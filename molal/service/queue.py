@@ -239,8 +239,8 @@ def plan_queue(state: ProjectState, pool: Pool, spec: LabelSpec, ranking: Rankin
     task the review fields (``served``: row -> the serving model's probabilities; ``llm``: row -> (L, K) each
     member's; the student's from the ranking), its rank, the model and the priority. ``auto`` (row -> class):
     tasks molal labelled itself (the human-free loop), listed after the ranked ones for an audit.
-    ``audit_every`` > 0: the audit slice (:mod:`molal.service.audit`) takes every ``audit_every``-th place,
-    marked by ``data.molal_audit`` only (its line reads like any other)."""
+    ``audit_every`` > 0: the audit slice (:mod:`molal.service.audit`) takes one place at random in each block
+    of ``audit_every``, marked by ``data.molal_audit`` only (its line reads like any other)."""
     from molal.service.audit import AUDIT_FIELD, draw, interleave
     from molal.service.review import review_fields
     from molal.service.store import FOR_HUMANS_KEY
@@ -251,7 +251,7 @@ def plan_queue(state: ProjectState, pool: Pool, spec: LabelSpec, ranking: Rankin
         pending = draw(state, pool, ranking.rows, audit_every)
         first = set(state.get(FOR_HUMANS_KEY) or [])
         keep = sum(1 for r in ranking.rows[:len(first)] if pool.task_ids[r] in first)
-        ranking = Ranking(rows=interleave(ranking.rows, pending, audit_every, keep),
+        ranking = Ranking(rows=interleave(ranking.rows, pending, audit_every, keep, seed=[int(state.id), epoch]),
                           student_probs=ranking.student_probs, by=ranking.by)
         audit = set(pending)
     auto = {r: c for r, c in (auto or {}).items()
