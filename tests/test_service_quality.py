@@ -180,8 +180,23 @@ def test_a_task_labelled_only_by_molal_is_no_human_label():
     tasks = [{"id": 1, "data": {"text": "x"}, "annotations": [{"id": 11, "result": res}]},
              {"id": 2, "data": {"text": "y"}, "annotations": [{"id": 12, "result": res},
                                                                {"id": 13, "result": res, "created_at": "2030"}]}]
-    pool = pool_from_tasks(tasks, SPEC, molal_annotations={11, 12})
+    pool = pool_from_tasks(tasks, SPEC, molal_annotations={11: "b", 12: "b"})
     assert pool.machine == {0: 1} and pool.human == {1: 1}
+    # a person who changed molal's label made it theirs
+    fixed = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": ["c"]}}]
+    pool = pool_from_tasks([{"id": 1, "data": {"text": "x"}, "annotations": [{"id": 11, "result": fixed}]}], SPEC,
+                           molal_annotations={11: "b"})
+    assert pool.human == {0: 2} and pool.machine == {}
+    # written but not recorded (a certify job stopped in between): the task's mark and Label Studio's
+    # "Created from prediction" say it is molal's; a person's annotation beside it is theirs
+    mark = {"text": "x", "molal_certified": "labelled by molal: molam-1-aaaa, ..."}
+    unrecorded = {"id": 14, "result": res, "last_action": "prediction"}
+    pool = pool_from_tasks([{"id": 1, "data": mark, "annotations": [unrecorded]},
+                            {"id": 2, "data": {"text": "y"}, "annotations": [{**unrecorded, "id": 15}]},
+                            {"id": 3, "data": mark, "annotations": [{**unrecorded, "id": 16},
+                                                                    {"id": 17, "result": fixed, "created_at": "2030"}]}],
+                           SPEC)
+    assert pool.machine == {0: 1} and pool.human == {1: 1, 2: 2}
 
 
 def test_learner_sends_uncertified_rows_to_people():

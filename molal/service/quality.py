@@ -28,8 +28,9 @@ mostly hard ones (the strategy's), which leaves the audit more pessimistic than 
 The write (``molal project certify --project N``, or after each training job with the project setting
 ``auto_label=true``) creates one annotation per certified task nobody labelled (pending audit tasks are
 left to people), marked as molal's: ``last_action="prediction"`` (Label Studio's "Created from prediction")
-and ``data.molal_certified`` = the model version, threshold, ε and δ. molal remembers their ids and never
-reads them back as human labels; a person's later annotation on the task wins. Without a certificate the
+and ``data.molal_certified`` = the model version, threshold, ε and δ. molal remembers their ids and labels and
+never reads them back as human labels (:func:`molal.service.train.molal_wrote`); a person who changes one's
+label, or adds an annotation to the task, makes the task's label theirs. Without a certificate the
 command refuses and says why (e.g. too few audit labels: :func:`molal.trust.min_audit_items`).
 """
 
@@ -68,9 +69,10 @@ def certified_annotations(state: ProjectState) -> dict[int, dict]:
     return {int(t): v for t, v in (state.get(CERTIFIED_KEY) or {}).items()}
 
 
-def molal_annotation_ids(state: ProjectState) -> set[int]:
-    """The ids of the annotations molal wrote (never a person's label)."""
-    return {int(v["annotation"]) for v in certified_annotations(state).values()}
+def molal_annotations(state: ProjectState) -> dict[int, str]:
+    """The annotations molal wrote: id -> the class it wrote (:func:`molal.service.train.molal_wrote`: never
+    read as a person's label unless a person changed it)."""
+    return {int(v["annotation"]): str(v["label"]) for v in certified_annotations(state).values()}
 
 
 def _prefill(pool: Pool, r: int, classes: list[str]) -> tuple[int, str | None]:
@@ -319,4 +321,4 @@ def summary_line(report: dict | None) -> str | None:
 
 
 __all__ = ["AUDITED_KEY", "CERTIFIED_KEY", "QUALITY_KEY", "CertifyRefused", "after_round", "certificate",
-           "certifiable", "certify_job", "label_certified", "measure", "molal_annotation_ids", "summary_line"]
+           "certifiable", "certify_job", "label_certified", "measure", "molal_annotations", "summary_line"]

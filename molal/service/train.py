@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ import numpy as np
 from molal.learner import Learner, StoppingRule
 from molal.service.audit import held_out
 from molal.service.labelconfig import LabelSpec, task_framing
-from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
+from molal.service.lsclient import AUTO_FLAG, CERTIFIED_FLAG, LSClient, LSConnectionError
 from molal.service.lsclient import client_for as ls_client_for
 from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
@@ -97,14 +97,27 @@ def human_label(annotations: list, spec: LabelSpec, skip: set[int] | frozenset[i
     return best
 
 
+def molal_wrote(annotation: dict, data: dict, spec: LabelSpec, mine: Mapping[int, str]) -> bool:
+    """Whether ``annotation`` (of a task whose data is ``data``) is molal's certified label, untouched: its id
+    is one molal wrote (``mine``: annotation id -> the class it wrote) and it still holds that class (a person
+    who changed it made it theirs); or, with no record of it (a certify job stopped between the write and the
+    record), it is "Created from prediction" on a task molal marked certified (``data.molal_certified``)."""
+    aid = annotation.get("id")
+    if aid in mine:
+        lab = human_label([annotation], spec)
+        return lab is not None and spec.classes[lab] == mine[aid]
+    return annotation.get("last_action") == "prediction" and CERTIFIED_FLAG in data
+
+
 def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None,
-                    max_chars: int | None = None, molal_annotations: set[int] | None = None) -> Pool:
+                    max_chars: int | None = None, molal_annotations: Mapping[int, str] | None = None) -> Pool:
     """``resolve`` maps a task's text value to the text to use (a Label Studio-hosted file's content), None
     to skip the task; ``data`` keeps the value as Label Studio holds it. Texts over ``max_chars`` characters
     (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``).
-    ``molal_annotations``: ids of the annotations molal wrote itself (:mod:`molal.service.quality`): not human
-    labels; a task with only those is in ``pool.machine``."""
-    mine = molal_annotations or set()
+    ``molal_annotations`` (annotation id -> the class molal wrote, :func:`molal.service.quality.
+    molal_annotations`): molal's own certified labels (:func:`molal_wrote`) are not human labels; a task with
+    only those is in ``pool.machine``."""
+    mine = molal_annotations or {}
     pool = Pool([], [], [])
     for t in tasks:
         data = t.get("data") or {}
@@ -123,12 +136,14 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
         pool.texts.append(text)
         pool.data.append(dict(data))
         pool.prediction_versions.append(list(t.get("prediction_versions") or []))
-        lab = human_label(t.get("annotations") or [], spec, mine)
+        anns = [a for a in t.get("annotations") or [] if isinstance(a, dict)]
+        ours = ({a.get("id") for a in anns if molal_wrote(a, data, spec, mine)}
+                if mine or CERTIFIED_FLAG in data else set())
+        lab = human_label(anns, spec, ours)
         if lab is not None:
             pool.human[row] = lab
-        elif mine:
-            lab = human_label([a for a in t.get("annotations") or [] if isinstance(a, dict) and a.get("id") in mine],
-                              spec)
+        elif ours:
+            lab = human_label([a for a in anns if a.get("id") in ours], spec)
             if lab is not None:
                 pool.machine[row] = lab
     return pool
@@ -594,10 +609,10 @@ def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     except LSConnectionError as exc:
         log.warning("project %s: could not read the labelling instructions (%s); the task framing stays", state.id, exc)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    from molal.service.quality import molal_annotation_ids
+    from molal.service.quality import molal_annotations
 
     pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state),
-                           max_chars=svc.settings.max_text_chars, molal_annotations=molal_annotation_ids(state))
+                           max_chars=svc.settings.max_text_chars, molal_annotations=molal_annotations(state))
     too_long = (f" ({pool.too_long} over MOLAL_MAX_TEXT_CHARS={svc.settings.max_text_chars} characters)"
                 if pool.too_long else "")
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
@@ -809,4 +824,5 @@ JOBS: dict[str, Callable[[Runtime, ProjectState, JobContext], dict]] = {
 }
 
 
-__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "query_project"]
+__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "molal_wrote", "pool_from_tasks",
+           "query_project"]

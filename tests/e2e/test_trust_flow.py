@@ -201,3 +201,11 @@ def test_certified_labels_written_as_molal_annotations(ls_client, project, audit
     assert r.returncode == 0, r.stderr
     q = json.loads(r.stdout)
     assert q["audit"]["labelled"] == len(audited["audit"]) and q["queue"]["labelled"] == N_QUEUE
+    # a person who corrects one of molal's labels makes it theirs: from then on it counts as a person's label
+    (ann,) = next(iter(mine.values()))["annotations"]
+    was = ann["result"][0]["value"]["choices"][0]
+    fixed = {**ann["result"][0], "value": {"choices": [next(c for c in sorted(set(gold.values())) if c != was)]}}
+    ls_client.annotations.update(id=ann["id"], result=[fixed])
+    r = _molal(backend, label_studio, "project", "report", "--project", str(pid), "--refresh", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["queue"]["labelled"] == N_QUEUE + 1
