@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,19 @@ def confusion_grid(matrices: dict[str, np.ndarray], class_names: list[str], path
     return _save(fig, path)
 
 
+def _rate_bars(ax: Any, rates: list[dict | None], j: int, label: str, color: str) -> None:
+    """Bars of agreement rates (``Rate.to_dict()``; None or no rate: no bar) with their intervals, the j-th of
+    two side by side at each x."""
+    xs, ys, lo, hi = [], [], [], []
+    for i, r in enumerate(rates):
+        if r and r.get("rate") is not None:
+            xs.append(i + (j - 0.5) * 0.38)
+            ys.append(r["rate"])
+            lo.append(r["rate"] - r["low"])
+            hi.append(r["high"] - r["rate"])
+    ax.bar(xs, ys, width=0.36, color=color, label=label, yerr=[lo, hi], capsize=3)
+
+
 def quality_figure(report: dict, path: str | os.PathLike[str]) -> Path:
     """The quality report of :mod:`molal.service.quality` as one PNG: agreement with people's labels per
     source (MoLAM's pre-fill, each LLM) on the audit and on the queue with 95% intervals; MoLAM's per class;
@@ -81,15 +95,7 @@ def quality_figure(report: dict, path: str | os.PathLike[str]) -> Path:
     names = list(((report.get("audit") or {}).get("prefill") or {}).keys())
     for j, (w, label, color) in enumerate(where):
         src = (report.get(w) or {}).get("prefill") or {}
-        xs, ys, lo, hi = [], [], [], []
-        for i, n in enumerate(names):
-            r = (src.get(n) or {}).get("overall") or {}
-            if r.get("rate") is not None:
-                xs.append(i + (j - 0.5) * 0.38)
-                ys.append(r["rate"])
-                lo.append(r["rate"] - r["low"])
-                hi.append(r["high"] - r["rate"])
-        ax.bar(xs, ys, width=0.36, color=color, label=label, yerr=[lo, hi], capsize=3)
+        _rate_bars(ax, [(src.get(n) or {}).get("overall") for n in names], j, label, color)
     ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("agreement with people (95% CI)")
@@ -98,15 +104,7 @@ def quality_figure(report: dict, path: str | os.PathLike[str]) -> Path:
     ax = axes[0][1]
     for j, (w, label, color) in enumerate(where):
         per = ((((report.get(w) or {}).get("prefill") or {}).get("molam") or {}).get("per_class") or {})
-        xs, ys, lo, hi = [], [], [], []
-        for i, c in enumerate(classes):
-            r = per.get(c) or {}
-            if r.get("rate") is not None:
-                xs.append(i + (j - 0.5) * 0.38)
-                ys.append(r["rate"])
-                lo.append(r["rate"] - r["low"])
-                hi.append(r["high"] - r["rate"])
-        ax.bar(xs, ys, width=0.36, color=color, label=label, yerr=[lo, hi], capsize=3)
+        _rate_bars(ax, [per.get(c) for c in classes], j, label, color)
     ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title("molal's pre-fill per class (by the person's label)")
