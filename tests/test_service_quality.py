@@ -133,6 +133,10 @@ def test_measure_reports_audit_and_queue_side_by_side(tmp_path):
     assert rep["certificate"]["method"] == "ltt-hypergeometric" and rep["certificate"]["n_audit"] == 200
     assert state.get("audited")[str(pool.task_ids[audit[0]])]["version"] == "molam-1-aaaa"
     assert summary_line(rep).startswith("Quality: on the random audit (1 task in 3)")
+    from molal.cli.report import write_pages
+
+    png, page = write_pages(rep, tmp_path / "out", 7)  # the report's page: its plots in a PNG, the tables as text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "llm:oracle" in page.read_text()
 
 
 def test_certificate_holds_by_simulation_and_refuses_without_audit(tmp_path):
