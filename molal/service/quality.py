@@ -229,6 +229,14 @@ def label_certified(state: ProjectState, client: LSClient, spec: LabelSpec, pool
             "model": version, "total_certified_by_molal": len(done)}
 
 
+def _certificate_of(report: dict) -> Certificate:
+    """The report's certificate as :class:`molal.trust.Certificate` (without the report's own entries)."""
+    from molal.trust import Certificate
+
+    keys = set(Certificate.__dataclass_fields__)
+    return Certificate(**{k: v for k, v in report["certificate"].items() if k in keys})
+
+
 def certify_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     """The ``certify`` job (``molal project certify``): pull the project, the serving MoLAM's probabilities
     on every task (the mixture's answers come from the cache), the report; with payload ``write`` the
@@ -252,10 +260,7 @@ def certify_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     cert_d = report["certificate"]
     out = {"version": version, "certificate": cert_d, "audit_labelled": report["audit"]["labelled"]}
     if ctx.job.get("payload", {}).get("write"):
-        from molal.trust import Certificate
-
-        keys = {f for f in Certificate.__dataclass_fields__}
-        cert = Certificate(**{k: v for k, v in cert_d.items() if k in keys})
+        cert = _certificate_of(report)
         out["certified"] = label_certified(state, client, spec, pool, rows, probs, version, cert, ctx)
         ctx.progress(1.0, f"wrote {out['certified']['written']} certified labels ({version})")
     else:
@@ -277,10 +282,7 @@ def after_round(state: ProjectState, client: LSClient, spec: LabelSpec, pool: Po
     report = measure(state, pool, spec, rows, molam_probs, llm, member_versions, version, ps)
     out: dict[str, Any] = {"quality": summary_line(report)}
     if ps.auto_label:
-        from molal.trust import Certificate
-
-        keys = {f for f in Certificate.__dataclass_fields__}
-        cert = Certificate(**{k: v for k, v in report["certificate"].items() if k in keys})
+        cert = _certificate_of(report)
         try:
             out["certified"] = label_certified(state, client, spec, pool, rows, molam_probs, version, cert, ctx)
         except CertifyRefused as exc:
