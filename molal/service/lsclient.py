@@ -27,8 +27,11 @@ REVIEW_COLUMNS = ("id", "predictions_score", "data.molal_label", "data.molal_con
 _SYSTEM_COLUMNS = ("inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions",
                    "annotators", "annotations_results", "annotations_ids", "predictions_model_versions",
                    "predictions_results", "file_upload", "storage_filename", "created_at", "updated_at",
-                   "updated_by", "avg_lead_time", "draft_exists", "data.molal_review", "data.molal_agreement")
+                   "updated_by", "avg_lead_time", "draft_exists", "data.molal_review", "data.molal_agreement",
+                   "data.molal_audit")
 AUTO_FLAG = "molal_auto_label"
+#: the task data field of a task molal labelled itself with a certified label (what, by which model, at which ε, δ)
+CERTIFIED_FLAG = "molal_certified"
 #: what the first pass of :meth:`LSClient.tasks` asks Label Studio for
 LIGHT_FIELDS = "id,data,predictions_model_versions"
 #: Data Manager filter: tasks with at least one non-cancelled annotation
@@ -375,6 +378,35 @@ class LSClient:
         except Exception as exc:
             raise self.explain(f"deleting {len(ids)} predictions ({n} done)", exc) from exc
         return n
+
+    def create_annotations(self, project: int, items: list[tuple[int, list[dict]]],
+                           should_stop: Callable[[], bool] | None = None, batch: int = 32,
+                           on_batch: Callable[[int], None] | None = None) -> dict[int, int]:
+        """Create one annotation per (task id, result), marked as a machine's: ``last_action="prediction"``
+        (Label Studio's "Created from prediction", the action it records when its own Data Manager turns
+        predictions into annotations), one short write each, ``self.threads`` at a time, checking
+        ``should_stop()`` between batches (see :data:`WRITE_SLICE_S`). Returns task id -> annotation id."""
+        out: dict[int, int] = {}
+
+        def one(item: tuple[int, list[dict]]) -> tuple[int, int]:
+            a = self.client.annotations.create(id=int(item[0]), result=item[1], project=int(project),
+                                               last_action="prediction", was_cancelled=False, ground_truth=False)
+            return int(item[0]), int(_plain(a)["id"])
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads) as ex:
+                for i in range(0, len(items), batch):
+                    if should_stop is not None and should_stop():
+                        break
+                    if i:
+                        time.sleep(WRITE_PAUSE_S)
+                    out.update(ex.map(one, items[i:i + batch]))
+                    if on_batch is not None:
+                        on_batch(len(out))
+        except Exception as exc:
+            raise self.explain(f"creating {len(items)} annotations in project {project} ({len(out)} done)",
+                               exc) from exc
+        return out
 
     def set_uncertainty_sampling(self, project: int) -> None:
         try:

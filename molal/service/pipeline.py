@@ -122,7 +122,8 @@ class Service(Runtime):
             if state is None:  # Label Studio calls /setup when the model is connected: not this backend's project
                 return {"status": "ignored", "action": action, "project": pid,
                         "reason": "project not known to this backend"}
-            counted = [a for a in anns if not a.get("was_cancelled")]
+            # molal's own certified labels (molal.service.quality: "Created from prediction") are no new label
+            counted = [a for a in anns if not a.get("was_cancelled") and a.get("last_action") != "prediction"]
             n = state.incr("new_annotations", len(counted)) if counted else state.get("new_annotations", 0)
             every = self.project_settings(state).train_every
             if every > 0 and n >= every and state.current() is not None:  # retrain: a model serves already
@@ -252,6 +253,9 @@ class Service(Runtime):
 
         st = project_status(self, state)
         d["queue"], d["training"], d["last_training"] = st["queue"], st["training"], st["last"]
+        from molal.service.quality import QUALITY_KEY
+
+        d["quality"] = state.get(QUALITY_KEY)  # molal.service.quality: measured against people's labels
         if public and d["settings"].get("mixture"):
             d["settings"]["mixture"] = Path(d["settings"]["mixture"]).name
         return d

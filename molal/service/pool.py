@@ -14,6 +14,7 @@ class Pool:
     texts: list[str]
     data: list[dict]
     human: dict[int, int] = field(default_factory=dict)
+    machine: dict[int, int] = field(default_factory=dict)  # rows labelled only by molal's certified annotations
     prediction_versions: list[list[str]] = field(default_factory=list)
     skipped: int = 0
     too_long: int = 0  # of ``skipped``: over the text length limit

@@ -119,7 +119,7 @@ def rank_queue(state: ProjectState, student, pool: Pool, rows: Iterable[int], st
     from molal.service.store import FOR_HUMANS_KEY
 
     auto = state.auto_labels()
-    unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
+    unl = [r for r in rows if r not in pool.human and r not in pool.machine and pool.task_ids[r] not in auto]
     if on_rows is not None:
         on_rows(len(unl))
     order, probs = rank_rows(student, [pool.texts[r] for r in unl], strategy,
@@ -134,7 +134,7 @@ def rank_by_confidence(pool: Pool, rows: Iterable[int], served: dict[int, np.nda
     """Without a student: the unlabeled rows with MoLAM's least sure label first (rows it could not score
     last, by task id)."""
     auto = state.auto_labels()
-    unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
+    unl = [r for r in rows if r not in pool.human and r not in pool.machine and pool.task_ids[r] not in auto]
 
     def key(r: int) -> tuple[int, float, int]:
         p = served.get(r)
@@ -215,10 +215,11 @@ def data_digest(data: dict, skip: Iterable[str] = ()) -> str:
     import hashlib
     import json
 
-    from molal.service.lsclient import AUTO_FLAG
+    from molal.service.audit import AUDIT_FIELD
+    from molal.service.lsclient import AUTO_FLAG, CERTIFIED_FLAG
     from molal.service.review import FIELDS
 
-    mine = {*FIELDS, RANK_FIELD, MODEL_FIELD, AUTO_FLAG, *skip}
+    mine = {*FIELDS, RANK_FIELD, MODEL_FIELD, AUTO_FLAG, AUDIT_FIELD, CERTIFIED_FLAG, *skip}
     body = json.dumps({k: v for k, v in data.items() if k not in mine}, sort_keys=True, ensure_ascii=False,
                       default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
@@ -233,15 +234,28 @@ def version_number(version: str) -> str:
 def plan_queue(state: ProjectState, pool: Pool, spec: LabelSpec, ranking: Ranking, *, version: str, field: str,
                head: int, served: dict[int, np.ndarray], llm: dict[int, np.ndarray] | None = None,
                voters: str = "LLM", failed: dict[int, str] | None = None,
-               auto: dict[int, str] | None = None) -> QueuePlan:
+               auto: dict[int, str] | None = None, audit_every: int = 0) -> QueuePlan:
     """The plan of ``ranking``: a new epoch (stored in the project's state: :func:`current_epoch`), and per
     task the review fields (``served``: row -> the serving model's probabilities; ``llm``: row -> (L, K) each
     member's; the student's from the ranking), its rank, the model and the priority. ``auto`` (row -> class):
-    tasks molal labelled itself (the human-free loop), listed after the ranked ones for an audit."""
+    tasks molal labelled itself (the human-free loop), listed after the ranked ones for an audit.
+    ``audit_every`` > 0: the audit slice (:mod:`molal.service.audit`) takes one place at random in each block
+    of ``audit_every``, marked by ``data.molal_audit`` only (its line reads like any other)."""
+    from molal.service.audit import AUDIT_FIELD, draw, interleave
     from molal.service.review import review_fields
+    from molal.service.store import FOR_HUMANS_KEY
 
     epoch = state.incr(EPOCH_KEY)
-    auto = {r: c for r, c in (auto or {}).items() if r not in pool.human and r not in set(ranking.rows)}
+    audit: set[int] = set()
+    if audit_every:
+        pending = draw(state, pool, ranking.rows, audit_every)
+        first = set(state.get(FOR_HUMANS_KEY) or [])
+        keep = sum(1 for r in ranking.rows[:len(first)] if pool.task_ids[r] in first)
+        ranking = Ranking(rows=interleave(ranking.rows, pending, audit_every, keep, seed=[int(state.id), epoch]),
+                          student_probs=ranking.student_probs, by=ranking.by)
+        audit = set(pending)
+    auto = {r: c for r, c in (auto or {}).items()
+            if r not in pool.human and r not in pool.machine and r not in set(ranking.rows)}
     ranking = Ranking(rows=[*ranking.rows, *sorted(auto, key=lambda r: pool.task_ids[r])],
                       student_probs=ranking.student_probs, by=ranking.by)
     n = len(ranking.rows)
@@ -272,6 +286,8 @@ def plan_queue(state: ProjectState, pool: Pool, spec: LabelSpec, ranking: Rankin
                                  "the next training job tries again")
         f[RANK_FIELD] = rank
         f[MODEL_FIELD] = version
+        if r in audit:
+            f[AUDIT_FIELD] = 1
         f[field] = epoch * EPOCH_SPAN + (n - i)
         fields.append(f)
     return QueuePlan(epoch=epoch, version=version, field=field, task_ids=[pool.task_ids[r] for r in ranking.rows],

@@ -65,6 +65,9 @@ def project_status(svc: Runtime, state: ProjectState) -> dict[str, Any]:
         version = cur["student"] if ps.serve_model == "student" and cur.get("student") else cur["molam"]
         out["model"] = {"version": version, "number": cur.get("n"), "trained_at": cur.get("published"),
                         "labels": info.get("n_human"), "tasks": info.get("n_tasks")}
+    from molal.service.quality import QUALITY_KEY, summary_line
+
+    out["quality"] = summary_line(state.get(QUALITY_KEY))
     jobs = [j for j in svc.jobs.list(project=state.id, limit=20) if j.get("kind") in ("train", "queue")]
     train = [j for j in jobs if j["kind"] == "train"]
     active = next((j for j in train if j["status"] in ("running", "queued")), None)
@@ -133,6 +136,8 @@ def status_lines(st: dict) -> list[str]:
         else:
             lines.append(f"The queue: {q['total']} tasks ranked; ranks and review lines written for the first "
                          f"{q.get('upto', 0)}, the rest in the background.")
+    if st.get("quality"):  # molal.service.quality
+        lines.append(st["quality"])
     return lines
 
 

@@ -140,6 +140,10 @@ class ProjectSettings:
     molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
     stop_when_stable: bool = False  # human_free loop: query no more tasks once the stopping rule is met
     review_panel: bool = False  # keep the read-only review panel (molal.service.review) in the label config
+    audit_every: int = 10  # the audit slice: 1 task in N of the queue drawn at random, held out (0 = none)
+    auto_label: bool = False  # label the certified part of the pool without a person (molal.service.quality)
+    certify_epsilon: float = 0.05  # certified labels: at most this share wrong ...
+    certify_delta: float = 0.1  # ... with probability at least 1 - this
     hints: bool = True  # a <Choice hint> (and the value of an aliased <Choice>) describes its class to the members
     instructions: str = "auto"  # the labelling instructions frame the LLMs' task: auto (short ones) | on | off
 
@@ -172,6 +176,14 @@ def coerce_setting(key: str, value: Any) -> Any:
         if s in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} must be true/false, got {value!r}")
+    if kind is float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if not 0 < f < 1:
+            raise ValueError(f"{key} must be in (0, 1), got {f}")
+        return f
     if kind is int:
         try:
             v = int(value)

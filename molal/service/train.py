@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,11 +40,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from molal.learner import Learner, StoppingRule
+from molal.service.audit import held_out
 from molal.service.labelconfig import LabelSpec, task_framing
-from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
+from molal.service.lsclient import AUTO_FLAG, CERTIFIED_FLAG, LSClient, LSConnectionError
 from molal.service.lsclient import client_for as ls_client_for
 from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.quality import after_round, certify_job
 from molal.service.queue import (
     head_limit,
     plan_queue,
@@ -74,11 +76,12 @@ class TrainingError(RuntimeError):
 
 
 # -- Label Studio tasks → a pool --------------------------------------------------------------------------
-def human_label(annotations: list, spec: LabelSpec) -> int | None:
-    """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none)."""
+def human_label(annotations: list, spec: LabelSpec, skip: set[int] | frozenset[int] = frozenset()) -> int | None:
+    """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none);
+    annotations whose id is in ``skip`` (molal's own certified labels) are not a person's."""
     best, best_key = None, None
     for a in annotations or []:
-        if not isinstance(a, dict) or a.get("was_cancelled"):
+        if not isinstance(a, dict) or a.get("was_cancelled") or a.get("id") in skip:
             continue
         label = None
         for r in a.get("result") or []:
@@ -94,11 +97,27 @@ def human_label(annotations: list, spec: LabelSpec) -> int | None:
     return best
 
 
+def molal_wrote(annotation: dict, data: dict, spec: LabelSpec, mine: Mapping[int, str]) -> bool:
+    """Whether ``annotation`` (of a task whose data is ``data``) is molal's certified label, untouched: its id
+    is one molal wrote (``mine``: annotation id -> the class it wrote) and it still holds that class (a person
+    who changed it made it theirs); or, with no record of it (a certify job stopped between the write and the
+    record), it is "Created from prediction" on a task molal marked certified (``data.molal_certified``)."""
+    aid = annotation.get("id")
+    if aid in mine:
+        lab = human_label([annotation], spec)
+        return lab is not None and spec.classes[lab] == mine[aid]
+    return annotation.get("last_action") == "prediction" and CERTIFIED_FLAG in data
+
+
 def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None,
-                    max_chars: int | None = None) -> Pool:
+                    max_chars: int | None = None, molal_annotations: Mapping[int, str] | None = None) -> Pool:
     """``resolve`` maps a task's text value to the text to use (a Label Studio-hosted file's content), None
     to skip the task; ``data`` keeps the value as Label Studio holds it. Texts over ``max_chars`` characters
-    (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``)."""
+    (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``).
+    ``molal_annotations`` (annotation id -> the class molal wrote, :func:`molal.service.quality.
+    molal_annotations`): molal's own certified labels (:func:`molal_wrote`) are not human labels; a task with
+    only those is in ``pool.machine``."""
+    mine = molal_annotations or {}
     pool = Pool([], [], [])
     for t in tasks:
         data = t.get("data") or {}
@@ -117,9 +136,16 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
         pool.texts.append(text)
         pool.data.append(dict(data))
         pool.prediction_versions.append(list(t.get("prediction_versions") or []))
-        lab = human_label(t.get("annotations") or [], spec)
+        anns = [a for a in t.get("annotations") or [] if isinstance(a, dict)]
+        ours = ({a.get("id") for a in anns if molal_wrote(a, data, spec, mine)}
+                if mine or CERTIFIED_FLAG in data else set())
+        lab = human_label(anns, spec, ours)
         if lab is not None:
             pool.human[row] = lab
+        elif ours:
+            lab = human_label([a for a in anns if a.get("id") in ours], spec)
+            if lab is not None:
+                pool.machine[row] = lab
     return pool
 
 
@@ -129,11 +155,12 @@ def client_for(svc: Runtime, state: ProjectState) -> LSClient:
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
-def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8) -> list[dict[str, str]]:
+def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8, skip: set[int] | None = None) -> list[dict[str, str]]:
     """The project's human-labelled tasks as few-shot examples, lowest task id first, at most ``per_class`` of
-    each class: what a prompt with ``examples = "seeds"`` takes its examples from."""
+    each class: what a prompt with ``examples = "seeds"`` takes its examples from (rows of ``skip``, the
+    audit's, never)."""
     out, per = [], {}
-    for r in sorted(pool.human, key=lambda r: pool.task_ids[r]):
+    for r in sorted(set(pool.human) - (skip or set()), key=lambda r: pool.task_ids[r]):
         label = spec.classes[pool.human[r]]
         if per.get(label, 0) < per_class:
             per[label] = per.get(label, 0) + 1
@@ -251,6 +278,7 @@ class RoundResult:
     llm_outputs: Any  # LLMOutputs over ``rows``
     member_versions: list[str] = field(default_factory=list)  # model version of each member's predictions
     new_auto: list[int] = field(default_factory=list)  # pool rows MoLAM-labelled in this round (human-free)
+    molam_probs: np.ndarray | None = None  # MoLAM's probabilities on ``rows`` (the quality report, certificates)
     to_human: list[int] = field(default_factory=list)  # queried pool rows left to people (human_per_round)
     student: Any = None
     info: dict = field(default_factory=dict)
@@ -269,7 +297,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     s = svc.settings
     if len(pool) == 0:
         raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
-    examples = seed_examples(pool, spec)
+    held = held_out(state, pool)  # the audit's labels are measurements: never trained on
+    examples = seed_examples(pool, spec, skip=held)
     framing, framing_why = (None, "not read") if spec.instructions is None else task_framing(spec.instructions,
                                                                                                ps.instructions)
     if ctx is not None and spec.instructions is not None:
@@ -280,8 +309,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     if len(rows) == 0:
         raise TrainingError(f"project {state.id}: the mixture annotated none of the {len(pool)} texts")
     pos = {int(r): i for i, r in enumerate(rows.tolist())}
-    human_rows = [r for r in pool.human if r in pos]
-    unannotated = failure_summary(len(pool), res.failed, len(pool.human) - len(human_rows))
+    human_rows = [r for r in pool.human if r in pos and r not in held]
+    unannotated = failure_summary(len(pool), res.failed, len(set(pool.human) - held) - len(human_rows))
     if unannotated and ctx is not None:
         ctx.progress(None, unannotated)
     if len(human_rows) < 2 or len({pool.human[r] for r in human_rows}) < 2:
@@ -336,6 +365,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         "classes": list(spec.classes), "from_name": spec.from_name, "mixture": repr(mixture),
         "mixture_fingerprint": mixture.fingerprint(), "llm_names": list(outputs.llm_names),
         "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
+        "audit_held_out": len(held),
         "unannotated": unannotated,
         "described_classes": sorted(mixture.descriptions), "task_framing": framing_why if framing else None,
         "members": [c.as_dict() for c in checks], "member_warnings": member_warnings,
@@ -397,7 +427,17 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             # one AL round: query among the rows neither human- nor MoLAM-labelled yet
             if ctx is not None:
                 ctx.progress(0.8, f"querying {ps.query_batch} tasks with {ps.strategy}")
-            q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t), pool_rows=rows)
+            certified = None
+            if ps.auto_label:  # only certified labels go to the student unreviewed; the rest to people
+                from molal.service.quality import certificate
+
+                cert = certificate(pool, rows.tolist(), P, held, ps.certify_epsilon, ps.certify_delta)
+                info["certificate"] = {"threshold": cert.threshold, "reason": cert.reason}
+                certified = np.zeros(len(pool), dtype=bool)
+                if cert.threshold is not None:
+                    certified[rows] = P.max(axis=1) >= cert.threshold
+            q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t),
+                              pool_rows=[r for r in rows.tolist() if r not in held], certified=certified)
             to_human = q.to_human  # hybrid: MoLAM's least confident labels go to people
             state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
             info["to_human"] = len(to_human)
@@ -425,7 +465,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         probs = P
     return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
                        rows=rows, probs=np.asarray(probs), llm_outputs=outputs,
-                       member_versions=mixture.member_versions(), new_auto=new_auto,
+                       member_versions=mixture.member_versions(), new_auto=new_auto, molam_probs=P,
                        to_human=to_human, student=student, info=info)
 
 
@@ -577,7 +617,10 @@ def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     except LSConnectionError as exc:
         log.warning("project %s: could not read the labelling instructions (%s); the task framing stays", state.id, exc)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state), max_chars=svc.settings.max_text_chars)
+    from molal.service.quality import molal_annotations
+
+    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state),
+                           max_chars=svc.settings.max_text_chars, molal_annotations=molal_annotations(state))
     too_long = (f" ({pool.too_long} over MOLAL_MAX_TEXT_CHARS={svc.settings.max_text_chars} characters)"
                 if pool.too_long else "")
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
@@ -632,7 +675,7 @@ def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: 
     llm = {r: norm[i] for i, r in enumerate(rows)} if norm is not None else None
     plan = plan_queue(state, pool, spec, ranking, version=srv.version, field=ps.priority_field,
                       head=ps.priority_top, served=served, llm=llm, voters=voters_of(mixture.member_versions()),
-                      failed=res.failed and {int(k): v for k, v in res.failed.items()})
+                      failed=res.failed and {int(k): v for k, v in res.failed.items()}, audit_every=ps.audit_every)
     out = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key)
     out.update({"strategy": strategy, "ranked": len(ranking.rows)})
     ctx.progress(1.0, f"ranked {len(ranking.rows)} tasks with {strategy}")
@@ -681,6 +724,10 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
+    # measured against people's labels; with auto_label, the certified labels are written before the queue is
+    # planned (they leave it: molal.service.quality)
+    trust = after_round(state, client, spec, pool, rows, rr.molam_probs, rr.llm_outputs, rr.member_versions,
+                        rr.pointer["molam"], ps, ctx)
     served = {r: np.asarray(rr.probs[i], dtype=np.float64) for i, r in enumerate(rows)}
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
@@ -706,7 +753,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm = {r: norm[i] for i, r in enumerate(rows)}
     plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
                       head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
-                      auto=auto_rows)
+                      auto=auto_rows, audit_every=ps.audit_every)
     # The new model's predictions first (Label Studio keeps pre-filling from the previous version, beside the
     # previous lines, until the version is published), then the head's lines, publishing the version once
     # the first few are written: a line and the pre-fill beside it are from one model (write_head)
@@ -721,7 +768,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
                         publish=lambda: publish_version(svc, client, state, rr.version))
     # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
     # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
-    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
+    out: dict[str, Any] = {**trust, "version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
                            "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
     if rr.info.get("member_warnings"):  # a member that may hurt: named in the job's result, with what to try
         out["member_warnings"] = rr.info["member_warnings"]
@@ -784,7 +831,9 @@ JOBS: dict[str, Callable[[Runtime, ProjectState, JobContext], dict]] = {
     "query": query_job,
     "annotate": annotate_job,
     "queue": queue_job,
+    "certify": certify_job,
 }
 
 
-__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "query_project"]
+__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "molal_wrote", "pool_from_tasks",
+           "query_project"]
