@@ -234,7 +234,8 @@ def _correct(x: Any, n: int) -> np.ndarray:
     raise TrustError("audit_correct must hold booleans (or 0/1): did the machine's label match the person's?")
 
 
-def _level(x: Any, name: str) -> float:
+def level(x: Any, name: str) -> float:
+    """``x`` as a probability level strictly between 0 and 1 (ε, δ); TrustError (a ValueError) names ``name``."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -247,7 +248,7 @@ def _level(x: Any, name: str) -> float:
 def min_audit_items(epsilon: float, delta: float) -> int:
     """The fewest audit items at or above a threshold that can certify it at all (all of them right):
     the smallest k with (1 − ε)^k ≤ δ."""
-    eps, dlt = _level(epsilon, "epsilon"), _level(delta, "delta")
+    eps, dlt = level(epsilon, "epsilon"), level(delta, "delta")
     return max(1, math.ceil(math.log(dlt) / math.log1p(-eps) - 1e-12))
 
 
@@ -431,7 +432,7 @@ def certify(audit_confidence: Sequence[float] | np.ndarray, audit_correct: Seque
     """
     conf = _confidences(audit_confidence, "audit_confidence")
     ok = _correct(audit_correct, len(conf))
-    eps, dlt = _level(epsilon, "epsilon"), _level(delta, "delta")
+    eps, dlt = level(epsilon, "epsilon"), level(delta, "delta")
     pool = None if pool_confidence is None else _confidences(pool_confidence, "pool_confidence")
     n = len(conf)
     wrong = ~ok
@@ -582,5 +583,5 @@ def certified_threshold(audit_confidence: Sequence[float] | np.ndarray, audit_co
     return certify(audit_confidence, audit_correct, epsilon, delta, pool_confidence=pool_confidence).threshold
 
 
-__all__ = ["MAX_GRID", "Agreement", "Certificate", "Rate", "TrustError", "agreement", "agreement_by_source",
+__all__ = ["MAX_GRID", "Agreement", "Certificate", "Rate", "TrustError", "agreement", "agreement_by_source", "level",
            "certified_threshold", "certify", "clopper_pearson", "min_audit_items"]

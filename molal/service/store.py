@@ -176,14 +176,10 @@ def coerce_setting(key: str, value: Any) -> Any:
         if s in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} must be true/false, got {value!r}")
-    if kind is float:
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} must be a number, got {value!r}") from None
-        if not 0 < f < 1:
-            raise ValueError(f"{key} must be in (0, 1), got {f}")
-        return f
+    if kind is float:  # the certificate's ε and δ
+        from molal.trust import level
+
+        return level(value, key)
     if kind is int:
         try:
             v = int(value)
