@@ -229,8 +229,9 @@ def test_the_queue_tab_shows_what_matters_in_priority_order(page, label_studio, 
 
 @pytest.mark.parametrize("position", [1, 51, 500, N_TASKS - N_SEEDS])
 def test_any_position_of_the_queue_is_ranked_and_explained(page, label_studio, reviewed, ls_client, shots, position):
-    """Opened from the Data Manager, and through "Label Tasks As Displayed": the line names the task's rank, what is pre-ticked (and how sure), the
-    votes, and the model that wrote it — the model whose prediction is pre-ticked."""
+    """Opened from the Data Manager, and through "Label Tasks As Displayed": the line names the task's rank,
+    what is pre-ticked (and how sure), the votes, and the model that wrote it — the model whose prediction is
+    pre-ticked."""
     order = _queue_order(ls_client, reviewed)
     assert len(order) == N_TASKS - N_SEEDS
     task = order[position - 1]
