@@ -69,6 +69,10 @@ def test_interleave_one_random_place_per_block_and_keeps_the_head():
     out = interleave([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11], [1, 5], every=3, keep_first=2)
     assert out[:2] == [7, 8] and out[2] == 1 and 3 <= out.index(5) <= 5
     assert sorted(out) == sorted([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11])
+    # an audit row among the hybrid loop's first tasks stays there (people label it first), the others move
+    for seed in range(20):
+        out = interleave([7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11], [8, 5], every=3, keep_first=2, seed=seed)
+        assert out[:2] == [7, 8] and 3 <= out.index(5) <= 5 and sorted(out) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert interleave(rows, [], 10) == rows and interleave(rows, [1], 0) == rows
 
 

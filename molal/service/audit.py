@@ -77,19 +77,22 @@ def interleave(rows: Sequence[int], audit: Sequence[int], every: int, keep_first
     """``rows`` (queue order) with the ``audit`` rows moved, in their order, one into each block of ``every``
     places (1..``every``, ``every`` + 1..2 x ``every``, ... counted from 1; the last block may be shorter), at a
     place drawn uniformly within the block (``seed``); audit rows beyond the blocks go last. The first
-    ``keep_first`` rows of ``rows`` (tasks sent to people by the hybrid loop) stay where they are and hold
-    no audit place."""
+    ``keep_first`` rows of ``rows`` (tasks sent to people by the hybrid loop) stay where they are, audit rows
+    among them too (a person labels them there: they stay audit tasks, and their block takes no other one),
+    and hold no other audit place."""
     if every <= 0 or not audit:
         return list(rows)
-    mine = set(audit)
-    head = [r for r in rows[:keep_first] if r not in mine]
-    rest = [r for r in rows[keep_first:] if r not in mine] if keep_first else [r for r in rows if r not in mine]
+    head, drawn = list(rows[:keep_first]), set(audit)
+    held = {i // every for i, r in enumerate(head) if r in drawn}  # blocks that hold an audit task already
+    mine = drawn - set(head)
+    audit = [r for r in audit if r in mine]
+    rest = [r for r in rows[keep_first:] if r not in mine]
     n = len(head) + len(rest) + len(audit)
     rng = np.random.default_rng(seed)
     places: set[int] = set()
     for start in range(1, n + 1, every):
         lo, hi = max(start, len(head) + 1), min(start + every - 1, n)
-        if lo <= hi and len(places) < len(audit):
+        if lo <= hi and len(places) < len(audit) and (start - 1) // every not in held:
             places.add(int(rng.integers(lo, hi + 1)))
     out, queue, others = list(head), list(audit), iter(rest)
     for place in range(len(head) + 1, n + 1):

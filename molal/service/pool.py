@@ -21,3 +21,7 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def row_of(self) -> dict[int, int]:
+        """Task id -> row."""
+        return {t: r for r, t in enumerate(self.task_ids)}

@@ -391,7 +391,7 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
     save_plan(state, plan)
     if retire is not None:
         state.put(RETIRE_KEY, retire)
-    row_of = {t: r for r, t in enumerate(pool.task_ids)}
+    row_of = pool.row_of()
 
     def data_of(t: int) -> dict | None:
         r = row_of.get(t)

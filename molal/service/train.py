@@ -355,7 +355,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
 
     round_t = int(state.get("round", 0))
     auto = state.auto_labels()
-    row_of_task = {t: i for i, t in enumerate(pool.task_ids)}
+    row_of_task = pool.row_of()
     new_auto: list[int] = []
     to_human: list[int] = []
     student = None
@@ -495,7 +495,7 @@ def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: S
     if not tasks:
         tasks = [pool.task_ids[r] for r in rule.stop_set(len(pool), seed=state.id).tolist()]
         state.put("stop_set", tasks)
-    row_of = {t: i for i, t in enumerate(pool.task_ids)}
+    row_of = pool.row_of()
     rows = [row_of[t] for t in tasks if t in row_of]
     pred = student.predict([pool.texts[r] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
     now = {pool.task_ids[r]: int(p) for r, p in zip(rows, pred.tolist(), strict=True)}
@@ -738,7 +738,7 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     auto_rows: dict[int, str] = {}
     if rr.new_auto or state.auto_labels():
         auto = state.auto_labels()
-        row_of = {t: r for r, t in enumerate(pool.task_ids)}
+        row_of = pool.row_of()
         auto_rows = {row_of[t]: spec.classes[a["label"]] for t, a in auto.items() if t in row_of}
         upd = []
         for r in rr.new_auto:
@@ -758,8 +758,9 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     # previous lines, until the version is published), then the head's lines, publishing the version once
     # the first few are written: a line and the pre-fill beside it are from one model (write_head)
     head = None
-    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
-        head = set(ranking.rows[:top]) | (set(rr.new_auto) - set(pool.human))
+    if top:  # the plan's first tasks (audit places included); this round's auto-labelled rows keep theirs
+        at = pool.row_of()
+        head = {at[t] for t in plan.task_ids[:top]} | (set(rr.new_auto) - set(pool.human))
     n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
                                None if early else rr.llm_outputs, rr.member_versions, ctx, head=head,
                                publish=False)
