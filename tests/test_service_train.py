@@ -148,6 +148,24 @@ def test_human_budget_sends_least_confident_labels_to_people(tmp_path, rows):
     assert [conf[x] for x in r.to_human] == sorted(conf[x] for x in r.to_human)  # least confident first
 
 
+def test_human_free_query_leaves_the_audit_to_people(tmp_path, rows):
+    """A pending audit task (drawn at random, not labelled yet) is never labelled by molal nor picked by the
+    query: an audit thinned by the machine's picks would no longer be a random sample of the pool."""
+    from molal.service.audit import AUDIT_KEY
+
+    svc = service(tmp_path)
+    state = project(svc, 6)
+    for k, v in {"loop_mode": "human_free", "strategy": "entropy", "query_batch": 20, "human_per_round": 4}.items():
+        state.set_setting(k, v)
+    pool = make_pool(rows[:80], 80, 20, seed=1)
+    unl = [r for r in range(len(pool)) if r not in pool.human]
+    state.put(AUDIT_KEY, [pool.task_ids[r] for r in unl[::2]])  # half the unlabeled pool: any query meets some
+    r = fit_round(svc, state, SPEC, pool, None, job_id="a1")
+    picked = set(r.new_auto) | set(r.to_human)
+    assert len(r.new_auto) == 16 and len(r.to_human) == 4
+    assert not picked & set(unl[::2]) and picked <= set(unl[1::2])
+
+
 def test_student_serves_without_llm_calls(tmp_path, rows):
     """serve_model=student: /predict answers with the student's version; per-LLM predictions only where
     the cache already has them (no model call)."""

@@ -16,7 +16,8 @@ the strategy picks, not a random sample: accuracy measured there is biased, usua
   student's training set, the few-shot examples (``examples = "seeds"``) or the human-free loop's query
   (:func:`held_out`). So the model that serves has never seen them, and its agreement with them is an
   unbiased estimate of its accuracy on the pool (:mod:`molal.service.quality`), and a valid audit for
-  :func:`molal.trust.certify`. Which model version pre-annotated each audited task is read from the task's
+  :func:`molal.trust.certify`. Nor does the human-free loop label a pending audit task itself
+  (:func:`audit_rows`). Which model version pre-annotated each audited task is read from the task's
   ``data.molal_model`` (the version that wrote its line and whose prediction was pre-ticked) and kept in the
   quality report.
 
@@ -46,10 +47,16 @@ def audit_tasks(state: ProjectState) -> list[int]:
     return [int(t) for t in state.get(AUDIT_KEY) or []]
 
 
+def audit_rows(state: ProjectState, pool: Pool) -> set[int]:
+    """The pool rows of the audit's tasks, labelled or pending: they are for people (the human-free loop
+    never labels one itself: an audit thinned by the machine's surest picks would no longer be random)."""
+    audit = set(audit_tasks(state))
+    return {r for r, t in enumerate(pool.task_ids) if t in audit} if audit else set()
+
+
 def held_out(state: ProjectState, pool: Pool) -> set[int]:
     """The pool rows whose human label is an audit measurement (never trained on)."""
-    audit = set(audit_tasks(state))
-    return {r for r in pool.human if pool.task_ids[r] in audit} if audit else set()
+    return audit_rows(state, pool) & set(pool.human)
 
 
 def draw(state: ProjectState, pool: Pool, unlabeled: Sequence[int], every: int, seed: int | None = None) -> list[int]:
@@ -101,4 +108,4 @@ def interleave(rows: Sequence[int], audit: Sequence[int], every: int, keep_first
     return out
 
 
-__all__ = ["AUDIT_FIELD", "AUDIT_KEY", "audit_tasks", "draw", "held_out", "interleave"]
+__all__ = ["AUDIT_FIELD", "AUDIT_KEY", "audit_rows", "audit_tasks", "draw", "held_out", "interleave"]

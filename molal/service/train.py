@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from molal.learner import Learner, StoppingRule
-from molal.service.audit import held_out
+from molal.service.audit import audit_rows, held_out
 from molal.service.labelconfig import LabelSpec, task_framing
 from molal.service.lsclient import AUTO_FLAG, CERTIFIED_FLAG, LSClient, LSConnectionError
 from molal.service.lsclient import client_for as ls_client_for
@@ -436,8 +436,9 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
                 certified = np.zeros(len(pool), dtype=bool)
                 if cert.threshold is not None:
                     certified[rows] = P.max(axis=1) >= cert.threshold
+            audit = audit_rows(state, pool)  # labelled or pending: people's
             q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t),
-                              pool_rows=[r for r in rows.tolist() if r not in held], certified=certified)
+                              pool_rows=[r for r in rows.tolist() if r not in audit], certified=certified)
             to_human = q.to_human  # hybrid: MoLAM's least confident labels go to people
             state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
             info["to_human"] = len(to_human)
