@@ -38,7 +38,12 @@ N_SEEDS = 50
 EVERY = 4  # 1 task in 4 of the queue is an audit task (a bigger share than the default 10: a small project)
 N_QUEUE = 16  # tasks people label from the rest of the queue
 EPS = 0.15
-EPS_RETRY = 0.3  # what a person tries after a refusal at EPS (MoLAM's error on TREC's whole pool is below it)
+# What a person tries after a refusal at EPS. This project is small (210 unlabeled tasks, 1 in 4 audited):
+# the certificate bounds the error of the tasks outside the audit, so with a quarter of the pool audited it
+# tests the audit against about 0.7 ε, and one random audit at ε = 0.15 or 0.3 may well refuse (seen at 0.3
+# in a run: 4 of 29 wrong at the top). At 0.5 the start lies near the whole pool, where MoLAM errs on about
+# one task in five: certified.
+EPS_RETRY = 0.5
 
 
 def _molal(backend, label_studio, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -204,7 +209,7 @@ def test_certified_labels_written_as_molal_annotations(ls_client, project, audit
     print(f"\ncertified {len(mine)} of {len(tasks)} tasks at {cert['threshold']:.3f}: {wrong} wrong against gold "
           f"({wrong / len(mine):.1%} of molal's labels; {wrong / frame:.1%} of the {frame} final labels at or above "
           f"the threshold, audit included; ε = {eps}); training job {audited['train_s']:.0f} s")
-    assert wrong <= 2 * eps * len(mine)  # the certificate: <= ε with 90% probability; 2ε never in practice
+    assert wrong <= min(2 * eps, eps + 0.1) * len(mine)  # the certificate: <= ε with 90% probability
     # molal's own annotations are not people's labels: no retrain counted, not in the report, out of the tab
     assert backend.get(f"/projects/{pid}")["new_annotations"] == 0  # the job took the people's; molal's never count
     assert not set(mine) & {t["id"] for t in _tab(ls_client, pid)}
