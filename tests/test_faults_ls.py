@@ -236,3 +236,42 @@ def test_train_job_without_label_studio_credentials_fails_with_the_fix_named(tmp
     row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
     assert row["status"] == "failed"
     assert "LABEL_STUDIO_URL" in row["message"] and "LABEL_STUDIO_API_KEY" in row["message"]
+
+
+def _import_cost(total: int, chunk: int, a: float, b: float, rule) -> tuple[int, float, float]:
+    """Requests, seconds in all and the longest request of importing ``total`` predictions when Label Studio
+    takes ``a + b * size`` seconds a request (its fixed part: the counters' recount), sized by ``rule``."""
+    history: list[tuple[int, float]] = []
+    size, done, seconds, longest = min(chunk, 500), 0, 0.0, 0.0
+    while done < total:
+        part = min(size, total - done)
+        dt = a + b * part
+        history.append((part, dt))
+        done, seconds, longest = done + part, seconds + dt, max(longest, dt)
+        size = rule(history, chunk)
+    return len(history), seconds, longest
+
+
+def test_import_requests_are_sized_by_label_studio_s_fixed_cost_not_shrunk_under_it():
+    """Where Label Studio's cost per import request is mostly per prediction, requests take about
+    WRITE_SLICE_S (a person's write waits for one); where most of it is a fixed part that grows with the
+    project (at 20,000 tasks: seconds a request, however small), requests are not shrunk to the floor,
+    which repeated that part hundreds of times (the first job at 20,000 tasks did not finish in 68 min)."""
+    from molal.service.lsclient import WRITE_SLICE_S, next_import_size
+
+    def old_rule(history, chunk):
+        size, dt = history[-1]
+        return min(chunk, max(50, int(size * min(4.0, max(0.25, WRITE_SLICE_S / max(dt, 1e-3))))))
+
+    # small project: per-prediction cost dominates -> ~1 s requests, as before
+    n, secs, longest = _import_cost(20_000, 10_000, a=0.05, b=0.002, rule=next_import_size)
+    assert longest <= 2.5 * WRITE_SLICE_S and secs <= 1.3 * (20_000 * 0.002 + n * 0.05)
+    # big project: a fixed part of 7 s a request
+    n_old, secs_old, _ = _import_cost(100_000, 10_000, a=7.0, b=0.002, rule=old_rule)
+    n_new, secs_new, longest_new = _import_cost(100_000, 10_000, a=7.0, b=0.002, rule=next_import_size)
+    assert n_old >= 1500 and secs_old > 3 * 3600  # the old rule: the floor of 50, hours
+    fewest = 10 * 7.0 + 100_000 * 0.002  # requests of 10,000
+    assert secs_new <= 2.2 * fewest and longest_new <= 2 * 7.0 + 0.1, (n_new, secs_new, longest_new)
+    # a bigger request that took no longer: the cost is fixed, so the fewest requests
+    assert next_import_size([(500, 7.0), (125, 7.0)], 10_000) == 10_000
+    assert 50 <= next_import_size([(500, 30.0)], 10_000) <= 500  # one request seen: scaled, within bounds
