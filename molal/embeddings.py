@@ -255,7 +255,7 @@ class EmbeddingStore:
         self._lock = threading.Lock()
         self._estimate: int | None = None
         self._spaces: set[str] = set()
-        self._broken: str | None = None
+        self._said: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------------------------------
     def db(self) -> Any:
@@ -276,10 +276,10 @@ class EmbeddingStore:
     def _failed(self, what: str, exc: BaseException) -> None:
         from molal.db import describe, first_line
 
-        msg = f"embedding store {describe(self.target)}: {what} failed ({type(exc).__name__}: {first_line(exc)[:200]})"
-        if self._broken != msg:
-            log.warning("%s; computing instead", msg)
-        self._broken = msg
+        why = f"{type(exc).__name__}: {first_line(exc)[:200]}"
+        if why not in self._said:  # once per cause, not once per call
+            self._said.add(why)
+            log.warning("embedding store %s: %s failed (%s); computing instead", describe(self.target), what, why)
 
     def max_rows(self, dim: int) -> int:
         return max(1, int(self.max_mb * 2**20 // (4 * dim + _ROW_OVERHEAD)))
