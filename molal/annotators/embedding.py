@@ -150,14 +150,14 @@ class EmbeddingAnnotator(Annotator):
         return embed(wrapped, self.model, max_length=self.max_length, device=self.device,
                      batch_size=self.batch_size, deadline=current_deadline())
 
-    def prefetch(self, texts: list[str]) -> None:
+    def prefetch(self, texts: list[str]) -> int:
         """Embed ``texts`` ahead of the calls that will score them (the Mixture hands over several batches at
-        once, so they are encoded sorted by length). Under the caller's deadline; a failure is left to the
-        scoring call to report."""
+        once, so they are encoded sorted by length); returns the tokens encoded. Under the caller's deadline; a
+        failure is left to the scoring call to report."""
         try:
-            self._embed_shared(texts)
+            return self._embed_shared(texts)[1]
         except EncoderError:
-            pass
+            return 0
         except EmbeddingDeadline as exc:
             raise DeadlineReached(str(exc)) from exc
 

@@ -315,14 +315,21 @@ class _AnnotationRun:
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.deadline_hit = True
                 break
+            ta, tokens = time.perf_counter(), None
             try:
                 with deadline_scope(self.deadline):
-                    self.annotators[j].prefetch([self.u_texts[u] for u in us])
+                    tokens = self.annotators[j].prefetch([self.u_texts[u] for u in us])
             except DeadlineReached:
                 self.deadline_hit = True
                 break
             except AnnotatorError:
                 pass  # the annotator's own calls report it, row by row
+            finally:
+                with self.lock:  # the annotator's time and tokens: its stats stay true
+                    st = self.per[self.annotators[j].name]
+                    st["seconds"] += time.perf_counter() - ta
+                    if tokens:
+                        st["tokens"] = (st["tokens"] or 0) + int(tokens)
         return end
 
     def run(self, waves: list[list[tuple[int, list[int]]]], report: Callable[[str], None]) -> None:
