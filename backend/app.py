@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from functools import partial
 
 from flask import Flask, Response, jsonify, request
@@ -40,7 +41,7 @@ def _json_body() -> object:
         raise TooLarge(f"the request body is {request.content_length} bytes; this backend accepts at most {limit} "
                        "(MOLAL_MAX_BODY_BYTES)")
     try:
-        raw = request.get_data(cache=True)
+        raw = _read_body()
     except RequestEntityTooLarge:
         raise TooLarge(f"the request body is over {limit} bytes (MOLAL_MAX_BODY_BYTES)") from None
     if not raw or not raw.strip():
@@ -53,6 +54,23 @@ def _json_body() -> object:
         raise BadRequest(f"the request body is JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     _check_depth(body)
     return body
+
+
+def _read_body() -> bytes:
+    """The request body, read in as few calls as its Content-Length allows: werkzeug's own ``get_data``
+    reads 64 KiB at a time, and each read of gunicorn's buffered input copies all it still holds (a 32 MB
+    /predict took 10-20 s to read that way on a busy 2-core machine; in one call, well under a second)."""
+    n = request.content_length
+    if not n:
+        return request.get_data(cache=True)  # chunked (no Content-Length) or empty
+    parts, got = [], 0
+    while got < n:
+        part = request.stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 #: deeper request bodies are refused (400): nothing Label Studio sends nests beyond ~10 levels, and very
@@ -105,15 +123,17 @@ def json_response(app: Flask, obj: object, status: int = 200) -> Response:
     return Response(body, status, mimetype="application/json")
 
 
-def preload() -> float:
+def preload(settings: Settings | None = None) -> float:
     """Import what /setup needs before the worker takes requests (a cold worker otherwise spent 3-16 s of
     Label Studio's 3 s /setup budget importing the label-config parser, the annotators, MoLAM). Loading a
     published MoLAM needs neither scikit-learn nor XGBoost (~4 s): an XGBoost candidate's booster is built
-    at its first prediction (/predict has 100 s)."""
-    import time
-
+    at its first prediction (/predict has 100 s). When a Label Studio can be reached (``settings``), also the
+    SDK's client that reads task files from it (~3 s cold, else spent inside a /predict's budget)."""
     t0 = time.perf_counter()
     import label_studio_sdk.label_interface  # noqa: F401  (the label-config parser: ~2.5 s cold)
+
+    if settings is not None and (settings.label_studio_url or settings.trust_setup_hostname):
+        import label_studio_sdk.client  # noqa: F401
 
     import molal.annotators.embedding  # noqa: F401
     import molal.annotators.mixture  # noqa: F401
@@ -136,7 +156,7 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
         register_secret(settings.label_studio_api_key.get_secret_value())
     if settings.basic_auth_pass is not None:
         register_secret(settings.basic_auth_pass.get_secret_value())
-    dt = preload()
+    dt = preload(settings)
     log.debug("preloaded the request path's modules in %.1f s", dt)
     svc = Service(settings)
     if start_worker:
@@ -216,7 +236,8 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
 
     @app.post("/predict")
     def predict():
-        return json_response(app, svc.predict(_json_body()))
+        started = time.monotonic()  # MOLAL_PREDICT_BUDGET_S counts from here: parsing the body is part of it
+        return json_response(app, svc.predict(_json_body(), started=started))
 
     @app.post("/webhook")
     def webhook():
@@ -258,5 +279,13 @@ def create_app(settings: Settings | None = None, start_worker: bool = True):
     @app.get("/projects/<project>")
     def project_info(project: str):
         return jsonify(svc.project_info(project, public=True))
+
+    @app.get("/projects/<project>/status")
+    def project_status_page(project: str):
+        """The project's state for people (molal.service.status), linked from the labelling instructions."""
+        return Response(svc.status_page(project), 200, {"Content-Type": "text/html; charset=utf-8",
+                                                        "Cache-Control": "no-store",
+                                                        "Content-Security-Policy": "default-src 'none'; "
+                                                                                   "style-src 'unsafe-inline'"})
 
     return app

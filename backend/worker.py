@@ -115,6 +115,45 @@ class _Output:
         pass
 
 
+class _MemorySocket:
+    """The socket gunicorn's request parser reads from: the bytes the loop read, served from memory. Handed
+    over with ``unread`` instead, a whole body sat in gunicorn's read buffer, which copies everything it still
+    holds on each read: a 32 MB body read 64 KiB at a time took 10-20 s. Here each read is a slice."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.pos = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        if self.pos:
+            del self.data[:self.pos]
+            self.pos = 0
+        self.data += data
+
+    def recv(self, n: int) -> bytes:
+        out = bytes(self.data[self.pos:self.pos + n])
+        self.pos += len(out)
+        return out
+
+    def take(self) -> bytes:
+        """What the parser has not read (a pipelined request), removed from here."""
+        out = bytes(self.data[self.pos:])
+        self.data = bytearray()
+        self.pos = 0
+        return out
+
+    def pending(self) -> bool:
+        return self.pos < len(self.data)
+
+    def setblocking(self, _flag: bool) -> None:
+        pass
+
+    def settimeout(self, _t) -> None:
+        pass
+
+
 class _Reading:
     """A connection whose request is being read: the bytes so far, its h11 framing state, its deadline."""
 
@@ -206,6 +245,9 @@ class BufferingThreadWorker(ThreadWorker):
         # a new connection, a kept-alive one that became readable, or bytes of a pipelined request the
         # parser already holds: read the next request whole before any thread sees it
         first = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        mem = getattr(conn, "molal_mem", None)
+        if mem is not None:
+            first += mem.take()
         conn.sock.setblocking(False)
         r = _Reading(conn, time.monotonic() + self.read_timeout, first)
         if len(self.reading) >= self.max_reading:  # make room: the oldest read in progress goes
@@ -290,8 +332,14 @@ class BufferingThreadWorker(ThreadWorker):
         conn = r.conn
         self._forget(r)
         conn.sock.setblocking(True)
-        conn.init()  # the HTTP/1 parser (no I/O without TLS or h2c prior knowledge)
-        conn.parser.unreader.unread(bytes(r.buf))
+        if conn.parser is None:  # the HTTP/1 parser, reading from memory: it never touches the socket
+            real, conn.molal_mem = conn.sock, _MemorySocket()
+            conn.sock = conn.molal_mem
+            try:
+                conn.init()
+            finally:
+                conn.sock = real
+        conn.molal_mem.feed(r.buf)
         conn.data_ready = True
         conn.molal_lane = r.lane
         self.enqueue_req(conn)
@@ -378,6 +426,10 @@ class BufferingThreadWorker(ThreadWorker):
     def _written(self, conn, keep: bool) -> None:
         """The response is out: keep the connection alive (or serve its pipelined request) or close it, as
         gthread does after a thread returns."""
+        mem = getattr(conn, "molal_mem", None)
+        if keep and self.alive and mem is not None and mem.pending():  # a pipelined request is here already
+            self.enqueue_req(conn)
+            return
         fs = futures.Future()
         fs.set_result(keep)
         self.finish_request(conn, fs)

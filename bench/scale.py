@@ -18,7 +18,11 @@ the frozen-encoder student as the demo trains it) serve every size. Per size, a 
   ``predictions_top``: Label Studio asks ``/predict`` for it then);
 * ``relabel``: ``--more`` (50) further annotations, on the head of the "molal queue" tab as a reviewer would;
 * ``retrain``: a second Start Training (the cache holds every answer; the superseded version's predictions
-  are deleted).
+  are deleted);
+* ``queue`` / ``requeue``: after each training job, until the background job has written every other
+  unlabeled task's rank and review line (molal.service.queue: one PATCH per task that changed).
+
+CPU: the seconds of CPU each server's process group used during the step (``*_cpu_s``).
 
 Memory: the peak resident set of each server's whole process group (sampled every 0.25 s) during the step.
 Texts: AG News (shared data, 4 classes) or ``--dataset trec`` (6 classes, short questions); beyond the data
@@ -45,17 +49,34 @@ sys.path.insert(0, str(REPO))
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def session_rss(sid: int) -> int:
-    """Resident bytes of every process in session ``sid`` (the servers start their own sessions)."""
-    total = 0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _session_procs(sid: int):
+    """``(pid, stat fields after the command name)`` of every live process of session ``sid`` (the servers
+    start their own sessions)."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) != sid:  # field 6 of stat (session), counted after the command name
-                continue
+            if int(fields[3]) == sid:  # field 6 of stat (session), counted after the command name
+                yield d, fields
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def session_cpu(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``."""
+    return sum(int(f[11]) + int(f[12]) for _, f in _session_procs(sid)) / TICK  # utime, stime (14, 15)
+
+
+def session_rss(sid: int) -> int:
+    """Resident bytes of every process in session ``sid``."""
+    total = 0
+    for d, _ in _session_procs(sid):
+        try:
             with open(f"/proc/{d}/statm") as fh:
                 total += int(fh.read().split()[1]) * PAGE
         except (OSError, ValueError, IndexError):
@@ -79,15 +100,18 @@ class Peak:
             self._stop.wait(0.25)
 
     def __enter__(self) -> Peak:
+        self.cpu0 = {k: session_cpu(sid) for k, sid in self.sessions.items()}
         self._t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+        self.cpu = {k: session_cpu(sid) - self.cpu0[k] for k, sid in self.sessions.items()}
 
-    def mb(self) -> dict[str, int]:
-        return {f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()}
+    def mb(self) -> dict[str, float]:
+        return {**{f"{k}_peak_mb": round(v / 2**20) for k, v in self.peak.items()},
+                **{f"{k}_cpu_s": round(v, 1) for k, v in self.cpu.items()}}
 
 
 def rows_for(n: int, dataset: str = "ag_news") -> tuple[list[dict], list[str]]:
@@ -152,7 +176,9 @@ def main() -> None:
     t = time.monotonic()
     ls.start()
     ls_up = time.monotonic() - t
-    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64"}
+    # MOLAL_TRAIN_EVERY=0: the retrain is the measured step, not one started by the relabel step's webhooks
+    env = {"MOLAL_STUDENT_EPOCHS": "30", "MOLAL_STUDENT_FREEZE_ENCODER": "true", "MOLAL_STUDENT_MAX_LENGTH": "64",
+           "MOLAL_TRAIN_EVERY": "0"}
     if args.no_per_llm:
         env["MOLAL_PER_LLM_PREDICTIONS"] = "false"
     if args.predictions_top is not None:
@@ -175,7 +201,8 @@ def main() -> None:
                 with Peak(sessions) as p:
                     t0 = time.monotonic()
                     out = fn()
-                    steps[name] = {"seconds": round(time.monotonic() - t0, 1), **p.mb()}
+                    seconds = round(time.monotonic() - t0, 1)
+                steps[name] = {"seconds": seconds, **p.mb()}  # after the step: its CPU is counted on exit
                 print(json.dumps({"tasks": n, "step": name, **steps[name]}), file=sys.stderr, flush=True)
                 return out
 
@@ -211,6 +238,15 @@ def main() -> None:
 
             stages: list[tuple[float, str]] = []
             record("train", step("train", lambda stages=stages: train(stages)), stages)
+            if job_ok(res):  # the rest of the queue: every other task's rank and review line, in the background
+                from molal.demo import wait_queue
+
+                res["queue"] = step("queue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
+                qjobs = [j for j in httpx.get(f"{be.url}/jobs", params={"project": pid}, timeout=30).json()["jobs"]
+                         if j["kind"] == "queue"]
+                res["queue_jobs"] = [{k: j["result"].get(k) for k in ("written", "upto", "total", "seconds",
+                                                                      "tasks_per_s", "stopped")}
+                                     for j in qjobs if j.get("result")]
             unl = [t for t in ids if t not in set(seeds)][:100]
             tasks = [{"id": t, "data": {"text": rows[ids.index(t)]["text"]}} for t in unl]
             body = {"project": f"{pid}.0", "tasks": tasks, "label_config": sdk.projects.get(id=pid).label_config}
@@ -246,6 +282,10 @@ def main() -> None:
                 step("relabel", lambda q=queue, gold=gold: label_seeds(sdk, q, gold))
                 stages2: list[tuple[float, str]] = []
                 record("retrain", step("retrain", lambda stages2=stages2: train(stages2)), stages2)
+                if res.get("retrain_status") == "succeeded":
+                    from molal.demo import wait_queue
+
+                    step("requeue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
             res["steps"] = steps
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
@@ -259,7 +299,7 @@ def main() -> None:
               "label_studio_db": "postgresql" if args.ls_postgres else "sqlite",
               "load_avg_1m": os.getloadavg()[0], "label_studio_start_s": round(ls_up, 1), "results": results}
     print(json.dumps(report, indent=1))
-    names = ["import", "connect", "seeds", "train", "predict", "page", "open head", "open other", "relabel",
+    names = ["import", "connect", "seeds", "train", "queue", "predict", "page", "open head", "open other", "relabel",
              "retrain"]
     print("\n| tasks | " + " | ".join(f"{s} s" for s in names) + " | backend peak MB | Label Studio peak MB |")
     print("|---:|" + "---:|" * (len(names) + 2))

@@ -100,11 +100,15 @@ class AnnotationCache:
 
     # -- API -------------------------------------------------------------------------------------------
     def get_many(
-        self, identity: Mapping[str, Any] | str, texts: Sequence[str], n_classes: int | None = None
+        self, identity: Mapping[str, Any] | str, texts: Sequence[str], n_classes: int | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray | None] | None]:
-        """For each text, ``(probs, consistency|None)`` if cached for this identity, else None."""
+        """For each text, ``(probs, consistency|None)`` if cached for this identity, else None. ``keys``: the
+        texts' :func:`text_key` when the caller has them (a lookup for several identities hashes once)."""
         ident = identity_key(identity)
-        hashes = [text_key(t) for t in texts]
+        hashes = list(keys) if keys is not None else [text_key(t) for t in texts]
+        if len(hashes) != len(texts):
+            raise ValueError(f"{len(hashes)} keys for {len(texts)} texts")
         found: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         uniq = list(dict.fromkeys(hashes))
         for s in range(0, len(uniq), _CHUNK):

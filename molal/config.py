@@ -13,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: the student's default cap on optimiser steps per training (whole epochs; the served and the simulated loop)
 STUDENT_MAX_STEPS = 30_000
+#: tasks at the head of the queue whose rank and review line a job writes itself before it reports done (the
+#: rest: a background job); Label Studio updates task data one PATCH at a time, ~0.1 s each on 2 cores
+QUEUE_HEAD = 100
+#: retrain after this many new human labels (once a model serves): the queue keeps up with the people
+TRAIN_EVERY = 25
 
 
 class Settings(BaseSettings):
@@ -39,7 +44,15 @@ class Settings(BaseSettings):
     mixture: Path | None = Field(None, validation_alias="MOLAL_MIXTURE", description="mixture config file")
     device: str = Field("auto", validation_alias="MOLAL_DEVICE", description="auto|cpu|cuda")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
-    train_every: int = Field(0, validation_alias="MOLAL_TRAIN_EVERY", description="train after N new annotations (0=off)")
+    train_every: int = Field(
+        TRAIN_EVERY, ge=0, validation_alias="MOLAL_TRAIN_EVERY",
+        description="retrain after N new human labels, once a model serves (0 = only on Start Training): the queue "
+                    "is re-ranked with the people's latest labels; one training job each time (≈ 30-40 s for "
+                    "2,000 tasks on 2 cores)")
+    job_nice: int = Field(
+        10, ge=0, le=19, validation_alias="MOLAL_JOB_NICE",
+        description="jobs (training, the queue writer) run this much nicer than the requests (Linux niceness): "
+                    "the people labelling meanwhile, /predict and a Label Studio on the same cores go first")
     loop_mode: Literal["review", "human_free"] = Field("review", validation_alias="MOLAL_LOOP_MODE")
     strategy: str = Field("entropy", validation_alias="MOLAL_STRATEGY")
     query_batch: int = Field(50, validation_alias="MOLAL_QUERY_BATCH")
@@ -50,9 +63,10 @@ class Settings(BaseSettings):
     )
     priority_field: str = Field("priority", validation_alias="MOLAL_PRIORITY_FIELD")
     priority_top: int = Field(
-        200, ge=0, validation_alias="MOLAL_PRIORITY_TOP",
-        description="write the priority and the review fields for the top N unlabeled tasks only (0 = every "
-                    "task): Label Studio updates task data one PATCH at a time, ~0.1 s each",
+        QUEUE_HEAD, ge=0, validation_alias="MOLAL_PRIORITY_TOP",
+        description="the head of the queue: a job writes the rank, priority and review line of the top N "
+                    "unlabeled tasks itself, and those of every other task in a background job (0 = all in the "
+                    "job). Label Studio updates task data one PATCH at a time, ~0.1 s each",
     )
     predictions_top: int = Field(
         20_000, ge=0, validation_alias="MOLAL_PREDICTIONS_TOP",
@@ -152,6 +166,15 @@ class Settings(BaseSettings):
                              description="most <Choice> values in a served <Choices>")
     max_label_config_chars: int = Field(200_000, ge=100, validation_alias="MOLAL_MAX_LABEL_CONFIG_CHARS",
                                         description="longest label config accepted")
+    label_config_budget_s: float = Field(
+        2.0, gt=0, validation_alias="MOLAL_LABEL_CONFIG_BUDGET_S",
+        description="longest time parsing a new label config may take (Label Studio gives /setup 3 s); a config "
+                    "parsed before is remembered and costs nothing",
+    )
+    max_projects: int = Field(
+        1000, ge=1, validation_alias="MOLAL_MAX_PROJECTS",
+        description="most Label Studio projects this backend keeps state for; a new one beyond it is refused (507)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, validation_alias="MOLAL_REQUEST_TIMEOUT_S",
                                      description="time a client has to send a whole request (headers and body)")
     response_timeout_s: float = Field(60.0, gt=0, validation_alias="MOLAL_RESPONSE_TIMEOUT_S",

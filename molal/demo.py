@@ -32,7 +32,7 @@ from typing import Any
 
 from molal.datasets import CLASS_NAMES
 from molal.lsprocess import BackendProcess, LabelStudioProcess, free_port
-from molal.service.lsclient import VIEW_TITLE
+from molal.service.lsclient import VIEW_TITLE, task_pages
 
 STATE_FILE = "demo-state.json"
 DEFAULT_USER = "admin@molal.local"
@@ -198,15 +198,21 @@ def backend_get(backend_url: str, path: str, timeout: float = 10.0) -> Any:
 
 
 def start_training(client, ml_id: int, backend_url: str, project: int) -> str:
-    """Press "Start Training" (Label Studio → START_TRAINING webhook) and return the backend's new job id."""
-    before = {j["id"] for j in backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])}
+    """Press "Start Training" (Label Studio → START_TRAINING webhook) and return the backend's job id: a new
+    one, or, where a training job of the project was already queued (a retrain after N labels), that one —
+    the backend coalesces a press into it."""
+    jobs = backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])
+    before = {j["id"] for j in jobs}
+    waiting = [j["id"] for j in jobs if j["kind"] == "train" and j["status"] == "queued"]
     client.ml.train(id=ml_id)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 30:
         jobs = backend_get(backend_url, f"/jobs?project={project}").get("jobs", [])
         new = [j for j in jobs if j["kind"] == "train" and j["id"] not in before]
         if new:
             return new[0]["id"]
+        if waiting and time.monotonic() > t0 + 3:  # no new job: the press joined the queued one
+            return waiting[0]
         time.sleep(0.3)
     raise RuntimeError("Label Studio's START_TRAINING did not create a train job in the backend within 30 s")
 
@@ -225,10 +231,28 @@ def wait_job(backend_url: str, job_id: str, timeout: float = 900.0,
         time.sleep(0.5)
 
 
+def wait_queue(backend_url: str, project: int, timeout: float = 1800.0,
+               on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Wait until every unlabeled task's rank and review line is written (the background ``queue`` job after
+    a training job, :mod:`molal.service.queue`); returns ``GET /projects/N``'s ``queue``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        q = backend_get(backend_url, f"/projects/{project}").get("queue") or {}
+        if on_progress:
+            on_progress(q)
+        busy = [j for j in backend_get(backend_url, f"/jobs?project={project}&limit=20")["jobs"]
+                if j["status"] in ("queued", "running")]
+        if q.get("total") is not None and q.get("upto", 0) >= q.get("total", 0) and not busy:
+            return q
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the queue of project {project} is still being written after {timeout:.0f} s: {q}")
+        time.sleep(1.0)
+
+
 def all_tasks(client, project: int, view: int | None = None) -> list[dict]:
     out = []
     kw = {"view": view} if view is not None else {}
-    for t in client.tasks.list(project=project, fields="all", page_size=500, **kw):
+    for t in task_pages(client, project=project, fields="all", page_size=500, **kw):
         out.append(_plain(t))
     return out
 
@@ -278,7 +302,8 @@ def evaluate(tasks: list[dict], gold: dict[int, str | None], version: str, seeds
 def find_view(client, project: int, title: str = VIEW_TITLE) -> int | None:
     for v in client.views.list(project=project):
         vd = _plain(v)
-        if (vd.get("data") or {}).get("title") == title:
+        t = (vd.get("data") or {}).get("title") or ""
+        if t == title or t.startswith(title + " · "):  # the tab's title carries molal's state
             return int(vd["id"])
     return None
 
@@ -304,7 +329,6 @@ class DemoOptions:
     #: the demo trains the student's head on frozen MiniLM embeddings (seconds instead of minutes on a CPU);
     #: `molal demo --full-student` fine-tunes the whole encoder as a production backend does.
     student_freeze_encoder: bool = True
-    priority_top: int = 50  # tasks whose data.priority is written: the next batch (b = 50; one PATCH each in LS)
     job_timeout: float = 1200.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -452,7 +476,6 @@ class Demo:
         from molal.service.store import ServiceStore
 
         ps = ServiceStore.from_settings(get_settings(model_dir=self.backend.model_dir)).project(pid)
-        ps.set_setting("priority_top", o.priority_top)
         ps.set_setting("review_panel", True)  # the training job puts the review panel into the label config
         from molal.service.review import INSTRUCTIONS
 
@@ -489,7 +512,7 @@ class Demo:
         view = find_view(client, pid)
         head = []
         if view is not None:
-            for tk in client.tasks.list(project=pid, view=view, fields="all", page_size=10):
+            for tk in task_pages(client, project=pid, view=view, fields="all", page_size=10):
                 d = _plain(tk)
                 if d.get("annotations"):
                     continue

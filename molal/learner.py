@@ -214,10 +214,12 @@ class Learner:
 
     # -- 3 + 4. query and split ------------------------------------------------------------------------------
     def query(self, student: Any, texts: Sequence[str], ts: TrainingSet, machine_probs: np.ndarray,
-              rng: np.random.Generator, *, pool_rows: Sequence[int] | None = None, budget: int | None = None) -> Query:
+              rng: np.random.Generator, *, pool_rows: Sequence[int] | None = None, budget: int | None = None,
+              certified: np.ndarray | None = None) -> Query:
         """Pick ``budget`` (default: the learner's) rows among ``pool_rows`` (default: every row of
         ``texts``) not in the training set, with the strategy over ``student``; split them (hybrid) by the
-        machine labeller's confidence ``machine_probs`` (indexed by pool row)."""
+        machine labeller's confidence ``machine_probs`` (indexed by pool row). ``certified`` (bool per pool
+        row, :mod:`molal.trust`): only those rows may get a machine label; the others go to people too."""
         from molal.molam import least_confident
         from molal.query import QueryPool, build_pool
 
@@ -244,6 +246,10 @@ class Learner:
         if self.human_per_round and len(batch):
             to_human = [int(batch[i]) for i in least_confident(mp[batch], self.human_per_round)]
         sent = set(to_human)
+        if certified is not None:
+            ok = np.asarray(certified, dtype=bool)
+            to_human += [int(r) for r in batch if int(r) not in sent and not ok[int(r)]]
+            sent = set(to_human)
         return Query(rows=batch.tolist(), to_machine=[int(r) for r in batch if int(r) not in sent], to_human=to_human,
                      pred={int(r): int(p) for r, p in zip(batch.tolist(), pred.tolist(), strict=True)})
 

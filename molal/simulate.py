@@ -19,6 +19,13 @@ Label modes (``mode``):
 * ``hybrid``   — MoLAM labels, but the ``human_per_round`` least-confident MoLAM labels of each batch are
   replaced by the gold labels (a human budget); those items count as human-labelled.
 
+``certify_epsilon`` (``--certify-epsilon``; ``molam`` and ``hybrid`` modes) is the served loop's ``auto_label``:
+an audit of ``audit`` items drawn uniformly at random from the non-seed pool is labelled by people (gold) and
+held out (never trained on, never queried); :func:`molal.trust.certify` sets MoLAM's certified threshold from
+it, and only queried items at or above the threshold get MoLAM's label — the others go to people (gold) too,
+as the training job routes them (:meth:`molal.learner.Learner.query`'s ``certified``). The result's metadata
+says the threshold, the coverage and how many labels people gave.
+
 ``molam_text_features`` (e.g. ``"minilm"``; ``--molam-text-features`` on the CLI) gives MoLAM, in the
 ``molam`` and ``hybrid`` modes, its transductive text model: the pool's texts are embedded and a classifier
 cross-fitted on the whole pool's MoLAM labels (+ the seeds) corrects them (see ``molal.molam.MoLAM``).
@@ -69,6 +76,10 @@ class SimulationConfig:
     budget: int = 50
     n_initial: int = 50
     human_per_round: int = 10  # hybrid mode: gold labels per round
+    # molam / hybrid modes: only labels certified at this error level go to the student unreviewed (None = off)
+    certify_epsilon: float | None = None
+    certify_delta: float = 0.1
+    audit: int = 200  # with certify_epsilon: random items people label to certify on (held out)
     seed: int = 0
     # molam / hybrid modes: MoLAM's transductive text model (a sentence encoder, e.g. "minilm"; None = off)
     molam_text_features: str | None = None
@@ -118,6 +129,14 @@ class SimulationConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.mode == "hybrid" and not 0 <= self.human_per_round <= self.budget:
             raise ValueError(f"human_per_round must be in [0, budget={self.budget}]")
+        if self.certify_epsilon is not None:
+            if self.mode not in ("molam", "hybrid"):
+                raise ValueError(f"certify_epsilon applies to the molam and hybrid modes, not {self.mode!r}")
+            if not 0 < self.certify_epsilon < 1 or not 0 < self.certify_delta < 1:
+                raise ValueError(f"certify_epsilon and certify_delta must be in (0, 1), got {self.certify_epsilon}"
+                                 f" and {self.certify_delta}")
+            if self.audit < 1:
+                raise ValueError(f"audit must be at least 1 item, got {self.audit}")
         if self.loss not in ("robust", "ce"):
             raise ValueError(f"loss must be 'robust' or 'ce', got {self.loss!r}")
         if self.molam_text_features is not None and not str(self.molam_text_features).strip():
@@ -349,6 +368,24 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
 
         negatives_all = np.asarray(negative_labels(out, threshold=config.neg_threshold, predicted=label_probs), dtype=bool)
 
+    # the served loop's auto_label: a random audit, held out, certifies MoLAM's threshold (molal.trust)
+    audit = np.zeros(0, dtype=np.int64)
+    certified: np.ndarray | None = None
+    if config.certify_epsilon is not None:
+        from molal.trust import certify
+
+        if config.audit >= len(unseeded):
+            raise ValueError(f"audit ({config.audit}) must be smaller than the {len(unseeded)} non-seed pool items")
+        audit = np.sort(np.random.default_rng([config.seed, 27]).choice(unseeded, config.audit, replace=False))
+        conf = label_probs.max(1)
+        cert = certify(conf[audit], llm_label[audit] == gold[audit], config.certify_epsilon, config.certify_delta,
+                       pool_confidence=conf[unseeded])
+        certified = conf >= cert.threshold if cert.threshold is not None else np.zeros(n, dtype=bool)
+        certified[audit] = False
+        labeller_meta["certificate"] = {"epsilon": config.certify_epsilon, "delta": config.certify_delta,
+                                        "audit": int(len(audit)), "threshold": cert.threshold,
+                                        "coverage": cert.coverage, "reason": cert.reason, "method": cert.method}
+    query_rows = np.setdiff1d(np.arange(n), audit) if len(audit) else None
     learner = Learner(config.strategy, budget=config.budget,
                       human_per_round=config.human_per_round if config.mode == "hybrid" else 0,
                       alpha=config.alpha, weights=config.weights, round_offset=config.round_offset, loss=config.loss,
@@ -437,7 +474,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
             break
         # the next round's batch, queried by this round's student and labelled
         tq = time.perf_counter()
-        q = learner.query(student, texts, ts, label_probs, rng)
+        q = learner.query(student, texts, ts, label_probs, rng, pool_rows=query_rows, certified=certified)
         if config.mode == "oracle":  # every queried row goes to the simulated person
             q.to_machine, q.to_human = [], list(q.rows)
         learner.label_batch(ts, q, label_probs, negatives_all, t, human={r: int(gold[r]) for r in q.to_human})
@@ -446,6 +483,7 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
     stopped = next((r["round"] for r in result.records if r["stop_rule_met"]), None)
     result.metadata["stop_rule"] = {"kappa": stop_rule.kappa, "window": stop_rule.window, "stop_set": len(stop_rows),
                                     "first_round_met": stopped}
+    result.metadata["human_labels"] = {"training": len(ts.human), "audit": int(len(audit))}  # what people gave
     result.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
     return result
 

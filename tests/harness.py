@@ -82,6 +82,28 @@ def start_gunicorn(
         time.sleep(poll_s)
 
 
+#: words for :func:`long_texts`
+WORDS = ("river mountain question answer city country person number date money reason method animal plant "
+         "colour music sport food language disease organisation product event vehicle instrument law").split()
+
+
+def long_texts(n: int, chars: int, seed: int = 0) -> list[str]:
+    """``n`` different texts of ``chars`` characters of words (each new to every cache: the heaviest input the
+    text limits allow), the same for the same ``seed``."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        words, size = [f"text {i}:"], 8
+        while size < chars:
+            w = rnd.choice(WORDS)
+            words.append(w)
+            size += len(w) + 1
+        out.append(" ".join(words)[:chars])
+    return out
+
+
 def stop_gunicorn(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """SIGTERM the server's process group (gunicorn stops gracefully); SIGKILL it after ``grace_s``."""
     if proc.poll() is None:

@@ -299,14 +299,24 @@ def test_webhook_other_ls_actions_are_ignored(client):
 
 
 def test_every_n_annotations_queues_training(app, client):
+    """train_every retrains: it counts labels from the start, but the first model is the person's Start
+    Training (seeds labelled before any model serves queue nothing)."""
     svc = app.config["MOLAL_SERVICE"]
-    svc.store.project(7).set_setting("train_every", 3)
+    state = svc.store.project(7)
+    state.set_setting("train_every", 3)
     ann = {"id": 1, "result": [], "task": 1, "project": 7, "was_cancelled": False}
-    statuses = []
-    for i in range(3):
-        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {**ann, "id": i},
-                                          "project": {"id": 7}})
-        statuses.append(r.json["status"])
+
+    def annotate(i: int) -> str:
+        return client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {**ann, "id": i},
+                                             "project": {"id": 7}}).json["status"]
+
+    assert [annotate(i) for i in range(4)] == ["counted"] * 4  # no model yet: nothing to retrain
+    assert svc.jobs.list(project=7) == []
+    staging = state.staging_dir("t")
+    (staging / "molam").write_text("{}")
+    state.publish(staging, state.next_version_number(), {"n_human": 4})
+    state.put("new_annotations", 0)
+    statuses = [annotate(i) for i in range(3)]
     assert statuses == ["counted", "counted", "queued"]
     # cancelled (skipped) annotations do not count
     r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {**ann, "was_cancelled": True},

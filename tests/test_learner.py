@@ -199,6 +199,9 @@ def test_service_modules_never_import_the_service_from_below():
         "lstrust": below | {"molal.service.runtime", "molal.service.jobs"},
         "lsclient": below | {"molal.service.runtime"},
         "labelconfig": below | {"molal.service.runtime", "molal.service.store"},
+        "queue": below | {"molal.service.train", "molal.service.predict"},
+        "review": below | {"molal.service.runtime", "molal.service.train", "molal.service.queue"},
+        "status": below | {"molal.service.train", "molal.service.predict"},
     }
     for mod, banned in rules.items():
         tree = ast.parse((root / f"{mod}.py").read_text())

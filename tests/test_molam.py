@@ -234,3 +234,66 @@ def test_least_confident_picks_the_lowest_top_probabilities_in_order():
     assert least_confident(p, 3).tolist() == [1, 3, 2]  # ties keep row order
     assert least_confident(p, 0).tolist() == [] and least_confident(p, 9).tolist() == [1, 3, 2, 4, 0]
     assert least_confident(np.zeros((0, 2)), 3).tolist() == []
+
+
+def test_aggregation_modules_import_no_circle():
+    """molal/aggregation's modules form no import circle, lazy imports inside functions included (base ↔ signals
+    and baselines ↔ models once did): base, signals, calibration, models, text_model, baselines, molam."""
+    import ast
+    from pathlib import Path
+
+    import molal.aggregation
+
+    root = Path(molal.aggregation.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            deps.update(n.split(".")[2] for n in names if n.startswith("molal.aggregation."))
+        graph[path.stem] = deps - {path.stem}
+    assert {"base", "signals", "models", "baselines", "molam", "calibration", "text_model"} <= set(graph)
+    done: set[str] = set()
+
+    def visit(mod: str, path: tuple[str, ...]) -> None:
+        assert mod not in path, f"import circle: {' -> '.join((*path, mod))}"
+        if mod in done:
+            return
+        for dep in graph.get(mod, ()):
+            visit(dep, (*path, mod))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())
+
+
+def test_temperature_calibration_fitted_on_seeds(fitted, trec_outputs, trec_gold, tmp_path):
+    """MoLAM(calibration="temperature"), the default: the temperature is fitted on the chosen model's
+    out-of-fold seed predictions and applied only when significant; the argmax never moves; it is saved and
+    loaded; a file without it (calibration=None, or written before) predicts as before."""
+    cal, idx = fitted
+    plain = MoLAM(**FAST, calibration=None).fit(trec_outputs, idx, trec_gold[idx])
+    info = cal.metadata["calibration"]
+    assert info["method"] == "temperature" and info["seed_oof_rows"] == len(idx) * FAST["n_repeats"]
+    assert info["seed_oof_log_loss"][1] <= info["seed_oof_log_loss"][0] + 1e-9
+    assert info["applied"] == (info["likelihood_ratio"] > 3.841) and cal.choice_ == plain.choice_
+    p, p0 = cal.predict_proba(trec_outputs), plain.predict_proba(trec_outputs)
+    assert (p.argmax(1) == p0.argmax(1)).all() and np.allclose(p.sum(1), 1.0)
+    assert np.allclose(p, p0) == (cal.temperature_ == 1.0)
+    cal.temperature_ = 2.0  # as a fit with a significant gain would set it
+    p2 = cal.predict_proba(trec_outputs)
+    assert (p2.argmax(1) == p0.argmax(1)).all() and p2.max(1).mean() < p0.max(1).mean()
+    cal.save(tmp_path / "cal.json")
+    back = load_aggregator(tmp_path / "cal.json")
+    assert back.temperature_ == 2.0 and np.allclose(back.predict_proba(trec_outputs), p2)
+    cal.temperature_ = info["temperature"]
+    plain.save(tmp_path / "plain.json")
+    d = json.loads((tmp_path / "plain.json").read_text())
+    assert "calibration" not in d["params"] and "temperature" not in d["state"]  # the format as before
+    old = load_aggregator(tmp_path / "plain.json")
+    assert old.temperature_ == 1.0 and np.allclose(old.predict_proba(trec_outputs), p0)
+    with pytest.raises(MoLAMError, match="calibration"):
+        MoLAM(calibration="isotonic").fit(trec_outputs, idx, trec_gold[idx])

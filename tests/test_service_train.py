@@ -148,63 +148,22 @@ def test_human_budget_sends_least_confident_labels_to_people(tmp_path, rows):
     assert [conf[x] for x in r.to_human] == sorted(conf[x] for x in r.to_human)  # least confident first
 
 
-def test_tasks_for_people_head_the_priorities():
-    from molal.service.train import for_humans_first
+def test_human_free_query_leaves_the_audit_to_people(tmp_path, rows):
+    """A pending audit task (drawn at random, not labelled yet) is never labelled by molal nor picked by the
+    query: an audit thinned by the machine's picks would no longer be a random sample of the pool."""
+    from molal.service.audit import AUDIT_KEY
 
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts, data=[{"text": t} for t in texts], human={})
-    rows = [1, 2, 3, 4]
-    prio = np.array([3, 1, 4, 2])
-    # tasks 12 and 14 were sent to people (in that order); 99 is labelled since, so not among the rows
-    assert for_humans_first(pool, rows, prio, [12, 99, 14]).tolist() == [3, 6, 4, 5]
-    assert for_humans_first(pool, rows, prio, []).tolist() == [3, 1, 4, 2]
-    assert prio.tolist() == [3, 1, 4, 2]  # not modified in place
-
-
-def test_queue_head_is_what_a_person_meets_first():
-    """The rows that get predictions beyond predictions_top: the highest priority (the job's ranking, else
-    data.priority), ties and unranked tasks by task id (Label Studio's sequential order); labelled rows never;
-    the rows of ``keep`` (this round's auto-labels) always."""
-    from molal.service.train import head_limit, queue_head
-
-    texts = [f"t{i}" for i in range(8)]
-    data = [{"text": t, "priority": p} for t, p in zip(texts, [0, 5, None, 7, "x", 5, 1, 9], strict=True)]
-    pool = Pool(task_ids=[17, 11, 12, 13, 14, 15, 16, 10], texts=texts, data=data, human={7: 0})
-    rows = list(range(8))
-    # from the task data: row 7 (priority 9) is labelled; then 3 (7), then 1 and 5 (5; task ids 11 < 15)
-    assert queue_head(pool, rows, 3) == {3, 1, 5}
-    # a ranking given: it decides; ties by task id (rows 0 and 2 both 2: task 12 before 17)
-    prio = np.array([2, 0, 2, 0, 0, 0, 3, 0])
-    assert queue_head(pool, rows, 2, prio) == {6, 2}
-    assert queue_head(pool, rows, 2, prio, keep=[4, 7]) == {6, 2, 4}  # 7 is labelled
-    assert queue_head(pool, rows, 10, keep=[4]) == set(range(7))  # top above the unlabeled: every one
-    ps = type("PS", (), {"predictions_top": 7})()
-    assert head_limit(ps, pool) == 0  # 7 unlabeled tasks: no limit
-    ps.predictions_top = 6
-    assert head_limit(ps, pool) == 6
-    ps.predictions_top = 0
-    assert head_limit(ps, pool) == 0
-
-
-def test_priority_updates_only_changed_tasks():
-    from molal.service.train import priorities, priority_updates
-
-    texts = [f"t{i}" for i in range(6)]
-    pool = Pool(task_ids=[10, 11, 12, 13, 14, 15], texts=texts,
-                data=[{"text": t} for t in texts], human={0: 1})
-    pool.data[5]["priority"] = 7  # a task labelled since the last round... (row 5 is not in rows below)
-    rows = [1, 2, 3, 4]
-    order = np.array([2, 0, 3, 1])  # rows[2] most useful
-    pr = priorities(order)
-    assert pr.tolist() == [3, 1, 4, 2]
-    ups = dict(priority_updates(pool, rows, pr, "priority"))
-    assert {k: v["priority"] for k, v in ups.items()} == {11: 3, 12: 1, 13: 4, 14: 2, 15: 0}
-    assert ups[11]["text"] == "t1"  # the full data is sent back
-    for r, (_tid, d) in zip([1, 2, 3, 4, 5], sorted(ups.items()), strict=True):
-        pool.data[r] = d
-    assert priority_updates(pool, rows, pr, "priority") == []  # nothing changed: no writes
-    top = dict(priority_updates(pool, rows, pr, "priority", top=2))
-    assert {k: v["priority"] for k, v in top.items()} == {12: 0, 14: 0}  # only the top 2 keep a rank
+    svc = service(tmp_path)
+    state = project(svc, 6)
+    for k, v in {"loop_mode": "human_free", "strategy": "entropy", "query_batch": 20, "human_per_round": 4}.items():
+        state.set_setting(k, v)
+    pool = make_pool(rows[:80], 80, 20, seed=1)
+    unl = [r for r in range(len(pool)) if r not in pool.human]
+    state.put(AUDIT_KEY, [pool.task_ids[r] for r in unl[::2]])  # half the unlabeled pool: any query meets some
+    r = fit_round(svc, state, SPEC, pool, None, job_id="a1")
+    picked = set(r.new_auto) | set(r.to_human)
+    assert len(r.new_auto) == 16 and len(r.to_human) == 4
+    assert not picked & set(unl[::2]) and picked <= set(unl[1::2])
 
 
 def test_student_serves_without_llm_calls(tmp_path, rows):
@@ -341,7 +300,7 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
     """An embedding scorer's own predictions say what it is (scorer:<name>), an LLM's say llm:<name>; a
     scorer's predictions from before the rename (llm:<name>) are removed with the superseded versions."""
     from molal.annotators import Mixture
-    from molal.service.train import retire_superseded
+    from molal.service.queue import retire_superseded
 
     cfg = tmp_path / "mixed.toml"
     cfg.write_text('[[annotator]]\ntype = "replay"\nname = "qwen"\nsource = "bundled:trec"\n\n'
@@ -359,13 +318,17 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
         def model_versions(self, project):
             return ["molam-1-aa", "molam-2-bb", "llm:qwen", "llm:emb-minilm", "scorer:emb-minilm", "other-model"]
 
-        def delete_model_version(self, project, v):
-            self.deleted.append(v)
-            return 3
+        def prediction_ids(self, project, versions):
+            return {v: [f"{v}#{i}" for i in range(3)] for v in versions}
+
+        def delete_predictions(self, ids, should_stop=None):  # one by one, never a whole version at once
+            self.deleted.extend(ids)
+            return len(ids)
 
     c = Client()
     out = retire_superseded(c, 5, "molam-2-bb", None, ["llm:qwen", "scorer:emb-minilm"])
-    assert sorted(out) == ["llm:emb-minilm", "molam-1-aa"] and sorted(c.deleted) == sorted(out)
+    assert out == {"llm:emb-minilm": 3, "molam-1-aa": 3}
+    assert sorted({d.split("#")[0] for d in c.deleted}) == ["llm:emb-minilm", "molam-1-aa"]
 
 
 def test_a_pool_only_partly_recorded_gets_a_mixture_that_covers_it(tmp_path, rows):

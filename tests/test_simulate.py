@@ -82,6 +82,35 @@ def test_cli_molam_mode_and_overlay_plot(tiny_encoder, tmp_path, shared_data):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cli_certified_labels_only_reach_the_student_unreviewed(tiny_encoder, tmp_path, shared_data):
+    """--certify-epsilon: the served loop's auto_label. A random audit (held out) certifies MoLAM's threshold;
+    queried items below it go to people. A loose ε certifies most of the pool: MoLAM labels the batches; an ε
+    the audit cannot certify sends every queried item to people, and says why."""
+    runner = CliRunner()
+    got = {}
+    for eps in ("0.9", "0.01"):
+        out = tmp_path / f"cert-{eps}.json"
+        r = runner.invoke(app, ["simulate", "--mode", "molam", "--strategy", "random", "--certify-epsilon", eps,
+                                "--audit", "150", "--out", str(out), *_tiny_args(tiny_encoder)])
+        assert r.exit_code == 0, r.output
+        assert f"certificate at ε = {eps}" in r.output
+        got[eps] = SimulationResult.load(out)
+    loose, strict = got["0.9"], got["0.01"]
+    cert = loose.metadata["labeller"]["certificate"]
+    assert cert["threshold"] is not None and cert["coverage"] > 0.5 and cert["audit"] == 150
+    assert [x["n_llm_labeled"] + x["n_human"] for x in loose.records] == [12, 22, 32]
+    assert loose.records[-1]["n_llm_labeled"] > 0
+    cert = strict.metadata["labeller"]["certificate"]
+    assert cert["threshold"] is None and cert["reason"]
+    assert [(x["n_llm_labeled"], x["n_human"]) for x in strict.records] == [(0, 12), (0, 22), (0, 32)]
+    assert strict.metadata["human_labels"] == {"training": 32, "audit": 150}
+    # the audit is held out: 300 items - 12 seeds - 150 audit leaves 138 to query; asking for more fails
+    r = runner.invoke(app, ["simulate", "--certify-epsilon", "0.1", "--audit", "288", *_tiny_args(tiny_encoder)])
+    assert r.exit_code == 2 and "audit (288) must be smaller" in r.output
+    r = runner.invoke(app, ["simulate", "--mode", "oracle", "--certify-epsilon", "0.1", *_tiny_args(tiny_encoder)])
+    assert r.exit_code != 0 and "molam and hybrid modes" in r.output
+
+
 def test_cli_molam_text_features(tiny_encoder, tmp_path, shared_data):
     """--molam-text-features: MoLAM's text model on the pool's embeddings (the tiny encoder here)."""
     out = tmp_path / "molam-text.json"

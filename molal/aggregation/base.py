@@ -24,10 +24,18 @@ from molal.io import atomic_write_bytes
 
 FORMAT = "molal.aggregator"
 FORMAT_VERSION = 1
+EPS = 1e-12
 
 
 class MoLAMError(ValueError):
     """Bad input to an aggregator (labels out of range, mismatched classes, unreadable model file...)."""
+
+
+def normalize_rows(p: np.ndarray) -> np.ndarray:
+    """Rows scaled to sum to 1 (an all-zero row becomes uniform)."""
+    s = p.sum(axis=-1, keepdims=True)
+    k = p.shape[-1]
+    return np.where(s > EPS, p / np.maximum(s, EPS), 1.0 / k)
 
 
 def check_fit_inputs(outputs: LLMOutputs, labeled_idx: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +180,6 @@ class Aggregator:
 
     def predict_proba(self, outputs: LLMOutputs) -> np.ndarray:
         """(n, K) class distribution per item; rows sum to 1."""
-        from molal.aggregation.signals import normalize_rows
-
         self._check_predict(outputs)
         p = np.asarray(self._predict(outputs), dtype=np.float64)
         p = np.clip(p, 0.0, None)

@@ -9,12 +9,14 @@ import numpy as np
 from molal.aggregation.base import Aggregator, MoLAMError
 from molal.aggregation.models import booster_from_str, booster_to_str, xgb_fit, xgb_predict
 from molal.aggregation.signals import (
+    best_single_source,
     ds_em,
     ds_observations,
     ds_posterior,
-    normalize_rows,
     paper_features,
-    votes,
+    single_sources,
+    source_probs,
+    vote_shares,
 )
 from molal.data import LLMOutputs
 
@@ -33,9 +35,8 @@ class MajorityVote(Aggregator):
 
     @staticmethod
     def vote_shares(outputs: LLMOutputs) -> np.ndarray:
-        """Pooled votes (n, K), the mean probabilities as a tiny tie-breaker."""
-        v = votes(outputs).sum(axis=1)
-        return v + 1e-6 * normalize_rows(outputs.normalized_probs().mean(axis=1))
+        """Pooled votes (n, K), the mean probabilities as a tiny tie-breaker (:func:`signals.vote_shares`)."""
+        return vote_shares(outputs)
 
 
 class MeanProbs(Aggregator):
@@ -64,35 +65,17 @@ class BestSingleLLM(Aggregator):
     @staticmethod
     def sources(outputs: LLMOutputs) -> list[tuple[str, int, np.ndarray]]:
         """Every candidate source: (kind, LLM index, (n, K) scores)."""
-        p = outputs.normalized_probs()
-        out = [("probs", m, p[:, m]) for m in range(outputs.n_llms)]
-        if outputs.consistency is not None:
-            # votes, with the probabilities as tie-breaker / fallback when no answer was valid
-            out += [("votes", m, outputs.consistency[:, m] + 1e-3 * p[:, m]) for m in range(outputs.n_llms)]
-        return out
+        return single_sources(outputs)
 
     @classmethod
     def source_probs(cls, outputs: LLMOutputs, source: tuple[str, int]) -> np.ndarray:
         """The (n, K) scores of one source."""
-        name, m = source
-        for n2, m2, p in cls.sources(outputs):
-            if (n2, m2) == (name, m):
-                return p
-        raise MoLAMError(f"source {name} of LLM {m} not available in these outputs")
+        return source_probs(outputs, source)
 
     def _fit(self, outputs, idx, labels):
-        mv = MajorityVote.vote_shares(outputs).argmax(axis=1)
-        best, best_key = None, None
-        scores = {}
-        for name, m, p in self.sources(outputs):
-            acc = float((p[idx].argmax(axis=1) == labels).mean())
-            agree = float((p.argmax(axis=1) == mv).mean())
-            scores[f"{outputs.llm_names[m]}:{name}"] = round(acc, 4)
-            key = (acc, agree)
-            if best_key is None or key > best_key:
-                best, best_key = (name, m), key
+        best, acc, scores = best_single_source(outputs, idx, labels)
         self.source_ = best
-        self.metadata["seed_accuracy"] = best_key[0]
+        self.metadata["seed_accuracy"] = acc
         self.metadata["source"] = f"{outputs.llm_names[best[1]]}:{best[0]}"
         self.metadata["seed_accuracy_by_source"] = scores
 

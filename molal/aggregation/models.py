@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from molal.aggregation.base import MoLAMError
-from molal.aggregation.signals import normalize_rows
+from molal.aggregation.signals import best_single_source, normalize_rows, source_probs
 from molal.data import LLMOutputs
 
 
@@ -243,7 +243,8 @@ class DawidSkeneCandidate(Candidate):
 
 
 class BestSingleCandidate(Candidate):
-    """The single LLM source most accurate on the seeds (:class:`molal.aggregation.baselines.BestSingleLLM`)."""
+    """The single LLM source most accurate on the seeds (:func:`molal.aggregation.signals.best_single_source`,
+    as :class:`molal.aggregation.baselines.BestSingleLLM`)."""
 
     type = "best_single"
 
@@ -251,15 +252,11 @@ class BestSingleCandidate(Candidate):
         self.source_: tuple[str, int] | None = None
 
     def fit(self, data, idx, labels):
-        from molal.aggregation.baselines import BestSingleLLM
-
-        self.source_ = BestSingleLLM().fit(data.outputs, idx, labels).source_
+        self.source_ = best_single_source(data.outputs, idx, labels)[0]
         return self
 
     def predict(self, data, rows=None):
-        from molal.aggregation.baselines import BestSingleLLM
-
-        p = BestSingleLLM.source_probs(data.outputs, self.source_)
+        p = source_probs(data.outputs, self.source_)
         return normalize_rows(p[slice(None) if rows is None else rows])
 
     def state(self):

@@ -10,6 +10,7 @@ import numpy as np
 
 from molal.aggregation.base import Aggregator, MoLAMError
 from molal.aggregation.baselines import BestSingleLLM
+from molal.aggregation.calibration import apply_temperature, fit_temperature, log_loss
 from molal.aggregation.models import (
     AverageCandidate,
     BestSingleCandidate,
@@ -30,6 +31,10 @@ from molal.aggregation.signals import (
 )
 from molal.aggregation.text_model import TextModel
 from molal.data import LLMOutputs
+
+#: the chi-square(1) 95% quantile: temperature scaling is applied only when it improves the seeds'
+#: out-of-fold likelihood by more than chance would (a likelihood-ratio test)
+CALIBRATION_LR_CRITICAL = 3.841
 
 #: the text model's parameters as MoLAM names them (``text_<name>``), with the TextModel argument each sets
 _TEXT_PARAMS = {"text_weight": "weight", "text_c": "c", "text_folds": "folds", "text_seed_weight": "seed_weight",
@@ -76,9 +81,21 @@ class MoLAM(Aggregator):
             text_device: the text model's exponent in the product, inverse regularisation, cross-fitting
             folds, weight of a seed row, self-training rounds, hashed n-gram features (0 = embeddings only),
             encoder truncation and torch device.
+        calibration: ``"temperature"`` (default) or None: temperature scaling of the served distribution
+            (:mod:`molal.aggregation.calibration`), fitted on the chosen model's out-of-fold predictions on the
+            seeds (the cross-validation's, times the cross-fitted text model's where there is one), and applied
+            only when it improves their log loss significantly (likelihood-ratio test, 5%; 50 seeds make a
+            fitted temperature noisy). Accuracy is unchanged, only the confidence moves.
+            ``metadata["calibration"]`` reports the fitted temperature, whether it was applied, and the seeds'
+            out-of-fold log loss and ECE before and after.
+        drop_members: True (default): members the seeds flag (:func:`molal.aggregation.members.check_members`:
+            at or below chance, or collapsed onto one class) are a choice like the candidates are: the model
+            selection runs with and without them (the same folds), and they are dropped unless keeping them
+            wins out-of-fold on the seeds. ``metadata["members"]`` says what was flagged, measured and kept.
 
     Fitted: ``choice_`` (the chosen candidate's name), ``model_`` (the candidate), ``ds_prior_``/``ds_logpi_``
-    (the pool's Dawid–Skene model), ``mu_``/``sd_`` (feature standardisation), ``text_model_`` (or None).
+    (the pool's Dawid–Skene model), ``mu_``/``sd_`` (feature standardisation), ``text_model_`` (or None),
+    ``temperature_`` (1.0 = none).
     """
 
     kind = "molam"
@@ -102,6 +119,8 @@ class MoLAM(Aggregator):
         text_ngrams: int = 4096,
         text_max_length: int = 64,
         text_device: str = "cpu",
+        calibration: str | None = "temperature",
+        drop_members: bool = True,
     ) -> None:
         super().__init__()
         self.candidates = candidates
@@ -121,9 +140,15 @@ class MoLAM(Aggregator):
         self.text_ngrams = text_ngrams
         self.text_max_length = text_max_length
         self.text_device = text_device
+        self.calibration = calibration
+        self.drop_members = drop_members
+        #: the members the fitted model uses (None: all of them)
+        self.members_: list[str] | None = None
         self.choice_: str | None = None
         self.model_: Candidate | None = None
         self.text_model_: TextModel | None = None
+        self.temperature_ = 1.0
+        self._oof: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- parameters --------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -143,10 +168,16 @@ class MoLAM(Aggregator):
                 raise MoLAMError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if not all(float(c) > 0 for c in self.lr_cs):
             raise MoLAMError(f"lr_cs must be positive, got {list(self.lr_cs)}")
+        if self.calibration not in (None, "temperature"):
+            raise MoLAMError(f"calibration must be None or 'temperature', got {self.calibration!r}")
 
     def _saved_params(self) -> dict[str, Any]:
         # the text parameters only with a text model: files written without the option stay as they were
         p = {k: v for k, v in self.get_params().items() if self.text_features is not None or not k.startswith("text_")}
+        if self.calibration is None:  # files written without calibration stay as they were
+            p.pop("calibration")
+        if self.drop_members:  # likewise: the default is not written
+            p.pop("drop_members")
         p["candidates"] = list(self.candidates) if self.candidates is not None else None
         p["lr_cs"] = [float(c) for c in self.lr_cs]
         p["xgb_params"] = self._xgb_params()
@@ -205,15 +236,20 @@ class MoLAM(Aggregator):
         if self.text_features is not None and outputs.texts is None:
             raise MoLAMError("text_features needs the texts of the pool (outputs.texts is None)")
         self.text_model_ = None
+        self.temperature_ = 1.0
+        self._oof = None
         emb, t_emb, tm = None, 0.0, None
         if self.text_features is not None:  # the encoder runs outside the one-thread limit below
             tm = self._text_model()
             t0 = time.perf_counter()
             emb = tm.inputs(outputs.texts)
             t_emb = time.perf_counter() - t0
+        self.members_ = None
         # many tiny fits: thread pools only add contention (tens of times slower on a busy machine)
         with threadpool_limits(limits=int(self.nthread)):
             self._fit_select(outputs, idx, labels)
+            if self.drop_members:
+                outputs = self._select_members(outputs, idx, labels)
             if tm is not None:
                 t0 = time.perf_counter()
                 base = normalize_rows(np.clip(np.asarray(self._predict_base(outputs), dtype=np.float64), 0, None))
@@ -221,6 +257,77 @@ class MoLAM(Aggregator):
                 self.text_model_ = tm
                 self.metadata["text"] = {"encoder": self.text_features, "embed_seconds": round(t_emb, 3),
                                          "fit_seconds": round(time.perf_counter() - t0, 3), **found}
+            if self.calibration == "temperature":
+                self._calibrate(outputs, idx, emb)
+        self._oof = None
+
+    def _members_of(self, outputs: LLMOutputs) -> LLMOutputs:
+        """``outputs`` restricted to the members the fitted model uses."""
+        return outputs if self.members_ is None else outputs.select_llms(self.members_)
+
+    def _select_members(self, outputs: LLMOutputs, idx: np.ndarray, labels: np.ndarray) -> LLMOutputs:
+        """Keep or drop the members the seeds flag (``drop_members``), by the chosen model's out-of-fold
+        accuracy on the seeds with and without them; returns the outputs the fitted model uses. Called after a
+        model selection on every member (its state is kept when they stay)."""
+        from molal.aggregation.members import check_members
+
+        checks = check_members(outputs, idx, labels)
+        bad = [c.name for c in checks if c.problem]
+        info: dict[str, Any] = {"flagged": {c.name: c.problem for c in checks if c.problem}, "dropped": []}
+        self.metadata["members"] = info
+        if not bad:
+            return outputs
+        keep = [n for n in outputs.llm_names if n not in bad]
+        cv_all = self.metadata["cv"][self.choice_]["accuracy"]
+        info["cv_accuracy_with"] = cv_all
+        if not keep or cv_all is None:  # nothing to compare with: all stay
+            return outputs
+        saved = (dict(self.__dict__), dict(self.metadata))
+        reduced = outputs.select_llms(keep)
+        self._fit_select(reduced, idx, labels)
+        cv_without = self.metadata["cv"][self.choice_]["accuracy"]
+        info["cv_accuracy_without"] = cv_without
+        if cv_without is not None and cv_without >= cv_all:  # a flagged member stays only where it wins
+            self.members_ = keep
+            info["dropped"] = bad
+            self.metadata["members"] = info
+            return reduced
+        self.__dict__.update(saved[0])
+        self.metadata = saved[1]
+        self.metadata["members"] = info
+        return outputs
+
+    def _calibrate(self, outputs: LLMOutputs, idx: np.ndarray, emb) -> None:
+        """Fit the temperature on the chosen model's out-of-fold predictions on the seeds (no other label)."""
+        from molal.metrics import expected_calibration_error
+
+        if self._oof is None:
+            self.metadata["calibration"] = {"method": "temperature", "temperature": 1.0,
+                                            "note": "too few seeds for out-of-fold predictions: not calibrated"}
+            return
+        oof, lab = self._oof
+        oof = normalize_rows(np.clip(oof, 0, None))
+        if self.text_model_ is not None:  # the text model's predictions for the seeds are cross-fitted too
+            tm = self.text_model_
+            texts = [outputs.texts[i] for i in idx]
+            t = tm.proba(emb[idx], tm.fold_of(texts), outputs.n_classes) ** float(tm.weight)
+            oof = normalize_rows(oof * np.tile(t, (len(oof) // len(idx), 1)))
+        fitted = fit_temperature(oof, lab)
+        after = apply_temperature(oof, fitted)
+        before_ll, after_ll = log_loss(oof, lab), log_loss(after, lab)
+        # only where the seeds show it: a likelihood-ratio test (1 parameter, 5%) on the seeds' out-of-fold
+        # log loss, counted once per seed (the repeats re-use the same seeds)
+        gain = 2.0 * len(idx) * (before_ll - after_ll)
+        applied = bool(gain > CALIBRATION_LR_CRITICAL)
+        self.temperature_ = fitted if applied else 1.0
+        self.metadata["calibration"] = {
+            "method": "temperature", "temperature": round(self.temperature_, 4), "applied": applied,
+            "fitted_temperature": round(fitted, 4), "likelihood_ratio": round(gain, 3),
+            "seed_oof_rows": int(len(lab)),
+            "seed_oof_log_loss": [round(before_ll, 4), round(after_ll, 4)],
+            "seed_oof_ece": [round(expected_calibration_error(oof, lab), 4),
+                             round(expected_calibration_error(after, lab), 4)],
+        }
 
     def _fit_select(self, outputs, idx, labels):
         from molal.progress import progress_bar
@@ -242,6 +349,7 @@ class MoLAM(Aggregator):
         acc: dict[str, list[float]] = {n: [] for n in names}
         ll: dict[str, list[float]] = {n: [] for n in names}
         can_cv = len(idx) >= 2 * n_folds
+        oof_runs: list[dict[str, np.ndarray]] = []
         total = n_repeats * n_folds * len(names) if can_cv else 1
         with progress_bar("MoLAM model selection", total, enabled=bool(self.progress)) as bar:
             if can_cv:
@@ -259,6 +367,7 @@ class MoLAM(Aggregator):
                         bar.advance()
                     if "avg" in names:
                         oof["avg"] = np.mean([normalize_rows(np.clip(oof[m], 0, None)) for m in members], axis=0)
+                    oof_runs.append(oof)
                     for n in names:
                         pr = normalize_rows(np.clip(oof[n], 0, None))
                         acc[n].append(float((pr.argmax(1) == labels).mean()))
@@ -283,6 +392,8 @@ class MoLAM(Aggregator):
         else:
             choice = "ds" if "ds" in names else names[0]
         self.choice_ = choice
+        if oof_runs:  # the chosen model's out-of-fold predictions on the seeds, every repeat (for calibration)
+            self._oof = (np.concatenate([run[choice] for run in oof_runs]), np.tile(labels, len(oof_runs)))
         self.model_ = self._candidate(choice, members=members).fit(data, idx, labels)
         self.metadata.update(
             {
@@ -297,16 +408,19 @@ class MoLAM(Aggregator):
         )
 
     def _predict_base(self, outputs):
+        outputs = self._members_of(outputs)
         return self.model_.predict(self._data(outputs, with_features=self.model_.uses_features))
 
     def _predict(self, outputs):
-        base = self._predict_base(outputs)
-        if self.text_model_ is None:
-            return base
-        if outputs.texts is None:
-            raise MoLAMError("this MoLAM uses text features: the outputs need their texts (outputs.texts is None)")
-        base = normalize_rows(np.clip(np.asarray(base, dtype=np.float64), 0, None))
-        return self.text_model_.correct(base, outputs.texts)
+        p = self._predict_base(outputs)
+        if self.text_model_ is not None:
+            if outputs.texts is None:
+                raise MoLAMError("this MoLAM uses text features: the outputs need their texts (outputs.texts is None)")
+            base = normalize_rows(np.clip(np.asarray(p, dtype=np.float64), 0, None))
+            p = self.text_model_.correct(base, outputs.texts)
+        if self.temperature_ != 1.0:
+            p = apply_temperature(normalize_rows(np.clip(np.asarray(p, dtype=np.float64), 0, None)), self.temperature_)
+        return p
 
     @property
     def choice(self) -> str | None:
@@ -319,6 +433,10 @@ class MoLAM(Aggregator):
                  "mu": self.mu_, "sd": self.sd_, "model": self.model_.state()}
         if self.text_model_ is not None:
             state["text_model"] = self.text_model_.state()
+        if self.temperature_ != 1.0:
+            state["temperature"] = float(self.temperature_)
+        if self.members_ is not None:  # only then: files where every member serves stay as they were
+            state["members"] = list(self.members_)
         return state
 
     def _set_state(self, state):
@@ -328,6 +446,8 @@ class MoLAM(Aggregator):
         self.mu_ = np.asarray(state["mu"], dtype=np.float64)
         self.sd_ = np.asarray(state["sd"], dtype=np.float64)
         self.model_ = candidate_from_state(state["model"])
+        self.temperature_ = float(state.get("temperature", 1.0))  # absent: not calibrated (and earlier files)
+        self.members_ = list(state["members"]) if state.get("members") is not None else None  # absent: all
         tm = state.get("text_model")  # absent in files written without text_features (and before it existed)
         self.text_model_ = None
         if tm is not None:

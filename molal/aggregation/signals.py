@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from molal.aggregation.base import MoLAMError
+from molal.aggregation.base import EPS, MoLAMError, normalize_rows
 from molal.data import LLMOutputs
-
-EPS = 1e-12
 
 
 def votes(outputs: LLMOutputs) -> np.ndarray:
@@ -24,11 +22,47 @@ def votes(outputs: LLMOutputs) -> np.ndarray:
     return out
 
 
-def normalize_rows(p: np.ndarray) -> np.ndarray:
-    """Rows scaled to sum to 1 (an all-zero row becomes uniform)."""
-    s = p.sum(axis=-1, keepdims=True)
-    k = p.shape[-1]
-    return np.where(s > EPS, p / np.maximum(s, EPS), 1.0 / k)
+def vote_shares(outputs: LLMOutputs) -> np.ndarray:
+    """Pooled votes of all LLMs (n, K), the mean probabilities as a tiny tie-breaker (the majority vote)."""
+    v = votes(outputs).sum(axis=1)
+    return v + 1e-6 * normalize_rows(outputs.normalized_probs().mean(axis=1))
+
+
+# -- single sources (one LLM's probabilities or its sampled votes) ---------------------------------------------
+def single_sources(outputs: LLMOutputs) -> list[tuple[str, int, np.ndarray]]:
+    """Every single source: (``"probs"`` | ``"votes"``, LLM index, (n, K) scores)."""
+    p = outputs.normalized_probs()
+    out = [("probs", m, p[:, m]) for m in range(outputs.n_llms)]
+    if outputs.consistency is not None:
+        # votes, with the probabilities as tie-breaker / fallback when no answer was valid
+        out += [("votes", m, outputs.consistency[:, m] + 1e-3 * p[:, m]) for m in range(outputs.n_llms)]
+    return out
+
+
+def source_probs(outputs: LLMOutputs, source: tuple[str, int]) -> np.ndarray:
+    """The (n, K) scores of one source."""
+    name, m = source
+    for n2, m2, p in single_sources(outputs):
+        if (n2, m2) == (name, m):
+            return p
+    raise MoLAMError(f"source {name} of LLM {m} not available in these outputs")
+
+
+def best_single_source(outputs: LLMOutputs, idx: np.ndarray, labels: np.ndarray
+                       ) -> tuple[tuple[str, int], float, dict[str, float]]:
+    """The source most accurate on the seeds, ties broken by agreement with the majority vote on the pool
+    (no gold used): (source, its seed accuracy, seed accuracy of every source by ``llm:kind``)."""
+    mv = vote_shares(outputs).argmax(axis=1)
+    best, best_key = None, None
+    scores = {}
+    for name, m, p in single_sources(outputs):
+        acc = float((p[idx].argmax(axis=1) == labels).mean())
+        agree = float((p.argmax(axis=1) == mv).mean())
+        scores[f"{outputs.llm_names[m]}:{name}"] = round(acc, 4)
+        key = (acc, agree)
+        if best_key is None or key > best_key:
+            best, best_key = (name, m), key
+    return best, best_key[0], scores
 
 
 def general_features(outputs: LLMOutputs, floor: float = 1e-3) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 Config (TOML or YAML)::
 
-    [mixture]                       # optional
-    descriptions = { human = "a person or group" }   # default label descriptions
+    task = "Questions people asked a search engine."   # optional: the task framing of every LLM prompt
+
+    [descriptions]                  # optional: one line per class, in every LLM prompt and scorer label text
+    human = "asks for a person or a group"
 
     [[annotator]]
     type = "openai"                 # openai | vllm | hf | embedding | replay
@@ -13,7 +15,11 @@ Config (TOML or YAML)::
     api_key_env = "OPENAI_API_KEY"
     samples = 10
 
-YAML: ``annotators: [{type: ..., name: ...}, ...]`` (``annotator`` is accepted too).
+YAML: ``annotators: [{type: ..., name: ...}, ...]`` (``annotator`` is accepted too). ``descriptions`` and
+``task`` may also sit in a ``[mixture]`` table. In Label Studio, a ``<Choice hint="...">`` describes its class
+and the project's labelling instructions can frame the task (:mod:`molal.service.labelconfig`); they win over
+the file's. A dataset preset's descriptions (an annotator's ``preset``) are the fallback for classes nobody
+described.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from molal.annotators.base import (
     validate_classes,
     validate_texts,
 )
+from molal.annotators.prompts import MAX_TASK_CHARS
 from molal.datasets import CLASS_NAMES
 
 if TYPE_CHECKING:
@@ -48,6 +55,8 @@ if TYPE_CHECKING:
     from molal.data import LLMOutputs
 
 TREC_CLASSES = list(CLASS_NAMES["trec"])
+#: the longest class description a mixture file may give (characters): one line per class is the idea
+MAX_DESCRIPTION_CHARS = 1000
 TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
 #: texts a local encoder embeds ahead in one call (sorted by length: a 256-text wave alone pads ~30% more)
 PREFETCH_TEXTS = 1024
@@ -78,6 +87,19 @@ def _annotator_class(type_: str) -> type[Annotator]:
 
 
 ANNOTATOR_TYPES = ("openai", "vllm", "hf", "embedding", "replay")
+
+
+def _with_task(annotator: Annotator, task: str) -> Annotator:
+    """``annotator`` with the task framing ``task`` in its prompt (a shallow copy: a loaded model is shared);
+    members without a prompt (scorers, recordings) as they are."""
+    import copy
+
+    p = getattr(annotator, "prompt", None)
+    if p is None or not hasattr(p, "with_task") or p.task == task:
+        return annotator
+    a = copy.copy(annotator)
+    a.prompt = p.with_task(task)
+    return a
 
 
 def build_annotator(spec: Mapping[str, Any], where: str = "annotator") -> Annotator:
@@ -191,14 +213,17 @@ class _AnnotationRun:
 
     def from_cache(self) -> list[list[int]]:
         """Fill what the cache holds; returns, per annotator, the unique texts still to annotate."""
+        from molal.cache import text_key
+
         nu, k = len(self.u_texts), len(self.names)
         todo: list[list[int]] = []
+        keys = [text_key(t) for t in self.u_texts] if self.cache is not None else None  # hashed once
         for j, a in enumerate(self.annotators):
             st = self.per[a.name]
             miss = list(range(nu))
             if self.cache is not None and nu:
                 miss = []
-                for u, g in enumerate(self.cache.get_many(self.idents[j], self.u_texts, n_classes=k)):
+                for u, g in enumerate(self.cache.get_many(self.idents[j], self.u_texts, n_classes=k, keys=keys)):
                     if g is None:
                         miss.append(u)
                         continue
@@ -426,7 +451,8 @@ class _AnnotationRun:
 class Mixture:
     """An ordered list of annotators with unique names (the LLMOutputs ``llm_names``)."""
 
-    def __init__(self, annotators: Sequence[Annotator], descriptions: Mapping[str, str] | None = None) -> None:
+    def __init__(self, annotators: Sequence[Annotator], descriptions: Mapping[str, str] | None = None,
+                 task: str | None = None) -> None:
         annotators = list(annotators)
         if not annotators:
             raise ValueError("a mixture needs at least one annotator")
@@ -434,8 +460,13 @@ class Mixture:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"annotator names must be unique; duplicated: {dup}")
+        #: class -> description (a mixture file's ``descriptions``, Label Studio's hints): every member gets them
+        self.descriptions = {c: " ".join(str(d).split()) for c, d in (descriptions or {}).items() if str(d).strip()}
+        #: the task framing of every LLM member's prompt ("" = none)
+        self.task = " ".join((task or "").split())
+        if self.task:
+            annotators = [_with_task(a, self.task) for a in annotators]
         self.annotators = annotators
-        self.descriptions = dict(descriptions or {})
         #: the labelled tasks :meth:`with_seed_examples` filled ``examples = "seeds"`` prompts from (else None)
         self.seed_examples: list[dict[str, str]] | None = None
 
@@ -460,8 +491,24 @@ class Mixture:
                 a = copy.copy(a)
                 a.prompt = p.with_seed_examples(labelled)
             out.append(a)
-        mix = Mixture(out, descriptions=self.descriptions)
+        mix = Mixture(out, descriptions=self.descriptions, task=self.task)
         mix.seed_examples = [dict(e) for e in labelled]
+        return mix
+
+    def with_context(self, descriptions: Mapping[str, str] | None = None, task: str | None = None) -> Mixture:
+        """A mixture whose members also get ``descriptions`` (class -> one line; they win over this
+        mixture's own for the classes they describe) and, when ``task`` is given, that task framing in every
+        LLM member's prompt (in place of this mixture's). What Label Studio says about a project's classes
+        (``<Choice hint>``) and task (its labelling instructions) reaches the members this way. Members whose
+        prompt does not change are the same objects; ``self`` when nothing changes."""
+        desc = {**self.descriptions, **{c: d for c, d in (descriptions or {}).items() if str(d).strip()}}
+        task = self.task if task is None else " ".join(task.split())
+        if desc == self.descriptions and task == self.task:
+            return self
+        mix = Mixture(self.annotators, descriptions=desc, task=task)
+        if task != self.task and not task:  # framing removed: the members' prompts lose it
+            mix.annotators = [_with_task(a, "") for a in mix.annotators]
+        mix.seed_examples = self.seed_examples
         return mix
 
     def member_versions(self) -> list[str]:
@@ -477,12 +524,13 @@ class Mixture:
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_specs(cls, specs: Sequence[Mapping[str, Any]], where: str = "mixture", descriptions=None) -> Mixture:
+    def from_specs(cls, specs: Sequence[Mapping[str, Any]], where: str = "mixture", descriptions=None,
+                   task: str | None = None) -> Mixture:
         if not isinstance(specs, Sequence) or isinstance(specs, (str, bytes)) or not specs:
             raise ConfigError(f"{where}: no annotators (add at least one [[annotator]] table)")
         anns = [build_annotator(s, f"{where}: annotator #{i + 1}") for i, s in enumerate(specs)]
         try:
-            return cls(anns, descriptions=descriptions)
+            return cls(anns, descriptions=descriptions, task=task)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
@@ -491,9 +539,10 @@ class Mixture:
         """Load a TOML (``[[annotator]]`` tables) or YAML (``annotators:`` list) mixture config."""
         p = Path(path)
         data = _read_config(p)
-        unknown = [k for k in data if k not in ("annotator", "annotators", "mixture")]
+        unknown = [k for k in data if k not in ("annotator", "annotators", "mixture", "descriptions", "task")]
         if unknown:
-            raise ConfigError(f"{p}: unknown top-level field {unknown[0]!r} (expected 'annotator' tables and optional 'mixture')")
+            raise ConfigError(f"{p}: unknown top-level field {unknown[0]!r} (expected 'annotator' tables and optional "
+                              "'descriptions', 'task' and 'mixture')")
         specs = data.get("annotator", data.get("annotators"))
         if specs is None:
             raise ConfigError(f"{p}: no annotators (add at least one [[annotator]] table)")
@@ -502,13 +551,24 @@ class Mixture:
         mix = data.get("mixture", {}) or {}
         if not isinstance(mix, Mapping):
             raise ConfigError(f"{p}: field 'mixture' must be a table")
-        bad = [k for k in mix if k != "descriptions"]
+        bad = [k for k in mix if k not in ("descriptions", "task")]
         if bad:
-            raise ConfigError(f"{p}: unknown field 'mixture.{bad[0]}' (allowed: descriptions)")
-        desc = mix.get("descriptions") or {}
-        if not isinstance(desc, Mapping) or not all(isinstance(v, str) for v in desc.values()):
-            raise ConfigError(f"{p}: field 'mixture.descriptions' must be a table class name -> text")
-        return cls.from_specs(specs, where=str(p), descriptions=desc)
+            raise ConfigError(f"{p}: unknown field 'mixture.{bad[0]}' (allowed: descriptions, task)")
+        desc: dict[str, str] = {}
+        for where, table in (("mixture.descriptions", mix.get("descriptions")), ("descriptions", data.get("descriptions"))):
+            if table is None:
+                continue
+            if not isinstance(table, Mapping) or not all(isinstance(v, str) for v in table.values()):
+                raise ConfigError(f"{p}: field {where!r} must be a table class name -> one line of text")
+            long_ = [k for k, v in table.items() if len(v) > MAX_DESCRIPTION_CHARS]
+            if long_:
+                raise ConfigError(f"{p}: {where}.{long_[0]} has over {MAX_DESCRIPTION_CHARS} characters (one line "
+                                  "per class is the idea)")
+            desc.update(table)
+        task = data.get("task", mix.get("task"))
+        if task is not None and (not isinstance(task, str) or len(task) > MAX_TASK_CHARS):
+            raise ConfigError(f"{p}: field 'task' must be a string of at most {MAX_TASK_CHARS} characters")
+        return cls.from_specs(specs, where=str(p), descriptions=desc, task=task)
 
     @classmethod
     def default(
@@ -531,6 +591,14 @@ class Mixture:
                 return cls(replay)
         variants = [v for v in DEFAULT_VARIANTS if v[0] != "emb-desc" or descriptions]
         return cls([EmbeddingAnnotator(name=n, templates=t) for n, t in variants], descriptions=descriptions)
+
+    def needs_described_default(self, descriptions: Mapping[str, str]) -> bool:
+        """Whether this is the offline default of embedding scorers built without descriptions while
+        ``descriptions`` now exist (then :meth:`default` with them adds the description scorer)."""
+        from molal.annotators.embedding import DEFAULT_VARIANTS
+
+        names = [n for n, _ in DEFAULT_VARIANTS if n != "emb-desc"]
+        return bool(descriptions) and self.llm_names == names
 
     # -- annotation ------------------------------------------------------------------------------------
     def cache_identity(self, annotator: Annotator, class_names: Sequence[str], descriptions: Mapping[str, str]) -> dict:
@@ -569,7 +637,7 @@ class Mixture:
                           completed=run.steps) as bar:
 
             def report(name: str) -> None:
-                bar.update(completed=run.steps, description=f"annotate {name}")
+                bar.update(completed=run.steps, description=f"annotate {name}" if name else "annotate")
                 if on_progress is not None:
                     on_progress(run.steps, total)
 
@@ -580,7 +648,10 @@ class Mixture:
         return [a.identity() for a in self.annotators]
 
     def fingerprint(self) -> str:
-        """sha256 of the annotators' identities (changes when any annotator would answer differently)."""
+        """sha256 of the annotators' identities and the class descriptions (changes when any annotator would
+        answer differently)."""
+        if self.descriptions:  # only then: mixtures without descriptions keep their fingerprint
+            return stable_hash({"annotators": self.identity(), "descriptions": dict(sorted(self.descriptions.items()))})
         return stable_hash(self.identity())
 
     def close(self) -> None:

@@ -463,8 +463,12 @@ class OpenAIAnnotator(Annotator):
                 sent = f"logprobs=true, top_logprobs={n}" if chat else f"logprobs={n}"
                 raise self._feature_error(
                     f"returned no top_logprobs on {path} (sent {sent})",
-                    f"molal's {self.api} scoring needs them: use a server that returns them (vLLM, llama.cpp's server, "
-                    f"OpenAI) or api='{'completions' if chat else 'chat'}'")
+                    ("molal's chat scoring needs them. Set api = \"completions\" on this member (a plain prompt; "
+                     "llama.cpp's server answers chat requests without top_logprobs for a model without a chat "
+                     "template, such as the base Gemma-3-270M, and returns them on completions), or use a model or "
+                     "server that returns them on chat/completions (vLLM, OpenAI)") if chat else
+                    ("molal's completions scoring needs them: set api = \"chat\" on this member, or use a server that "
+                     "returns them on completions (vLLM, llama.cpp's server, OpenAI)"))
             found["top_logprobs_depth"] = depth
         if found.get("top_logprobs_depth", self.top_logprobs) < self.top_logprobs:
             log.warning("annotator %s: the server returns %d top logprobs where %d were asked; classes whose first token "

@@ -5,7 +5,9 @@ it ends with ``answer_prefix`` and the class verbalizer follows after one space)
 assistant's reply should be the verbalizer alone). Its :meth:`Prompt.identity` goes into the cache key.
 
 Template placeholders: ``{text}``, ``{labels}`` (comma-separated verbalizers), ``{descriptions}`` (one
-"- label: description" line per described class, or empty), ``{examples}`` (few-shot block or empty).
+"- label: description" line per described class, or empty), ``{examples}`` (few-shot block or empty),
+``{task}`` (the task framing, e.g. a Label Studio project's labelling instructions, or empty; a template
+without ``{task}`` gets the framing as its first line).
 An annotator's ``preset = "<dataset>"`` (:mod:`molal.annotators.presets`: trec, ag_news, sst2, imdb,
 pubmed-20k-rct, banking77) brings that dataset's task framing and class descriptions; options given
 explicitly win.
@@ -28,7 +30,9 @@ DEFAULT_TEMPLATE = (
 )
 DEFAULT_SYSTEM = "You are a careful annotator for text classification."
 DEFAULT_ANSWER_PREFIX = "Category:"
-_FIELDS = ("text", "labels", "descriptions", "examples")
+_FIELDS = ("text", "labels", "descriptions", "examples", "task")
+#: the longest task framing a prompt takes (characters); longer framings are refused by :class:`Prompt`
+MAX_TASK_CHARS = 2000
 CHAT_MODES = ("auto", True, False)
 
 
@@ -58,6 +62,9 @@ class Prompt:
     #: "seeds": the examples are to come from the project's labelled tasks (:meth:`with_seed_examples`)
     examples_from: str | None = None
     examples_per_class: int = 1
+    #: the task framing (a Label Studio project's labelling instructions, a mixture file's ``task``): rendered
+    #: at ``{task}``, or as the first line of the prompt when the template has no ``{task}``
+    task: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or "{text}" not in self.template:
@@ -86,6 +93,8 @@ class Prompt:
         self.descriptions = dict(self.descriptions)
         if self.examples_from not in (None, "seeds"):
             raise ValueError(f"examples must be a list of examples or \"seeds\", got {self.examples_from!r}")
+        if not isinstance(self.task, str) or len(self.task) > MAX_TASK_CHARS:
+            raise ValueError(f"the task framing must be a string of at most {MAX_TASK_CHARS} characters")
         if isinstance(self.examples_per_class, bool) or not isinstance(self.examples_per_class, int) or not (
                 1 <= self.examples_per_class <= 8):
             raise ValueError(f"examples_per_class must be an integer from 1 to 8, got {self.examples_per_class!r}")
@@ -131,6 +140,13 @@ class Prompt:
                 chosen.append({"text": e["text"], "label": e["label"]})
         return dataclasses.replace(self, examples=chosen, examples_from=None)
 
+    def with_task(self, task: str | None) -> Prompt:
+        """This prompt with the task framing ``task`` ("" or None: none). Its identity changes with it."""
+        import dataclasses
+
+        task = " ".join((task or "").split())
+        return self if task == self.task else dataclasses.replace(self, task=task)
+
     def check_classes(self, class_names: Sequence[str]) -> None:
         """Verbalizers and few-shot labels must name classes of the project."""
         unknown = [k for k in self.verbalizers if k not in class_names]
@@ -157,7 +173,11 @@ class Prompt:
         if self.examples:
             verb = dict(zip(class_names, words, strict=True))
             exs = "Examples:\n" + "".join(f"Text: {e['text']}\nCategory: {verb[e['label']]}\n" for e in self.examples)
-        return self.template.format(text=text, labels=", ".join(words), descriptions=desc, examples=exs)
+        body = self.template.format(text=text, labels=", ".join(words), descriptions=desc, examples=exs,
+                                    task=self.task + "\n" if self.task else "")
+        if self.task and "{task}" not in self.template:
+            body = f"{self.task}\n{body}"
+        return body
 
     def plain(self, text: str, class_names: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
         """Plain completion prompt; the answer is ``" " + verbalizer`` right after it."""
@@ -182,6 +202,8 @@ class Prompt:
         }
         if self.descriptions:  # only then: prompts without descriptions keep their cache identity
             out["descriptions"] = dict(sorted(self.descriptions.items()))
+        if self.task:  # likewise
+            out["task"] = self.task
         return out
 
     @classmethod

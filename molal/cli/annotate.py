@@ -259,6 +259,14 @@ def annotate_command(
         for a, name in enumerate(outputs.llm_names):
             pt.add_row(name, *[f"{pair[a, b]:.3f}" for b in range(outputs.n_llms)])
         console.print(pt)
+    if len(outputs):
+        from molal.aggregation.members import check_members
+
+        lab = np.flatnonzero(gold >= 0) if gold is not None else np.zeros(0, dtype=np.int64)
+        kinds = {a.name: a.kind for a in mixture.annotators}
+        for c in check_members(outputs, lab, gold[lab] if gold is not None else lab, kinds=kinds):
+            if c.problem:
+                console.print(f"[yellow]warning:[/] {c.kind} {c.line()}")
     console.print(
         f"cache: {st['cache_hits']} hits / {st['cache_misses']} misses (annotator x text); "
         f"{st['done']} done, {len(res.failed)} failed, {st['pending']} pending; "
@@ -299,6 +307,24 @@ def _print_estimate(console, est) -> None:
                   + " (~: about 4 characters a token)")
 
 
+def annotators_command(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the Markdown here (docs/annotators.md) "
+                                                                       "instead of printing it."),
+) -> None:
+    """Every annotator option (type, default, meaning, which types take it) and every prompt preset, as Markdown
+    generated from the code (docs/annotators.md)."""
+    from molal.annotators.reference import markdown
+    from molal.io import atomic_write_bytes
+
+    text = markdown()
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_bytes(output, text.encode("utf-8"), mode=0o644)
+        typer.echo(f"wrote {output}", err=True)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``molal annotate`` to the root app."""
+    """Add ``molal annotate`` and ``molal annotators`` to the root app."""
     app.command("annotate")(annotate_command)
+    app.command("annotators")(annotators_command)

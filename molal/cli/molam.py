@@ -1,4 +1,5 @@
-"""``molal molam fit`` / ``molal molam eval``: train the aggregator on seed labels and evaluate it.
+"""``molal molam fit`` / ``molal molam eval``: train the aggregator on seed labels and evaluate it;
+``molal molam certify``: the certified threshold (molal.trust) simulated over recorded outputs.
 
 Seeds / labels file (JSONL), one labeled item per line, ``label`` = class name, the item given either by
 ``"index"`` (row of the outputs file) or by ``"text"`` (matched exactly against the outputs' texts)::
@@ -19,7 +20,7 @@ import typer
 
 from molal.data import DataError
 
-molam_app = typer.Typer(help="MoLAM: the learned aggregator of the LLMs (fit on seed labels, evaluate).",
+molam_app = typer.Typer(help="MoLAM: the learned aggregator of the LLMs (fit on seed labels, evaluate, certify).",
                         no_args_is_help=True)
 
 METHODS = ["molam", "best_single_llm", "majority_vote", "mean_probs", "paper_xgboost", "dawid_skene"]
@@ -194,6 +195,101 @@ def eval_cmd(
         t2.add_row(name, f"{e['eval_accuracy']:.3f}", *([f"{e['seed_accuracy']:.3f}"] if seed_rows is not None else []))
     console.print(t2)
     console.print(f"wrote {out_dir}/report.json, reliability.png, confusion_per_llm.png")
+
+
+def _floats(text: str, name: str, lo: float, hi: float) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DataError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or not all(lo < v < hi for v in vals):
+        raise DataError(f"{name}: every value must be in ({lo:g}, {hi:g}), got {text!r}")
+    return vals
+
+
+@molam_app.command("certify")
+def certify_cmd(
+    outputs: Path | None = typer.Option(None, "--outputs", help="LLMOutputs .npz (default: the bundled TREC recording "
+                                        "of 5 real LLMs)."),
+    labels_path: Path | None = typer.Option(None, "--labels", help="Gold labels ({index|text, label} JSONL, e.g. the "
+                                            "annotated dataset); rows without one are left out (default with the "
+                                            "bundled recording: its TREC labels)."),
+    epsilon: str = typer.Option("0.05", "--epsilon", help="Largest acceptable error among accepted items (comma-"
+                                "separated for several)."),
+    delta: float = typer.Option(0.1, "--delta", help="Largest acceptable probability that a certificate is wrong."),
+    audit_size: str = typer.Option("100", "--audit-size", help="Audit items per draw (comma-separated for several)."),
+    draws: int = typer.Option(20, "--draws", min=1, max=10_000, help="Random draws of the seeds, each one MoLAM fit."),
+    audits: int = typer.Option(5, "--audits", min=1, max=1000, help="Random audits of each size per fit."),
+    n_seeds: int = typer.Option(50, "--seeds", min=2, help="Random seed labels per draw."),
+    first_draw: int = typer.Option(0, "--first-draw", min=0, help="Draws first_draw .. first_draw + draws - 1."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write every draw's record and the summary here."),
+) -> None:
+    """Simulate the certified threshold: per draw, random seeds fit MoLAM, a random audit of the other items
+    sets the threshold (molal.trust.certify); report the threshold, the coverage of the remaining pool and the
+    realised error among its accepted items against gold, beside the naive rule "confidence >= 1 - epsilon".
+    Gold is read only for the seeds, the audit (the simulated people) and the realised error."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from molal.data import LLMOutputs, load_dataset
+    from molal.io import atomic_write_json
+    from molal.molam import MoLAMError
+    from molal.progress import progress_bar
+    from molal.resources import asset_path
+    from molal.simulate_trust import simulate_certification
+    from molal.trust import TrustError
+
+    console = Console()
+    try:
+        epsilons = _floats(epsilon, "--epsilon", 0.0, 1.0)
+        if not 0 < delta < 1:
+            raise DataError(f"--delta must be in (0, 1), got {delta}")
+        try:
+            sizes = [int(v) for v in audit_size.split(",") if v.strip()]
+        except ValueError:
+            raise DataError(f"--audit-size: expected comma-separated integers, got {audit_size!r}") from None
+        if outputs is None and labels_path is None:  # the bundled recording: its labels, row for row
+            outs = LLMOutputs.load(asset_path("trec_recorded.npz"))
+            gold = load_dataset(asset_path("trec.jsonl"), class_names=list(outs.class_names)).labels
+        else:
+            outs = LLMOutputs.load(outputs or asset_path("trec_recorded.npz"))
+            if labels_path is None:
+                raise DataError("--labels is needed with --outputs: the gold labels the realised error is measured on")
+            rows, gold = read_labeled(labels_path, outs)
+            order = np.argsort(rows)
+            gold = gold[order]
+            if len(rows) < outs.n_items:  # only the items with a gold label
+                outs = outs.subset(rows[order])
+        rest = outs.n_items - n_seeds
+        if not sizes or not all(0 < s < rest for s in sizes):
+            raise DataError(f"--audit-size: each must be between 1 and {rest - 1} (the items that are not seeds)")
+        with progress_bar(f"certify: {draws} draws (a MoLAM fit each)", draws) as bar:
+            res = simulate_certification(outs, gold, draws=draws, first_draw=first_draw, n_seeds=n_seeds,
+                                         epsilons=epsilons, delta=delta, audit_sizes=sizes, audits=audits,
+                                         progress=lambda i, n: bar.update(completed=i))
+    except (DataError, MoLAMError, TrustError, ValueError) as exc:
+        _fail(exc)
+    if json_out is not None:
+        atomic_write_json(json_out, {"epsilons": epsilons, "delta": delta, "audit_sizes": sizes, "draws": draws,
+                                     "audits_per_fit": audits,
+                                     "first_draw": first_draw, "n_seeds": n_seeds, **res})
+    for conf, summary in res["summary"].items():
+        t = Table(title=f"{outs.n_items} items, {n_seeds} seeds, δ = {delta:g}, {draws} fits × {audits} audits "
+                        f"({conf} confidence): coverage and realised error over the remaining pool")
+        for col in ("rule", "audit", "ε", "threshold", "certified", "coverage", "error", "error > ε"):
+            t.add_column(col, justify="left" if col == "rule" else "right")
+        for s in summary:
+            t.add_row(s["rule"], str(s["audit"]), f"{s['epsilon']:g}",
+                      "-" if s["threshold"] is None else f"{s['threshold']:.4f}", f"{s['certified']:.0%}",
+                      f"{s['coverage']:.3f}", "-" if s["error"] is None else f"{s['error']:.4f}",
+                      f"{s['fail']:.0%}" + ("" if s["holds"] or s["rule"] == "naive" else " (> δ!)"))
+        console.print(t)
+    console.print("ltt-pool: the certificate with the pool's confidences; ltt-audit: from the audit alone; naive: "
+                  "confidence >= 1 - ε. threshold: median over the audits with a certificate; error: mean over them; "
+                  "error > ε: share of all audits.")
+    if json_out is not None:
+        console.print(f"wrote {json_out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -31,7 +31,7 @@ def _service(model_dir: Path | None):
 
 
 def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, payload: dict | None = None,
-             wait_s: float = 3600.0) -> None:
+             wait_s: float = 3600.0, quiet: bool = False) -> None:
     from rich.console import Console
 
     from molal.service.jobs import execute
@@ -50,6 +50,7 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
         return
     deadline = time.monotonic() + wait_s
     shown = False
+    elsewhere = None
     while True:
         svc.jobs.reap_stale()
         claimed = svc.jobs.claim(job["id"])
@@ -57,9 +58,8 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
             break
         row = svc.jobs.get(job["id"])
         if row is None or row["status"] != "queued":
-            console.print(f"job {job['id']} is {row['status'] if row else 'gone'} (run elsewhere)")
-            typer.echo(json.dumps(row, default=str))
-            return
+            elsewhere = row
+            break
         if not shown:
             console.print(f"waiting: project {project} has another job running (see `molal jobs`)")
             shown = True
@@ -67,17 +67,30 @@ def _run_job(kind: str, project: int, model_dir: Path | None, queue: bool, paylo
             console.print("[red]gave up waiting[/red]; the job stays queued")
             raise typer.Exit(1)
         time.sleep(1.0)
-    console.print(f"running {kind} job {job['id']} for project {project} (progress in the log / `molal jobs`)")
-    import logging
+    if elsewhere is None:
+        console.print(f"running {kind} job {job['id']} for project {project} (progress in the log / `molal jobs`)")
+        import logging
 
-    from molal.logging import setup_logging
+        from molal.logging import setup_logging
 
-    if logging.getLogger().level > logging.INFO:
-        setup_logging("INFO")
-    row = execute(svc.jobs, claimed, svc.run_job)
-    typer.echo(json.dumps({k: row.get(k) for k in ("id", "status", "message", "result", "error")}, default=str,
-                          indent=1))
+        if logging.getLogger().level > logging.INFO:
+            setup_logging("INFO")
+        row = execute(svc.jobs, claimed, svc.run_job)
+    else:  # a server's worker took it first: follow it there
+        console.print(f"job {job['id']} runs in the server's worker; waiting for it")
+        row = elsewhere
+        while row is not None and row["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            row = svc.jobs.get(job["id"])
+        if row is None or row["status"] in ("queued", "running"):
+            console.print(f"[red]gave up waiting[/red] for job {job['id']}")
+            raise typer.Exit(1)
+    if not quiet or row["status"] != "succeeded":
+        typer.echo(json.dumps({k: row.get(k) for k in ("id", "status", "message", "result", "error")}, default=str,
+                              indent=1), err=quiet)
     if row["status"] != "succeeded":
+        if row.get("message"):
+            console.print(f"[red]{kind} failed:[/red] {row['message']}")
         raise typer.Exit(1)
 
 
@@ -217,6 +230,8 @@ def register(app: typer.Typer) -> None:
         from molal.service.jobs import RQ_QUEUE
 
         conn = Redis.from_url(s.redis_url.get_secret_value())
+        if s.job_nice and hasattr(os, "nice"):
+            os.nice(s.job_nice)  # the whole worker runs jobs: nicer than the web processes (MOLAL_JOB_NICE)
         typer.echo(f"RQ worker on queue {RQ_QUEUE!r} (MODEL_DIR={s.model_dir})", err=True)
         Worker([RQ_QUEUE], connection=conn).work(burst=burst)
 
@@ -265,6 +280,56 @@ def register(app: typer.Typer) -> None:
         else:
             state.set_setting("review_panel", True)
         typer.echo(json.dumps({"project": project, "review_panel": done, "instructions": instructions and not remove}))
+
+    @project_app.command("report")
+    def project_report(
+        project: int = typer.Option(..., "--project"),
+        out: Path | None = typer.Option(None, "--out", help="Write report-<N>.png and report-<N>.html (plots) "
+                                                            "into this folder."),
+        refresh: bool = typer.Option(False, "--refresh", help="Measure now (a certify job without writing: pulls "
+                                                              "the project; the LLMs' answers come from the cache)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """How far to trust molal on this project: how often its pre-fill and each LLM's vote agreed with the
+        labels people submitted — on the random audit slice (an estimate for the whole pool) and on the rest
+        of the queue — overall and per class with 95% intervals, the confusion matrix, by model version, and
+        the certificate for labelling without a person. Measured by every training job (--refresh: now)."""
+        from molal.service.quality import QUALITY_KEY
+
+        if refresh:
+            _run_job("certify", project, model_dir, False, payload={"write": False}, quiet=True)
+        svc = _service(model_dir)
+        state = svc.known_project(project)
+        report = state.get(QUALITY_KEY)
+        if not report:
+            typer.echo(f"error: project {project} has no quality report yet: it is measured by each training "
+                       "job once a model serves (or run with --refresh)", err=True)
+            raise typer.Exit(1)
+        if as_json:
+            typer.echo(json.dumps(report, indent=1))
+        else:
+            from molal.cli.report import print_report
+
+            print_report(report)
+        if out is not None:
+            from molal.cli.report import write_pages
+
+            png, page = write_pages(report, out, project)
+            typer.echo(f"wrote {png} and {page}", err=True)
+
+    @project_app.command("certify")
+    def project_certify(
+        project: int = typer.Option(..., "--project"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be certified."),
+        model_dir: Path | None = _MODEL_DIR,
+    ) -> None:
+        """Write the serving MoLAM's certified labels into Label Studio, as annotations marked as molal's
+        ("Created from prediction", data.molal_certified), for every task nobody labelled whose confidence
+        reaches the certified threshold: with probability >= 1 - certify_delta, at most a share certify_epsilon
+        of the pool's tasks at or above it carry a wrong label (Learn-then-Test on the audit slice). Refuses,
+        and says why, without a certificate (e.g. too few audit labels)."""
+        _run_job("certify", project, model_dir, False, payload={"write": not dry_run})
 
     @project_app.command("set")
     def project_set(

@@ -53,6 +53,11 @@ def register(app: typer.Typer) -> None:
         budget: int = typer.Option(50, help="items queried per round"),
         initial: int = typer.Option(50, help="random seed items with gold labels (cold start)"),
         human_per_round: int = typer.Option(10, help="hybrid mode: gold labels per round"),
+        certify_epsilon: float | None = typer.Option(
+            None, help="molam/hybrid modes: only MoLAM labels certified at this error level (molal.trust, from a "
+            "random audit held out) go to the student unreviewed, the rest to people (the backend's auto_label)"),
+        certify_delta: float = typer.Option(0.1, help="with --certify-epsilon: the certificate's failure probability"),
+        audit: int = typer.Option(200, help="with --certify-epsilon: random items people label for the audit"),
         seed: int = typer.Option(0, help="random seed (seeds, queries, student init)"),
         molam_text_features: str | None = typer.Option(
             None, help="molam/hybrid modes: correct MoLAM's labels with its transductive text model (this "
@@ -98,6 +103,7 @@ def register(app: typer.Typer) -> None:
             dataset=dataset, annotations=annotations, pool_labels=pool_labels, test=test, strategy=strategy,
             mode=mode,  # type: ignore[arg-type]
             rounds=rounds, budget=budget, n_initial=initial, human_per_round=human_per_round, seed=seed,
+            certify_epsilon=certify_epsilon, certify_delta=certify_delta, audit=audit,
             molam_text_features=molam_text_features,
             encoder=encoder, max_length=max_length, epochs=epochs, min_steps=min_steps, max_steps=max_steps, batch_size=batch_size, lr=lr,
             freeze_encoder=freeze_encoder, loss=loss, weights=weights,  # type: ignore[arg-type]
@@ -124,6 +130,13 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         for note in result.notes:
             console.print(f"[dim]note: {note}[/]")
+        cert = result.metadata["labeller"].get("certificate")
+        if cert is not None:
+            said = (f"confidence >= {cert['threshold']:.4f} certified (coverage {cert['coverage']:.1%} of the pool)"
+                    if cert["threshold"] is not None else f"nothing certified: {cert['reason']}")
+            console.print(f"certificate at ε = {cert['epsilon']:g}, δ = {cert['delta']:g} on a random audit of "
+                          f"{cert['audit']}: {said}; people labelled {result.metadata['human_labels']['training']} "
+                          f"training items + the audit")
         table = Table(title=f"{result.label} — {dataset}")
         for c in COLUMNS:
             table.add_column(c, justify="right")

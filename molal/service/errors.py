@@ -42,3 +42,9 @@ class TooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status = 415
+
+
+class InsufficientStorage(ServiceError):
+    """A new project beyond ``MOLAL_MAX_PROJECTS`` (the message names the variable)."""
+
+    status = 507

@@ -289,8 +289,10 @@ class JobContext:
         self.queue.progress(self.id, fraction, message)
 
 
-def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) -> dict:
-    """Run a claimed job with a heartbeat thread; record success or failure. Returns the final row."""
+def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict],
+            after: Callable[[dict], None] | None = None) -> dict:
+    """Run a claimed job with a heartbeat thread; record success or failure; then ``after(final row)`` (best
+    effort: its failure is logged). Returns the final row."""
     ctx = JobContext(queue, job)
     stop = threading.Event()
 
@@ -319,22 +321,45 @@ def execute(queue: JobQueue, job: dict, runner: Callable[[JobContext], dict]) ->
             raise
     finally:
         stop.set()
-    return queue.get(job["id"]) or job
+    row = queue.get(job["id"]) or job
+    if after is not None:
+        try:
+            after(row)
+        except Exception:  # noqa: BLE001 - what follows a job never changes how it ended
+            log.exception("after job %s", job["id"])
+    return row
+
+
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux: priorities are per thread; the threads it
+    starts — torch's pool among them — inherit it). Jobs train models on the cores that also serve
+    ``/predict`` and, often, Label Studio itself: a person submitting a label must not wait for a job."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # pragma: no cover - not permitted here: run at the priority given
+        log.info("could not lower the job thread's priority: %s", exc)
 
 
 class JobWorker(threading.Thread):
     """In-process worker thread: claims queued jobs (any project) and runs them one at a time."""
 
-    def __init__(self, queue: JobQueue, runner: Callable[[JobContext], dict], poll_s: float = 1.0) -> None:
+    def __init__(self, queue: JobQueue, runner: Callable[[JobContext], dict], poll_s: float = 1.0,
+                 after: Callable[[dict], None] | None = None, nice: int = 0) -> None:
         super().__init__(name="molal-job-worker", daemon=True)
         self.queue = queue
         self.runner = runner
+        self.after = after
+        self.nice = nice
         self.poll_s = poll_s
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.pid = os.getpid()
 
     def run(self) -> None:
+        lower_priority(self.nice)
         log.info("in-process job worker started (pid %d)", os.getpid())
         last_reap = 0.0
         while not self.stop_event.is_set():
@@ -344,7 +369,7 @@ class JobWorker(threading.Thread):
                     last_reap = time.monotonic()
                 job = self.queue.claim()
                 if job is not None:
-                    execute(self.queue, job, self.runner)
+                    execute(self.queue, job, self.runner, self.after)
                     continue
             except Exception:  # pragma: no cover - keep the worker alive
                 log.exception("job worker loop error")

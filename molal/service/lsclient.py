@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sized
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,8 +27,11 @@ REVIEW_COLUMNS = ("id", "predictions_score", "data.molal_label", "data.molal_con
 _SYSTEM_COLUMNS = ("inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions",
                    "annotators", "annotations_results", "annotations_ids", "predictions_model_versions",
                    "predictions_results", "file_upload", "storage_filename", "created_at", "updated_at",
-                   "updated_by", "avg_lead_time", "draft_exists", "data.molal_review", "data.molal_agreement")
+                   "updated_by", "avg_lead_time", "draft_exists", "data.molal_review", "data.molal_agreement",
+                   "data.molal_audit")
 AUTO_FLAG = "molal_auto_label"
+#: the task data field of a task molal labelled itself with a certified label (what, by which model, at which ε, δ)
+CERTIFIED_FLAG = "molal_certified"
 #: what the first pass of :meth:`LSClient.tasks` asks Label Studio for
 LIGHT_FIELDS = "id,data,predictions_model_versions"
 #: Data Manager filter: tasks with at least one non-cancelled annotation
@@ -37,6 +41,13 @@ ANNOTATED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
 #: task of the project after each import request (~1.5 s per request on 2,000 tasks, more on bigger
 #: projects), so few large requests beat many small ones.
 IMPORT_CHUNK = 10_000
+#: Label Studio's default database is SQLite, which takes one writer at a time and makes every other write wait
+#: at most 5 s (Django's busy timeout) before it fails — a person's submitted annotation included, lost with a
+#: 500. molal's bulk writes therefore come in requests of about this many seconds each, with a pause between
+#: them in which a waiting write gets its turn (one request deleting a version's 1,950 predictions held the
+#: lock over 5 s: a submission failed).
+WRITE_SLICE_S = 1.0
+WRITE_PAUSE_S = 0.2
 
 
 class LSConnectionError(RuntimeError):
@@ -63,6 +74,21 @@ def _prediction_versions(task: dict) -> list[str]:
     else:
         versions = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
     return sorted(v for v in versions if v)
+
+
+def task_pages(client: Any, page_size: int = 1000, **query: Any) -> Iterator[Any]:
+    """The SDK's ``tasks.list(**query)``, page by page, stopping at the last page. The SDK's own pager asks
+    for one page past the end, which Label Studio answers 404 "Invalid page" — with a traceback in its log —
+    on every listing."""
+    page = 1
+    while True:
+        pager = client.tasks.list(page=page, page_size=page_size, **query)
+        items = list(pager.items or [])
+        yield from items
+        total = getattr(pager.response, "total", None)
+        if len(items) < page_size or (isinstance(total, int) and page * page_size >= total):
+            return
+        page += 1
 
 
 class LSClient:
@@ -111,6 +137,17 @@ class LSClient:
         except Exception as exc:  # the SDK raises ApiError or httpx errors
             raise self.explain(f"reading project {project}", exc) from exc
 
+    def task(self, task_id: int) -> dict:
+        """One task as Label Studio holds it: ``id``, ``project``, ``data`` and ``labelled`` (it holds an
+        annotation that is not a skip)."""
+        try:
+            d = _plain(self.client.tasks.get(id=task_id))
+        except Exception as exc:
+            raise self.explain(f"reading task {task_id}", exc) from exc
+        anns = [a for a in d.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        return {"id": int(d["id"]), "project": d.get("project"), "data": d.get("data") or {},
+                "labelled": bool(d.get("total_annotations") or anns)}
+
     def tasks(self, project: int, page_size: int = 1000, on_page: Callable[[int], None] | None = None) -> list[dict]:
         """All tasks of ``project`` as dicts with ``id``, ``data``, ``annotations`` (full) and
         ``prediction_versions`` (the model versions of the predictions it already has)."""
@@ -127,14 +164,14 @@ class LSClient:
         # annotations to ids). A Label Studio that ignores ``include``/``query`` returns full tasks, which
         # parse the same way.
         out: list[dict] = []
-        for t in self.client.tasks.list(project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
+        for t in task_pages(self.client, project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
             d = _plain(t)
             out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or [],
                         "prediction_versions": _prediction_versions(d)})
             if on_page is not None and len(out) % page_size == 0:
                 on_page(len(out))
         by_id = {t["id"]: t for t in out}
-        for t in self.client.tasks.list(project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
+        for t in task_pages(self.client, project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
             d = _plain(t)
             task = by_id.get(int(d["id"]))
             if task is not None:  # a task created after pass 1 waits for the next job
@@ -154,17 +191,23 @@ class LSClient:
         if total is None and isinstance(predictions, Sized):
             total = len(predictions)
         n = 0
+        size = min(chunk, 500)  # then sized to WRITE_SLICE_S per request (see there), up to ``chunk``
         while True:
-            part = list(itertools.islice(it, chunk))
+            part = list(itertools.islice(it, size))
             if not part:
                 break
+            if n:
+                time.sleep(WRITE_PAUSE_S)
+            t0 = time.monotonic()
             try:
                 self.client.projects.import_predictions(id=project, request=part,
                                                         request_options={"timeout_in_seconds": int(timeout)})
             except Exception as exc:
                 of = f" of {total}" if total is not None else ""
                 raise self.explain(f"importing predictions into project {project} ({n}{of} done)", exc) from exc
+            dt = time.monotonic() - t0
             n += len(part)
+            size = min(chunk, max(50, int(size * min(4.0, max(0.25, WRITE_SLICE_S / max(dt, 1e-3))))))
             if on_chunk is not None:
                 on_chunk(n)
         return n
@@ -206,15 +249,57 @@ class LSClient:
                 {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]},
         }
         try:
-            for v in self.client.views.list(project=project):
-                vd = _plain(v)
-                if (vd.get("data") or {}).get("title") in (title, *OLD_VIEW_TITLES):
-                    self.client.views.update(id=str(vd["id"]), data=data, project=project)
-                    return int(vd["id"])
+            vd = self._view(project, title)
+            if vd is not None:
+                self.client.views.update(id=str(vd["id"]), data=data, project=project)
+                return int(vd["id"])
             v = self.client.views.create(project=project, data=data)
             return int(_plain(v)["id"])
         except Exception as exc:
             raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
+
+    def _view(self, project: int, title: str = VIEW_TITLE) -> dict | None:
+        """molal's tab: titled ``title`` (or ``title · …``, as molal named it for a while), or an old title."""
+        for v in self.client.views.list(project=project):
+            vd = _plain(v)
+            t = (vd.get("data") or {}).get("title") or ""
+            if t == title or t.startswith(title + " · ") or t in OLD_VIEW_TITLES:
+                return vd
+        return None
+
+    def instructions(self, project: int) -> str:
+        try:
+            return self.client.projects.get(id=project).expert_instruction or ""
+        except Exception as exc:
+            raise self.explain(f"reading the instructions of project {project}", exc) from exc
+
+    def model_connection(self, project: int) -> dict | None:
+        """The project's model connection (``id``, ``title``, ``url``, and what Label Studio needs to accept a
+        change of it: ``project``, ``auth_method``, ``basic_auth_user``) when it has exactly one (molal's own);
+        None otherwise (several: which one is molal's cannot be told)."""
+        try:
+            found = [_plain(b) for b in self.client.ml.list(project=project)]
+        except Exception as exc:
+            raise self.explain(f"listing the model connections of project {project}", exc) from exc
+        if len(found) != 1 or not isinstance(found[0].get("url"), str):
+            return None
+        b = found[0]
+        return {"id": int(b["id"]), "title": str(b.get("title") or ""), "url": b["url"],
+                "project": int(b.get("project") or project), "auth_method": b.get("auth_method") or "NONE",
+                "basic_auth_user": b.get("basic_auth_user")}
+
+    def rename_model_connection(self, card: dict, title: str) -> None:
+        """The name Label Studio shows on the model connection's card ``card`` (from :meth:`model_connection`;
+        molal's state: molal.service.status). Label Studio validates a change of a connection as a new one
+        (it checks ``url``, ``project`` and the authentication, and calls the backend's /health and /setup),
+        so those go with the title, unchanged; an empty password keeps the stored one."""
+        kw: dict = {"url": card["url"], "project": card["project"], "auth_method": card["auth_method"]}
+        if card["auth_method"] == "BASIC_AUTH":
+            kw.update(basic_auth_user=card.get("basic_auth_user") or "", basic_auth_pass="")
+        try:
+            self.client.ml.update(id=card["id"], title=title, **kw)
+        except Exception as exc:
+            raise self.explain(f"renaming model connection {card['id']}", exc) from exc
 
     def set_label_config(self, project: int, config: str) -> None:
         """Replace the project's label config (Label Studio checks it against the existing annotations)."""
@@ -223,10 +308,11 @@ class LSClient:
         except Exception as exc:
             raise self.explain(f"updating the label config of project {project}", exc) from exc
 
-    def set_instructions(self, project: int, html: str, show: bool = True) -> None:
-        """The project's labeling instructions (shown before labeling when ``show``)."""
+    def set_instructions(self, project: int, html: str, show: bool | None = True) -> None:
+        """The project's labeling instructions (shown before labeling when ``show``; None: left as it is)."""
         try:
-            self.client.projects.update(id=project, expert_instruction=html, show_instruction=show)
+            kw = {} if show is None else {"show_instruction": show}
+            self.client.projects.update(id=project, expert_instruction=html, **kw)
         except Exception as exc:
             raise self.explain(f"updating the instructions of project {project}", exc) from exc
 
@@ -252,24 +338,93 @@ class LSClient:
         except Exception as exc:
             raise self.explain(f"listing the model versions of project {project}", exc) from exc
 
-    def delete_model_version(self, project: int, version: str) -> int:
-        """Delete every prediction of ``version`` in the project (never an annotation); returns how many.
-        One request (``DELETE /api/projects/<id>/model-versions/``, what Settings → Predictions uses)."""
+    def prediction_ids(self, project: int, versions: set[str]) -> dict[str, list[int]]:
+        """The ids of the project's predictions of ``versions`` (one ``GET /api/predictions/?project=``)."""
         try:
             r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
-                f"api/projects/{int(project)}/model-versions/", method="DELETE", json={"model_version": version},
+                "api/predictions/", method="GET", params={"project": int(project)},
                 request_options={"timeout_in_seconds": 600})
             r.raise_for_status()
             data = r.json()
-            return int(data.get("deleted_predictions", 0)) if isinstance(data, dict) else int(data or 0)
         except Exception as exc:
-            raise self.explain(f"deleting the predictions of {version} in project {project}", exc) from exc
+            raise self.explain(f"listing the predictions of project {project}", exc) from exc
+        out: dict[str, list[int]] = {v: [] for v in versions}
+        for p in data if isinstance(data, list) else data.get("results", []) if isinstance(data, dict) else []:
+            v = p.get("model_version") if isinstance(p, dict) else None
+            if v in out and isinstance(p.get("id"), int):
+                out[v].append(p["id"])
+        return out
+
+    def delete_predictions(self, ids: list[int], should_stop: Callable[[], bool] | None = None,
+                           batch: int = 32) -> int:
+        """Delete predictions one by one (``DELETE /api/predictions/<id>/``: a short write each, where deleting
+        a whole version is one long one; see :data:`WRITE_SLICE_S`), ``self.threads`` at a time, checking
+        ``should_stop()`` between batches. Returns how many were deleted (a prediction gone already counts)."""
+
+        def one(pid: int) -> None:
+            r = self.client._client_wrapper.httpx_client.request(  # type: ignore[attr-defined]
+                f"api/predictions/{int(pid)}/", method="DELETE")
+            if r.status_code not in (200, 204, 404):
+                r.raise_for_status()
+
+        n = 0
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads) as ex:
+                for i in range(0, len(ids), batch):
+                    if should_stop is not None and should_stop():
+                        break
+                    list(ex.map(one, ids[i:i + batch]))
+                    n += len(ids[i:i + batch])
+        except Exception as exc:
+            raise self.explain(f"deleting {len(ids)} predictions ({n} done)", exc) from exc
+        return n
+
+    def create_annotations(self, project: int, items: list[tuple[int, list[dict]]],
+                           should_stop: Callable[[], bool] | None = None, batch: int = 32,
+                           on_batch: Callable[[int], None] | None = None) -> dict[int, int]:
+        """Create one annotation per (task id, result), marked as a machine's: ``last_action="prediction"``
+        (Label Studio's "Created from prediction", the action it records when its own Data Manager turns
+        predictions into annotations), one short write each, ``self.threads`` at a time, checking
+        ``should_stop()`` between batches (see :data:`WRITE_SLICE_S`). Returns task id -> annotation id."""
+        out: dict[int, int] = {}
+
+        def one(item: tuple[int, list[dict]]) -> tuple[int, int]:
+            a = self.client.annotations.create(id=int(item[0]), result=item[1], project=int(project),
+                                               last_action="prediction", was_cancelled=False, ground_truth=False)
+            return int(item[0]), int(_plain(a)["id"])
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.threads) as ex:
+                for i in range(0, len(items), batch):
+                    if should_stop is not None and should_stop():
+                        break
+                    if i:
+                        time.sleep(WRITE_PAUSE_S)
+                    out.update(ex.map(one, items[i:i + batch]))
+                    if on_batch is not None:
+                        on_batch(len(out))
+        except Exception as exc:
+            raise self.explain(f"creating {len(items)} annotations in project {project} ({len(out)} done)",
+                               exc) from exc
+        return out
 
     def set_uncertainty_sampling(self, project: int) -> None:
         try:
             self.client.projects.update(id=project, sampling="Uncertainty sampling")
         except Exception as exc:
             raise self.explain(f"setting the sampling of project {project}", exc) from exc
+
+
+def client_for(settings: Any, state: Any) -> LSClient:
+    """The SDK client for a project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`
+    (``state``: the project's :class:`~molal.service.store.ProjectState`). LSConnectionError: none may be
+    used (the message says what to configure)."""
+    from molal.service.lstrust import access_for
+
+    a = access_for(settings, state)
+    if not a.url or not a.key:
+        raise LSConnectionError(f"project {state.id}: {a.missing}")
+    return LSClient(a.url, a.key, opaque=a.from_setup)
 
 
 def dumps_safe(obj: Any) -> str:

@@ -22,7 +22,7 @@ from molal.config import Settings
 from molal.service.errors import BadRequest, Gone, NotFound, TooLarge
 from molal.service.jobs import JobContext, execute, public_job
 from molal.service.lstrust import setup_usable
-from molal.service.predict import check_tasks, predict_tasks
+from molal.service.predict import Clock, check_tasks, predict_tasks
 from molal.service.runtime import Runtime
 from molal.service.store import ProjectIdError, parse_project_id, version_name
 from molal.service.train import JOBS
@@ -68,7 +68,11 @@ class Service(Runtime):
         return {"model_version": srv.version}
 
     # -- /predict --------------------------------------------------------------------------------------
-    def predict(self, payload: Any, budget_s: float | None = None) -> dict:
+    def predict(self, payload: Any, budget_s: float | None = None, started: float | None = None) -> dict:
+        """The answer to ``/predict`` within ``budget_s`` (``MOLAL_PREDICT_BUDGET_S``) from ``started`` (a
+        ``time.monotonic()`` value: when the request's handler began, before its body was parsed; default
+        now): :func:`molal.service.predict.predict_tasks`."""
+        started = time.monotonic() if started is None else started
         if not isinstance(payload, dict):
             raise BadRequest("expected a JSON object with 'tasks' and 'project'")
         tasks = payload.get("tasks")
@@ -79,11 +83,13 @@ class Service(Runtime):
                            "(MOLAL_MAX_TASKS). Retrieve predictions for fewer tasks at a time, or push them all in "
                            "bulk with `molal sync --project N`")
         pid, state, spec = self.checked_project(payload.get("project"), payload.get("label_config"))
-        check_tasks(tasks, spec, self.settings.max_text_chars)  # refuse bad batches before any state is created
+        # bad batches are refused before any state is created
+        texts, _ = check_tasks(tasks, spec, self.settings.max_text_chars)
         state = state or self.project(pid)
         budget = self.settings.predict_time_budget_s if budget_s is None else budget_s
         t0 = time.perf_counter()
-        out = predict_tasks(self, state, spec, tasks, deadline=time.monotonic() + budget)
+        clock = Clock.plan(started, budget, len(tasks), sum(len(t) for t in texts if t is not None))
+        out = predict_tasks(self, state, spec, tasks, clock)
         if payload.get("label_config") and payload["label_config"] != state.get("label_config"):
             state.put("label_config", payload["label_config"])
         self.count(predict_requests=1, predict_tasks=len(tasks), predict_pending=out.get("pending", 0),
@@ -102,8 +108,7 @@ class Service(Runtime):
         self.count(webhook_requests=1)
         if action == "START_TRAINING":
             pid = self.known_project(self._project_from(payload)).id
-            job, created = self.submit(pid, "train", source="START_TRAINING")
-            return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+            return self.train_submitted(pid, "START_TRAINING")
         if action in ANNOTATION_ACTIONS:
             ann = payload.get("annotation")
             if isinstance(ann, dict):
@@ -117,14 +122,13 @@ class Service(Runtime):
             if state is None:  # Label Studio calls /setup when the model is connected: not this backend's project
                 return {"status": "ignored", "action": action, "project": pid,
                         "reason": "project not known to this backend"}
-            counted = [a for a in anns if not a.get("was_cancelled")]
+            # molal's own certified labels (molal.service.quality: "Created from prediction") are no new label
+            counted = [a for a in anns if not a.get("was_cancelled") and a.get("last_action") != "prediction"]
             n = state.incr("new_annotations", len(counted)) if counted else state.get("new_annotations", 0)
             every = self.project_settings(state).train_every
-            if every > 0 and n >= every:
+            if every > 0 and n >= every and state.current() is not None:  # retrain: a model serves already
                 state.put("new_annotations", 0)
-                job, created = self.submit(pid, "train", source=f"{n} new annotations")
-                return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid,
-                        "new_annotations": n}
+                return {**self.train_submitted(pid, f"{n} new annotations"), "new_annotations": n}
             return {"status": "counted", "project": pid, "new_annotations": n, "train_every": every}
         return {"status": "ignored", "action": action}
 
@@ -135,8 +139,7 @@ class Service(Runtime):
             raise BadRequest("expected a JSON object with 'project'")
         pid = self.known_project(self._project_from({"action": "train", **payload})).id
         self.count(webhook_requests=1)
-        job, created = self.submit(pid, "train", source="/train")
-        return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+        return self.train_submitted(pid, "/train")
 
     @staticmethod
     def _project_from(payload: dict, annotation: dict | None = None) -> int:
@@ -152,6 +155,21 @@ class Service(Runtime):
             raise BadRequest(str(exc)) from None
 
     # -- jobs ------------------------------------------------------------------------------------------
+    def after_job(self, row: dict) -> None:
+        """A training or queue job ended: show the project's state in Label Studio (molal.service.status)."""
+        if row.get("kind") in ("train", "queue"):
+            from molal.service.status import announce
+
+            announce(self, self.store.project(row["project"]))
+
+    def train_submitted(self, pid: int, source: str) -> dict:
+        """Queue a training job and show it in Label Studio (in a thread: the caller answers at once)."""
+        from molal.service.status import announce_later
+
+        job, created = self.submit(pid, "train", source=source)
+        announce_later(self, self.store.project(pid))
+        return {"status": "queued" if created else "coalesced", "job": job["id"], "project": pid}
+
     def run_job(self, ctx: JobContext) -> dict:
         """Run a claimed job with its function in :data:`molal.service.train.JOBS`."""
         kind = ctx.job["kind"]
@@ -219,12 +237,25 @@ class Service(Runtime):
             **c,
         }
 
+    def status_page(self, project: object) -> str:
+        """``GET /projects/N/status``: the project's state as a page (a project this backend never saw: 404)."""
+        from molal.service.status import status_page
+
+        return status_page(self, self.known_project(project))
+
     def project_info(self, project: object, public: bool = False) -> dict:
         """Settings, current model, versions of a project (``molal project show``; ``GET /projects/N`` with
         ``public``: the project must exist, and the mixture config is named by its file name, not its path)."""
         state = self.known_project(project) if public else self.project(project)
         d = state.summary(self.settings)
         d["settings"] = asdict(self.project_settings(state))
+        from molal.service.status import project_status
+
+        st = project_status(self, state)
+        d["queue"], d["training"], d["last_training"] = st["queue"], st["training"], st["last"]
+        from molal.service.quality import QUALITY_KEY
+
+        d["quality"] = state.get(QUALITY_KEY)  # molal.service.quality: measured against people's labels
         if public and d["settings"].get("mixture"):
             d["settings"]["mixture"] = Path(d["settings"]["mixture"]).name
         return d
@@ -240,7 +271,7 @@ def run_job_by_id(job_id: str, model_dir: str, wait_s: float = 24 * 3600) -> dic
     while True:
         job = svc.jobs.claim(job_id)
         if job is not None:
-            return execute(svc.jobs, job, svc.run_job)
+            return execute(svc.jobs, job, svc.run_job, svc.after_job)
         row = svc.jobs.get(job_id)
         if row is None or row["status"] != "queued":
             return row  # already run elsewhere, coalesced or failed

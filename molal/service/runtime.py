@@ -26,7 +26,7 @@ import numpy as np
 from molal.config import Settings, get_settings
 from molal.io import ArtifactError
 from molal.lru import LRU
-from molal.service.errors import BadRequest, NotFound, Unprocessable
+from molal.service.errors import BadRequest, InsufficientStorage, NotFound, Unprocessable
 from molal.service.jobs import JobContext, JobQueue, JobWorker, submit_rq
 from molal.service.labelconfig import LabelConfigError, LabelSpec, parse_label_config
 from molal.service.store import ProjectIdError, ProjectSettings, ProjectState, ServiceStore, parse_project_id
@@ -44,6 +44,14 @@ class LoadedModel:
     student: Any = None
     student_loaded: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+#: characters of each text kept in a project's default-mixture probe
+PROBE_CHARS = 2000
+#: the project state key of the task framing the serving model was trained with (the labelling instructions
+#: as a training job read them, :func:`molal.service.labelconfig.task_framing`): /predict and the other jobs use
+#: it, so the served model and its prompts stay a pair
+TASK_FRAMING_KEY = "task_framing"
 
 
 def _short(s: str) -> str:
@@ -116,9 +124,12 @@ class Runtime:
         self._mixtures: LRU[tuple, Any] = LRU(8)
         self._models: LRU[tuple[int, str], LoadedModel] = LRU(16)
         self._bad_models: LRU[tuple[int, str], str] = LRU(64)
+        self._specs: LRU[tuple[bytes | None, str | None], LabelSpec] = LRU(256)  # parsed label configs
         self._lock = threading.RLock()
         self.worker: JobWorker | None = None
         self._predict_pool = None
+        self._queue_pool = None
+        self._queued = 0
         self.warm = "off"  # the training-stack warm-up: off | warming | done (GET /health)
         self.started = time.time()
         self._counter_lock = threading.Lock()
@@ -145,6 +156,33 @@ class Runtime:
                     self._predict_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="molal-predict")
         return self._predict_pool
 
+    #: calls waiting for or running in the queue thread at most (each holds its texts: up to 32 MB)
+    queue_backlog = 2
+
+    def queue_later(self, fn: Callable[[], Any]):
+        """Run ``fn`` in the service's queue thread: a Future, or None when :attr:`queue_backlog` calls are
+        already waiting or running there. It queues the jobs a request starts but need not wait for:
+        /predict's background job stores every pending text (up to 32 MB: seconds on a busy disk, more when
+        merged into a queued job), and the answer must not wait past its budget for that; the backlog bound
+        keeps a flood of such requests from holding their texts in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._queue_pool is None:
+                self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molal-queue")
+            if self._queued >= self.queue_backlog:
+                return None
+            self._queued += 1
+
+        def run():
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._queued -= 1
+
+        return self._queue_pool.submit(run)
+
     @property
     def cache(self):
         if self._cache is None:
@@ -164,7 +202,7 @@ class Runtime:
                 self.jobs.reap_stale()
                 if self.runner is None:
                     raise RuntimeError("this runtime has no job runner")
-                self.worker = JobWorker(self.jobs, self.runner)
+                self.worker = JobWorker(self.jobs, self.runner, after=self.after_job, nice=self.settings.job_nice)
                 self.worker.start()
         if self.settings.warm_start:
             self._warm_training()
@@ -173,6 +211,9 @@ class Runtime:
     def stop_worker(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+
+    def after_job(self, row: dict) -> None:
+        """Called with a job's final row once it has ended (the Service shows the state in Label Studio)."""
 
     def submit(self, project: int, kind: str, payload: dict | None = None, source: str = "") -> tuple[dict, bool]:
         """Queue a job (coalesced with a queued one of the same kind); hand it to RQ or wake the worker."""
@@ -188,11 +229,20 @@ class Runtime:
         return job, created
 
     def project(self, project: object) -> ProjectState:
-        """The project's state, created on first use (write paths: /setup, /predict, jobs, the CLI)."""
+        """The project's state, created on first use (write paths: /setup, /predict, jobs, the CLI) unless this
+        backend already keeps ``MOLAL_MAX_PROJECTS`` projects (507, nothing created)."""
         try:
-            return self.store.project(project)
+            pid = parse_project_id(project)
         except ProjectIdError as exc:
             raise BadRequest(str(exc)) from None
+        if not self.store.exists(pid):
+            n = len(self.store.project_ids())
+            if n >= self.settings.max_projects:
+                raise InsufficientStorage(
+                    f"project {pid} is new, and this backend already keeps the state of {n} projects, its limit "
+                    f"(MOLAL_MAX_PROJECTS={self.settings.max_projects}); raise MOLAL_MAX_PROJECTS, or remove "
+                    "the state of projects no longer used")
+        return self.store.project(pid)
 
     def known_project(self, project: object) -> ProjectState:
         """The project's state for read paths: 404 when this backend never saw the project (nothing created)."""
@@ -206,12 +256,22 @@ class Runtime:
         return state
 
     def parse_config(self, config: object, from_name: str | None = None) -> LabelSpec:
-        """:func:`parse_label_config` under this server's limits; 422 with the reason."""
+        """:func:`parse_label_config` under this server's limits (``MOLAL_LABEL_CONFIG_BUDGET_S`` for a new
+        config); 422 with the reason. Configs parsed before are remembered (Label Studio sends the same one
+        with every /predict)."""
+        key = (hashlib.sha256(config.encode("utf-8", "surrogatepass")).digest() if isinstance(config, str) else None,
+               from_name)
+        spec = self._specs.get(key) if key[0] is not None else None
+        if spec is not None:
+            return spec
         try:
-            return parse_label_config(config, from_name, max_classes=self.settings.max_classes,
-                                      max_chars=self.settings.max_label_config_chars)
+            spec = parse_label_config(config, from_name, max_classes=self.settings.max_classes,
+                                      max_chars=self.settings.max_label_config_chars,
+                                      budget_s=self.settings.label_config_budget_s)
         except LabelConfigError as exc:
             raise Unprocessable(str(exc)) from None
+        self._specs.put(key, spec)
+        return spec
 
     def checked_project(self, project: object, label_config: object) -> tuple[int, ProjectState | None, LabelSpec]:
         """Validate a request's project id and label config *before* anything is created: returns
@@ -243,21 +303,34 @@ class Runtime:
 
     # -- mixture ---------------------------------------------------------------------------------------
     def mixture_for(self, state: ProjectState, classes: tuple[str, ...] | list[str], texts: list[str] | None = None,
-                    examples: list[dict[str, str]] | None = None):
+                    examples: list[dict[str, str]] | None = None, descriptions: dict[str, str] | None = None,
+                    task: str | None = None):
         """The project's mixture (loaded once per process). ``MOLAL_MIXTURE`` / the project's ``mixture``
         setting names a config file; otherwise ``Mixture.default`` decides once per project from a probe
         of the project's texts (stored, so every process and every later batch gets the same mixture).
-        Returns None when the default is still undecided and no texts are given. Prompts with ``examples =
-        "seeds"`` get ``examples`` (a training job's), else those stored with the serving model (none yet:
-        zero-shot)."""
-        base = self._base_mixture(state, classes, texts)
-        if base is None or not base.wants_seed_examples():
+        Returns None when the default is still undecided and no texts are given. ``descriptions`` (class ->
+        one line: the label config's hints, :attr:`LabelSpec.descriptions`) reach every member unless the
+        project setting ``hints`` is off; ``task`` (a training job's framing from the labelling instructions)
+        frames every LLM member's prompt, else the framing stored with the serving model. Prompts with
+        ``examples = "seeds"`` get ``examples`` (a training job's), else those stored with the serving model
+        (none yet: zero-shot)."""
+        ps = self.project_settings(state)
+        desc = dict(descriptions or {}) if ps.hints else {}
+        base = self._base_mixture(state, classes, texts, desc)
+        if base is None:
+            return None
+        task = task if task is not None else (state.get(TASK_FRAMING_KEY) or "")
+        if desc or task or base.task:
+            ctx_key = ("context", base.fingerprint(), _short(json.dumps([sorted(desc.items()), task])))
+            base = self._mixtures.setdefault(ctx_key, lambda b=base: b.with_context(desc, task))
+        if not base.wants_seed_examples():
             return base
         ex = examples if examples is not None else (state.get("seed_examples") or [])
         return self._mixtures.setdefault(("seeds", base.fingerprint(), _short(json.dumps(ex))),
                                         lambda: base.with_seed_examples(ex))
 
-    def _base_mixture(self, state: ProjectState, classes, texts: list[str] | None):
+    def _base_mixture(self, state: ProjectState, classes, texts: list[str] | None,
+                      descriptions: dict[str, str] | None = None):
         from molal.annotators import Mixture
 
         ps = self.project_settings(state)
@@ -275,14 +348,23 @@ class Runtime:
                 return None
             # spread over the texts, not the first 32: a pool whose head happens to be in the bundled recording
             # (and the rest not) would otherwise get the replay mixture, which fails on the rest
-            probe = good[:: max(1, len(good) // 32)][:32]
+            # the first PROBE_CHARS of each: the probe only asks whether the bundled recording holds the texts
+            # (none of its questions is near that long), and is stored with the project (32 x 32,000
+            # characters would make every project's state 1 MB)
+            probe = [t[:PROBE_CHARS] for t in good[:: max(1, len(good) // 32)][:32]]
             state.put("default_mixture_probe", probe)
+        desc = dict(descriptions or {})
+
         def make():
-            m = Mixture.default(texts=probe, class_names=list(classes))
+            # described classes: the scorers include one whose label texts are the descriptions themselves
+            m = Mixture.default(texts=probe, class_names=list(classes), descriptions=desc or None)
             log.info("project %s: default mixture %r", state.id, m)
             return m
 
-        return self._mixtures.setdefault(("default", _short(json.dumps(probe)), tuple(classes)), make)
+        key = ("default", _short(json.dumps(probe)), tuple(classes))
+        if desc:  # only then: projects without descriptions keep their key
+            key += (_short(json.dumps(sorted(desc.items()))),)
+        return self._mixtures.setdefault(key, make)
 
     @staticmethod
     def mixture_version(mixture, classes) -> str:
@@ -340,7 +422,7 @@ class Runtime:
     def serving(self, state: ProjectState, spec: LabelSpec, texts: list[str] | None = None) -> Serving:
         """What serves this project now (:class:`Serving`)."""
         ps = self.project_settings(state)
-        mixture = self.mixture_for(state, spec.classes, texts)
+        mixture = self.mixture_for(state, spec.classes, texts, descriptions=spec.description_map)
         try:
             m = self.loaded_model(state)
         except ArtifactError as exc:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from molal.config import QUEUE_HEAD, TRAIN_EVERY
 from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, open_database, parse_pg_url
 from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
 
@@ -128,10 +129,10 @@ class ProjectSettings:
     serve_model: str = "molam"  # molam | student
     mixture: str | None = None  # mixture config path (None = Mixture.default())
     priority_field: str = "priority"
-    priority_top: int = 200  # priority + review fields for the top N unlabeled tasks only, 0 elsewhere (0 = all)
+    priority_top: int = QUEUE_HEAD  # the job writes the queue's head (N tasks); the rest: a background job
     predictions_top: int = 20_000  # served predictions for the top N unlabeled tasks only (0 = all)
     per_llm_predictions: bool = True
-    train_every: int = 0  # train after N new annotations (0 = only on START_TRAINING)
+    train_every: int = TRAIN_EVERY  # retrain after N new human labels once a model serves (0 = Start Training only)
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
     uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
     student: bool = True  # train the student in each training job
@@ -139,13 +140,20 @@ class ProjectSettings:
     molam_text_features: str | None = None  # MoLAM's text model encoder ("minilm"); None = LLM outputs only
     stop_when_stable: bool = False  # human_free loop: query no more tasks once the stopping rule is met
     review_panel: bool = False  # keep the read-only review panel (molal.service.review) in the label config
+    audit_every: int = 10  # the audit slice: 1 task in N of the queue drawn at random, held out (0 = none)
+    auto_label: bool = False  # label the certified part of the pool without a person (molal.service.quality)
+    certify_epsilon: float = 0.05  # certified labels: at most this share wrong ...
+    certify_delta: float = 0.1  # ... with probability at least 1 - this
+    hints: bool = True  # a <Choice hint> (and the value of an aliased <Choice>) describes its class to the members
+    instructions: str = "auto"  # the labelling instructions frame the LLMs' task: auto (short ones) | on | off
 
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
 
-_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student")}
+_CHOICES = {"loop_mode": ("review", "human_free"), "serve_model": ("molam", "student"),
+            "instructions": ("auto", "on", "off")}
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -168,6 +176,10 @@ def coerce_setting(key: str, value: Any) -> Any:
         if s in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{key} must be true/false, got {value!r}")
+    if kind is float:  # the certificate's ε and δ
+        from molal.trust import level
+
+        return level(value, key)
     if kind is int:
         try:
             v = int(value)

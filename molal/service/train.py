@@ -28,10 +28,11 @@ the mixture's answers, not a model version).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,10 +40,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from molal.learner import Learner, StoppingRule
-from molal.service.labelconfig import LabelSpec
-from molal.service.lsclient import AUTO_FLAG, LSClient, LSConnectionError
-from molal.service.lstrust import access_for
+from molal.service.audit import audit_rows, held_out
+from molal.service.labelconfig import LabelSpec, task_framing
+from molal.service.lsclient import AUTO_FLAG, CERTIFIED_FLAG, LSClient, LSConnectionError
+from molal.service.lsclient import client_for as ls_client_for
+from molal.service.pool import Pool
 from molal.service.predict import entry, llm_entries, mean_probs
+from molal.service.quality import after_round, certify_job
+from molal.service.queue import (
+    head_limit,
+    plan_queue,
+    queue_head,
+    queue_job,
+    rank_by_confidence,
+    rank_queue,
+    resume,
+    retire_superseded,
+    write_head,
+)
+from molal.service.review import voters_of
+from molal.service.runtime import TASK_FRAMING_KEY
 from molal.service.store import FOR_HUMANS_KEY
 from molal.service.taskdata import task_text_resolver
 
@@ -59,27 +76,12 @@ class TrainingError(RuntimeError):
 
 
 # -- Label Studio tasks → a pool --------------------------------------------------------------------------
-@dataclass
-class Pool:
-    """The project's tasks that have a text: ids, texts, data, human labels (row -> class index)."""
-
-    task_ids: list[int]
-    texts: list[str]
-    data: list[dict]
-    human: dict[int, int] = field(default_factory=dict)
-    prediction_versions: list[list[str]] = field(default_factory=list)
-    skipped: int = 0
-    too_long: int = 0  # of ``skipped``: over the text length limit
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-def human_label(annotations: list, spec: LabelSpec) -> int | None:
-    """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none)."""
+def human_label(annotations: list, spec: LabelSpec, skip: set[int] | frozenset[int] = frozenset()) -> int | None:
+    """Class index of the latest non-cancelled annotation's choice in ``spec.from_name`` (None if none);
+    annotations whose id is in ``skip`` (molal's own certified labels) are not a person's."""
     best, best_key = None, None
     for a in annotations or []:
-        if not isinstance(a, dict) or a.get("was_cancelled"):
+        if not isinstance(a, dict) or a.get("was_cancelled") or a.get("id") in skip:
             continue
         label = None
         for r in a.get("result") or []:
@@ -95,11 +97,27 @@ def human_label(annotations: list, spec: LabelSpec) -> int | None:
     return best
 
 
+def molal_wrote(annotation: dict, data: dict, spec: LabelSpec, mine: Mapping[int, str]) -> bool:
+    """Whether ``annotation`` (of a task whose data is ``data``) is molal's certified label, untouched: its id
+    is one molal wrote (``mine``: annotation id -> the class it wrote) and it still holds that class (a person
+    who changed it made it theirs); or, with no record of it (a certify job stopped between the write and the
+    record), it is "Created from prediction" on a task molal marked certified (``data.molal_certified``)."""
+    aid = annotation.get("id")
+    if aid in mine:
+        lab = human_label([annotation], spec)
+        return lab is not None and spec.classes[lab] == mine[aid]
+    return annotation.get("last_action") == "prediction" and CERTIFIED_FLAG in data
+
+
 def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str], str | None] | None = None,
-                    max_chars: int | None = None) -> Pool:
+                    max_chars: int | None = None, molal_annotations: Mapping[int, str] | None = None) -> Pool:
     """``resolve`` maps a task's text value to the text to use (a Label Studio-hosted file's content), None
     to skip the task; ``data`` keeps the value as Label Studio holds it. Texts over ``max_chars`` characters
-    (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``)."""
+    (``MOLAL_MAX_TEXT_CHARS``) are skipped like tasks without text (counted in ``too_long``).
+    ``molal_annotations`` (annotation id -> the class molal wrote, :func:`molal.service.quality.
+    molal_annotations`): molal's own certified labels (:func:`molal_wrote`) are not human labels; a task with
+    only those is in ``pool.machine``."""
+    mine = molal_annotations or {}
     pool = Pool([], [], [])
     for t in tasks:
         data = t.get("data") or {}
@@ -118,26 +136,31 @@ def pool_from_tasks(tasks: list[dict], spec: LabelSpec, resolve: Callable[[str],
         pool.texts.append(text)
         pool.data.append(dict(data))
         pool.prediction_versions.append(list(t.get("prediction_versions") or []))
-        lab = human_label(t.get("annotations") or [], spec)
+        anns = [a for a in t.get("annotations") or [] if isinstance(a, dict)]
+        ours = ({a.get("id") for a in anns if molal_wrote(a, data, spec, mine)}
+                if mine or CERTIFIED_FLAG in data else set())
+        lab = human_label(anns, spec, ours)
         if lab is not None:
             pool.human[row] = lab
+        elif ours:
+            lab = human_label([a for a in anns if a.get("id") in ours], spec)
+            if lab is not None:
+                pool.machine[row] = lab
     return pool
 
 
 def client_for(svc: Runtime, state: ProjectState) -> LSClient:
-    """The SDK client for the project's Label Studio, under the one trust rule of :mod:`molal.service.lstrust`."""
-    a = access_for(svc.settings, state)
-    if not a.url or not a.key:
-        raise LSConnectionError(f"project {state.id}: {a.missing}")
-    return LSClient(a.url, a.key, opaque=a.from_setup)
+    """The SDK client for the project's Label Studio (:func:`molal.service.lsclient.client_for`)."""
+    return ls_client_for(svc.settings, state)
 
 
 # -- annotation ---------------------------------------------------------------------------------------------
-def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8) -> list[dict[str, str]]:
+def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8, skip: set[int] | None = None) -> list[dict[str, str]]:
     """The project's human-labelled tasks as few-shot examples, lowest task id first, at most ``per_class`` of
-    each class: what a prompt with ``examples = "seeds"`` takes its examples from."""
+    each class: what a prompt with ``examples = "seeds"`` takes its examples from (rows of ``skip``, the
+    audit's, never)."""
     out, per = [], {}
-    for r in sorted(pool.human, key=lambda r: pool.task_ids[r]):
+    for r in sorted(set(pool.human) - (skip or set()), key=lambda r: pool.task_ids[r]):
         label = spec.classes[pool.human[r]]
         if per.get(label, 0) < per_class:
             per[label] = per.get(label, 0) + 1
@@ -145,21 +168,34 @@ def seed_examples(pool: Pool, spec: LabelSpec, per_class: int = 8) -> list[dict[
     return out
 
 
+def job_lines(ctx: JobContext | None):
+    """Inside it, progress displays (:mod:`molal.progress`) send plain lines (done/total, rate, time left) to
+    the job's progress messages, so its log and ``GET /jobs`` show them (nothing without a job)."""
+    import contextlib
+
+    from molal.progress import progress_lines
+
+    return progress_lines(lambda line: ctx.progress(None, line)) if ctx is not None else contextlib.nullcontext()
+
+
 def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: list[str], ctx: JobContext | None,
-                  lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None):
-    """Mixture outputs for ``texts`` (cached). ``examples``: the project's labelled tasks for prompts with
-    ``examples = "seeds"`` (default: those the serving model was trained with). Returns (mixture, result)."""
-    mixture = svc.mixture_for(state, spec.classes, texts, examples=examples)
+                  lo: float = 0.0, hi: float = 0.4, examples: list[dict[str, str]] | None = None,
+                  task: str | None = None):
+    """Mixture outputs for ``texts`` (cached). The label config's class descriptions (``spec``) reach every
+    member. ``examples``: the project's labelled tasks for prompts with ``examples = "seeds"``, ``task``: the
+    task framing (default for both: those the serving model was trained with). Returns (mixture, result)."""
+    mixture = svc.mixture_for(state, spec.classes, texts, examples=examples, descriptions=spec.description_map,
+                              task=task)
     if mixture is None:
         raise TrainingError(f"project {state.id}: no texts to annotate")
     last = [0.0]
 
-    def on_progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int) -> None:  # the job's fraction; its lines: progress_lines below
         now = time.monotonic()
         if ctx is not None and (now - last[0] > 2.0 or done == total):
             last[0] = now
             frac = done / total if total else 1.0
-            ctx.progress(lo + (hi - lo) * frac, f"annotating: {done}/{total} (annotator, text) pairs")
+            ctx.progress(lo + (hi - lo) * frac)
 
     s = svc.settings
     if s.max_annotate_usd is not None or s.max_annotate_hours is not None:
@@ -185,10 +221,14 @@ def annotate_pool(svc: Runtime, state: ProjectState, spec: LabelSpec, texts: lis
         engine = RayEngine(address=s.ray_address, workers=s.ray_workers, gpus_per_worker=s.ray_gpus_per_worker)
         if ctx is not None:
             ctx.progress(lo, f"annotating {len(texts)} texts on Ray ({s.ray_workers} workers)")
-        res = engine.annotate(mixture, texts, list(spec.classes), cache=svc.store.cache_target,
-                              on_progress=on_progress)
+        with job_lines(ctx):
+            res = engine.annotate(mixture, texts, list(spec.classes), cache=svc.store.cache_target,
+                                  on_progress=on_progress, progress=ctx is not None)
     else:
-        res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress)
+        # (annotator, text) pairs done, the rate and the time left: a line at least every few seconds
+        with job_lines(ctx):
+            res = mixture.annotate(texts, list(spec.classes), cache=svc.cache, on_progress=on_progress,
+                                   progress=ctx is not None)
     st = res.stats
     if ctx is not None:
         ctx.progress(hi, f"annotated {len(res.done_idx)}/{len(texts)} texts (cache hits {st.get('cache_hits')}, "
@@ -238,6 +278,7 @@ class RoundResult:
     llm_outputs: Any  # LLMOutputs over ``rows``
     member_versions: list[str] = field(default_factory=list)  # model version of each member's predictions
     new_auto: list[int] = field(default_factory=list)  # pool rows MoLAM-labelled in this round (human-free)
+    molam_probs: np.ndarray | None = None  # MoLAM's probabilities on ``rows`` (the quality report, certificates)
     to_human: list[int] = field(default_factory=list)  # queried pool rows left to people (human_per_round)
     student: Any = None
     info: dict = field(default_factory=dict)
@@ -256,15 +297,20 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     s = svc.settings
     if len(pool) == 0:
         raise TrainingError(f"project {state.id}: no task has a text in data[{spec.value_key!r}]")
-    examples = seed_examples(pool, spec)
-    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=examples)
+    held = held_out(state, pool)  # the audit's labels are measurements: never trained on
+    examples = seed_examples(pool, spec, skip=held)
+    framing, framing_why = (None, "not read") if spec.instructions is None else task_framing(spec.instructions,
+                                                                                               ps.instructions)
+    if ctx is not None and spec.instructions is not None:
+        ctx.progress(None, f"task framing: {framing_why}" if framing else f"no task framing: {framing_why}")
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, examples=examples, task=framing)
     rows = res.done_idx.astype(np.int64)
     outputs = res.outputs
     if len(rows) == 0:
         raise TrainingError(f"project {state.id}: the mixture annotated none of the {len(pool)} texts")
     pos = {int(r): i for i, r in enumerate(rows.tolist())}
-    human_rows = [r for r in pool.human if r in pos]
-    unannotated = failure_summary(len(pool), res.failed, len(pool.human) - len(human_rows))
+    human_rows = [r for r in pool.human if r in pos and r not in held]
+    unannotated = failure_summary(len(pool), res.failed, len(set(pool.human) - held) - len(human_rows))
     if unannotated and ctx is not None:
         ctx.progress(None, unannotated)
     if len(human_rows) < 2 or len({pool.human[r] for r in human_rows}) < 2:
@@ -287,6 +333,11 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         outputs, labeled_idx, labels)
     if ctx is not None:
         ctx.progress(0.5, f"MoLAM fitted in {time.perf_counter() - t0:.1f} s (chose {molam.choice_})")
+    checks, member_warnings = member_report(mixture, outputs, labeled_idx, labels, molam)
+    for w in member_warnings:
+        log.warning("project %s: %s", state.id, w)
+        if ctx is not None:
+            ctx.progress(None, f"warning: {w}")
     P = np.asarray(molam.predict_proba(outputs), dtype=np.float64)
     y_molam = P.argmax(axis=1)
     neg = np.asarray(negative_labels(outputs, predicted=P), dtype=bool)
@@ -304,7 +355,7 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
 
     round_t = int(state.get("round", 0))
     auto = state.auto_labels()
-    row_of_task = {t: i for i, t in enumerate(pool.task_ids)}
+    row_of_task = pool.row_of()
     new_auto: list[int] = []
     to_human: list[int] = []
     student = None
@@ -314,7 +365,10 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         "classes": list(spec.classes), "from_name": spec.from_name, "mixture": repr(mixture),
         "mixture_fingerprint": mixture.fingerprint(), "llm_names": list(outputs.llm_names),
         "n_tasks": len(pool), "n_annotated": int(len(rows)), "n_human": len(human_rows), "loop_mode": ps.loop_mode,
+        "audit_held_out": len(held),
         "unannotated": unannotated,
+        "described_classes": sorted(mixture.descriptions), "task_framing": framing_why if framing else None,
+        "members": [c.as_dict() for c in checks], "member_warnings": member_warnings,
         "round": round_t, "job_id": job_id, "student": False, "labels_fingerprint": labels_fingerprint(pool, spec),
     }
     if hasattr(molam, "metadata") and isinstance(getattr(molam, "metadata", None), dict):
@@ -355,7 +409,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             capped = f", capped by MOLAL_STUDENT_MAX_STEPS={s.student_max_steps}" if n_ep < student.epochs else ""
             ctx.progress(0.5, f"training the student on {len(ts.human)} human + {n_mol} MoLAM labels "
                               f"(round {round_t}, {n_ep} epochs{capped})")
-        learner.fit(student, pool.texts, ts, round_t, progress=sys.stderr.isatty())  # a rich bar in a terminal
+        with job_lines(ctx):  # the student's epochs as the job's progress lines (without a job: a bar in a terminal)
+            learner.fit(student, pool.texts, ts, round_t, progress=ctx is not None or sys.stderr.isatty())
         student.save(staging / "student")
         info["student"] = True
         info["student_train"] = {"human": len(ts.human), "molam": n_mol}
@@ -372,7 +427,18 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
             # one AL round: query among the rows neither human- nor MoLAM-labelled yet
             if ctx is not None:
                 ctx.progress(0.8, f"querying {ps.query_batch} tasks with {ps.strategy}")
-            q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t), pool_rows=rows)
+            certified = None
+            if ps.auto_label:  # only certified labels go to the student unreviewed; the rest to people
+                from molal.service.quality import certificate
+
+                cert = certificate(pool, rows.tolist(), P, held, ps.certify_epsilon, ps.certify_delta)
+                info["certificate"] = {"threshold": cert.threshold, "reason": cert.reason}
+                certified = np.zeros(len(pool), dtype=bool)
+                if cert.threshold is not None:
+                    certified[rows] = P.max(axis=1) >= cert.threshold
+            audit = audit_rows(state, pool)  # labelled or pending: people's
+            q = learner.query(student, pool.texts, ts, P_rows, np.random.default_rng(round_t),
+                              pool_rows=[r for r in rows.tolist() if r not in audit], certified=certified)
             to_human = q.to_human  # hybrid: MoLAM's least confident labels go to people
             state.put(FOR_HUMANS_KEY, [pool.task_ids[r] for r in to_human])  # replaces the last round's
             info["to_human"] = len(to_human)
@@ -389,6 +455,8 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
     if mixture.seed_examples is not None and mixture.seed_examples != state.get("seed_examples"):
         # the few-shot examples go with the model they were trained with: /predict uses these from now on
         state.put("seed_examples", mixture.seed_examples)
+    if framing is not None and framing != (state.get(TASK_FRAMING_KEY) or ""):
+        state.put(TASK_FRAMING_KEY, framing)  # likewise the task framing
     if ctx is not None:
         ctx.progress(0.85, f"published {pointer['molam']}" + (f" and {pointer['student']}" if student else ""))
     serve_student = ps.serve_model == "student" and student is not None
@@ -398,8 +466,25 @@ def fit_round(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool, ct
         probs = P
     return RoundResult(pointer=pointer, version=pointer["student"] if serve_student else pointer["molam"],
                        rows=rows, probs=np.asarray(probs), llm_outputs=outputs,
-                       member_versions=mixture.member_versions(), new_auto=new_auto,
+                       member_versions=mixture.member_versions(), new_auto=new_auto, molam_probs=P,
                        to_human=to_human, student=student, info=info)
+
+
+def member_report(mixture, outputs, labeled_idx: np.ndarray, labels: np.ndarray, molam=None) -> tuple[list, list[str]]:
+    """Each member measured on the seeds (:func:`molal.aggregation.members.check_members`) and one warning
+    line per flagged member: what is wrong, what to try, and whether MoLAM kept it."""
+    from molal.aggregation.members import check_members
+
+    kinds = {a.name: a.kind for a in mixture.annotators}
+    checks = check_members(outputs, labeled_idx, labels, kinds=kinds)
+    dropped = set(((getattr(molam, "metadata", None) or {}).get("members") or {}).get("dropped") or [])
+    warnings = []
+    for c in checks:
+        if c.problem is not None:
+            fate = ("MoLAM dropped it (better without it on the seeds)" if c.name in dropped else
+                    "MoLAM kept it (it helped on the seeds)")
+            warnings.append(f"{c.kind} {c.line()}; {fate}")
+    return checks, warnings
 
 
 def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: StoppingRule | None = None) -> dict:
@@ -411,7 +496,7 @@ def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: S
     if not tasks:
         tasks = [pool.task_ids[r] for r in rule.stop_set(len(pool), seed=state.id).tolist()]
         state.put("stop_set", tasks)
-    row_of = {t: i for i, t in enumerate(pool.task_ids)}
+    row_of = pool.row_of()
     rows = [row_of[t] for t in tasks if t in row_of]
     pred = student.predict([pool.texts[r] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
     now = {pool.task_ids[r]: int(p) for r, p in zip(rows, pred.tolist(), strict=True)}
@@ -426,15 +511,18 @@ def stop_check(state: ProjectState, student, pool: Pool, n_classes: int, rule: S
 
 def ensure_review_panel(client: LSClient, project: int, remove: bool = False) -> str:
     """Add (or remove) the review panel of :mod:`molal.service.review` in the project's label config in
-    Label Studio; the config must be one molal serves. Returns "added", "removed" or "unchanged"."""
+    Label Studio; the config must be one molal serves, and the edited one is parsed again and must serve the
+    same classes before it is sent (:func:`molal.service.review.check_edit`: LabelConfigError or
+    ReviewPanelError say why, and nothing is sent). Returns "added", "removed" or "unchanged"."""
     from molal.service.labelconfig import parse_label_config
-    from molal.service.review import add_review_panel, remove_review_panel
+    from molal.service.review import add_review_panel, check_edit, remove_review_panel
 
     config = client.label_config(project)
     parse_label_config(config)  # a config molal cannot serve gets no panel (LabelConfigError says why)
     new = remove_review_panel(config) if remove else add_review_panel(config)
     if new == config:
         return "unchanged"
+    check_edit(config, new)
     client.set_label_config(project, new)
     return "removed" if remove else "added"
 
@@ -448,196 +536,18 @@ def round_learner(ps) -> Learner:
                    weights="each_round" if ps.loop_mode == "review" else "at_add")
 
 
-# -- query ----------------------------------------------------------------------------------------------------
-def rank_rows(student, texts: list[str], strategy: str, budget: int | None = None, seed: int = 0,
-              labeled_texts: list[str] | None = None) -> np.ndarray:
-    """Order ``texts`` most useful first with the query strategy (molal.query) over the student."""
-    from molal.query import build_pool, get_strategy
-
-    if not texts:
-        return np.zeros(0, dtype=np.int64)
-    st = get_strategy(strategy)
-    pool = build_pool(st, student, texts, labeled_texts=labeled_texts)
-    b = len(texts) if budget is None else min(int(budget), len(texts))
-    order = np.asarray(st.select(pool, b, np.random.default_rng(seed)), dtype=np.int64)
-    if len(order) < len(texts):  # the rest after the queried batch, in pool order
-        seen = set(order.tolist())
-        order = np.concatenate([order, np.array([i for i in range(len(texts)) if i not in seen], dtype=np.int64)])
-    return order
-
-
-def priorities(order: np.ndarray) -> np.ndarray:
-    """Priority per row from a ranking: the first gets ``n``, the last 1 (higher = label sooner)."""
-    n = len(order)
-    pr = np.zeros(n, dtype=np.int64)
-    pr[order] = np.arange(n, 0, -1)
-    return pr
-
-
-def for_humans_first(pool: Pool, rows: list[int], prio: np.ndarray, task_ids: list[int]) -> np.ndarray:
-    """``prio`` with the rows of ``task_ids`` (the last round's tasks sent to people, in that order) moved
-    above every other row: they head the "next to label" tab whatever the strategy ranks first."""
-    out = np.asarray(prio, dtype=np.int64).copy()
-    at = {pool.task_ids[r]: i for i, r in enumerate(rows)}
-    mine = [at[t] for t in task_ids if t in at]  # still unlabeled
-    top = int(out.max()) if len(out) else 0
-    for j, i in enumerate(mine):
-        out[i] = top + len(mine) - j
-    return out
-
-
-def head_priorities(rows: list[int], prio: np.ndarray, top: int = 0) -> dict[int, int]:
-    """Row -> priority to write: ``rows`` get ``prio``; with ``top`` > 0 only the ``top`` highest keep it,
-    the rest get 0 (the head of the queue)."""
-    new = {r: int(p) for r, p in zip(rows, np.asarray(prio).tolist(), strict=True)}
-    if top and len(new) > top:
-        cut = sorted(new.values(), reverse=True)[top - 1]
-        new = {r: (p if p >= cut else 0) for r, p in new.items()}
-    return new
-
-
-def priority_updates(pool: Pool, rows: list[int], prio: np.ndarray, field: str, top: int = 0,
-                     fields: dict[int, dict] | None = None) -> list[tuple[int, dict]]:
-    """(task id, full new data) for every task whose ``data.<field>`` or review ``fields`` (row -> the
-    :mod:`molal.service.review` fields, for the head of the queue) must change. ``rows`` (unlabeled pool
-    rows) get ``prio`` (:func:`head_priorities`); any other row (labelled since) gets 0. A missing value
-    counts as 0. When ``fields`` is given (a new model), tasks outside it lose the review fields an older
-    model wrote: a reviewer never reads a previous model's label next to the current prediction."""
-    from molal.service.review import FIELDS
-
-    new = head_priorities(rows, prio, top)
-    updates: list[tuple[int, dict]] = []
-    for r in range(len(pool)):
-        old = pool.data[r].get(field)
-        want = new.get(r, 0)
-        extra = {k: v for k, v in (fields or {}).get(r, {}).items() if pool.data[r].get(k) != v}
-        stale = [k for k in FIELDS if k in pool.data[r]] if fields is not None and r not in fields else []
-        if (old == want or (want == 0 and old in (None, 0))) and not extra and not stale:
-            continue
-        d = dict(pool.data[r])
-        for k in stale:
-            del d[k]
-        d.update(extra)
-        d.pop(field, None)
-        d[field] = want  # the last data key: the Data Manager lists molal's fields before the priority
-        updates.append((pool.task_ids[r], d))
-    return updates
-
-
-def write_priorities(client: LSClient, project: int, pool: Pool, rows: list[int], prio: np.ndarray,
-                     field: str, ctx: JobContext | None = None, top: int = 0,
-                     fields: dict[int, dict] | None = None, value_key: str = "text") -> dict:
-    """Write the changed priorities and review fields (:func:`priority_updates`; one PATCH per task, Label
-    Studio has no bulk update of task data) and create/update the tab :data:`VIEW_TITLE` ordered by them."""
-    updates = priority_updates(pool, rows, prio, field, top, fields)
-    if ctx is not None:
-        ctx.progress(None, f"writing {len(updates)} changed priorities (data.{field})"
-                           + (" with the review fields" if fields else ""))
-    n = client.update_task_data(updates)
-    view = client.ensure_view(project, field, value_key=value_key)
-    return {"priorities_written": n, "view": view}
-
-
-def head_fields(rr: RoundResult, pool: Pool, spec: LabelSpec, rows: list[int], prio: np.ndarray,
-                top: int) -> dict[int, dict]:
-    """The review fields (:func:`molal.service.review.review_fields`) of the rows at the head of the queue
-    (those whose priority is written): the served label and confidence, the LLM votes, the student's
-    uncertainty."""
-    from molal.service.review import review_fields
-
-    head = [r for r, p in head_priorities(rows, prio, top).items() if p > 0]
-    if not head:
-        return {}
-    at = {int(r): i for i, r in enumerate(rr.rows.tolist())}
-    head = [r for r in head if r in at]
-    idx = [at[r] for r in head]
-    llm = rr.llm_outputs.normalized_probs()[idx] if rr.llm_outputs is not None else None
-    student = rr.student.predict_proba([pool.texts[r] for r in head]) if rr.student is not None else None
-    kinds = {v.split(":", 1)[0] for v in rr.member_versions}
-    voters = {"llm": "LLM", "scorer": "scorer"}.get(next(iter(kinds)), "member") if len(kinds) == 1 else "member"
-    return dict(zip(head, review_fields(np.asarray(rr.probs)[idx], llm, spec.classes, student, voters), strict=True))
-
-
-def rank_queue(state: ProjectState, student, pool: Pool, rows: Iterable[int], strategy: str,
-               top: int = 0, on_rows: Callable[[int], None] | None = None) -> tuple[list[int], np.ndarray]:
-    """The queue the training and query jobs write: the unlabeled, not auto-labelled rows of ``rows`` and
-    their priorities (:func:`rank_rows` with ``strategy``, the strategy choosing the first ``top`` (0 = all),
-    then the tasks last sent to people above everything). ``on_rows(n)`` hears how many before the ranking."""
-    auto = state.auto_labels()
-    unl = [r for r in rows if r not in pool.human and pool.task_ids[r] not in auto]
-    if on_rows is not None:
-        on_rows(len(unl))
-    order = rank_rows(student, [pool.texts[r] for r in unl], strategy,
-                      labeled_texts=[pool.texts[r] for r in pool.human], budget=top or None)
-    return unl, for_humans_first(pool, unl, priorities(order), state.get(FOR_HUMANS_KEY, []))
-
-
-def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None,
-                  client: LSClient | None = None, pool: Pool | None = None, spec: LabelSpec | None = None) -> dict:
-    """The ``query`` job: rank every unlabeled task with the current student and write the priorities."""
-    ps = svc.project_settings(state)
-    strategy = strategy or ps.strategy
-    client = client or client_for(svc, state)
-    if spec is None:
-        spec = svc.spec_for(state, client.label_config(state.id))
-    if pool is None:
-        ctx.progress(0.05, "pulling tasks from Label Studio")
-        pool = pool_from_tasks(client.tasks(state.id), spec, resolve=task_text_resolver(svc.settings, state),
-                               max_chars=svc.settings.max_text_chars)
-    m = svc.loaded_model(state)
-    student = svc.student_of(state, m) if m is not None else None
-    if student is None:
-        raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
-    unl, prio = rank_queue(state, student, pool, range(len(pool)), strategy, ps.priority_top,
-                           on_rows=lambda n: ctx.progress(0.3, f"ranking {n} unlabeled tasks with {strategy}"))
-    out = write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx, top=ps.priority_top,
-                           value_key=spec.value_key)
-    out.update({"strategy": strategy, "ranked": len(unl)})
-    return out
-
-
 # -- pushing predictions ---------------------------------------------------------------------------------------
-def head_limit(ps, pool: Pool) -> int:
-    """How many unlabeled tasks get the served model's prediction in a job: ``predictions_top`` when the
-    project has more unlabeled tasks than that, else 0 (every task)."""
-    top = int(ps.predictions_top or 0)
-    return top if top and len(pool) - len(pool.human) > top else 0
-
-
-def queue_head(pool: Pool, rows: list[int], top: int, prio: np.ndarray | None = None,
-               field: str = "priority", keep: Iterable[int] = ()) -> set[int]:
-    """The unlabeled ``rows`` a person meets first, at most ``top`` (0 = all), plus the rows of ``keep``:
-    by ``prio`` (aligned with ``rows``, higher first) or, without it, by the priority already in the task
-    data (``data.<field>``), then by task id, as Label Studio's sequential sampling serves them."""
-    unl = [(i, r) for i, r in enumerate(rows) if r not in pool.human]
-    keep = set(keep) - set(pool.human)
-    if not top or len(unl) <= top:
-        return {r for _, r in unl} | keep
-
-    def rank(item: tuple[int, int]) -> tuple[float, int]:
-        i, r = item
-        if prio is not None:
-            p = float(prio[i])
-        else:
-            try:
-                p = float(pool.data[r].get(field) or 0)
-            except (TypeError, ValueError):  # a person's own non-numeric value
-                p = 0.0
-        return -p, int(pool.task_ids[r])
-
-    return {r for _, r in sorted(unl, key=rank)[:top]} | keep
-
-
 def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: LabelSpec, pool: Pool,
                      rows: list[int], probs: np.ndarray | None, version: str | None, outputs=None,
                      versions: list[str] | None = None, ctx: JobContext | None = None,
-                     head: set[int] | None = None) -> int:
+                     head: set[int] | None = None, publish: bool = True) -> int:
     """Bulk-import the serving model's prediction (and per-member ones not yet there, ``outputs`` with the
     members' model ``versions``) for unlabeled rows. ``version=None``: only the per-member ones (they do not
     depend on the model; the project's model_version is left alone). ``head`` (rows, :func:`queue_head`):
     only those rows get a prediction, and no per-member ones are imported (Label Studio calls ``/predict``
     for a task only when it holds no prediction at all; ``/predict`` answers the served and the per-member
-    ones together)."""
+    ones together). ``publish=False``: the project's model_version is left for the caller to set
+    (:func:`publish_version`)."""
     ps = svc.project_settings(state)
     limit = svc.settings.per_llm_max_tasks
     wanted = bool(ps.per_llm_predictions and outputs is not None)
@@ -684,39 +594,16 @@ def push_predictions(svc: Runtime, client: LSClient, state: ProjectState, spec: 
     n = client.import_predictions(state.id, predictions(), total=total)
     if ctx is not None:
         ctx.progress(None, f"imported {n} {what}")
-    if version is not None and client.set_model_version(state.id, version) and ps.uncertainty_sampling:
-        client.set_uncertainty_sampling(state.id)
+    if version is not None and publish:
+        publish_version(svc, client, state, version)
     return n
 
 
-#: the model versions molal's served models give their predictions (per-LLM ones are ``llm:<name>``)
-SERVED_PREFIXES = ("molam-", "student-", "mixture-mean-")
-
-
-def retire_superseded(client: LSClient, project: int, version: str, ctx: JobContext | None = None,
-                      member_versions: list[str] | None = None, members_too: bool = False) -> dict[str, int]:
-    """Delete the predictions of molal's earlier model versions (``molam-*``, ``student-*``,
-    ``mixture-mean-*`` other than ``version``), so each task shows one current MoLAM prediction, and those
-    an embedding scorer of ``member_versions`` made under its old name ``llm:<name>`` (now
-    ``scorer:<name>``). ``members_too`` (only the head of the queue got predictions): the members' own
-    predictions (``member_versions``) go as well, so every other task holds none and Label Studio asks
-    ``/predict`` when it is opened. Predictions of other models and every annotation stay. Returns version
-    -> predictions deleted."""
-    renamed = {"llm:" + v.split(":", 1)[1] for v in member_versions or [] if v.startswith("scorer:")}
-    if members_too:
-        renamed |= set(member_versions or [])
-    try:
-        old = [v for v in client.model_versions(project)
-               if (v.startswith(SERVED_PREFIXES) and v != version) or v in renamed]
-        out = {v: client.delete_model_version(project, v) for v in old}
-    except LSConnectionError as exc:  # the new version serves already: a failed clean-up only leaves old ones
-        log.warning("project %s: could not remove superseded predictions: %s", project, exc)
-        if ctx is not None:
-            ctx.progress(None, "could not remove the predictions of superseded versions (see the log)")
-        return {}
-    if out and ctx is not None:
-        ctx.progress(None, f"removed the predictions of {len(out)} superseded version(s): {', '.join(out)}")
-    return out
+def publish_version(svc: Runtime, client: LSClient, state: ProjectState, version: str) -> None:
+    """Make ``version`` the project's model_version: what Label Studio pre-fills from, scores the tab's
+    predictions by and samples uncertainty on (Label Studio refuses a version with no prediction yet)."""
+    if client.set_model_version(state.id, version) and svc.project_settings(state).uncertainty_sampling:
+        client.set_uncertainty_sampling(state.id)
 
 
 def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient, LabelSpec, Pool]:
@@ -726,8 +613,15 @@ def _pull(svc: Runtime, state: ProjectState, ctx: JobContext) -> tuple[LSClient,
     if config != state.get("label_config"):
         state.put("label_config", config)
     spec = svc.spec_for(state, config)
+    try:  # the labelling instructions may frame the LLMs' task (a training job decides: fit_round)
+        spec = dataclasses.replace(spec, instructions=client.instructions(state.id))
+    except LSConnectionError as exc:
+        log.warning("project %s: could not read the labelling instructions (%s); the task framing stays", state.id, exc)
     tasks = client.tasks(state.id, on_page=lambda n: ctx.progress(None, f"pulled {n} tasks"))
-    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state), max_chars=svc.settings.max_text_chars)
+    from molal.service.quality import molal_annotations
+
+    pool = pool_from_tasks(tasks, spec, resolve=task_text_resolver(svc.settings, state),
+                           max_chars=svc.settings.max_text_chars, molal_annotations=molal_annotations(state))
     too_long = (f" ({pool.too_long} over MOLAL_MAX_TEXT_CHARS={svc.settings.max_text_chars} characters)"
                 if pool.too_long else "")
     ctx.progress(0.02, f"{len(tasks)} tasks: {len(pool)} with a text, {len(pool.human)} human-labelled, "
@@ -759,23 +653,64 @@ def nothing_new(svc: Runtime, state: ProjectState, spec: LabelSpec, pool: Pool) 
     return m.pointer
 
 
+def query_project(svc: Runtime, state: ProjectState, ctx: JobContext, strategy: str | None = None) -> dict:
+    """The ``query`` job: rank every unlabeled task with the current student (``strategy``, default the
+    project's) and write the queue: the serving model's review lines (its mixture's answers come from the
+    cache), the ranks and priorities."""
+    client, spec, pool = _pull(svc, state, ctx)
+    ps = svc.project_settings(state)
+    strategy = strategy or ps.strategy
+    m = svc.loaded_model(state)
+    student = svc.student_of(state, m) if m is not None else None
+    if student is None:
+        raise TrainingError(f"project {state.id}: no trained student yet; run a training job first (molal train)")
+    mixture, res = annotate_pool(svc, state, spec, pool.texts, ctx, 0.05, 0.5)
+    srv = svc.serving(state, spec, pool.texts)
+    rows = res.done_idx.tolist()
+    probs = (srv.probs_from_outputs(res.outputs) if srv.needs_llms
+             else student.predict_proba([pool.texts[r] for r in rows]))
+    served = {r: np.asarray(probs[i], dtype=np.float64) for i, r in enumerate(rows)}
+    ranking = rank_queue(state, student, pool, range(len(pool)), strategy, ps.priority_top,
+                         on_rows=lambda n: ctx.progress(0.6, f"ranking {n} unlabeled tasks with {strategy}"))
+    norm = res.outputs.normalized_probs() if len(rows) else None
+    llm = {r: norm[i] for i, r in enumerate(rows)} if norm is not None else None
+    plan = plan_queue(state, pool, spec, ranking, version=srv.version, field=ps.priority_field,
+                      head=ps.priority_top, served=served, llm=llm, voters=voters_of(mixture.member_versions()),
+                      failed=res.failed and {int(k): v for k, v in res.failed.items()}, audit_every=ps.audit_every)
+    out = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key)
+    out.update({"strategy": strategy, "ranked": len(ranking.rows)})
+    ctx.progress(1.0, f"ranked {len(ranking.rows)} tasks with {strategy}")
+    return out
+
+
 def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     """The ``train`` job (the START_TRAINING button, every N annotations, ``molal train``). Without new or
     changed human labels since the serving model (review mode) it says so and publishes nothing, unless the
     job's payload says ``force``."""
+    from molal.service.status import announce
+
+    announce(svc, state)  # "training…" in Label Studio, within seconds of Start Training
+    seen = int(state.get("new_annotations", 0) or 0)  # the labels counted so far are in this job's pull
     client, spec, pool = _pull(svc, state, ctx)
     ps = svc.project_settings(state)
     same = None if ctx.job.get("payload", {}).get("force") else nothing_new(svc, state, spec, pool)
     if same is not None:
         msg = (f"no new or changed human labels since {same['molam']} was trained: nothing to do "
                "(molal train --force retrains anyway)")
+        out = {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
+        job = resume(svc, state)  # a queue writer that gave way to this job goes on
+        if job is not None:
+            out["queue_job"] = job
         ctx.progress(1.0, msg)
-        return {"skipped": msg, "version": same["molam"], "n_human": len(pool.human), "n_tasks": len(pool)}
+        return out
     # The per-LLM votes (llm:<name>) do not depend on the model being trained: Label Studio imports them
     # while MoLAM and the student train (its server and this job each keep a core busy).
     # In a project of more unlabeled tasks than predictions_top, only the head of the queue gets
     # predictions (the served one; per-member ones would keep Label Studio from asking /predict)
     top = head_limit(ps, pool)
+    # the review panel goes in before anything is published: an edit Label Studio could not parse fails the job
+    # here, with nothing half-done (the model, predictions and priorities come after)
+    panel = ensure_review_panel(client, state.id) if ps.review_panel else None
     early: list[Future] = []
     llm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"molal-llm-preds-{state.id}")
 
@@ -790,43 +725,64 @@ def train_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         llm_pool.shutdown(wait=True)  # never leave the import running behind a failed round
     n_pred = sum(f.result() for f in early)  # raises the import's error, if any
     rows = rr.rows.tolist()
-    ranked = None  # (unlabeled rows, their priorities): the queue, when a student ranks it
+    # measured against people's labels; with auto_label, the certified labels are written before the queue is
+    # planned (they leave it: molal.service.quality)
+    trust = after_round(state, client, spec, pool, rows, rr.molam_probs, rr.llm_outputs, rr.member_versions,
+                        rr.pointer["molam"], ps, ctx)
+    served = {r: np.asarray(rr.probs[i], dtype=np.float64) for i, r in enumerate(rows)}
     if rr.student is not None:
         ctx.progress(0.9, f"query: ranking unlabeled tasks with {ps.strategy}")
-        ranked = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
-    head = None
-    if top:  # the auto-labelled rows of this round keep theirs: a reviewer checks them
-        head = (queue_head(pool, ranked[0], top, ranked[1], keep=rr.new_auto) if ranked is not None
-                else queue_head(pool, rows, top, field=ps.priority_field, keep=rr.new_auto))
-    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
-                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head)
-    retired = retire_superseded(client, state.id, rr.version, ctx, rr.member_versions, members_too=bool(top))
+        ranking = rank_queue(state, rr.student, pool, rows, ps.strategy, ps.priority_top)
+    else:
+        ranking = rank_by_confidence(pool, rows, served, state)
     flagged = 0
-    if rr.new_auto:
+    auto_rows: dict[int, str] = {}
+    if rr.new_auto or state.auto_labels():
         auto = state.auto_labels()
-        labels = {r: spec.classes[auto[pool.task_ids[r]]["label"]] for r in rr.new_auto}
+        row_of = pool.row_of()
+        auto_rows = {row_of[t]: spec.classes[a["label"]] for t, a in auto.items() if t in row_of}
         upd = []
         for r in rr.new_auto:
             d = dict(pool.data[r])
-            d[AUTO_FLAG] = labels[r]
+            d[AUTO_FLAG] = auto_rows[r]
             upd.append((pool.task_ids[r], d))
             pool.data[r] = d
         flagged = client.update_task_data(upd)
-    out: dict[str, Any] = {"version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
-                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool),
-                           "predictions_retired": sum(retired.values())}
+    llm = None
+    if rr.llm_outputs is not None:
+        norm = rr.llm_outputs.normalized_probs()
+        llm = {r: norm[i] for i, r in enumerate(rows)}
+    plan = plan_queue(state, pool, spec, ranking, version=rr.version, field=ps.priority_field,
+                      head=ps.priority_top, served=served, llm=llm, voters=voters_of(rr.member_versions),
+                      auto=auto_rows, audit_every=ps.audit_every)
+    # The new model's predictions first (Label Studio keeps pre-filling from the previous version, beside the
+    # previous lines, until the version is published), then the head's lines, publishing the version once
+    # the first few are written: a line and the pre-fill beside it are from one model (write_head)
+    head = None
+    if top:  # the plan's first tasks (audit places included); this round's auto-labelled rows keep theirs
+        at = pool.row_of()
+        head = {at[t] for t in plan.task_ids[:top]} | (set(rr.new_auto) - set(pool.human))
+    n_pred += push_predictions(svc, client, state, spec, pool, rows, rr.probs, rr.version,
+                               None if early else rr.llm_outputs, rr.member_versions, ctx, head=head,
+                               publish=False)
+    queued = write_head(svc, client, state, plan, pool, ctx, value_key=spec.value_key,
+                        retire={"keep": rr.version, "members": rr.member_versions, "members_too": bool(top)},
+                        publish=lambda: publish_version(svc, client, state, rr.version))
+    # the superseded versions' predictions go in the background (queue_job), a few at a time: deleting a
+    # version at once holds Label Studio's SQLite for seconds, and a person's submission meanwhile fails
+    out: dict[str, Any] = {**trust, "version": rr.version, "pointer": rr.pointer, "predictions_pushed": n_pred,
+                           "auto_labelled": flagged, "n_human": rr.info["n_human"], "n_tasks": len(pool), **queued}
+    if rr.info.get("member_warnings"):  # a member that may hurt: named in the job's result, with what to try
+        out["member_warnings"] = rr.info["member_warnings"]
+        out["members_flagged"] = {m["name"]: m["problem"] for m in rr.info.get("members", []) if m.get("problem")}
     if "stop" in rr.info:  # the stopping rule: κ of this round's predictions against the last round's
         out["stop"] = rr.info["stop"]
-    if ranked is not None:
-        unl, prio = ranked
-        fields = head_fields(rr, pool, spec, unl, prio, ps.priority_top)
-        out.update(write_priorities(client, state.id, pool, unl, prio, ps.priority_field, ctx,
-                                    top=ps.priority_top, fields=fields, value_key=spec.value_key))
-        out["to_human"] = len(rr.to_human)
-        out["review_fields_written"] = len(fields)
-    if ps.review_panel:
-        out["review_panel"] = ensure_review_panel(client, state.id)
-    state.put("new_annotations", 0)
+    out["to_human"] = len(rr.to_human)
+    out["review_fields_written"] = min(plan.head, len(plan))
+    out["ranked_by"] = ranking.by
+    if panel is not None:
+        out["review_panel"] = panel
+    state.incr("new_annotations", -min(seen, int(state.get("new_annotations", 0) or 0)))  # labels since stay
     if rr.info.get("unannotated"):  # the job succeeded, but the person reading its status must see this
         out["unannotated"] = rr.info["unannotated"]
         ctx.progress(1.0, f"done: serving {rr.version}; {rr.info['unannotated']}")
@@ -876,7 +832,10 @@ JOBS: dict[str, Callable[[Runtime, ProjectState, JobContext], dict]] = {
     "sync": sync_project,
     "query": query_job,
     "annotate": annotate_job,
+    "queue": queue_job,
+    "certify": certify_job,
 }
 
 
-__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "pool_from_tasks", "rank_rows"]
+__all__ = ["JOBS", "Pool", "RoundResult", "TrainingError", "fit_round", "mean_probs", "molal_wrote", "pool_from_tasks",
+           "query_project"]

@@ -10,6 +10,7 @@ from molal.lsprocess import BackendProcess, LabelStudioProcess
 #: small student settings so a training job stays short on 2 shared cores
 E2E_ENV = {
     "MOLAL_STUDENT_EPOCHS": "1",
+    "MOLAL_STUDENT_FREEZE_ENCODER": "true",  # the head on frozen MiniLM embeddings, as `molal demo` trains it
     "MOLAL_STUDENT_MAX_LENGTH": "32",
     "MOLAL_PER_LLM_PREDICTIONS": "true",
     "MOLAL_STRATEGY": "entropy",

@@ -8,6 +8,8 @@ START_TRAINING) → job succeeds → MoLAM pre-annotations + per-LLM votes on un
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -23,6 +25,7 @@ from molal.demo import (
     pick_seeds,
     start_training,
     wait_job,
+    wait_queue,
 )
 
 N_TASKS = 300
@@ -85,6 +88,10 @@ def trained(ls_client, project, backend):
     assert job["status"] == "succeeded", job
     version = job["result"]["version"]
     assert version.startswith("molam-")
+    # the job wrote the head of the queue; a background job writes every other task's rank and line
+    assert job["result"]["queue_head"] == 60 and job["result"]["queue_total"] == N_TASKS - N_SEEDS
+    q = wait_queue(backend.url, project["id"], timeout=900)
+    assert q["upto"] == q["total"] == N_TASKS - N_SEEDS
     return {"seeds": set(seeds), "version": version, "job": job}
 
 
@@ -174,6 +181,12 @@ def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_cli
     job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
     assert job["status"] == "succeeded" and "no new or changed human labels" in job["result"]["skipped"], job
     assert job["result"]["version"] == trained["version"]
+    # what Start Training did shows on molal's card in Settings -> Model (Label Studio itself says "{}")
+    deadline = time.time() + 30
+    while not (title := ls_client.ml.get(id=project["ml"]).title or "").endswith("· nothing new to learn"):
+        assert time.time() < deadline, title
+        time.sleep(0.5)
+    assert title.startswith("molal · model "), title
     assert len(backend.get(f"/versions?project={pid}")["versions"]) == n_versions
     # a person labels one more task: a new round, a new version
     task = next(t for t in project["ids"] if t not in trained["seeds"])
@@ -181,7 +194,11 @@ def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_cli
     job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
     assert job["status"] == "succeeded" and "skipped" not in job["result"], job
     new = job["result"]["version"]
-    assert new != trained["version"] and job["result"]["predictions_retired"] > 0
+    assert new != trained["version"]
+    # the superseded version's predictions go in the background, one by one, after the queue's lines
+    wait_queue(backend.url, pid, timeout=900)
+    qjob = backend.get(f"/jobs/{job['result']['queue_job']}")
+    assert qjob["status"] == "succeeded" and qjob["result"]["predictions_retired"] > 0, qjob
     versions = LSClient(label_studio.url, label_studio.token).model_versions(pid)
     served = [v for v in versions if not v.startswith("llm:")]
     assert served == [new], versions  # one current MoLAM prediction per task; the per-LLM votes stay
@@ -241,6 +258,7 @@ def test_a_big_project_gets_predictions_for_the_head_of_the_queue_only(ls_client
         assert job["status"] == "succeeded" and "skipped" not in job["result"], job
         new = job["result"]["version"]
         assert job["result"]["predictions_pushed"] == top, job["result"]
+        wait_queue(backend.url, pid, timeout=900)  # the older predictions go in the background
         assert LSClient(label_studio.url, label_studio.token).model_versions(pid) == {new: top}
         view = find_view(ls_client, pid)
         ordered = [t.model_dump() if hasattr(t, "model_dump") else t
