@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from molal import embeddings as E
+from tests.harness import sigkill_when
 from tests.test_student import make_tiny_encoder
 
 SHORT = ["Where is Paris ?", "Who wrote Hamlet ?", "How tall is Everest ?", "What is a quark ?"]
@@ -232,25 +232,7 @@ def test_a_writer_killed_mid_run_keeps_what_it_committed_and_the_rest_is_compute
                             text=True, env=env)
     proc.stdin.write(f"{target}\n")
     proc.stdin.flush()
-    probe = E.EmbeddingStore(target)
-    try:
-        deadline = time.time() + 180
-        n = 0
-        while time.time() < deadline:
-            time.sleep(0.05)
-            try:
-                n = probe.count()
-            except Exception:
-                n = 0
-            if n >= 64:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, E.EmbeddingStore(target).count, 64, 180)
     E.use_store(target)
     kept = E.current_store().count()
     assert 64 <= kept < 5000 and kept % 32 == 0, kept  # whole slices (8 batches of 4), never half of one
