@@ -32,7 +32,7 @@ from typing import Any
 
 from molal.datasets import CLASS_NAMES
 from molal.lsprocess import BackendProcess, LabelStudioProcess, free_port
-from molal.service.lsclient import VIEW_TITLE, task_pages
+from molal.service.lsclient import VIEW_TITLE, plain, task_pages
 
 STATE_FILE = "demo-state.json"
 DEFAULT_USER = "admin@molal.local"
@@ -88,14 +88,6 @@ def label_config(classes: list[str]) -> str:
             f'<Choices name="label" toName="text" choice="single" showInLine="true">{choices}</Choices></View>')
 
 
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump()
-    if hasattr(obj, "dict"):
-        return obj.dict()
-    return obj
-
-
 # -- Label Studio steps -----------------------------------------------------------------------------------------
 def create_project(client, title: str, classes: list[str], rows: list[dict]) -> tuple[int, list[int]]:
     """Create the project and import ``rows`` (only ``text`` goes to Label Studio); return (id, task ids)."""
@@ -105,7 +97,7 @@ def create_project(client, title: str, classes: list[str], rows: list[dict]) -> 
     for i in range(0, len(rows), 1000):
         res = client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows[i:i + 1000]],
                                            return_task_ids=True)
-        ids.extend(int(t) for t in (_plain(res).get("task_ids") or []))
+        ids.extend(int(t) for t in (plain(res).get("task_ids") or []))
     if len(ids) != len(rows):
         raise RuntimeError(f"imported {len(ids)} task ids for {len(rows)} rows")
     return pid, ids
@@ -144,7 +136,7 @@ def connect_backend(client, project: int, url: str, title: str = "molal", deadli
     loaded machine that can fail although the backend is fine, so failed tries are repeated with growing
     pauses (1, 2, 4 … 15 s) for up to ``deadline_s``. A final failure is one :class:`DemoError` line."""
     for b in client.ml.list(project=project):
-        b = _plain(b)
+        b = plain(b)
         if b.get("url", "").rstrip("/") != url.rstrip("/"):
             client.ml.update(id=int(b["id"]), url=url)
         return int(b["id"])
@@ -253,7 +245,7 @@ def all_tasks(client, project: int, view: int | None = None) -> list[dict]:
     out = []
     kw = {"view": view} if view is not None else {}
     for t in task_pages(client, project=project, fields="all", page_size=500, **kw):
-        out.append(_plain(t))
+        out.append(plain(t))
     return out
 
 
@@ -264,7 +256,7 @@ def task_predictions(client, project: int, task_ids: Iterable[int] = ()) -> list
     ``task_ids`` without a prediction are listed too (with none)."""
     by_task: dict[int, list[dict]] = {int(t): [] for t in task_ids}
     for p in client.predictions.list(project=project):
-        d = _plain(p)
+        d = plain(p)
         by_task.setdefault(int(d["task"]), []).append(d)
     return [{"id": t, "predictions": ps} for t, ps in sorted(by_task.items())]
 
@@ -301,7 +293,7 @@ def evaluate(tasks: list[dict], gold: dict[int, str | None], version: str, seeds
 
 def find_view(client, project: int, title: str = VIEW_TITLE) -> int | None:
     for v in client.views.list(project=project):
-        vd = _plain(v)
+        vd = plain(v)
         t = (vd.get("data") or {}).get("title") or ""
         if t == title or t.startswith(title + " · "):  # the tab's title carries molal's state
             return int(vd["id"])
@@ -513,7 +505,7 @@ class Demo:
         head = []
         if view is not None:
             for tk in task_pages(client, project=pid, view=view, fields="all", page_size=10):
-                d = _plain(tk)
+                d = plain(tk)
                 if d.get("annotations"):
                     continue
                 head.append(d)

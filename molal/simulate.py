@@ -372,14 +372,13 @@ def run_simulation(config: SimulationConfig, data: SimulationData | None = None,
     audit = np.zeros(0, dtype=np.int64)
     certified: np.ndarray | None = None
     if config.certify_epsilon is not None:
-        from molal.trust import certify
+        from molal.trust import certify_probs
 
         if config.audit >= len(unseeded):
             raise ValueError(f"audit ({config.audit}) must be smaller than the {len(unseeded)} non-seed pool items")
         audit = np.sort(np.random.default_rng([config.seed, 27]).choice(unseeded, config.audit, replace=False))
         conf = label_probs.max(1)
-        cert = certify(conf[audit], llm_label[audit] == gold[audit], config.certify_epsilon, config.certify_delta,
-                       pool_confidence=conf[unseeded])
+        cert = certify_probs(label_probs, audit, gold[audit], unseeded, config.certify_epsilon, config.certify_delta)
         certified = conf >= cert.threshold if cert.threshold is not None else np.zeros(n, dtype=bool)
         certified[audit] = False
         labeller_meta["certificate"] = {"epsilon": config.certify_epsilon, "delta": config.certify_delta,

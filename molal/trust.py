@@ -571,6 +571,28 @@ def _why_not(n_t: int, x_t: int, t: float, p: float, eps: float, dlt: float, k_m
             f"(p = {p:.3g} > delta = {dlt:g}); a larger audit, a larger epsilon or a better model may certify")
 
 
+def certify_probs(probs: np.ndarray, audit: Sequence[int] | np.ndarray, audit_labels: Sequence[int] | np.ndarray,
+                  frame: Sequence[int] | np.ndarray, epsilon: float = 0.05, delta: float = 0.1) -> Certificate:
+    """:func:`certify` for a model's class probabilities ``probs`` (n, K): its confidence is the top
+    probability and its label the top class; ``audit`` are the rows people labelled at random (``audit_labels``,
+    class indices, aligned), ``frame`` the rows the threshold will be applied to (the audit's included). The one
+    place both the served loop (:func:`molal.service.quality.certificate`) and ``molal simulate`` build a
+    certificate from probabilities."""
+    probs = np.asarray(probs, dtype=np.float64)
+    audit = np.asarray(audit, dtype=np.int64).reshape(-1)
+    frame = np.asarray(frame, dtype=np.int64).reshape(-1)
+    labels = np.asarray(audit_labels, dtype=np.int64).reshape(-1)
+    if probs.size == 0:
+        probs = probs.reshape(0, 1)
+    if probs.ndim != 2:
+        raise TrustError(f"probs must be a 2-d array (items, classes), got shape {probs.shape}")
+    if len(labels) != len(audit):
+        raise TrustError(f"{len(labels)} audit labels for {len(audit)} audit items")
+    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    return certify(conf[audit], pred[audit] == labels, epsilon, delta, pool_confidence=conf[frame])
+
+
 def certified_threshold(audit_confidence: Sequence[float] | np.ndarray, audit_correct: Sequence[bool] | np.ndarray,
                         epsilon: float = 0.05, delta: float = 0.1, *,
                         pool_confidence: Sequence[float] | np.ndarray | None = None) -> float | None:
@@ -584,4 +606,4 @@ def certified_threshold(audit_confidence: Sequence[float] | np.ndarray, audit_co
 
 
 __all__ = ["MAX_GRID", "Agreement", "Certificate", "Rate", "TrustError", "agreement", "agreement_by_source", "level",
-           "certified_threshold", "certify", "clopper_pearson", "min_audit_items"]
+           "certified_threshold", "certify", "certify_probs", "clopper_pearson", "min_audit_items"]

@@ -18,6 +18,7 @@ from molal.trust import (
     agreement_by_source,
     certified_threshold,
     certify,
+    certify_probs,
     clopper_pearson,
     min_audit_items,
 )
@@ -282,3 +283,30 @@ def test_agreement_by_source_and_errors():
         agreement([0], [0], ["x", "x"])
     with pytest.raises(TrustError, match="integers"):
         agreement([0.5], [0], names)
+
+
+def test_certify_probs_is_certify_on_top_probability_and_top_class():
+    """The one builder of a certificate from probabilities (served and simulated loops): confidence = the top
+    probability, correct = the top class is the audit's label, the frame's confidences as the pool."""
+    rng = np.random.default_rng(3)
+    n, k = 600, 4
+    gold = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), gold] += rng.uniform(0, 6, n)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    audit = np.sort(rng.choice(n, 120, replace=False))
+    frame = np.arange(50, n)  # the first 50 rows: seeds, outside the frame
+    audit = audit[audit >= 50]
+    got = certify_probs(probs, audit, gold[audit], frame, 0.1, 0.1)
+    conf = probs.max(1)
+    want = certify(conf[audit], probs.argmax(1)[audit] == gold[audit], 0.1, 0.1, pool_confidence=conf[frame])
+    assert got == want and got.threshold is not None
+    # a wrong label in the audit can only make the threshold stricter, never looser
+    flipped = gold[audit].copy()
+    flipped[np.argmax(conf[audit])] = (probs.argmax(1)[audit][np.argmax(conf[audit])] + 1) % k
+    worse = certify_probs(probs, audit, flipped, frame, 0.1, 0.1)
+    assert worse.threshold is None or worse.threshold >= got.threshold
+    with pytest.raises(TrustError, match="audit labels"):
+        certify_probs(probs, audit, gold[audit][:-1], frame)
+    empty = certify_probs(np.zeros(0), [], [], [], 0.1, 0.1)
+    assert empty.threshold is None and empty.reason

@@ -54,8 +54,8 @@ class LSConnectionError(RuntimeError):
     """No Label Studio URL/API key is known, or Label Studio could not be reached."""
 
 
-def _plain(obj: Any) -> Any:
-    """SDK pydantic objects → plain dicts/lists."""
+def plain(obj: Any) -> Any:
+    """SDK pydantic objects → plain dicts/lists (JSON types: datetimes as strings)."""
     if hasattr(obj, "model_dump"):
         return obj.model_dump(mode="json")
     if hasattr(obj, "dict"):
@@ -141,7 +141,7 @@ class LSClient:
         """One task as Label Studio holds it: ``id``, ``project``, ``data`` and ``labelled`` (it holds an
         annotation that is not a skip)."""
         try:
-            d = _plain(self.client.tasks.get(id=task_id))
+            d = plain(self.client.tasks.get(id=task_id))
         except Exception as exc:
             raise self.explain(f"reading task {task_id}", exc) from exc
         anns = [a for a in d.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -165,14 +165,14 @@ class LSClient:
         # parse the same way.
         out: list[dict] = []
         for t in task_pages(self.client, project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
-            d = _plain(t)
+            d = plain(t)
             out.append({"id": int(d["id"]), "data": d.get("data") or {}, "annotations": d.get("annotations") or [],
                         "prediction_versions": _prediction_versions(d)})
             if on_page is not None and len(out) % page_size == 0:
                 on_page(len(out))
         by_id = {t["id"]: t for t in out}
         for t in task_pages(self.client, project=project, fields="all", query=ANNOTATED_QUERY, page_size=page_size):
-            d = _plain(t)
+            d = plain(t)
             task = by_id.get(int(d["id"]))
             if task is not None:  # a task created after pass 1 waits for the next job
                 task["annotations"] = [a for a in d.get("annotations") or [] if isinstance(a, dict)]
@@ -254,14 +254,14 @@ class LSClient:
                 self.client.views.update(id=str(vd["id"]), data=data, project=project)
                 return int(vd["id"])
             v = self.client.views.create(project=project, data=data)
-            return int(_plain(v)["id"])
+            return int(plain(v)["id"])
         except Exception as exc:
             raise self.explain(f"writing the tab {title!r} of project {project}", exc) from exc
 
     def _view(self, project: int, title: str = VIEW_TITLE) -> dict | None:
         """molal's tab: titled ``title`` (or ``title · …``, as molal named it for a while), or an old title."""
         for v in self.client.views.list(project=project):
-            vd = _plain(v)
+            vd = plain(v)
             t = (vd.get("data") or {}).get("title") or ""
             if t == title or t.startswith(title + " · ") or t in OLD_VIEW_TITLES:
                 return vd
@@ -278,7 +278,7 @@ class LSClient:
         change of it: ``project``, ``auth_method``, ``basic_auth_user``) when it has exactly one (molal's own);
         None otherwise (several: which one is molal's cannot be told)."""
         try:
-            found = [_plain(b) for b in self.client.ml.list(project=project)]
+            found = [plain(b) for b in self.client.ml.list(project=project)]
         except Exception as exc:
             raise self.explain(f"listing the model connections of project {project}", exc) from exc
         if len(found) != 1 or not isinstance(found[0].get("url"), str):
@@ -391,7 +391,7 @@ class LSClient:
         def one(item: tuple[int, list[dict]]) -> tuple[int, int]:
             a = self.client.annotations.create(id=int(item[0]), result=item[1], project=int(project),
                                                last_action="prediction", was_cancelled=False, ground_truth=False)
-            return int(item[0]), int(_plain(a)["id"])
+            return int(item[0]), int(plain(a)["id"])
 
         try:
             with ThreadPoolExecutor(max_workers=self.threads) as ex:

@@ -96,17 +96,13 @@ def _votes(llm_probs: np.ndarray | None, at: dict[int, int], rows: list[int], j:
 
 def certificate(pool: Pool, rows: list[int], probs: np.ndarray, held: set[int], epsilon: float,
                 delta: float) -> Certificate:
-    """:func:`molal.trust.certify` for MoLAM's probabilities ``probs`` (aligned with ``rows``): the labelled
+    """:func:`molal.trust.certify_probs` for MoLAM's probabilities ``probs`` (aligned with ``rows``): the labelled
     audit rows (``held``) against the frame (``rows`` people did not label outside the audit)."""
-    from molal.trust import certify
+    from molal.trust import certify_probs
 
-    probs = np.asarray(probs, dtype=np.float64)
-    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
-    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
     audit = [i for i, r in enumerate(rows) if r in held]
     frame = [i for i, r in enumerate(rows) if r not in pool.human or r in held]
-    correct = np.array([pred[i] == pool.human[rows[i]] for i in audit], dtype=bool)
-    cert = certify(conf[audit], correct, epsilon, delta, pool_confidence=conf[frame])
+    cert = certify_probs(probs, audit, [pool.human[rows[i]] for i in audit], frame, epsilon, delta)
     if not audit:
         from dataclasses import replace
 

@@ -28,7 +28,6 @@ import pytest
 from molal.config import QUEUE_HEAD, TRAIN_EVERY
 from molal.demo import (
     TREC_CLASSES,
-    _plain,
     all_tasks,
     backend_get,
     connect_backend,
@@ -41,7 +40,7 @@ from molal.demo import (
     wait_job,
     wait_queue,
 )
-from molal.service.lsclient import VIEW_TITLE
+from molal.service.lsclient import VIEW_TITLE, plain
 from molal.service.review import INSTRUCTIONS
 
 pytestmark = pytest.mark.browser
@@ -165,19 +164,19 @@ def _held(ls_client, pid: int, line: str) -> list:
     if task is None:
         return ["no task holds this line now"]
     preds = [(p["id"], p["model_version"], [c for r in p["result"] for c in r.get("value", {}).get("choices", [])])
-             for p in (_plain(x) for x in ls_client.predictions.list(task=task["id"]))]
+             for p in (plain(x) for x in ls_client.predictions.list(task=task["id"]))]
     return [task["id"], task["data"].get("molal_model"), preds]
 
 
 def _filtered_tab(ls_client, reviewed, position: int) -> int:
     """A copy of the "molal queue" tab with a filter: ranks from ``position`` on (what a person adds with the
     tab's Filters button). Returns its id."""
-    data = dict(_plain(ls_client.views.get(id=str(reviewed["view"])))["data"])
+    data = dict(plain(ls_client.views.get(id=str(reviewed["view"])))["data"])
     data["title"] = f"from rank {position}"  # not a title molal takes for its own tab
     data["filters"] = {"conjunction": "and", "items": [*data["filters"]["items"], {
         "filter": "filter:tasks:data.molal_rank", "operator": "greater_or_equal", "type": "Number",
         "value": position}]}
-    return int(_plain(ls_client.views.create(project=reviewed["id"], data=data))["id"])
+    return int(plain(ls_client.views.create(project=reviewed["id"], data=data))["id"])
 
 
 def _label_as_displayed(pg, ls, pid: int, view: int, on_instructions=None) -> str:

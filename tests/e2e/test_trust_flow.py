@@ -6,7 +6,8 @@ random place in the block, marked in the data only, held out of training) → th
 (``GET /projects/N``, ``molal project report``, the status block in Label Studio's instructions) → certified
 labels written as molal's annotations (the ``auto_label`` setting in a training job, ``molal project certify``)
 and the command's refusal without audit labels.
-People are simulated by gold labels through Label Studio's API.
+People are simulated by gold labels through Label Studio's API. The project is an easy one (TREC questions
+most of the LLMs get right), so that the certificate is expected at ε = 0.2 (see EPS).
 """
 
 from __future__ import annotations
@@ -37,8 +38,29 @@ N_TASKS = 260
 N_SEEDS = 50
 EVERY = 4  # 1 task in 4 of the queue is an audit task (a bigger share than the default 10: a small project)
 N_QUEUE = 16  # tasks people label from the rest of the queue
-EPS = 0.15
-EPS_RETRY = 0.3  # what a person tries after a refusal at EPS (MoLAM's error on TREC's whole pool is below it)
+# The certificate's level. The project is an easy one on purpose: TREC questions where most of the 5 recorded
+# LLMs are right (MoLAM then errs on about 1 task in 100, and an audit of 53 certifies at ε = 0.2 in 30 of 30
+# simulated draws). On TREC as a whole, a 260-task project's MoLAM errs on about 1 task in 5 (50 seeds) and
+# ε = 0.15 is rightly refused in most draws: a test that expects a certificate there fails at random.
+EPS = 0.2
+
+
+def _easy_rows() -> tuple[list[dict], list[str]]:
+    """N_TASKS bundled TREC rows (a fixed draw) among those where at least 3 of the 5 recorded LLMs are right."""
+    import random
+
+    import numpy as np
+
+    from molal.data import LLMOutputs
+    from molal.resources import asset_path
+
+    rows, classes = load_rows(None, None)
+    out = LLMOutputs.load(asset_path("trec_recorded.npz"))
+    assert out.texts == [r["text"] for r in rows]
+    gold = np.array([out.class_names.index(r["label"]) for r in rows])
+    right = (out.normalized_probs().argmax(2) == gold[:, None]).sum(1)
+    easy = np.flatnonzero(right >= 3).tolist()
+    return [rows[i] for i in sorted(random.Random(3).sample(easy, N_TASKS))], classes
 
 
 def _molal(backend, label_studio, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -61,7 +83,7 @@ def _tab(ls_client, pid: int) -> list[dict]:
 def project(ls_client, backend):
     from molal.service.store import ProjectState
 
-    rows, classes = load_rows(None, None, n=N_TASKS, seed=3)
+    rows, classes = _easy_rows()
     pid, ids = create_project(ls_client, "e2e trust", classes, rows)
     gold = {t: r["label"] for t, r in zip(ids, rows, strict=True)}
     state = ProjectState(backend.model_dir, pid)
@@ -109,7 +131,7 @@ def test_certify_refuses_without_audit_labels(ls_client, project, backend, label
 
 
 @pytest.fixture(scope="module")
-def audited(ls_client, project, backend, label_studio):
+def audited(ls_client, project, backend):
     """People label every audit task and the first non-audit tasks of the tab; a training job with
     auto_label on follows."""
     pid = project["id"]
@@ -123,21 +145,8 @@ def audited(ls_client, project, backend, label_studio):
     job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
     assert job["status"] == "succeeded", job
     wait_queue(backend.url, pid, timeout=900)
-    train_s = time.monotonic() - t0
-    cert, eps = job["result"]["certified"], EPS
-    if not cert.get("written"):
-        # A refusal is a legitimate outcome of one random audit (the model may be overconfident near the
-        # top): it says why, with the numbers, and what to try; the person follows it with a larger ε, and
-        # the command certifies on the same audit
-        assert cert["refused"].startswith("no certified labels: ") and "a larger epsilon" in cert["refused"], cert
-        print(f"\nat ε = {EPS}: {cert['refused']}; certifying at ε = {EPS_RETRY} instead")
-        eps = EPS_RETRY
-        project["state"].set_setting("certify_epsilon", eps)
-        r = _molal(backend, label_studio, "project", "certify", "--project", str(pid))
-        assert r.returncode == 0, (r.stdout, r.stderr)
-        cert = json.loads(r.stdout)["result"]["certified"]
     return {"audit": [t["id"] for t in audit], "queue": [t["id"] for t in queue], "seen": seen, "job": job,
-            "train_s": train_s, "certified": cert, "epsilon": eps}
+            "train_s": time.monotonic() - t0}
 
 
 def test_audit_labels_are_held_out_of_training(project, audited):
@@ -187,8 +196,8 @@ def test_status_line_in_label_studio(ls_client, project, audited):
 
 def test_certified_labels_written_as_molal_annotations(ls_client, project, audited, backend, label_studio):
     pid, gold = project["id"], project["gold"]
-    res, eps = audited["job"]["result"], audited["epsilon"]
-    cert = audited["certified"]
+    res = audited["job"]["result"]
+    cert = res["certified"]
     assert cert.get("written", 0) > 0, cert  # 53 audit labels, δ = 0.1
     tasks = {t["id"]: t for t in all_tasks(ls_client, pid)}
     mine = {tid: t for tid, t in tasks.items() if any(a.get("last_action") == "prediction" for a in t["annotations"])}
@@ -203,8 +212,8 @@ def test_certified_labels_written_as_molal_annotations(ls_client, project, audit
     frame = backend.get(f"/projects/{pid}")["quality"]["certificate"]["pool_certified"]
     print(f"\ncertified {len(mine)} of {len(tasks)} tasks at {cert['threshold']:.3f}: {wrong} wrong against gold "
           f"({wrong / len(mine):.1%} of molal's labels; {wrong / frame:.1%} of the {frame} final labels at or above "
-          f"the threshold, audit included; ε = {eps}); training job {audited['train_s']:.0f} s")
-    assert wrong <= 2 * eps * len(mine)  # the certificate: <= ε with 90% probability; 2ε never in practice
+          f"the threshold, audit included; ε = {EPS}); training job {audited['train_s']:.0f} s")
+    assert wrong <= min(2 * EPS, EPS + 0.1) * len(mine)  # the certificate: <= ε with 90% probability
     # molal's own annotations are not people's labels: no retrain counted, not in the report, out of the tab
     assert backend.get(f"/projects/{pid}")["new_annotations"] == 0  # the job took the people's; molal's never count
     assert not set(mine) & {t["id"] for t in _tab(ls_client, pid)}
