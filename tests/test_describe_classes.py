@@ -131,6 +131,10 @@ def test_collapsed_and_chance_members_are_flagged_with_what_to_try():
     line = checks["collapsed"].line()
     assert "collapsed onto 'c2'" in line and "describe the classes" in line and 'calibrate = "content_free"' in line
     assert "calibrate" not in (checks["noise"].advice or "")  # a scorer has no prompt to calibrate
+    # a member that is calibrated already is not told to calibrate: its calibration may be the cause
+    cal = {c.name: c for c in check_members(out, seeds, gold[seeds], calibrated=["collapsed"])}["collapsed"]
+    assert cal.problem == checks["collapsed"].problem and cal.calibrated
+    assert "may be the cause" in cal.line() and "without calibrate" in cal.line() and "add calibrate" not in cal.line()
     # without seeds a collapse is still seen, against the other members' majority
     assert {c.name for c in check_members(out, [], []) if c.problem} == {"collapsed"}
 

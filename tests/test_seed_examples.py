@@ -4,8 +4,10 @@ the same ones, and the cache keys the answers by the examples actually in the pr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from molal.annotators import Mixture
@@ -93,3 +95,84 @@ def test_training_job_stores_the_seeds_and_predict_uses_them(tmp_path: Path) -> 
         fit_round(svc, state, spec, bad, None)
     assert state.get("seed_examples") == ex
     assert svc.mixture_for(state, spec.classes).annotators[0].prompt.examples[0]["text"] == "How many cats 1 ?"
+
+
+class _BiasedLM:
+    """A language model's answers as a small base model gives them under a few-shot prompt (what Gemma-3-270M did
+    with one AG News example per class, measured): on content-free inputs ("N/A", "[MASK]", "-") it puts 1% on
+    the last class and 64% on the third; on real texts it favours the third class strongly too, but the true
+    class still gains the most from the text. Only the model is stood in for: the calibration under test is
+    molal's own (Annotator.annotate)."""
+
+    CONTENT_FREE = np.array([0.24, 0.10, 0.65, 0.01])
+    REAL = np.array([0.15, 0.10, 0.70, 0.05])
+
+
+def _biased_annotator(calibrate: str | None):
+    from molal.annotators.base import CONTENT_FREE_TEXTS, Annotator, AnnotatorResult
+
+    class Biased(Annotator):
+        type = "biased"
+
+        def __init__(self) -> None:
+            self.name = "biased"
+            self.prompt = Prompt.build(examples="seeds")
+            self.calibrate = calibrate
+
+        def _identity(self):
+            return {"prompt": self.prompt.identity()}
+
+        def _annotate(self, texts, class_names, descriptions):
+            rows = []
+            for t in texts:
+                if t in CONTENT_FREE_TEXTS:
+                    rows.append(_BiasedLM.CONTENT_FREE)
+                else:
+                    p = _BiasedLM.REAL.copy()
+                    p[int(t.split("#")[1]) % 4] *= 2.2  # the text's class: what the model does read
+                    rows.append(p / p.sum())
+            return AnnotatorResult(probs=np.array(rows))
+
+    return Biased()
+
+
+def test_a_few_shot_prompt_is_calibrated_on_the_projects_texts_not_on_content_free_inputs() -> None:
+    """Gemma-3 with ``examples = "seeds"`` and ``calibrate = "content_free"`` labelled every AG News text
+    'Sci/Tech': with examples in the prompt, its answers on content-free inputs put 1% on that class, and
+    dividing by 1% sent everything there. Calibrated on the labelled texts the prompt does not show (their
+    mean answer, no label read), the bias is the one the model has on real texts."""
+    from molal.annotators.prompts import CALIBRATION_TEXTS, MIN_CALIBRATION_TEXTS
+
+    classes = ["World", "Sports", "Business", "Sci/Tech"]
+    labelled = [{"text": f"seed #{i}", "label": classes[i % 4]} for i in range(40)]
+    texts = [f"pool #{i}" for i in range(200)]
+    gold = np.arange(200) % 4
+
+    def run(ann):
+        res = ann.annotate(texts, classes)
+        pred = res.probs.argmax(1)
+        return float((pred == gold).mean()), float(np.bincount(pred, minlength=4).max() / len(pred))
+
+    filled = Prompt.build(examples="seeds").with_seed_examples(labelled)
+    assert [e["text"] for e in filled.examples] == ["seed #0", "seed #1", "seed #2", "seed #3"]
+    assert filled.calibration_texts == [f"seed #{i}" for i in range(4, 4 + CALIBRATION_TEXTS)]
+    assert Prompt.build(examples="seeds").with_seed_examples(labelled[:4 + MIN_CALIBRATION_TEXTS - 1]
+                                                             ).calibration_texts == []  # too few: content-free
+    # what the old calibration gave: every text the class the content-free inputs gave 1%
+    old = _biased_annotator("content_free")
+    old.prompt = dataclasses.replace(filled, calibration_texts=[])
+    acc_old, top_old = run(old)
+    assert top_old == 1.0 and acc_old == 0.25
+    new = _biased_annotator("content_free")
+    new.prompt = filled
+    acc_new, top_new = run(new)
+    assert acc_new == 1.0 and top_new == 0.25
+    raw = _biased_annotator(None)
+    raw.prompt = filled
+    assert run(raw)[1] >= 0.75  # uncalibrated: the model's own collapse onto its favourite class
+    # the cache keys a calibrated member by its calibration texts; an uncalibrated one keeps the explicit prompt's
+    assert new.identity()["calibrated_on"] and "calibrated_on" not in old.identity()
+    assert "calibrated_on" not in raw.identity()
+    other = _biased_annotator("content_free")
+    other.prompt = dataclasses.replace(filled, calibration_texts=filled.calibration_texts[1:])
+    assert other.identity() != new.identity()

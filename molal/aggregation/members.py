@@ -18,7 +18,7 @@ MoLAM then decides on the seeds whether it keeps them (:class:`molal.aggregation
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,6 +44,7 @@ class MemberCheck:
     top_seed_share: float  # share of the seeds labelled top_class (without seeds: of the others' majority vote)
     n_seeds: int
     problem: str | None = None  # None, "at or below chance" or "collapsed onto <class>"
+    calibrated: bool = False  # the member divides by a measured bias (``calibrate``): that may be the cause
 
     @property
     def advice(self) -> str | None:
@@ -52,6 +53,10 @@ class MemberCheck:
             return None
         what = ("describe the classes (a hint on each <Choice> in Label Studio, or a [descriptions] table in the "
                 "mixture file)")
+        if self.kind == "llm" and self.calibrated:
+            return (f"{what}; its calibrate = \"content_free\" may be the cause (dividing by a bias measured on "
+                    "other inputs can move every text to one class): try it without calibrate, or a preset that "
+                    "fits the data; or remove it from the mixture. MoLAM keeps it only where the seeds show it helps")
         if self.kind == "llm":
             return (f"{what}; for a small LLM add calibrate = \"content_free\" (chat models also prefill = true), or "
                     "a preset that fits the data; or remove it from the mixture. MoLAM keeps it only where the "
@@ -74,10 +79,11 @@ class MemberCheck:
 
 
 def check_members(outputs: LLMOutputs, idx: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray,
-                  kinds: Mapping[str, str] | None = None) -> list[MemberCheck]:
+                  kinds: Mapping[str, str] | None = None, calibrated: Collection[str] = ()) -> list[MemberCheck]:
     """Each member of ``outputs`` measured on the seeds ``idx`` (rows of ``outputs``) with labels ``labels``
-    (class indices): see the module docstring. Without seeds only a collapse can be seen. ``kinds``: member name -> ``"llm"`` / ``"scorer"`` (default
-    ``"llm"``)."""
+    (class indices): see the module docstring. Without seeds only a collapse can be seen. ``kinds``: member
+    name -> ``"llm"`` / ``"scorer"`` (default ``"llm"``); ``calibrated``: the members whose answers are
+    calibrated (``calibrate`` set), whose advice then names the calibration as a possible cause."""
     idx = np.asarray(idx, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     if len(idx) != len(labels):
@@ -107,7 +113,8 @@ def check_members(outputs: LLMOutputs, idx: Sequence[int] | np.ndarray, labels: 
             problem = "at or below chance"
         out.append(MemberCheck(name=name, kind=(kinds or {}).get(name, "llm"), seed_accuracy=acc, chance=chance,
                                top_class=outputs.class_names[top], top_share=float(share[top]),
-                               top_seed_share=float(seed_share[top]), n_seeds=len(idx), problem=problem))
+                               top_seed_share=float(seed_share[top]), n_seeds=len(idx), problem=problem,
+                               calibrated=name in set(calibrated)))
     return out
 
 

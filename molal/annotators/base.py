@@ -191,7 +191,8 @@ class Annotator:
     ``batch_size`` is how many texts the mixture hands over per call (and per cache transaction).
     ``calibrate = "content_free"`` (LLM annotators) divides each row by the mean distribution the model gives
     :data:`CONTENT_FREE_TEXTS` under the same prompt and classes (computed once per class list), then
-    renormalises.
+    renormalises; a prompt with few-shot examples from the seeds is calibrated on the project's other labelled
+    texts instead (:meth:`calibration_texts`), where content-free inputs misjudge the bias.
     """
 
     type: str = "base"
@@ -221,7 +222,17 @@ class Annotator:
         ident["samples"] = int(self.samples)
         if self.calibrate:  # only then: uncalibrated annotators keep their cache identity
             ident["calibrate"] = self.calibrate
+            texts = self.calibration_texts()
+            if texts is not CONTENT_FREE_TEXTS:  # measured on the project's texts: they change the answers
+                ident["calibrated_on"] = stable_hash(list(texts))
         return ident
+
+    def calibration_texts(self) -> Sequence[str]:
+        """The inputs whose mean answer is the model's bias for ``calibrate``: the prompt's
+        :attr:`~molal.annotators.prompts.Prompt.calibration_texts` (labelled texts of the project beside its
+        few-shot examples from the seeds) where it has them, else :data:`CONTENT_FREE_TEXTS`."""
+        texts = getattr(getattr(self, "prompt", None), "calibration_texts", None)
+        return list(texts) if texts else CONTENT_FREE_TEXTS
 
     def content_free_probs(self, class_names: list[str], descriptions: dict[str, str]) -> np.ndarray:
         """The model's mean distribution over the classes for content-free inputs (cached per class list)."""
@@ -229,10 +240,12 @@ class Annotator:
         # keyed by the identity too: a copy with other few-shot examples shares this dict, not the bias
         key = (stable_hash(self.identity()), tuple(class_names), tuple(sorted(descriptions.items())))
         if key not in memo:
-            res = self._annotate(list(CONTENT_FREE_TEXTS), class_names, descriptions)
-            ok = [i for i in range(len(CONTENT_FREE_TEXTS)) if i not in res.failed and np.isfinite(res.probs[i]).all()]
+            texts = list(self.calibration_texts())
+            res = self._annotate(texts, class_names, descriptions)
+            ok = [i for i in range(len(texts)) if i not in res.failed and np.isfinite(res.probs[i]).all()]
             if not ok:
-                raise AnnotatorError(f"annotator {self.name!r}: calibration failed: no answer for the content-free inputs "
+                what = "the content-free inputs" if texts == list(CONTENT_FREE_TEXTS) else "the calibration texts"
+                raise AnnotatorError(f"annotator {self.name!r}: calibration failed: no answer for {what} "
                                      f"({'; '.join(sorted(set(res.failed.values()))) or 'no probabilities'})")
             p = res.probs[ok].mean(axis=0)
             memo[key] = np.maximum(p / p.sum(), 1e-6)

@@ -31,6 +31,10 @@ DEFAULT_TEMPLATE = (
 DEFAULT_SYSTEM = "You are a careful annotator for text classification."
 DEFAULT_ANSWER_PREFIX = "Category:"
 _FIELDS = ("text", "labels", "descriptions", "examples", "task")
+#: at most this many labelled texts (not the examples) measure a few-shot prompt's bias
+#: (:meth:`Prompt.with_seed_examples`); with fewer than MIN_CALIBRATION_TEXTS the content-free inputs do
+CALIBRATION_TEXTS = 32
+MIN_CALIBRATION_TEXTS = 8
 #: the longest task framing a prompt takes (characters); longer framings are refused by :class:`Prompt`
 MAX_TASK_CHARS = 2000
 CHAT_MODES = ("auto", True, False)
@@ -65,6 +69,10 @@ class Prompt:
     #: the task framing (a Label Studio project's labelling instructions, a mixture file's ``task``): rendered
     #: at ``{task}``, or as the first line of the prompt when the template has no ``{task}``
     task: str = ""
+    #: real texts of the project, without their labels, on which ``calibrate = "content_free"`` measures the
+    #: model's bias under this prompt (filled by :meth:`with_seed_examples`: the labelled texts it did not take
+    #: as examples); empty: the content-free inputs (:data:`molal.annotators.base.CONTENT_FREE_TEXTS`)
+    calibration_texts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or "{text}" not in self.template:
@@ -127,7 +135,14 @@ class Prompt:
         """This prompt with its ``"seeds"`` examples filled in from ``labelled`` (``{"text", "label"}``, in the
         order to prefer: the first ``examples_per_class`` of each class, in class order of first appearance).
         A prompt with explicit examples is returned unchanged. The result's identity is that of a prompt
-        given those examples explicitly, so the cache is shared with it."""
+        given those examples explicitly, so the cache is shared with it (uncalibrated: a calibrated annotator's
+        identity adds its calibration texts).
+
+        The labelled texts not taken as examples (the first :data:`CALIBRATION_TEXTS`, when there are at least
+        :data:`MIN_CALIBRATION_TEXTS`) become :attr:`calibration_texts`: with examples in the prompt, the
+        content-free inputs misread a small model's bias (Gemma-3-270M with one AG News example per class gave
+        "Sci/Tech" 1% on them and so every text "Sci/Tech" after dividing), while its mean answer on real texts
+        of the project reads it well (batch calibration, Zhou et al. 2024)."""
         if self.examples_from != "seeds":
             return self
         import dataclasses
@@ -138,7 +153,11 @@ class Prompt:
             if per.get(e["label"], 0) < self.examples_per_class and isinstance(e.get("text"), str):
                 per[e["label"]] = per.get(e["label"], 0) + 1
                 chosen.append({"text": e["text"], "label": e["label"]})
-        return dataclasses.replace(self, examples=chosen, examples_from=None)
+        shown = {c["text"] for c in chosen}
+        rest = [e["text"] for e in labelled if isinstance(e.get("text"), str) and e["text"].strip()
+                and e["text"] not in shown][:CALIBRATION_TEXTS]
+        return dataclasses.replace(self, examples=chosen, examples_from=None,
+                                   calibration_texts=rest if len(rest) >= MIN_CALIBRATION_TEXTS else [])
 
     def with_task(self, task: str | None) -> Prompt:
         """This prompt with the task framing ``task`` ("" or None: none). Its identity changes with it."""

@@ -61,7 +61,10 @@ OPTION_DOCS: dict[str, str | dict[str, str]] = {
                "there).",
     "calibrate": "`\"content_free\"`: divide each text's class probabilities by those the model gives "
                  "content-free inputs (\"N/A\", \"[MASK]\", \"-\") under the same prompt, then renormalise: "
-                 "removes a small model's prior for some class words. Off by default.",
+                 "removes a small model's prior for some class words. With `examples = \"seeds\"` the bias is "
+                 "measured instead on up to 32 labelled texts of the project that the prompt does not show (their "
+                 "mean answer; their labels are not read): with examples in the prompt, content-free inputs "
+                 "misjudge it. Off by default.",
     "scoring": {
         "openai": "`auto` (= `top_logprobs`: the first generated token's top log-probabilities, following an "
                   "ambiguous first token on the completions API) or `echo` (completions only: the whole class "

@@ -264,7 +264,9 @@ def annotate_command(
 
         lab = np.flatnonzero(gold >= 0) if gold is not None else np.zeros(0, dtype=np.int64)
         kinds = {a.name: a.kind for a in mixture.annotators}
-        for c in check_members(outputs, lab, gold[lab] if gold is not None else lab, kinds=kinds):
+        calibrated = [a.name for a in mixture.annotators if getattr(a, "calibrate", None)]
+        for c in check_members(outputs, lab, gold[lab] if gold is not None else lab, kinds=kinds,
+                               calibrated=calibrated):
             if c.problem:
                 console.print(f"[yellow]warning:[/] {c.kind} {c.line()}")
     console.print(

@@ -476,7 +476,8 @@ def member_report(mixture, outputs, labeled_idx: np.ndarray, labels: np.ndarray,
     from molal.aggregation.members import check_members
 
     kinds = {a.name: a.kind for a in mixture.annotators}
-    checks = check_members(outputs, labeled_idx, labels, kinds=kinds)
+    checks = check_members(outputs, labeled_idx, labels, kinds=kinds,
+                           calibrated=[a.name for a in mixture.annotators if getattr(a, "calibrate", None)])
     dropped = set(((getattr(molam, "metadata", None) or {}).get("members") or {}).get("dropped") or [])
     warnings = []
     for c in checks:
