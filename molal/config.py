@@ -104,6 +104,12 @@ class Settings(BaseSettings):
                              description="annotation actors (each loads the mixture's models once)")
     ray_gpus_per_worker: float = Field(0.0, ge=0, validation_alias="MOLAL_RAY_GPUS_PER_WORKER")
     predict_time_budget_s: float = Field(60.0, validation_alias="MOLAL_PREDICT_BUDGET_S")
+    embedding_store_mb: float = Field(
+        1024, ge=0, validation_alias="MOLAL_EMBEDDING_STORE_MB",
+        description="the text embeddings kept beside the annotation cache (same SQLite file or PostgreSQL "
+                    "database), so a retrain, another worker or a restart does not embed a text again: at most "
+                    "this many MB, least recently used evicted first (0 = off: embeddings kept in memory only)",
+    )
     student_encoder: str = Field("minilm", validation_alias="MOLAL_STUDENT_ENCODER")
     student_epochs: int = Field(3, validation_alias="MOLAL_STUDENT_EPOCHS")
     student_max_length: int = Field(64, validation_alias="MOLAL_STUDENT_MAX_LENGTH")

@@ -20,9 +20,9 @@ with the paper's noise-robust loss (:mod:`molal.loss`).
   CUDA when present).
 
 ``freeze_encoder=True`` is a fast preset for CPU-bound simulations: the encoder stays at its start weights
-(its embeddings are computed once and cached per text) and only the linear head is trained, with the same
-loss/optimiser/schedule; ``lr`` left unset is then 1e-3 (:data:`HEAD_LR`; 5e-5, :data:`FINETUNE_LR`, when
-fine-tuning), and it wants more epochs, e.g. 30 (≈1 s for 250 texts): a head trained 1 epoch at 5e-5 stays
+(its embeddings come from :func:`molal.embeddings.embed`: computed once per text, shared with the scorers
+and kept in the embedding store) and only the linear head is trained, with the same loss/optimiser/schedule;
+``lr`` left unset is then 1e-3 (:data:`HEAD_LR`; 5e-5, :data:`FINETUNE_LR`, when fine-tuning), and it wants more epochs, e.g. 30 (≈1 s for 250 texts): a head trained 1 epoch at 5e-5 stays
 near uniform (trained on 250 TREC questions, tested on 50: 28% accuracy, normalised entropy 0.997, against
 70% and 0.73 at 1e-3 × 30 epochs). It is a weaker student
 than full fine-tuning; results obtained with it are labelled as such.
@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +49,6 @@ import numpy as np
 
 from molal.io import DIR_MODE, atomic_write_json
 from molal.loss import lambda_t, noise_robust_loss
-from molal.lru import LRU
 from molal.progress import progress_bar
 
 FORMAT = "molal.Student"
@@ -110,15 +108,6 @@ def _build_module(encoder_model: Any, n_classes: int, dropout: float, seed: int)
             return self.head(self.dropout(emb)), emb
 
     return _Classifier()
-
-
-#: frozen-encoder embeddings, per (encoder, max_length) and text digest (the encoder never changes in that preset):
-#: an LRU of at most this many texts per encoder (≈ 1.5 kB each for MiniLM: ≈ 300 MB), so a long-running
-#: backend that trains on many projects does not grow without bound, while one job on a 100k-task project
-#: still embeds each text once for fitting and ranking
-FROZEN_EMB_CACHE_TEXTS = 200_000
-_FROZEN_EMB_CACHE: dict[tuple[str, int], LRU[bytes, np.ndarray]] = {}
-_FROZEN_EMB_LOCK = threading.Lock()
 
 
 def _length_bucketed_batches(n: int, batch_size: int, gen, lengths: list[int] | None, bucket: int = 50) -> list[list[int]]:
@@ -200,9 +189,6 @@ class Student:
         self.max_steps = int(max_steps)
         if self.min_steps < 0 or self.max_steps < 0:
             raise StudentError(f"min_steps and max_steps must be >= 0, got {min_steps}, {max_steps}")
-        # text -> frozen-encoder embedding (freeze_encoder only); shared by students with the same encoder
-        with _FROZEN_EMB_LOCK:
-            self._emb_cache = _FROZEN_EMB_CACHE.setdefault((encoder, self.max_length), LRU(FROZEN_EMB_CACHE_TEXTS))
         self.metadata: dict[str, Any] = {}
         self._device: str | None = None
         self._tokenizer = None
@@ -280,27 +266,18 @@ class Student:
                 p.requires_grad_(False)
         return model
 
-    def _frozen_embeddings(self, model, texts: list[str]) -> np.ndarray:
-        """Embeddings of the (frozen, eval-mode) start encoder, cached per text."""
-        from molal.embeddings import text_digest
+    def _frozen_embeddings(self, model, texts: list[str], progress: bool = False) -> np.ndarray:
+        """Embeddings of the frozen start encoder (mean-pooled, not normalised): :func:`molal.embeddings.embed`,
+        so each text is embedded once per encoder and max length, shared with the scorers and MoLAM's text model
+        and kept across processes in the embedding store."""
+        from molal.embeddings import EncoderError, embed
 
-        keys = {t: text_digest(t) for t in dict.fromkeys(texts)}  # the LRU holds digests, not texts
-        got = {t: self._emb_cache.get(k) for t, k in keys.items()}  # this call's, whatever the LRU evicts
-        todo = [t for t, e in got.items() if e is None]
-        if todo:
-            feats = self._tokenize(todo)
-            order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
-            torch = _torch()
-            model.encoder.eval()
-            with torch.no_grad():
-                for s in range(0, len(todo), self.infer_batch_size):
-                    idx = order[s : s + self.infer_batch_size]
-                    b = self._collate([feats[i] for i in idx])
-                    emb = model.pooled(**b).float().cpu().numpy()
-                    for j, i in enumerate(idx):
-                        got[todo[i]] = emb[j]
-                        self._emb_cache.put(keys[todo[i]], emb[j])
-        return np.stack([got[t] for t in texts]).astype(np.float32)
+        try:
+            emb, _ = embed(texts, self.encoder, max_length=self.max_length, device=self.device,
+                           batch_size=self.infer_batch_size, normalize=False, progress=progress)
+        except EncoderError as exc:
+            raise StudentError(f"cannot load encoder {self.encoder!r} ({exc})") from exc
+        return emb
 
     def _tokenize(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
         from molal.embeddings import clip_texts
@@ -387,7 +364,7 @@ class Student:
         t0 = time.perf_counter()
         model = self._fresh_model()
         if self.freeze_encoder:
-            emb_train = torch.from_numpy(self._frozen_embeddings(model, texts)).to(self.device)
+            emb_train = torch.from_numpy(self._frozen_embeddings(model, texts, progress)).to(self.device)
         else:
             feats = self._tokenize(texts)
         steps_per_epoch = math.ceil(n / self.batch_size)

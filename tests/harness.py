@@ -114,6 +114,28 @@ def stop_gunicorn(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             kill_group(proc)
 
 
+def sigkill_when(proc: subprocess.Popen, count: Any, at_least: int, timeout_s: float) -> None:
+    """SIGKILL ``proc`` as soon as ``count()`` (polled every 50 ms; an exception reads as 0) reaches
+    ``at_least``: a writer killed mid-run. Fails if ``proc`` ends first; ``proc`` never outlives the call."""
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            time.sleep(0.05)
+            try:
+                n = count()
+            except Exception:  # noqa: BLE001 - the database may not be there or readable yet
+                n = 0
+            if n >= at_least:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with ``start_new_session=True`` and everything in its group."""
     try:

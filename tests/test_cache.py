@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from molal.cache import AnnotationCache, CacheError, identity_key, text_key
+from tests.harness import sigkill_when
 
 IDENT = {"type": "test", "model": "m", "template": "t"}
 
@@ -156,25 +154,8 @@ def test_crash_mid_run_keeps_work_and_resumes(tmp_path: Path, state_db) -> None:
                             stdout=subprocess.PIPE, text=True)
     proc.stdin.write(f"{db}\n")
     proc.stdin.flush()
-    try:
-        deadline = time.time() + 120
-        n = 0
-        while time.time() < deadline:
-            time.sleep(0.05)
-            if state_db.url is not None or Path(db).exists():
-                try:
-                    n = AnnotationCache(db).count()
-                except Exception:
-                    n = 0
-            if n >= 10:
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: AnnotationCache(db).count() if state_db.url is not None or Path(db).exists() else 0,
+                 10, 120)
     cache = AnnotationCache(db)
     kept = cache.count()
     assert 10 <= kept < 2 * len(texts), kept

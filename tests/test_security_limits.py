@@ -153,11 +153,18 @@ def test_long_texts_cost_the_encoder_only_what_it_reads():
 
 
 def test_embedding_caches_hold_digests_not_texts():
-    from molal.embeddings import TEXT_EMBEDDINGS, embed_texts_shared
+    """The process's embedding LRU (the scorers', MoLAM's and the frozen student's: one) is keyed by digests;
+    a long text, cut before tokenising, gets the vector of the whole text encoded without the cut."""
+    import numpy as np
+
+    from molal.embeddings import MEMORY, embed, encoder
 
     text = long_texts(1, 32_000, seed=5)[0]
-    embed_texts_shared([text], "minilm", "cpu", 64, 128)
-    assert all(not isinstance(k[2], str) and len(k[2]) <= 32 for k in TEXT_EMBEDDINGS)
+    got, n_tok = embed([text], "minilm", max_length=128, normalize=False)
+    assert n_tok == 128
+    assert len(MEMORY) and all(not isinstance(k[2], str) and len(k[2]) <= 32 for k in MEMORY)
+    whole = encoder("minilm", "cpu").encode([text], 128, 8)
+    assert np.allclose(got, whole, atol=1e-5)
 
 
 

@@ -26,11 +26,12 @@ TEXT_FLOOR = 1e-3
 
 
 def embed_texts_cached(texts: list[str], encoder: str = "minilm", max_length: int = 64, device: str = "cpu") -> np.ndarray:
-    """(n, d) unit-norm embeddings of ``texts`` with a sentence encoder (``"minilm"`` = bundled), through the
-    process-wide cache of :mod:`molal.embeddings` (a fit and its predictions on one pool embed each text once)."""
-    from molal.embeddings import embed_texts_shared
+    """(n, d) unit-norm embeddings of ``texts`` with a sentence encoder (``"minilm"`` = bundled), through
+    :func:`molal.embeddings.embed` (each text embedded once per encoder and max length, across processes when
+    the embedding store is on)."""
+    from molal.embeddings import embed
 
-    emb, _ = embed_texts_shared(texts, encoder, device, 64, int(max_length))
+    emb, _ = embed(texts, encoder, max_length=int(max_length), device=device, batch_size=64)
     return emb.astype(np.float64)
 
 

@@ -20,12 +20,14 @@ from molal.annotators.base import (
     Annotator,
     AnnotatorError,
     AnnotatorResult,
+    DeadlineReached,
     check_float,
     check_name,
     check_positive_int,
+    current_deadline,
     softmax,
 )
-from molal.embeddings import EncoderError, embed_texts, embed_texts_shared, model_fingerprint, resolve_device
+from molal.embeddings import EmbeddingDeadline, EncoderError, dropout_embeddings, embed, model_fingerprint
 
 DEFAULT_TEMPLATES = ["This text is about {label}."]
 
@@ -110,8 +112,9 @@ class EmbeddingAnnotator(Annotator):
         if key not in self._class_cache:
             prompts = self.class_prompts(class_names, descriptions)
             flat = [p for ps in prompts for p in ps]
-            emb, _ = embed_texts(flat, self.model, resolve_device(self.device), self.batch_size, self.max_length)
-            emb = emb.reshape(len(class_names), len(self.templates), -1).mean(axis=1)
+            emb, _ = embed(flat, self.model, max_length=self.max_length, device=self.device,
+                           batch_size=self.batch_size)
+            emb = emb.astype(np.float64).reshape(len(class_names), len(self.templates), -1).mean(axis=1)
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             self._class_cache[key] = emb
         return self._class_cache[key]
@@ -121,26 +124,42 @@ class EmbeddingAnnotator(Annotator):
             return self._annotate_embedded(texts, class_names, descriptions)
         except EncoderError as exc:
             raise AnnotatorError(str(exc)) from exc
+        except EmbeddingDeadline as exc:
+            raise DeadlineReached(str(exc)) from exc
 
     def _annotate_embedded(self, texts: list[str], class_names: list[str], descriptions: dict[str, str]) -> AnnotatorResult:
-        device = resolve_device(self.device)
         cls = self.class_embeddings(class_names, descriptions)
-        wrapped = [self.text_template.format(text=t) for t in texts]
-        emb, n_tok = self._embed_shared(wrapped, device)
-        probs = softmax(emb @ cls.T / self.temperature, axis=1)
+        emb, n_tok = self._embed_shared(texts)
+        probs = softmax(emb.astype(np.float64) @ cls.T / self.temperature, axis=1)
         cons = None
         if self.samples > 0:
+            wrapped = [self.text_template.format(text=t) for t in texts]
             votes = np.zeros_like(probs)
             for s in range(self.samples):
-                e, t = embed_texts(wrapped, self.model, device, self.batch_size, self.max_length, dropout_seed=self.seed + s)
+                e, t = dropout_embeddings(wrapped, self.model, seed=self.seed + s, max_length=self.max_length,
+                                          device=self.device, batch_size=self.batch_size)
                 n_tok += t
-                votes[np.arange(len(texts)), (e @ cls.T).argmax(axis=1)] += 1
+                votes[np.arange(len(texts)), (e.astype(np.float64) @ cls.T).argmax(axis=1)] += 1
             cons = votes / self.samples
         return AnnotatorResult(probs=probs, consistency=cons, tokens=n_tok)
 
-    def _embed_shared(self, wrapped: list[str], device: str) -> tuple[np.ndarray, int]:
-        """Embeddings of ``wrapped``, reusing those another annotator with the same encoder just computed."""
-        return embed_texts_shared(wrapped, self.model, device, self.batch_size, self.max_length)
+    def _embed_shared(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Unit embeddings of the wrapped ``texts`` through :func:`molal.embeddings.embed` (each text embedded once
+        per encoder and max length: by this annotator, another one, the student or MoLAM's text model)."""
+        wrapped = [self.text_template.format(text=t) for t in texts]
+        return embed(wrapped, self.model, max_length=self.max_length, device=self.device,
+                     batch_size=self.batch_size, deadline=current_deadline())
+
+    def prefetch(self, texts: list[str]) -> int:
+        """Embed ``texts`` ahead of the calls that will score them (the Mixture hands over several batches at
+        once, so they are encoded sorted by length); returns the tokens encoded. Under the caller's deadline; a
+        failure is left to the scoring call to report."""
+        try:
+            return self._embed_shared(texts)[1]
+        except EncoderError:
+            return 0
+        except EmbeddingDeadline as exc:
+            raise DeadlineReached(str(exc)) from exc
 
     def close(self) -> None:
         self._class_cache.clear()

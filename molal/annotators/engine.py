@@ -50,9 +50,13 @@ class _Shard:
     def __init__(self, mixture: Mixture, class_names: list[str], descriptions: dict[str, str] | None,
                  cache_target: str) -> None:
         from molal.cache import AnnotationCache
+        from molal.config import get_settings
+        from molal.embeddings import current_store, use_store
 
         self.mixture, self.class_names, self.descriptions = mixture, class_names, descriptions
         self.cache = AnnotationCache(cache_target)
+        if current_store() is None:  # the actor's texts' embeddings beside the cache, as the driver's
+            use_store(cache_target, get_settings().embedding_store_mb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]

@@ -58,6 +58,8 @@ TREC_CLASSES = list(CLASS_NAMES["trec"])
 #: the longest class description a mixture file may give (characters): one line per class is the idea
 MAX_DESCRIPTION_CHARS = 1000
 TREC_LLMS = ["gemma", "llama", "mistral", "qwen", "yi"]
+#: texts a local encoder embeds ahead in one call (sorted by length: a 256-text wave alone pads ~30% more)
+PREFETCH_TEXTS = 1024
 
 
 def _annotator_class(type_: str) -> type[Annotator]:
@@ -319,6 +321,42 @@ class _AnnotationRun:
                 st["tokens"] = (st["tokens"] or 0) + res.tokens
         return True
 
+    def prefetch(self, waves: list[list[tuple[int, list[int]]]], w: int) -> int:
+        """Let the local annotators that can (``prefetch``: the embedding scorers) embed the texts of waves
+        ``w``, ``w + 1``, ... (up to :data:`PREFETCH_TEXTS` texts) in one call, so they are encoded sorted by
+        length rather than a batch at a time in arrival order. Returns the first wave not covered."""
+        can = {j for j, a in enumerate(self.annotators) if callable(getattr(a, "prefetch", None))
+               and not getattr(a, "remote", False) and j not in self.dead}
+        if not can:
+            return len(waves)
+        rows: dict[int, dict[int, None]] = {}
+        end = w
+        while end < len(waves) and (end == w or max((len(r) for r in rows.values()), default=0) < PREFETCH_TEXTS):
+            for j, us in waves[end]:
+                if j in can:
+                    rows.setdefault(j, {}).update(dict.fromkeys(us))
+            end += 1
+        for j, us in rows.items():
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.deadline_hit = True
+                break
+            ta, tokens = time.perf_counter(), None
+            try:
+                with deadline_scope(self.deadline):
+                    tokens = self.annotators[j].prefetch([self.u_texts[u] for u in us])
+            except DeadlineReached:
+                self.deadline_hit = True
+                break
+            except AnnotatorError:
+                pass  # the annotator's own calls report it, row by row
+            finally:
+                with self.lock:  # the annotator's time and tokens: its stats stay true
+                    st = self.per[self.annotators[j].name]
+                    st["seconds"] += time.perf_counter() - ta
+                    if tokens:
+                        st["tokens"] = (st["tokens"] or 0) + int(tokens)
+        return end
+
     def run(self, waves: list[list[tuple[int, list[int]]]], report: Callable[[str], None]) -> None:
         """Run the waves until done or the deadline. Within a wave, remote annotators (HTTP servers) run
         concurrently with each other and with the local ones; local ones run one after another."""
@@ -335,10 +373,15 @@ class _AnnotationRun:
 
         try:
             report("")
+            ahead = 0  # waves whose texts the local encoders have embedded ahead (prefetch)
             for w, wave in enumerate(waves):
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     self.deadline_hit = True
                     break
+                if w >= ahead:
+                    ahead = self.prefetch(waves, w)
+                    if self.deadline_hit:
+                        break
                 futures = {pool.submit(self.step, j, us): (j, us) for j, us in wave if remote[j]} if pool else {}
                 for j, us in wave:
                     if pool is None or not remote[j]:

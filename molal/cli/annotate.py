@@ -167,6 +167,10 @@ def annotate_command(
         except CacheError as exc:
             console.print(f"[red]cache error:[/] {exc}")
             raise typer.Exit(2) from None
+    from molal.embeddings import use_store
+
+    # the texts' embeddings are kept beside the annotations (none with --no-cache: everything is computed)
+    use_store(None if cache_target is None else str(cache_target), get_settings().embedding_store_mb)
     console.print(
         f"[bold]{len(ds)}[/] texts, {len(ds.class_names)} classes {ds.class_names}, mixture: {mixture}"
         + (f", cache: {cache_obj.target}" if cache_obj else ", no cache")

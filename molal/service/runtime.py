@@ -116,6 +116,10 @@ class Runtime:
         self.store = ServiceStore.from_settings(self.settings)
         self.jobs = JobQueue(self.store.jobs_target)
         self._cache = None
+        from molal.embeddings import use_store
+
+        # text embeddings beside the annotation cache (opened at the first embedding, not now)
+        use_store(str(self.store.cache_target), self.settings.embedding_store_mb)
         # per-process caches, each bounded (a request can name any project, class list or text)
         self._mixtures: LRU[tuple, Any] = LRU(8)
         self._models: LRU[tuple[int, str], LoadedModel] = LRU(16)
