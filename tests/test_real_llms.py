@@ -37,26 +37,26 @@ def _need(flag: str, why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """The converted SmolLM2 folder (converted here once per machine, then reused)."""
-    if not shipped.status(MODEL)["installed"]:
-        _need("MOLAL_REQUIRE_REAL_LLM", f"{MODEL} is not installed: molal models install {MODEL}")
+def _converted(name: str) -> Path:
+    """A shipped model's converted folder (converted here once per machine, then reused)."""
+    if not shipped.status(name)["installed"]:
+        _need("MOLAL_REQUIRE_REAL_LLM", f"{name} is not installed: molal models install {name}")
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             _need("MOLAL_REQUIRE_REAL_LLM", f"converting a GGUF needs {mod}: pip install 'molal[llm]'")
-    return shipped.hf_folder(MODEL)
+    return shipped.hf_folder(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, converted."""
+    return _converted(MODEL)
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
-    """The converted Gemma-3-270M folder (base model, GGUF in parts; CI installs it)."""
-    if not shipped.status(GEMMA)["installed"]:
-        _need("MOLAL_REQUIRE_REAL_LLM", f"{GEMMA} is not installed: molal models install {GEMMA}")
-    for mod in ("gguf", "accelerate"):
-        if importlib.util.find_spec(mod) is None:
-            _need("MOLAL_REQUIRE_REAL_LLM", f"converting a GGUF needs {mod}: pip install 'molal[llm]'")
-    return shipped.hf_folder(GEMMA)
+    """Gemma-3-270M (base model, GGUF in parts; CI installs it), converted."""
+    return _converted(GEMMA)
 
 
 @pytest.fixture(scope="module")
