@@ -266,7 +266,7 @@ class Student:
                 p.requires_grad_(False)
         return model
 
-    def _frozen_embeddings(self, model, texts: list[str], progress: bool = False) -> np.ndarray:
+    def _frozen_embeddings(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """Embeddings of the frozen start encoder (mean-pooled, not normalised): :func:`molal.embeddings.embed`,
         so each text is embedded once per encoder and max length, shared with the scorers and MoLAM's text model
         and kept across processes in the embedding store."""
@@ -364,7 +364,7 @@ class Student:
         t0 = time.perf_counter()
         model = self._fresh_model()
         if self.freeze_encoder:
-            emb_train = torch.from_numpy(self._frozen_embeddings(model, texts, progress)).to(self.device)
+            emb_train = torch.from_numpy(self._frozen_embeddings(texts, progress)).to(self.device)
         else:
             feats = self._tokenize(texts)
         steps_per_epoch = math.ceil(n / self.batch_size)
@@ -467,7 +467,7 @@ class Student:
         if n == 0:
             return logits_out, emb_out
         if self.freeze_encoder:
-            emb = self._frozen_embeddings(model, texts)
+            emb = self._frozen_embeddings(texts)
             model.train(train_mode)
             if seed is not None:
                 torch.manual_seed(seed)
