@@ -142,7 +142,7 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
         # the pull: every task light (include=...), then the annotated ones in full (a Data Manager filter)
         firsts = [q for q in fake.task_queries if q.get("page", ["1"]) == ["1"]]
         assert [q.get("include") for q in firsts[-2:]] == [["id,data,predictions_model_versions"], None]
-        assert "total_annotations" in firsts[-1]["query"][0]
+        assert "filter:tasks:annotations_ids" in firsts[-1]["query"][0]  # the annotations, not a counter
         assert svc.cache.count() == 40  # only the 10 new texts were annotated (x2 annotators)
         assert state_snapshot(svc)[0] == before[0]
     finally:
@@ -275,3 +275,31 @@ def test_import_requests_are_sized_by_label_studio_s_fixed_cost_not_shrunk_under
     # a bigger request that took no longer: the cost is fixed, so the fewest requests
     assert next_import_size([(500, 7.0), (125, 7.0)], 10_000) == 10_000
     assert 50 <= next_import_size([(500, 30.0)], 10_000) <= 500  # one request seen: scaled, within bounds
+
+
+def test_stale_counters_are_read_from_the_task_s_own_annotations():
+    """What :meth:`LSClient.update_task_data` and the pull set back: the counters a task's annotations and
+    predictions call for, where Label Studio's differ (a write saved them as read before a new annotation)."""
+    from molal.service.lsclient import stale_counters
+
+    done = {"id": 1, "completed_by": 3, "was_cancelled": False, "result": [{"value": {"choices": ["a"]}}]}
+    skip = {"id": 2, "completed_by": 4, "was_cancelled": True, "result": []}
+    task = {"annotations": [done], "predictions": [{"id": 9}], "total_annotations": 1, "cancelled_annotations": 0,
+            "total_predictions": 1, "is_labeled": True, "overlap": 1}
+    assert stale_counters(task) == {}
+    # a crossing write saved the counters of before the annotation
+    assert stale_counters({**task, "total_annotations": 0, "is_labeled": False}) == {
+        "total_annotations": 1, "is_labeled": True}
+    assert stale_counters({**task, "annotations": [done, skip]}) == {"cancelled_annotations": 1}
+    assert stale_counters({**task, "total_predictions": 0}) == {"total_predictions": 1}
+    assert stale_counters({**task, "total_predictions": 0}, predictions=False) == {}
+    # overlap 2: one annotator does not label the task; a second (distinct) one does
+    two = {**task, "overlap": 2, "total_annotations": 0, "is_labeled": False}
+    assert stale_counters(two) == {"total_annotations": 1}
+    other = {**done, "id": 5, "completed_by": {"id": 6}}
+    assert stale_counters({**two, "annotations": [done, other]}) == {"total_annotations": 2, "is_labeled": True}
+    # an annotation removed under the write: counted down, and the task is no longer labelled
+    assert stale_counters({**task, "annotations": []}) == {"total_annotations": 0, "is_labeled": False}
+    # an answer without the lists (another Label Studio, or an error body) is left alone
+    assert stale_counters({"total_annotations": 0}) == {}
+    assert stale_counters({**task, "annotations": "x", "total_annotations": 5}) == {}

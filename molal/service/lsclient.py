@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +35,10 @@ AUTO_FLAG = "molal_auto_label"
 CERTIFIED_FLAG = "molal_certified"
 #: what the first pass of :meth:`LSClient.tasks` asks Label Studio for
 LIGHT_FIELDS = "id,data,predictions_model_versions"
-#: Data Manager filter: tasks with at least one non-cancelled annotation
+#: Data Manager filter: tasks that hold an annotation (a skip included), by the annotations themselves: not by
+#: the ``total_annotations`` counter, which Label Studio can leave stale (:meth:`LSClient.update_task_data`)
 ANNOTATED_QUERY = json.dumps({"filters": {"conjunction": "and", "items": [
-    {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}})
+    {"filter": "filter:tasks:annotations_ids", "operator": "empty", "type": "List", "value": False}]}})
 #: predictions per import request. Label Studio (1.23, default flags) recomputes the counters of *every*
 #: task of the project after each import request (~1.5 s per request on 2,000 tasks, more on bigger
 #: projects), so few large requests beat many small ones.
@@ -61,6 +63,36 @@ def plain(obj: Any) -> Any:
     if hasattr(obj, "dict"):
         return obj.dict()
     return obj
+
+
+def stale_counters(task: dict, predictions: bool = True) -> dict[str, Any]:
+    """The counters Label Studio should hold for ``task`` (an answer to a task write: its ``annotations`` and
+    ``predictions`` read after the save, its counters as saved) where they differ from those it saved; empty
+    where they agree or the answer lists neither. ``is_labeled`` follows Label Studio's rule (distinct
+    annotators of finished annotations ≥ ``overlap``); where annotations were added it is never turned off
+    (a project that counts skips may hold it true on fewer)."""
+    anns = task.get("annotations")
+    if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+        return {}
+    live = [a for a in anns if not a.get("was_cancelled")]
+    want: dict[str, Any] = {"total_annotations": len(live), "cancelled_annotations": len(anns) - len(live)}
+    preds = task.get("predictions")
+    if predictions and isinstance(preds, list):
+        want["total_predictions"] = len(preds)
+    fix = {k: v for k, v in want.items() if isinstance(task.get(k), int) and task.get(k) != v}
+    if "total_annotations" in fix or "cancelled_annotations" in fix:
+        def who(a: dict) -> Any:
+            c = a.get("completed_by")
+            return c.get("id") if isinstance(c, dict) else c
+
+        finished = {who(a) for a in live if a.get("result") is not None}
+        overlap = task.get("overlap") if isinstance(task.get("overlap"), int) else 1
+        labelled = len(finished) >= overlap
+        if len(live) > (task.get("total_annotations") or 0):
+            labelled = labelled or bool(task.get("is_labeled"))
+        if labelled != bool(task.get("is_labeled")):
+            fix["is_labeled"] = labelled
+    return fix
 
 
 def _prediction_versions(task: dict) -> list[str]:
@@ -138,6 +170,9 @@ class LSClient:
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self.threads = threads
         self.opaque = opaque
+        #: task writes whose stale counters were set back (:meth:`_keep_counters`)
+        self.counters_repaired = 0
+        self._lock = threading.Lock()
 
     def explain(self, what: str, exc: Exception) -> LSConnectionError:
         """A clear error for a failed Label Studio call: what, the status and what to do, and an error id
@@ -189,10 +224,10 @@ class LSClient:
     def _tasks(self, project: int, page_size: int, on_page: Callable[[int], None] | None) -> list[dict]:
         # Two passes instead of one ``fields=all`` listing: (1) every task with only id, data and its
         # predictions' model versions (``include``: Label Studio then serialises nothing else; 8x faster
-        # than fields=all on 2,000 tasks, measured), (2) the annotated tasks (total_annotations > 0;
-        # cancelled-only tasks carry no label) with their full annotations (``include`` would reduce
-        # annotations to ids). A Label Studio that ignores ``include``/``query`` returns full tasks, which
-        # parse the same way.
+        # than fields=all on 2,000 tasks, measured), (2) the tasks holding an annotation (found by their
+        # annotations, not by a counter Label Studio may have left stale) with their full annotations
+        # (``include`` would reduce annotations to ids); counters found stale there are set back. A Label
+        # Studio that ignores ``include``/``query`` returns full tasks, which parse the same way.
         out: list[dict] = []
         for t in task_pages(self.client, project=project, fields="all", include=LIGHT_FIELDS, page_size=page_size):
             d = plain(t)
@@ -206,7 +241,30 @@ class LSClient:
             task = by_id.get(int(d["id"]))
             if task is not None:  # a task created after pass 1 waits for the next job
                 task["annotations"] = [a for a in d.get("annotations") or [] if isinstance(a, dict)]
+                self._keep_counters(task["id"], d, predictions=False)
         return out
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def _keep_counters(self, task_id: int, saved: Any, tries: int = 3, predictions: bool = True) -> None:
+        """Set back counters Label Studio holds stale (see :meth:`update_task_data`): ``saved`` is a task as
+        Label Studio answered a write (its annotations and predictions as they are after it, its counters as
+        saved) or listed it. Rewrites until the two agree, at most ``tries`` times. ``predictions=False``: leave
+        ``total_predictions`` (a listing's predictions need not be all of them)."""
+        for _ in range(tries):
+            fix = stale_counters(saved, predictions=predictions) if isinstance(saved, dict) else None
+            if not fix:
+                return
+            log.warning("task %s: Label Studio's counters disagree with the task's annotations or predictions "
+                        "(a write crossed a new one); setting them back: %s", task_id,
+                        ", ".join(f"{k}={v}" for k, v in sorted(fix.items())))
+            with self._lock:
+                self.counters_repaired += 1
+            try:
+                saved = plain(self.client.tasks.update(id=str(task_id), **fix))
+            except Exception as exc:
+                raise self.explain(f"setting back the counters of task {task_id}", exc) from exc
+        log.warning("task %s: Label Studio's counters still disagree with its annotations after %d tries", task_id,
+                    tries)
 
     # -- writing ---------------------------------------------------------------------------------------
     def import_predictions(self, project: int, predictions: Iterable[dict], chunk: int = IMPORT_CHUNK,
@@ -245,13 +303,19 @@ class LSClient:
         return n
 
     def update_task_data(self, updates: Iterable[tuple[int, dict]]) -> int:
-        """``tasks.update(id, data=...)`` for each (task id, full new data), on a thread pool."""
+        """``tasks.update(id, data=...)`` for each (task id, full new data), on a thread pool.
+
+        Label Studio saves a PATCHed task whole, counters included, as it read them when the request began: a
+        person's annotation created in between loses its count (``total_annotations`` back to 0,
+        ``is_labeled`` false) and the task returns to the labelling stream, unseen by the next job. Each write's
+        answer is therefore checked, and counters it left stale are set back (:meth:`_keep_counters`)."""
         updates = list(updates)
         if not updates:
             return 0
 
         def one(item: tuple[int, dict]) -> None:
-            self.client.tasks.update(id=str(item[0]), data=item[1])
+            saved = plain(self.client.tasks.update(id=str(item[0]), data=item[1]))
+            self._keep_counters(item[0], saved)
 
         try:
             with ThreadPoolExecutor(max_workers=self.threads) as ex:
