@@ -18,6 +18,8 @@ STUDENT_MAX_STEPS = 30_000
 QUEUE_HEAD = 100
 #: retrain after this many new human labels (once a model serves): the queue keeps up with the people
 TRAIN_EVERY = 25
+#: seconds a superseded model version's predictions stay after the new one is published (molal.service.queue)
+RETIRE_GRACE_S = 900
 
 
 class Settings(BaseSettings):
@@ -49,6 +51,12 @@ class Settings(BaseSettings):
         description="retrain after N new human labels, once a model serves (0 = only on Start Training): the queue "
                     "is re-ranked with the people's latest labels; one training job each time (≈ 30-40 s for "
                     "2,000 tasks on 2 cores)")
+    retire_grace_s: int = Field(
+        RETIRE_GRACE_S, ge=0, validation_alias="MOLAL_RETIRE_GRACE_S",
+        description="a superseded model version's predictions stay this long after the new one is published "
+                    "before molal deletes them: a person who opened a task pre-filled from the old version "
+                    "submits an annotation that points to that prediction, and Label Studio refuses it (HTTP 400) "
+                    "once the prediction is gone. Deleted by the first job, or the first label, after that")
     job_nice: int = Field(
         10, ge=0, le=19, validation_alias="MOLAL_JOB_NICE",
         description="jobs (training, the queue writer) run this much nicer than the requests (Linux niceness): "

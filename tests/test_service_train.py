@@ -331,6 +331,41 @@ def test_embedding_scorers_are_not_named_llms(tmp_path, rows):
     assert sorted({d.split("#")[0] for d in c.deleted}) == ["llm:emb-minilm", "molam-1-aa"]
 
 
+def test_superseded_predictions_wait_out_the_grace_then_a_label_has_them_deleted(tmp_path):
+    """A person's open task was pre-filled from the version a retrain supersedes, and Label Studio refuses the
+    submit once that prediction is gone (tests/e2e: measured in the browser). So the superseded versions stay
+    ``retire_grace_s`` after the publish; the first label after that queues their deletion, unless a job of
+    the project is queued or running (that job's writer does it)."""
+    from molal.service.queue import RETIRE_KEY, retire_later, retire_wait, retire_when_due
+
+    svc = service(tmp_path)
+    state = project(svc, 5)
+    assert svc.project_settings(state).retire_grace_s == 900  # the default
+    assert retire_wait(svc, state) == 0 and retire_when_due(svc, state) is None  # nothing to delete
+    retire_later(state, {"keep": "molam-2-bb", "members": [], "members_too": False})
+    since = state.get(RETIRE_KEY)["since"]
+    assert 899 < retire_wait(svc, state) <= 900
+    assert retire_wait(svc, state, now=since + 901) == 0
+    retire_later(state, {"keep": "molam-2-bb", "members": [], "members_too": False})  # same version: same clock
+    assert state.get(RETIRE_KEY)["since"] == since
+
+    def queue_jobs() -> list[dict]:
+        return [j for j in svc.jobs.list(project=5) if j["kind"] == "queue"]
+
+    label = {"action": "ANNOTATION_CREATED", "project": {"id": 5},
+             "annotation": {"id": 1, "project": 5, "was_cancelled": False, "result": []}}
+    assert svc.webhook(label)["status"] == "counted"
+    assert queue_jobs() == []  # within the grace: nothing queued
+    state.set_setting("retire_grace_s", 0)
+    svc.webhook(label)
+    (job,) = queue_jobs()
+    assert job["source"] == "delete the superseded versions' predictions"
+    svc.webhook(label)  # that job is queued (or running): no second one
+    assert len(queue_jobs()) == 1
+    with pytest.raises(ValueError, match="retire_grace_s must be >= 0"):
+        state.set_setting("retire_grace_s", -1)
+
+
 def test_a_pool_only_partly_recorded_gets_a_mixture_that_covers_it(tmp_path, rows):
     """The default mixture is decided from a probe spread over the pool: a pool whose first texts are in the
     bundled TREC recording and the rest not gets the embedding scorers, not a replay that fails on the rest."""

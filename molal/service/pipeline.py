@@ -129,6 +129,9 @@ class Service(Runtime):
             if every > 0 and n >= every and state.current() is not None:  # retrain: a model serves already
                 state.put("new_annotations", 0)
                 return {**self.train_submitted(pid, f"{n} new annotations"), "new_annotations": n}
+            from molal.service.queue import retire_when_due
+
+            retire_when_due(self, state)  # the superseded versions' grace is over: their predictions go
             return {"status": "counted", "project": pid, "new_annotations": n, "train_every": every}
         return {"status": "ignored", "action": action}
 

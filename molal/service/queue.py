@@ -390,7 +390,7 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
 
     save_plan(state, plan)
     if retire is not None:
-        state.put(RETIRE_KEY, retire)
+        state.put(RETIRE_KEY, {**retire, "since": time.time()})
     row_of = pool.row_of()
 
     def data_of(t: int) -> dict | None:
@@ -404,6 +404,8 @@ def write_head(svc: Runtime, client: LSClient, state: ProjectState, plan: QueueP
     n, upto = write_plan(client, plan, data_of, 0, min(plan.head, PUBLISH_AFTER) if publish else plan.head)
     if publish is not None:
         publish()
+        if retire is not None:  # the grace before the superseded versions go counts from here
+            state.put(RETIRE_KEY, {**retire, "since": time.time()})
         m, upto = write_plan(client, plan, data_of, upto, plan.head)
         n += m
     for i in range(upto):  # the pool's copy of the data, as Label Studio now holds it
@@ -468,7 +470,12 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
         out["stopped"] = "superseded by a newer plan" if current_epoch(state) != plan.epoch else \
             "gave way to another job of the project (a training job resumes it)"
     retire = state.get(RETIRE_KEY)
-    if retire and "stopped" not in out:  # the superseded versions' predictions, a few at a time
+    wait = retire_wait(svc, state)
+    if retire and "stopped" not in out and wait > 0:
+        out["retire_in_s"] = round(wait)
+        ctx.progress(None, f"the superseded versions' predictions stay {wait / 60:.0f} min more: a task opened "
+                           "before the new model was published is submitted against them")
+    elif retire and "stopped" not in out:  # the superseded versions' predictions, a few at a time
         ctx.progress(None, "removing the predictions of superseded model versions")
         gone = retire_superseded(client, state.id, retire["keep"], ctx, retire.get("members"),
                                  bool(retire.get("members_too")), should_stop)
@@ -478,6 +485,45 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     ctx.progress(1.0, f"queue: {upto} of {len(plan)} tasks ranked and explained" +
                  (f" ({out['stopped']})" if "stopped" in out else ""))
     return out
+
+
+def retire_wait(svc: Runtime, state: ProjectState, now: float | None = None) -> float:
+    """Seconds before the superseded versions' predictions may be deleted (0: now, or nothing to delete).
+
+    A person who opened a task while the previous version was published has an annotation pre-filled from
+    that version's prediction; Label Studio's submit names it (``parent_prediction``) and is refused with HTTP
+    400 once it is deleted: the person's label is lost. So superseded predictions stay
+    ``MOLAL_RETIRE_GRACE_S`` after the new version is published (Label Studio's stream pre-fills from the
+    published version only meanwhile)."""
+    retire = state.get(RETIRE_KEY)
+    if not retire:
+        return 0.0
+    since = retire.get("since") if isinstance(retire, dict) else None
+    if not isinstance(since, (int, float)):  # written before the grace existed
+        return 0.0
+    now = time.time() if now is None else now
+    return max(0.0, float(since) + float(svc.project_settings(state).retire_grace_s) - now)
+
+
+def retire_later(state: ProjectState, retire: dict) -> None:
+    """Plan :func:`retire_superseded` (``keep``, ``members``, ``members_too``) for after the grace, counted from
+    now; a plan that keeps the same version already waits and is left as it is."""
+    pending = state.get(RETIRE_KEY)
+    if not (isinstance(pending, dict) and pending.get("keep") == retire.get("keep")):
+        state.put(RETIRE_KEY, {**retire, "since": time.time()})
+
+
+def retire_when_due(svc: Runtime, state: ProjectState) -> str | None:
+    """Queue the writer to delete the superseded versions' predictions once their grace is over and no job of
+    the project is queued or running (a label arriving is the trigger: only a person labelling needs the
+    grace); returns the job id, or None."""
+    if not state.get(RETIRE_KEY) or retire_wait(svc, state) > 0:
+        return None
+    if svc.jobs.list(project=state.id, status="queued", limit=1) or svc.jobs.list(project=state.id,
+                                                                                  status="running", limit=1):
+        return None
+    job, _ = svc.submit(state.id, "queue", source="delete the superseded versions' predictions")
+    return job["id"]
 
 
 def resume(svc: Runtime, state: ProjectState) -> str | None:
@@ -613,4 +659,5 @@ def refresh_on_open(client: LSClient, state: ProjectState, tasks: Sequence[dict]
 
 __all__ = ["EPOCH_SPAN", "QueuePlan", "Ranking", "for_humans_first", "load_plan", "plan_queue", "priorities",
            "progress", "queue_job", "rank_by_confidence", "rank_queue", "rank_rows", "refresh_on_open", "resume",
-           "save_plan", "write_head", "write_plan"]
+           "retire_later", "retire_superseded", "retire_wait", "retire_when_due", "save_plan", "write_head",
+           "write_plan"]

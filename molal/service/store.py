@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from molal.config import QUEUE_HEAD, TRAIN_EVERY
+from molal.config import QUEUE_HEAD, RETIRE_GRACE_S, TRAIN_EVERY
 from molal.db import Cursor, Database, Rows, SQLiteDB, connect_sqlite, open_database, parse_pg_url
 from molal.io import FILE_MODE, ArtifactError, atomic_write_json, ensure_dir, sha256_file
 
@@ -133,6 +133,7 @@ class ProjectSettings:
     predictions_top: int = 20_000  # served predictions for the top N unlabeled tasks only (0 = all)
     per_llm_predictions: bool = True
     train_every: int = TRAIN_EVERY  # retrain after N new human labels once a model serves (0 = Start Training only)
+    retire_grace_s: int = RETIRE_GRACE_S  # a superseded version's predictions stay this long after the new one
     from_name: str | None = None  # which <Choices> block (None = the first with a Text target)
     uncertainty_sampling: bool = False  # also set the project's sampling to "Uncertainty sampling"
     student: bool = True  # train the student in each training job
@@ -217,6 +218,7 @@ def env_defaults(settings: Any) -> ProjectSettings:
         predictions_top=settings.predictions_top,
         per_llm_predictions=settings.per_llm_predictions,
         train_every=settings.train_every,
+        retire_grace_s=getattr(settings, "retire_grace_s", RETIRE_GRACE_S),
         molam_text_features=getattr(settings, "molam_text_features", None),
     )
 

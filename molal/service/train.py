@@ -55,6 +55,7 @@ from molal.service.queue import (
     rank_by_confidence,
     rank_queue,
     resume,
+    retire_later,
     retire_superseded,
     write_head,
 )
@@ -811,7 +812,11 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     head = queue_head(pool, rows, top, field=ps.priority_field) if top else None
     n = push_predictions(svc, client, state, spec, pool, rows, np.asarray(probs), srv.version, res.outputs,
                          mixture.member_versions(), ctx, head=head)
-    retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions(), members_too=bool(top))
+    retire = {"keep": srv.version, "members": mixture.member_versions(), "members_too": bool(top)}
+    if ps.retire_grace_s > 0:  # deleted after the grace (queue.retire_wait), by a later job
+        retire_later(state, retire)
+    else:
+        retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions(), members_too=bool(top))
     ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
     return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}

@@ -408,3 +408,35 @@ def test_start_training_says_what_it_did_within_seconds(page, label_studio, revi
     block = ls_client.projects.get(id=pid).expert_instruction
     assert "skipped — no new or changed human labels" in block, block
     pg.screenshot(path=str(shots / "skipped.png"))
+
+
+def test_a_task_open_across_a_retrain_is_submitted(page, label_studio, reviewed, ls_client, backend, shots):
+    """A person has a task open, pre-filled from the serving model, while a retrain publishes a new version
+    and its queue writer finishes. Label Studio's submit names the prediction the pre-fill came from, and is
+    refused (HTTP 400: the label is lost) once that prediction is deleted: molal keeps the superseded
+    version's predictions for a grace (``retire_grace_s``, 900 s) after the publish. The submit lands."""
+    pg, pid = page, reviewed["id"]
+    task = _queue_order(ls_client, reviewed)[3]["id"]
+    line = _open_in_dm(pg, label_studio, reviewed, task)
+    ticked = _ticked(pg)
+    assert len(ticked) == 1, (line, ticked)
+    before = ls_client.projects.get(id=pid).model_version
+    done = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
+    label_seeds(ls_client, [t for t in reviewed["gold"] if t not in done and t != task][:2], reviewed["gold"])
+    job = wait_job(backend.url, start_training(ls_client, reviewed["ml"], backend.url, pid), timeout=900)
+    assert job["status"] == "succeeded" and "skipped" not in job["result"], job
+    wait_queue(backend.url, pid, timeout=900)  # the writer is done: without the grace it deleted them here
+    assert ls_client.projects.get(id=pid).model_version == job["result"]["version"] != before
+    answers = []
+    pg.on("response", lambda r: answers.append(r.status) if r.request.method == "POST"
+          and f"/api/tasks/{task}/annotations" in r.url else None)
+    pg.get_by_role("button", name="Submit current annotation").click()
+    deadline = time.monotonic() + 30
+    while not answers:
+        assert time.monotonic() < deadline, "the submit never reached Label Studio"
+        pg.wait_for_timeout(200)
+    pg.screenshot(path=str(shots / "submitted-across-a-retrain.png"))
+    assert answers == [201], answers
+    held = plain(ls_client.tasks.get(id=task))
+    (ann,) = [a for a in held["annotations"] if not a.get("was_cancelled")]
+    assert ann["result"][0]["value"]["choices"] == ticked

@@ -16,6 +16,7 @@ import pytest
 from molal.demo import (
     TREC_CLASSES,
     all_tasks,
+    choice_result,
     connect_backend,
     create_project,
     evaluate,
@@ -173,8 +174,11 @@ def test_retrieve_predictions_after_training_uses_new_version(ls_client, project
 def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_client, project, trained, backend,
                                                                           label_studio):
     """Start Training without new labels publishes nothing; after a person corrects a label the next job
-    publishes a new version and the superseded version's predictions are gone (annotations untouched)."""
+    publishes a new version. The superseded version's predictions stay for the grace (a task opened before
+    the publish is submitted against them: Label Studio refuses the submit once they are gone), then the
+    first label after it has them deleted (annotations untouched): one current prediction per task."""
     from molal.service.lsclient import LSClient
+    from molal.service.store import ProjectState
 
     pid = project["id"]
     n_versions = len(backend.get(f"/versions?project={pid}")["versions"])
@@ -188,23 +192,42 @@ def test_no_new_labels_no_new_version_and_one_current_prediction_per_task(ls_cli
         time.sleep(0.5)
     assert title.startswith("molal · model "), title
     assert len(backend.get(f"/versions?project={pid}")["versions"]) == n_versions
-    # a person labels one more task: a new round, a new version
-    task = next(t for t in project["ids"] if t not in trained["seeds"])
-    label_seeds(ls_client, [task], project["gold"])
+    # a person has a task open, pre-filled from the serving version's prediction (the editor's submit names it)
+    unlabeled = [t for t in project["ids"] if t not in trained["seeds"]]
+    opened = next(t for t in unlabeled[1:]
+                  if any(p["model_version"] == trained["version"] for p in _preds(ls_client, t)))
+    parent = next(p["id"] for p in _preds(ls_client, opened) if p["model_version"] == trained["version"])
+    # another person labels one more task: a new round, a new version
+    label_seeds(ls_client, unlabeled[:1], project["gold"])
     job = wait_job(backend.url, start_training(ls_client, project["ml"], backend.url, pid), 900)
     assert job["status"] == "succeeded" and "skipped" not in job["result"], job
     new = job["result"]["version"]
     assert new != trained["version"]
-    # the superseded version's predictions go in the background, one by one, after the queue's lines
     wait_queue(backend.url, pid, timeout=900)
     qjob = backend.get(f"/jobs/{job['result']['queue_job']}")
-    assert qjob["status"] == "succeeded" and qjob["result"]["predictions_retired"] > 0, qjob
-    versions = LSClient(label_studio.url, label_studio.token).model_versions(pid)
+    assert qjob["status"] == "succeeded" and qjob["result"]["retire_in_s"] > 0, qjob  # the grace (900 s)
+    assert trained["version"] in LSClient(label_studio.url, label_studio.token).model_versions(pid)
+    # the open task is submitted as Label Studio's editor does it, naming the prediction it came from
+    r = httpx.post(f"{label_studio.url}/api/tasks/{opened}/annotations/", timeout=30,
+                   headers={"Authorization": f"Token {label_studio.token}"},
+                   json={"result": choice_result(project["gold"][opened]), "parent_prediction": parent})
+    assert r.status_code == 201, r.text
+    # the grace is over (set to 0 here): the next label has the superseded predictions deleted, one by one
+    ProjectState(backend.model_dir, pid).set_setting("retire_grace_s", 0)
+    label_seeds(ls_client, unlabeled[2:3] if unlabeled[2] != opened else unlabeled[3:4], project["gold"])
+    deadline = time.time() + 300
+    while (versions := LSClient(label_studio.url, label_studio.token).model_versions(pid)) and \
+            trained["version"] in versions:
+        assert time.time() < deadline, versions
+        time.sleep(1.0)
+    retired = [j for j in backend.get(f"/jobs?project={pid}&limit=20")["jobs"]
+               if j["source"] == "delete the superseded versions' predictions"]
+    assert retired, "a label after the grace queues the deletion"
     served = [v for v in versions if not v.startswith("llm:")]
     assert served == [new], versions  # one current MoLAM prediction per task; the per-LLM votes stay
     assert {f"llm:{n}" for n in LLMS} <= set(versions)
     tasks = all_tasks(ls_client, pid)
-    assert sum(1 for t in tasks if t.get("annotations")) == N_SEEDS + 1  # no annotation was touched
+    assert sum(1 for t in tasks if t.get("annotations")) == N_SEEDS + 3  # no annotation was touched
     for t in tasks:
         if not t.get("annotations"):
             assert [p["model_version"] for p in t["predictions"]].count(new) == 1, t["id"]
