@@ -160,7 +160,7 @@ def worker_pids(master: int) -> set[int]:
 
 
 class JSONServer:
-    """A threaded HTTP server on a free 127.0.0.1 port answering GET, POST and PATCH with JSON: subclasses
+    """A threaded HTTP server on a free 127.0.0.1 port answering GET, POST, PATCH and DELETE with JSON: subclasses
     implement :meth:`respond` (it runs in the server's threads). ``url`` is its base URL; :meth:`close`."""
 
     def __init__(self) -> None:
@@ -180,7 +180,7 @@ class JSONServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = do_PATCH = _handle  # noqa: N815
+            do_GET = do_POST = do_PATCH = do_DELETE = _handle  # noqa: N815
 
             def log_message(self, *a):
                 pass

@@ -32,6 +32,7 @@ class FakeLS(JSONServer):
         self.mode: str | int = "ok"
         self.hits: list[tuple[str, str, int]] = []
         self.imported: list[dict] = []
+        self.deleted: set[int] = set()
         self.import_requests = 0
         self.task_queries: list[dict] = []
         self.tasks = [{"id": i + 1, "data": {"text": t}, "annotations": [], "predictions": []}
@@ -52,9 +53,19 @@ class FakeLS(JSONServer):
             return 200, {"tasks": self.tasks if page == 1 else [], "total": len(self.tasks)}
         if method == "POST" and u.path.rstrip("/") == "/api/projects/7/import/predictions":
             preds = json.loads(raw or b"[]")
-            self.imported.extend(preds)
+            for p in preds:
+                self.imported.append({**p, "id": len(self.imported) + 1})
             self.import_requests += 1
             return 201, {"created": len(preds)}
+        if method == "GET" and u.path.rstrip("/") == "/api/projects/7/model-versions":
+            held = [p["model_version"] for p in self.imported if p["id"] not in self.deleted]
+            return 200, {v: held.count(v) for v in set(held)}
+        if method == "GET" and u.path.rstrip("/") == "/api/predictions":
+            return 200, [{"id": p["id"], "model_version": p["model_version"]} for p in self.imported
+                         if p["id"] not in self.deleted]
+        if method == "DELETE" and (m := re.fullmatch(r"/api/predictions/(\d+)/?", u.path)):
+            self.deleted.add(int(m[1]))
+            return 200, {}
         return 404, {"detail": f"not in the fake: {method} {u.path}"}
 
 
@@ -144,7 +155,47 @@ def test_sync_fails_clearly_loses_nothing_and_the_next_job_succeeds(tmp_path, te
         assert [q.get("include") for q in firsts[-2:]] == [["id,data,predictions_model_versions"], None]
         assert "filter:tasks:annotations_ids" in firsts[-1]["query"][0]  # the annotations, not a counter
         assert svc.cache.count() == 40  # only the 10 new texts were annotated (x2 annotators)
-        assert state_snapshot(svc)[0] == before[0]
+        # nothing else changed; the superseded versions' predictions go after the grace (molal.service.queue)
+        assert [r for r in state_snapshot(svc)[0] if r[1] != "queue_retire"] == before[0]
+        assert svc.store.project(7).get("queue_retire")["keep"] == row2["result"]["version"]
+    finally:
+        fake.close()
+
+
+def test_a_synced_project_s_superseded_predictions_go_only_after_the_grace(tmp_path, texts):
+    """A sync job publishes its version's predictions; those of an earlier version stay for the grace (a task
+    open in Label Studio is submitted against them), the writer says how long, and the first label after it
+    has them deleted by a queue job, one by one, though the project has no queue plan yet."""
+    from molal.service.jobs import execute
+
+    fake = FakeLS(texts)
+    try:
+        fake.imported = [{"id": i + 1, "task": t["id"], "model_version": "mixture-mean-0old"}
+                         for i, t in enumerate(fake.tasks)]
+        svc = service(tmp_path, fake.url)
+        st = svc.store.project(7)
+        st.put("label_config", CONFIG)
+        svc.submit(7, "sync", source="test")
+        row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+        assert row["status"] == "succeeded", row["error"]
+        new = row["result"]["version"]
+        assert not fake.deleted and st.get("queue_retire")["keep"] == new
+        svc.submit(7, "queue", source="test")
+        row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+        assert row["status"] == "succeeded" and 800 < row["result"]["retire_in_s"] <= 900, row
+        assert not fake.deleted
+        label = {"action": "ANNOTATION_CREATED", "project": {"id": 7},
+                 "annotation": {"id": 1, "project": 7, "was_cancelled": False, "result": []}}
+        svc.webhook(label)
+        assert svc.jobs.claim() is None  # within the grace a label queues nothing
+        st.set_setting("retire_grace_s", 0)
+        svc.webhook(label)
+        row = execute(svc.jobs, svc.jobs.claim(), svc.run_job)
+        assert row["source"] == "delete the superseded versions' predictions"
+        assert row["status"] == "succeeded" and row["result"]["predictions_retired"] == len(texts), row["result"]
+        assert fake.deleted == set(range(1, len(texts) + 1))  # the old version's, none of the new
+        assert st.get("queue_retire") is None
+        assert [h[0] for h in fake.hits].count("DELETE") == len(texts)
     finally:
         fake.close()
 

@@ -436,8 +436,11 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     from molal.service.lsclient import client_for
 
     plan = load_plan(state)
-    if plan is None:
-        return {"written": 0, "superseded": True}
+    if plan is None:  # no queue to write (a project only synced): the superseded versions' clean-up only
+        out: dict = {"written": 0, "superseded": True}
+        if state.get(RETIRE_KEY):
+            _retire_step(svc, state, client_for(svc.settings, state), ctx, out, lambda: others_waiting(svc, state.id))
+        return out
     done = progress(state)
     start = int(done.get("upto", 0)) if int(done.get("epoch", -1)) == plan.epoch else 0
     client = client_for(svc.settings, state)
@@ -469,22 +472,32 @@ def queue_job(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if upto < len(plan):
         out["stopped"] = "superseded by a newer plan" if current_epoch(state) != plan.epoch else \
             "gave way to another job of the project (a training job resumes it)"
-    retire = state.get(RETIRE_KEY)
-    wait = retire_wait(svc, state)
-    if retire and "stopped" not in out and wait > 0:
-        out["retire_in_s"] = round(wait)
-        ctx.progress(None, f"the superseded versions' predictions stay {wait / 60:.0f} min more: a task opened "
-                           "before the new model was published is submitted against them")
-    elif retire and "stopped" not in out:  # the superseded versions' predictions, a few at a time
-        ctx.progress(None, "removing the predictions of superseded model versions")
-        gone = retire_superseded(client, state.id, retire["keep"], ctx, retire.get("members"),
-                                 bool(retire.get("members_too")), should_stop)
-        out["predictions_retired"] = sum(gone.values())
-        if not should_stop():
-            state.put(RETIRE_KEY, None)
+    if "stopped" not in out:
+        _retire_step(svc, state, client, ctx, out, should_stop)
     ctx.progress(1.0, f"queue: {upto} of {len(plan)} tasks ranked and explained" +
                  (f" ({out['stopped']})" if "stopped" in out else ""))
     return out
+
+
+def _retire_step(svc: Runtime, state: ProjectState, client: LSClient, ctx: JobContext, out: dict,
+                 should_stop: Callable[[], bool]) -> None:
+    """The writer's last step: delete the superseded versions' predictions, a few at a time, once their grace
+    is over (:func:`retire_wait`); ``out`` gets what was done or how long they stay."""
+    retire = state.get(RETIRE_KEY)
+    if not retire:
+        return
+    wait = retire_wait(svc, state)
+    if wait > 0:
+        out["retire_in_s"] = round(wait)
+        ctx.progress(None, f"the superseded versions' predictions stay {wait / 60:.0f} min more: a task opened "
+                           "before the new model was published is submitted against them")
+        return
+    ctx.progress(None, "removing the predictions of superseded model versions")
+    gone = retire_superseded(client, state.id, retire["keep"], ctx, retire.get("members"),
+                             bool(retire.get("members_too")), should_stop)
+    out["predictions_retired"] = sum(gone.values())
+    if not should_stop():
+        state.put(RETIRE_KEY, None)
 
 
 def retire_wait(svc: Runtime, state: ProjectState, now: float | None = None) -> float:
