@@ -348,7 +348,18 @@ def test_a_person_labels_150_tasks_in_a_row_and_meets_every_one_ranked_and_expla
     assert len(set(met)) == IN_A_ROW  # 150 different tasks, each with its line
     assert max(models) > 1, f"molal retrained while the person labelled (every {TRAIN_EVERY} labels)"
     assert models == sorted(models)  # never an older model's line after a newer one
-    assert not mismatches, mismatches  # the line always says what is pre-ticked
+    # the line says what is pre-ticked — but for one known window: a retrain writes the new head's first lines
+    # a fraction of a second before it switches the project's model_version (the order that makes it shortest,
+    # backend/README "Fresh lines"); a task fetched in it shows the new line beside the previous version's
+    # pre-fill. Such a mismatch is told apart by its evidence, and there is at most one per retrain.
+    def in_the_switch(m: tuple) -> bool:
+        _, line, ticked, held = m
+        n = int(LINE.match(line).group(4))
+        previous = [c for _, v, c in (held[2] if len(held) == 3 else []) if v.startswith(f"molam-{n - 1}-")]
+        return bool(previous) and previous[0] == ticked
+    switch = [m for m in mismatches if in_the_switch(m)]
+    assert [m for m in mismatches if m not in switch] == [], mismatches
+    assert len(switch) <= len(set(models)) - 1, switch
     tasks = {t["id"]: t for t in all_tasks(ls_client, pid)}
     labelled = [t for t in tasks.values() if t.get("annotations")]
     assert len(labelled) == N_SEEDS + IN_A_ROW
