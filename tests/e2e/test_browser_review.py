@@ -42,6 +42,7 @@ from molal.demo import (
 )
 from molal.service.lsclient import VIEW_TITLE, plain
 from molal.service.review import INSTRUCTIONS
+from molal.service.store import ProjectState
 
 pytestmark = pytest.mark.browser
 
@@ -375,6 +376,8 @@ def test_start_training_says_what_it_did_within_seconds(page, label_studio, revi
               for j in backend_get(backend.url, f"/jobs?project={pid}&limit=20")["jobs"]):
         assert time.monotonic() < deadline, "the retrains of the labelling session never finished"
         time.sleep(1.0)
+    # the press is what is tested: the 2 new labels must not complete a retrain by count (train_every) first
+    ProjectState(backend.model_dir, pid).set_setting("train_every", 0)
     done = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
     label_seeds(ls_client, [t for t in reviewed["gold"] if t not in done][:2], reviewed["gold"])  # new labels
     assert _card_name(pg, label_studio, pid).startswith("molal · model ")
@@ -432,6 +435,7 @@ def test_a_task_open_across_a_retrain_is_submitted(page, label_studio, reviewed,
     ticked = _ticked(pg)
     assert len(ticked) == 1, (line, ticked)
     before = ls_client.projects.get(id=pid).model_version
+    ProjectState(backend.model_dir, pid).set_setting("train_every", 0)  # one retrain: the press below
     done = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
     label_seeds(ls_client, [t for t in reviewed["gold"] if t not in done and t != task][:2], reviewed["gold"])
     job = wait_job(backend.url, start_training(ls_client, reviewed["ml"], backend.url, pid), timeout=900)
