@@ -425,33 +425,41 @@ def test_start_training_says_what_it_did_within_seconds(page, label_studio, revi
 
 
 def test_a_task_open_across_a_retrain_is_submitted(page, label_studio, reviewed, ls_client, backend, shots):
-    """A person has a task open, pre-filled from the serving model, while a retrain publishes a new version
-    and its queue writer finishes. Label Studio's submit names the prediction the pre-fill came from, and is
-    refused (HTTP 400: the label is lost) once that prediction is deleted: molal keeps the superseded
-    version's predictions for a grace (``retire_grace_s``, 900 s) after the publish. The submit lands."""
+    """A person has a task open in the labelling stream, pre-filled from the serving model, while a retrain
+    publishes a new version and its queue writer finishes. Label Studio's submit names the prediction the
+    pre-fill came from, and is refused (HTTP 400: the label is lost) once that prediction is deleted: molal
+    keeps the superseded version's predictions for a grace (``retire_grace_s``, 900 s) after the publish. The
+    submit lands, naming the previous version's prediction."""
     pg, pid = page, reviewed["id"]
-    task = _queue_order(ls_client, reviewed)[3]["id"]
-    line = _open_in_dm(pg, label_studio, reviewed, task)
-    ticked = _ticked(pg)
-    assert len(ticked) == 1, (line, ticked)
-    before = ls_client.projects.get(id=pid).model_version
     ProjectState(backend.model_dir, pid).set_setting("train_every", 0)  # one retrain: the press below
+    wait_queue(backend.url, pid, timeout=900)  # no writer busy with the tab while the task is opened
+    before = ls_client.projects.get(id=pid).model_version
+    line = _label_as_displayed(pg, label_studio, pid, reviewed["view"])
+    deadline = time.monotonic() + 30
+    while len(ticked := _ticked(pg)) != 1:
+        assert time.monotonic() < deadline, (line, ticked)
+        pg.wait_for_timeout(200)
+    task = _held(ls_client, pid, line)[0]
+    assert isinstance(task, int), task
     done = {t["id"] for t in all_tasks(ls_client, pid) if t.get("annotations")}
     label_seeds(ls_client, [t for t in reviewed["gold"] if t not in done and t != task][:2], reviewed["gold"])
     job = wait_job(backend.url, start_training(ls_client, reviewed["ml"], backend.url, pid), timeout=900)
     assert job["status"] == "succeeded" and "skipped" not in job["result"], job
     wait_queue(backend.url, pid, timeout=900)  # the writer is done: without the grace it deleted them here
     assert ls_client.projects.get(id=pid).model_version == job["result"]["version"] != before
-    answers = []
-    pg.on("response", lambda r: answers.append(r.status) if r.request.method == "POST"
-          and f"/api/tasks/{task}/annotations" in r.url else None)
+    posts: list[tuple[int, dict]] = []
+    pg.on("response", lambda r: posts.append((r.status, r.request.post_data_json or {}))
+          if r.request.method == "POST" and f"/api/tasks/{task}/annotations" in r.url else None)
     pg.get_by_role("button", name="Submit current annotation").click()
     deadline = time.monotonic() + 30
-    while not answers:
+    while not posts:
         assert time.monotonic() < deadline, "the submit never reached Label Studio"
         pg.wait_for_timeout(200)
     pg.screenshot(path=str(shots / "submitted-across-a-retrain.png"))
-    assert answers == [201], answers
+    (status, body), = posts
+    assert status == 201, (status, body)
+    old = {p["id"] for p in (plain(x) for x in ls_client.predictions.list(task=task)) if p["model_version"] == before}
+    assert body.get("parent_prediction") in old, body  # the pre-fill came from the superseded version
     held = plain(ls_client.tasks.get(id=task))
     (ann,) = [a for a in held["annotations"] if not a.get("was_cancelled")]
     assert ann["result"][0]["value"]["choices"] == ticked
