@@ -266,7 +266,6 @@ class LSClient:
         log.warning("task %s: Label Studio's counters still disagree with its annotations after %d tries", task_id,
                     tries)
 
-    # -- writing ---------------------------------------------------------------------------------------
     def import_predictions(self, project: int, predictions: Iterable[dict], chunk: int = IMPORT_CHUNK,
                            on_chunk: Callable[[int], None] | None = None, timeout: float = 600.0,
                            total: int | None = None) -> int:

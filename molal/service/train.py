@@ -816,7 +816,7 @@ def sync_project(svc: Runtime, state: ProjectState, ctx: JobContext) -> dict:
     if ps.retire_grace_s > 0:  # deleted after the grace (queue.retire_wait), by a later job
         retire_later(state, retire)
     else:
-        retire_superseded(client, state.id, srv.version, ctx, mixture.member_versions(), members_too=bool(top))
+        retire_superseded(client, state.id, retire["keep"], ctx, retire["members"], retire["members_too"])
     ctx.progress(1.0, f"pushed {n} predictions ({srv.version})")
     return {"version": srv.version, "predictions_pushed": n, "n_tasks": len(pool), "annotated": len(rows),
             "n_human": len(pool.human)}
