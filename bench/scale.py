@@ -126,6 +126,33 @@ def rows_for(n: int, dataset: str = "ag_news") -> tuple[list[dict], list[str]]:
     return rows, classes
 
 
+def watch_queue(url: str, pid: int, limit: float | None, timeout: float) -> dict:
+    """The background queue writer after a training job: with ``limit`` None, wait until every unlabeled task's
+    line is written (:func:`molal.demo.wait_queue`); else watch it for at most ``limit`` seconds and return how
+    far it got (``upto`` of ``total``, the tasks written per second meanwhile, ``finished``)."""
+    from molal.demo import backend_get, wait_queue
+
+    if limit is None:
+        return {**wait_queue(url, pid, timeout=timeout), "finished": True}
+    t0 = time.monotonic()
+    first = None
+    q: dict = {}
+    while True:
+        q = backend_get(url, f"/projects/{pid}").get("queue") or {}
+        if first is None and q.get("upto") is not None:
+            first = (time.monotonic(), q["upto"])
+        busy = [j for j in backend_get(url, f"/jobs?project={pid}&limit=20")["jobs"]
+                if j["status"] in ("queued", "running")]
+        done = q.get("total") is not None and q.get("upto", 0) >= q.get("total", 0) and not busy
+        if done or time.monotonic() - t0 >= limit:
+            break
+        time.sleep(1.0)
+    out = {**q, "finished": done, "watched_s": round(time.monotonic() - t0, 1)}
+    if first is not None and time.monotonic() > first[0]:
+        out["tasks_per_s"] = round((q.get("upto", 0) - first[1]) / (time.monotonic() - first[0]), 2)
+    return out
+
+
 def job_ok(res: dict) -> bool:
     return res.get("train_status") == "succeeded"
 
@@ -143,6 +170,9 @@ def main() -> None:
     ap.add_argument("--more", type=int, default=50, help="annotations before the second training job (0: none)")
     ap.add_argument("--ls-postgres", action="store_true", help="Label Studio on PostgreSQL (a throw-away "
                     "cluster from Debian's binaries, as the tests start it; fsync off) instead of its SQLite")
+    ap.add_argument("--queue-for", type=float, default=None, help="watch the background queue writer for at most "
+                    "this many seconds after each training job, record how far it got and its rate, and go on while "
+                    "it keeps writing (default: wait until the whole queue is written)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--train-timeout", type=float, default=4 * 3600)
     args = ap.parse_args()
@@ -239,9 +269,7 @@ def main() -> None:
             stages: list[tuple[float, str]] = []
             record("train", step("train", lambda stages=stages: train(stages)), stages)
             if job_ok(res):  # the rest of the queue: every other task's rank and review line, in the background
-                from molal.demo import wait_queue
-
-                res["queue"] = step("queue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
+                res["queue"] = step("queue", lambda pid=pid: watch_queue(be.url, pid, args.queue_for, args.train_timeout))
                 qjobs = [j for j in httpx.get(f"{be.url}/jobs", params={"project": pid}, timeout=30).json()["jobs"]
                          if j["kind"] == "queue"]
                 res["queue_jobs"] = [{k: j["result"].get(k) for k in ("written", "upto", "total", "seconds",
@@ -283,9 +311,8 @@ def main() -> None:
                 stages2: list[tuple[float, str]] = []
                 record("retrain", step("retrain", lambda stages2=stages2: train(stages2)), stages2)
                 if res.get("retrain_status") == "succeeded":
-                    from molal.demo import wait_queue
-
-                    step("requeue", lambda pid=pid: wait_queue(be.url, pid, timeout=args.train_timeout))
+                    res["requeue"] = step("requeue", lambda pid=pid: watch_queue(be.url, pid, args.queue_for,
+                                                                                 args.train_timeout))
             res["steps"] = steps
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
