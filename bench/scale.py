@@ -132,24 +132,22 @@ def watch_queue(url: str, pid: int, limit: float | None, timeout: float) -> dict
     far it got (``upto`` of ``total``, the tasks written per second meanwhile, ``finished``)."""
     from molal.demo import backend_get, wait_queue
 
-    if limit is None:
-        return {**wait_queue(url, pid, timeout=timeout), "finished": True}
     t0 = time.monotonic()
-    first = None
-    q: dict = {}
-    while True:
-        q = backend_get(url, f"/projects/{pid}").get("queue") or {}
-        if first is None and q.get("upto") is not None:
-            first = (time.monotonic(), q["upto"])
-        busy = [j for j in backend_get(url, f"/jobs?project={pid}&limit=20")["jobs"]
-                if j["status"] in ("queued", "running")]
-        done = q.get("total") is not None and q.get("upto", 0) >= q.get("total", 0) and not busy
-        if done or time.monotonic() - t0 >= limit:
-            break
-        time.sleep(1.0)
-    out = {**q, "finished": done, "watched_s": round(time.monotonic() - t0, 1)}
-    if first is not None and time.monotonic() > first[0]:
-        out["tasks_per_s"] = round((q.get("upto", 0) - first[1]) / (time.monotonic() - first[0]), 2)
+    seen: list[tuple[float, int]] = []
+
+    def first(q: dict) -> None:
+        if not seen and q.get("upto") is not None:
+            seen.append((time.monotonic(), int(q["upto"])))
+
+    try:
+        q, finished = wait_queue(url, pid, timeout=timeout if limit is None else limit, on_progress=first), True
+    except TimeoutError:
+        if limit is None:
+            raise
+        q, finished = backend_get(url, f"/projects/{pid}").get("queue") or {}, False
+    out = {**q, "finished": finished, "watched_s": round(time.monotonic() - t0, 1)}
+    if seen and time.monotonic() > seen[0][0]:
+        out["tasks_per_s"] = round((q.get("upto", 0) - seen[0][1]) / (time.monotonic() - seen[0][0]), 2)
     return out
 
 
