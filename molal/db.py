@@ -544,6 +544,18 @@ _INHERITED: list[Any] = []
 _SCHEMAS_DONE: set[tuple[str, int, str]] = set()
 
 
+def _new_lock_after_fork() -> None:
+    """In a forked child, a fresh ``_POOLS_LOCK``: another thread of the parent may have held it at the fork
+    (``molal worker``'s reaper while RQ forks a work horse), and that thread does not exist here to release it —
+    the child would wait on it forever. Pools and schemas are per pid, so the child starts its own anyway."""
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def _pool(url: str, params: PGParams, max_size: int) -> Any:
     """The process's connection pool for ``url`` (a fresh one after a fork: a parent's sockets are not ours)."""
     key = (url, os.getpid())

@@ -126,3 +126,32 @@ def test_a_password_with_every_special_character_connects(postgres_server, tmp_p
     with pytest.raises(DatabaseError, match="password authentication failed") as err:
         open_database(f"postgresql://odd:{quote(pw[:-1], safe='')}@127.0.0.1:{port}/{db}", SCHEMA, "t2").execute("SELECT 1")
     assert "p@ss" not in str(err.value) and "x" not in str(err.value).split("failed")[-1].replace("odd", "")
+
+
+def test_a_fork_while_another_thread_holds_the_pools_lock_does_not_hang_the_child():
+    """RQ forks a work horse while `molal worker`'s reaper thread may be inside molal.db (holding the pools'
+    lock, e.g. while it applies the schema): the child gets a fresh lock instead of waiting forever."""
+    import os
+    import threading
+
+    from molal import db
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with db._POOLS_LOCK:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the lock the other thread holds in the parent is free here
+            os._exit(0 if db._POOLS_LOCK.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join(5)

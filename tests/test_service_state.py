@@ -13,7 +13,7 @@ import time
 import pytest
 
 from molal.io import ArtifactError
-from molal.service.jobs import JobError, JobQueue, execute
+from molal.service.jobs import JobError, JobQueue, execute, start_reaper
 from molal.service.labelconfig import LabelConfigError, parse_label_config
 from molal.service.store import ProjectIdError, ServiceStore, coerce_setting, parse_project_id
 
@@ -267,6 +267,26 @@ def test_stale_heartbeat_is_reaped(state_db):
     q.db.execute("UPDATE jobs SET heartbeat=?, host='elsewhere' WHERE id=?", (time.time() - 3600, j["id"]))
     assert q.reap_stale(stale_s=60) == 1
     assert json.loads(json.dumps(q.get(j["id"])))["status"] == "failed"
+
+
+def test_reaper_process_marks_a_dead_job_failed_without_another_job(state_db):
+    """What `molal worker` runs beside RQ: a job whose worker stopped beating is failed within a round, with no
+    new job needed to notice it (a killed worker container otherwise left it `running`)."""
+    q = JobQueue(state_db.target("jobs"))
+    j, _ = q.enqueue(2, "train")
+    q.claim()
+    q.db.execute("UPDATE jobs SET heartbeat=?, host='elsewhere' WHERE id=?", (time.time() - 3600, j["id"]))
+    proc = start_reaper(state_db.target("jobs"), every_s=0.2)
+    try:
+        deadline = time.monotonic() + 60  # a spawned interpreter: its imports take a few seconds here
+        while q.get(j["id"])["status"] == "running":
+            assert time.monotonic() < deadline and proc.is_alive(), "not reaped"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.join(10)
+    row = q.get(j["id"])
+    assert row["status"] == "failed" and "worker died" in row["message"]
 
 
 _LEGACY_SCHEMA = """

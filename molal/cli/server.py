@@ -227,9 +227,13 @@ def register(app: typer.Typer) -> None:
         from redis import Redis
         from rq import Worker
 
-        from molal.service.jobs import RQ_QUEUE
+        from molal.service.jobs import RQ_QUEUE, start_reaper
+        from molal.service.store import ServiceStore
 
         conn = Redis.from_url(s.redis_url.get_secret_value())
+        # a job left `running` by a worker that was killed (its heartbeat stops) is marked failed within
+        # STALE_S, whether or not another job comes: the person sees why, and the project takes jobs again
+        start_reaper(ServiceStore.from_settings(s).jobs_target)
         if s.job_nice and hasattr(os, "nice"):
             os.nice(s.job_nice)  # the whole worker runs jobs: nicer than the web processes (MOLAL_JOB_NICE)
         typer.echo(f"RQ worker on queue {RQ_QUEUE!r} (MODEL_DIR={s.model_dir})", err=True)

@@ -11,7 +11,8 @@
   same function the worker thread runs. This module only queues and executes; which function runs a kind is
   :data:`molal.service.train.JOBS`.
 * A job found ``running`` whose heartbeat is older than ``STALE_S`` (or whose pid is gone, same host) is
-  marked failed (:meth:`JobQueue.reap_stale`). A failed or killed job never touches the serving model:
+  marked failed (:meth:`JobQueue.reap_stale`; the in-process worker and each ``molal worker`` (:func:`start_reaper`)
+  check every ``HEARTBEAT_S``). A failed or killed job never touches the serving model:
   publishing is the last step of a training job (see molal.service.store).
 """
 
@@ -26,6 +27,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from molal.db import Database, describe, open_database
@@ -341,6 +343,35 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError as exc:  # pragma: no cover - not permitted here: run at the priority given
         log.info("could not lower the job thread's priority: %s", exc)
+
+
+def reap_forever(target: str | Path, every_s: float, parent_pid: int) -> None:
+    """:meth:`JobQueue.reap_stale` every ``every_s`` seconds, for as long as process ``parent_pid`` lives (the body
+    of :func:`start_reaper`'s process)."""
+    queue = JobQueue(target)
+    while os.getppid() == parent_pid:
+        try:
+            queue.reap_stale()
+        except Exception:  # noqa: BLE001 - a database hiccup: try again next round
+            log.warning("stale-job check failed; trying again in %.0f s", every_s, exc_info=True)
+        time.sleep(every_s)
+
+
+def start_reaper(target: str | Path, every_s: float = HEARTBEAT_S) -> Any:
+    """Mark stale jobs of the job table at ``target`` failed every ``every_s`` seconds, in a process of its own.
+    ``molal worker`` starts one: with RQ, a job whose worker was killed (a container stopped mid-job) would
+    otherwise show ``running`` until the next job of its project came along.
+
+    A process, not a thread: RQ forks a work horse for each job, and a thread of the forking process that is
+    inside an import or the database layer at that moment leaves its locks held in the child for good (seen:
+    the horse hung in ``import psycopg``). Spawned (a fresh interpreter), daemonic (it ends with the worker), and
+    it stops by itself if the worker is killed. ``target`` goes through a pipe, never the command line."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=reap_forever, args=(target, every_s, os.getpid()), name="molal-job-reaper", daemon=True)
+    proc.start()
+    return proc
 
 
 class JobWorker(threading.Thread):
