@@ -258,12 +258,37 @@ def test_every_compose_variable_is_in_env_example(raw, env) -> None:
     names = {u[0] for u in used}
     missing = sorted(names - set(env))
     assert not missing, f"used in docker-compose.yml but not in .env.example: {missing}"
-    unused = sorted(set(env) - names)
+    unused = sorted(set(env) - names - {"COMPOSE_PROFILES"})  # read by compose itself
     assert not unused, f"in .env.example but unused by docker-compose.yml: {unused}"
     # a default in the compose file agrees with .env.example, so running without .env behaves the same
     for name, op, default in used:
         if op in (":-", "-") and default:
             assert default == env[name], f"${{{name}:-{default}}} vs .env.example {name}={env[name]}"
+
+
+def test_profiles_pick_the_llm_servers(compose, env) -> None:
+    """gpu = the vLLM servers, cpu-llm = llama.cpp on CPU; every other service starts with any profile; the
+    profile .env.example selects exists."""
+    services = compose["services"]
+    profiles = {n: set(svc.get("profiles", [])) for n, svc in services.items()}
+    assert {n for n, p in profiles.items() if p} == {"vllm-qwen", "vllm-llama", "llamacpp"}
+    assert profiles["vllm-qwen"] == profiles["vllm-llama"] == {"gpu"} and profiles["llamacpp"] == {"cpu-llm"}
+    chosen = {p for p in env["COMPOSE_PROFILES"].split(",") if p}
+    assert chosen and chosen <= set().union(*profiles.values())
+
+
+def test_cpu_llm_mixture_points_at_the_llamacpp_service(compose, env) -> None:
+    svc = compose["services"]["llamacpp"]
+    dockerfile = DOCKER / svc["build"]["dockerfile"]
+    assert (DOCKER / svc["build"]["context"]).resolve() == DOCKER and dockerfile.exists()
+    text = dockerfile.read_text()
+    alias = re.search(r"LLAMA_MODEL_ALIAS=(\S+)", text).group(1)
+    assert "--port 8000" in text and "--host 0.0.0.0" in text
+    mix = Mixture.from_config(DOCKER / "mixture.cpu-llm.example.toml")
+    llms = [a for a in mix.annotators if getattr(a, "base_url", None)]
+    assert len(llms) == 1 and llms[0].base_url.rstrip("/") == "http://llamacpp:8000/v1" and llms[0].model == alias
+    # molal sends VLLM_API_KEY; the server requires the key it gets as LLM_API_KEY
+    assert llms[0].api_key_env == "VLLM_API_KEY" and service_env(svc)["LLM_API_KEY"] == env["VLLM_API_KEY"]
 
 
 # -- mixtures ------------------------------------------------------------------------------------------------
@@ -300,12 +325,17 @@ def test_cpu_mixture_needs_no_server() -> None:
 def test_dockerfile_basics() -> None:
     ins = dockerfile_instructions()
     ops = [op for op, _ in ins]
-    assert ins[0] == ("FROM", "python:3.11-slim")
+    # the base image is a build argument (a stand-in where no registry is reachable), python:3.11-slim by default
+    assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim") and ins[1] == ("FROM", "${BASE_IMAGE}")
     runs = " ".join(rest for op, rest in ins if op == "RUN")
     args = {rest.split("=")[0]: rest.split("=", 1)[1] for op, rest in ins if op == "ARG"}
     assert args["TORCH_VERSION"] == "2.13.0" and "download.pytorch.org/whl/cpu" in args["TORCH_INDEX_URL"]
-    assert 'torch==${TORCH_VERSION}' in runs and 'pip install ".[postgres]"' in runs
-    assert runs.index("torch==") < runs.index('pip install ".[postgres]"'), "torch (CPU) before the package"
+    assert 'torch==${TORCH_VERSION}' in runs and 'pip install --no-deps ".[postgres]"' in runs
+    assert runs.index("torch==") < runs.index("pip install -r"), "torch (CPU) before the other dependencies"
+    # layer order: the dependencies (from pyproject.toml alone) before molal's code is copied in
+    deps = next(i for i, (op, rest) in enumerate(ins) if op == "RUN" and "pip install -r" in rest)
+    code = next(i for i, (op, rest) in enumerate(ins) if op == "COPY" and rest.startswith("molal"))
+    assert ins.index(("COPY", "pyproject.toml README.md ./")) < deps < code
     for op, rest in ins:
         if op == "COPY":
             for src in shlex.split(rest)[:-1]:
@@ -356,3 +386,18 @@ def test_wsgi_app_is_importable(tmp_path: Path) -> None:
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split()[-2:] == ["Flask", "200"], p.stdout
+
+
+def test_compose_test_builds_a_stand_in_for_every_pulled_image(compose) -> None:
+    """tests/e2e/test_compose.py runs the stack where no registry is reachable: every image the compose file
+    pulls (outside the gpu profile) has a stand-in tagged with its name; the rest are built from docker/."""
+    from tests.compose.stack import STANDINS
+
+    pulled = {}
+    for name, svc in compose["services"].items():
+        if "gpu" in svc.get("profiles", []):
+            continue
+        if "build" not in svc:
+            image = svc["image"]
+            pulled[name] = image if image.count("/") >= 2 else "docker.io/" + (image if "/" in image else f"library/{image}")
+    assert pulled == STANDINS
