@@ -129,22 +129,26 @@ def brief(exc: BaseException) -> str:
     return f"HTTP {status}: {text}" if status is not None else text
 
 
-def connect_backend(client, project: int, url: str, title: str = "molal", deadline_s: float = 120.0) -> int:
+def connect_backend(client, project: int, url: str, title: str = "molal", deadline_s: float = 120.0,
+                    auth: tuple[str, str] | None = None) -> int:
     """Connect the backend (``ml.create``); an existing connection (a previous demo run) is pointed at ``url``.
+    ``auth``: the backend's basic-auth user and password (Label Studio's "Authentication method: basic").
 
     Label Studio checks the backend when it connects it (``/health`` within 1 s, ``/setup`` within 3 s); on a
     loaded machine that can fail although the backend is fine, so failed tries are repeated with growing
     pauses (1, 2, 4 … 15 s) for up to ``deadline_s``. A final failure is one :class:`DemoError` line."""
+    creds = ({"auth_method": "BASIC_AUTH", "basic_auth_user": auth[0], "basic_auth_pass": auth[1]} if auth
+             else {})
     for b in client.ml.list(project=project):
         b = plain(b)
-        if b.get("url", "").rstrip("/") != url.rstrip("/"):
-            client.ml.update(id=int(b["id"]), url=url)
+        if b.get("url", "").rstrip("/") != url.rstrip("/") or creds:
+            client.ml.update(id=int(b["id"]), url=url, **creds)
         return int(b["id"])
     t_end = time.monotonic() + deadline_s
     delay = 1.0
     while True:
         try:
-            return int(client.ml.create(project=project, url=url, title=title).id)
+            return int(client.ml.create(project=project, url=url, title=title, **creds).id)
         except Exception as exc:  # noqa: BLE001 - the SDK raises ApiError or httpx errors
             if getattr(exc, "status_code", None) in (401, 403, 404) or time.monotonic() + delay > t_end:
                 raise DemoError(f"Label Studio could not connect the molal backend at {url} ({brief(exc)}); "

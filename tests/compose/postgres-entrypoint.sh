@@ -1,0 +1,32 @@
+#!/bin/sh
+# The official postgres image's first-start contract, in short: initdb with POSTGRES_USER as superuser and
+# POSTGRES_PASSWORD (scram for TCP clients), create POSTGRES_DB, run /docker-entrypoint-initdb.d/*.sql once.
+set -eu
+as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}"
+POSTGRES_USER="${POSTGRES_USER:-postgres}"
+POSTGRES_DB="${POSTGRES_DB:-$POSTGRES_USER}"
+mkdir -p "$PGDATA" /var/run/postgresql
+chown postgres:postgres "$PGDATA" /var/run/postgresql
+chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pwfile=$(mktemp) && printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile" && chown postgres "$pwfile"
+  as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --encoding=UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+  rm -f "$pwfile"
+  echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  as_pg pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
+  if [ "$POSTGRES_DB" != "postgres" ]; then
+    as_pg psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\"" >/dev/null
+  fi
+  for f in /docker-entrypoint-initdb.d/*.sql; do
+    [ -e "$f" ] || continue
+    echo "running $f"
+    as_pg psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -f "$f" >/dev/null
+  done
+  as_pg pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
+fi
+if [ "$1" = "postgres" ]; then
+  shift
+  exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" -c listen_addresses='*' "$@"
+fi
+exec "$@"
