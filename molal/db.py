@@ -545,9 +545,10 @@ _SCHEMAS_DONE: set[tuple[str, int, str]] = set()
 
 
 def _new_lock_after_fork() -> None:
-    """In a forked child, a fresh ``_POOLS_LOCK``: another thread of the parent may have held it at the fork
-    (``molal worker``'s reaper while RQ forks a work horse), and that thread does not exist here to release it —
-    the child would wait on it forever. Pools and schemas are per pid, so the child starts its own anyway."""
+    """In a forked child, a fresh ``_POOLS_LOCK``: another thread of the parent may have held it at the fork (a
+    first version of ``molal worker``'s reaper was such a thread when RQ forked a work horse), and that thread
+    does not exist here to release it — the child would wait on it forever. Pools and schemas are per pid, so
+    the child starts its own anyway."""
     global _POOLS_LOCK
     _POOLS_LOCK = threading.Lock()
 
