@@ -117,10 +117,8 @@ def host_pip_config() -> tuple[str, list[str]]:
     for line in p.stdout.splitlines():
         key, _, val = line.partition("=")
         scope, _, name = key.partition(".")
-        if name in ("index-url", "extra-index-url", "find-links", "cert") and scope in ("global", ":env:"):
+        if name in ("index-url", "extra-index-url", "find-links") and scope in ("global", ":env:"):
             cfg[name] = val.strip().strip("'\"")
-    if "cert" not in cfg:
-        cfg["cert"] = "/etc/ssl/certs/ca-certificates.crt"
     mounts: list[str] = []
     for name in ("index-url", "extra-index-url", "find-links"):
         for item in cfg.get(name, "").split():
@@ -132,7 +130,8 @@ def host_pip_config() -> tuple[str, list[str]]:
                 top = top.parent
             if top.exists() and str(top) not in mounts:
                 mounts.append(str(top))
-    text = "[global]\n" + "".join(f"{k} = {v}\n" for k, v in cfg.items() if k != "cert")
+    # the host's CA bundle is in every image (the base image carries it): pip inside uses the image's copy
+    text = "[global]\n" + "".join(f"{k} = {v}\n" for k, v in cfg.items())
     text += "cert = /etc/ssl/certs/ca-certificates.crt\n"
     return text, mounts
 
